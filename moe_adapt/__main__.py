@@ -1,0 +1,102 @@
+"""``python -m moe_adapt [+recipe=NAME] [key=value ...]`` — the one entry point.
+
+Hydra composes the config (``--cfg job`` prints it and exits; ``-m`` sweeps); the runner executes
+the requested stages. A user error — a bad setting, a missing file — is printed on one line
+(``error: ...``) and the process exits with status 2, without a traceback. Set
+``HYDRA_FULL_ERROR=1`` to see the full trace of any error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from moe_adapt.config import Config, conf_dir, register, to_config
+from moe_adapt.errors import MoEAdaptError
+
+
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+def _app(cfg: DictConfig) -> None:
+    from moe_adapt.runner import run_pipeline
+
+    try:
+        run_pipeline(to_config(cfg), raw=cfg)
+    except MoEAdaptError as e:  # caught here, before Hydra logs it as a crash
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _settings_under(path: str) -> list[str]:
+    node: Any = OmegaConf.structured(Config)
+    for part in [p for p in path.split(".") if p]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def describe(ex: BaseException) -> str | None:
+    """One line for an error the user can fix, or None for anything else."""
+    if isinstance(ex, MoEAdaptError):
+        return str(ex)
+    from hydra.errors import HydraException, MissingConfigException
+
+    if isinstance(ex, MissingConfigException):
+        options = ", ".join(ex.options or [])
+        head = str(ex).splitlines()[0].rstrip(".")
+        return f"{head}; available: {options}" if options else head
+    cause = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = cause.full_key or ""
+        msg = cause.msg.splitlines()[0] if cause.msg else type(cause).__name__
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key:
+            parent = key.rpartition(".")[0]
+            known = _settings_under(parent)
+            where = parent or "the top level"
+            return f"{key} is not a setting; {where} has: {', '.join(known)}" if known else f"{key} is not a setting"
+        return f"{key}: {msg}" if key else msg
+    if isinstance(ex, HydraException):
+        return " ".join(str(ex).split())
+    return None
+
+
+def _report_user_errors(original: Callable[[Callable[[], Any]], Any]) -> Callable[[Callable[[], Any]], Any]:
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except Exception as ex:
+            line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else describe(ex)
+            if line is None:
+                return original(_reraise(ex))
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(2)
+
+    return run_and_report
+
+
+def _reraise(ex: BaseException) -> Callable[[], NoReturn]:
+    def again() -> NoReturn:
+        raise ex
+
+    return again
+
+
+def main() -> None:
+    """Console entry point (``moe-adapt``)."""
+    register()
+    # Hydra prints composition errors over several lines (or with a trace); give the user one line.
+    import hydra._internal.utils as hydra_utils
+
+    if not getattr(hydra_utils.run_and_report, "_moe_adapt", False):
+        wrapped = _report_user_errors(hydra_utils.run_and_report)
+        wrapped._moe_adapt = True  # type: ignore[attr-defined]
+        hydra_utils.run_and_report = wrapped
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Tensor-by-tensor safetensors reading and writing, with memory bounded by one tensor.
+
+The ``safetensors`` library reads through an mmap (every page touched stays in the process's
+resident set until the file is closed) and writes a file from a dict of in-memory tensors. To
+convert a model larger than memory we need neither: :class:`SafetensorsReader` reads one tensor's
+bytes with ``readinto`` into a fresh buffer, and :class:`ShardedWriter` writes each shard's header
+first (shapes and dtypes are known in advance) and then streams the tensors in header order.
+Files are in the standard format (8-byte little-endian header length, JSON header, raw data), so
+``safetensors`` and ``transformers`` read them as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from moe_adapt.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # offset of the first byte, from the start of the data section
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SafetensorsReader:
+    """Reads tensors from one ``.safetensors`` file without mapping the whole file.
+
+    The header is validated on open: a truncated or corrupt file raises :class:`CheckpointError`
+    naming the file, instead of failing later in the middle of a conversion.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+        except OSError as e:
+            raise CheckpointError(f"cannot open {self.path}: {e.strerror}") from None
+        self.tensors, self.metadata, self._data_start = self._read_header()
+
+    def _read_header(self) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+        size = os.fstat(self._f.fileno()).st_size
+        raw = self._f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{self.path} is not a safetensors file: {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(f"{self.path} is corrupt: header length {n} does not fit in {size} bytes")
+        try:
+            header = json.loads(self._f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path} is corrupt: its header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is corrupt: its header is not a JSON object")
+        metadata = header.pop("__metadata__", {}) or {}
+        data_len = size - 8 - n
+        tensors: dict[str, TensorInfo] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(
+                    f"{self.path} is corrupt or uses an unsupported dtype: entry {name!r} = {info!r}"
+                ) from None
+            t = TensorInfo(name, dtype, shape, begin, end)
+            if not 0 <= begin <= end <= data_len or end - begin != t.numel * itemsize(dtype):
+                raise CheckpointError(
+                    f"{self.path} is truncated or corrupt: tensor {name!r} claims bytes [{begin}, {end}) "
+                    f"of a {data_len}-byte data section for shape {shape} {info['dtype']}"
+                )
+            tensors[name] = t
+        return tensors, metadata, 8 + n
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into newly allocated memory."""
+        t = self.tensors[name]
+        buf = bytearray(t.end - t.begin)
+        self._f.seek(self._data_start + t.begin)
+        if self._f.readinto(buf) != len(buf):
+            raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
+        if not buf:
+            return torch.empty(t.shape, dtype=t.dtype)
+        return torch.frombuffer(buf, dtype=t.dtype).reshape(t.shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor the writer will receive later: its name, dtype and shape are fixed up front."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    """Hugging Face's names: ``model.safetensors`` alone, else ``model-0000i-of-0000n.safetensors``."""
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class ShardedWriter:
+    """Writes a planned list of tensors as HF-style sharded safetensors, one tensor at a time.
+
+    Call :meth:`write` with the tensors in plan order; :meth:`close` checks that all arrived and
+    writes ``model.safetensors.index.json`` when there is more than one shard.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], plan: list[PlannedTensor], max_shard_bytes: int):
+        self.dir = Path(directory)
+        self.shards = plan_shards(plan, max_shard_bytes)
+        self.names = shard_file_names(len(self.shards))
+        self._order: Iterator[tuple[int, PlannedTensor]] = (
+            (i, t) for i, shard in enumerate(self.shards) for t in shard
+        )
+        self._f: BinaryIO | None = None
+        self._shard = -1
+        self.total_bytes = sum(t.nbytes for t in plan)
+
+    def _open(self, index: int) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._shard = index
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in self.shards[index]:
+            header[t.name] = {
+                "dtype": DTYPE_NAMES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + t.nbytes],
+            }
+            offset += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
+        self._f = open(self.dir / self.names[index], "wb")  # noqa: SIM115 (closed in close())
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must match the plan's name, dtype and shape."""
+        try:
+            index, expected = next(self._order)
+        except StopIteration:
+            raise ValueError(f"tensor {name!r} was not planned") from None
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected.name, expected.dtype, expected.shape):
+            raise ValueError(
+                f"expected {expected.name} {expected.dtype} {expected.shape}, got {name} {tensor.dtype} "
+                f"{tuple(tensor.shape)}"
+            )
+        if index != self._shard:
+            self._open(index)
+        assert self._f is not None
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if data.numel():
+            self._f.write(memoryview(data.view(torch.uint8).numpy()))  # no copy of the bytes
+
+    def close(self) -> dict[str, str]:
+        """Finish the last shard and write the index; returns the weight map (tensor -> file)."""
+        leftover = next(self._order, None)
+        if leftover is not None:
+            raise ValueError(f"tensor {leftover[1].name!r} was planned but never written")
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+        weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map

@@ -1,0 +1,86 @@
+"""Configuration: dataclass schemas registered in Hydra's ConfigStore, and their validation.
+
+``conf/config.yaml`` starts its defaults list with ``moe_adapt_schema`` (the :class:`Config`
+dataclass), so every YAML file, recipe and command-line override is merged into a typed node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from moe_adapt.config.schema import (
+    STAGE_ORDER,
+    Config,
+    InitDenseConfig,
+    ModelConfig,
+    RouterInit,
+    UpcycleConfig,
+    UpcycleMethod,
+    VerifyMode,
+)
+from moe_adapt.config.sources import conf_dir, recipes_dir, register_sources
+from moe_adapt.errors import MoEAdaptConfigError
+
+__all__ = [
+    "STAGE_ORDER",
+    "Config",
+    "InitDenseConfig",
+    "ModelConfig",
+    "RouterInit",
+    "UpcycleConfig",
+    "UpcycleMethod",
+    "VerifyMode",
+    "compose",
+    "conf_dir",
+    "recipes_dir",
+    "register",
+    "to_config",
+]
+
+SCHEMA_NAME = "moe_adapt_schema"
+
+
+def register() -> None:
+    """Register the schemas and the recipe source with Hydra. Safe to call more than once."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    register_sources()
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed config into :class:`Config` objects, running every cross-field check.
+
+    Raises :class:`MoEAdaptConfigError` with one line naming the key, the value and what is allowed.
+    """
+    try:
+        obj: Any = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise MoEAdaptConfigError(f"{e.full_key or '?'} is required: it has no default (set {e.full_key}=...)") from None
+    except MoEAdaptConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        msg = (e.msg or type(e).__name__).splitlines()[0]
+        raise MoEAdaptConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {msg}") from None
+    assert isinstance(obj, Config)
+    return obj
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the app's config outside a Hydra run (tests, notebooks).
+
+    ``run_dir`` defaults to Hydra's output dir, which only exists inside a run: pass ``run_dir=...``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+register()

@@ -1,0 +1,124 @@
+"""Run a recipe's stages in order, each into its own folder of the run directory.
+
+A stage is a function ``run(cfg, out_dir) -> summary``. The runner hands it an empty temporary
+folder and renames it to ``<run_dir>/<stage>`` only when the stage returns, after writing the
+completion marker ``_COMPLETE.json`` into it — so a crash never leaves a half-written stage, and a
+stage whose folder exists is complete. A re-run skips complete stages, but refuses to reuse one
+that was made with different settings (it names the settings that changed). Once a stage runs,
+every stage after it runs too, since its inputs changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from moe_adapt.checkpoint.hf import atomic_dir, write_json_atomic
+from moe_adapt.config.schema import Config
+from moe_adapt.errors import MoEAdaptConfigError
+
+log = logging.getLogger("moe_adapt")
+
+MARKER = "_COMPLETE.json"
+SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: where its code is and which config keys its output depends on."""
+
+    entry: str  # "module:function"
+    keys: tuple[str, ...]
+
+    def load(self) -> Callable[[Config, Path], dict[str, Any]]:
+        module, fn = self.entry.split(":")
+        return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
+
+
+STAGES: dict[str, Stage] = {
+    "init_dense": Stage("moe_adapt.init_dense:run", ("init_dense", "seed")),
+    "upcycle": Stage("moe_adapt.upcycle.stage:run", ("model", "upcycle", "seed")),
+}
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a plain config tree with values of secret-looking keys replaced."""
+    if isinstance(obj, dict):
+        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _stage_settings(raw: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    return {k: container.get(k) for k in keys}
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
+    """Run ``cfg.stages`` in order into ``cfg.run_dir``; returns each stage's summary."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
+    write_json_atomic(run_dir / "config.json", redact(container))
+    summaries: dict[str, Any] = {}
+    upstream_ran = False
+    for name in cfg.stages:
+        stage = STAGES[name]
+        settings = _stage_settings(raw, stage.keys)
+        marker = run_dir / name / MARKER
+        if marker.is_file() and name not in cfg.force and not upstream_ran:
+            done = json.loads(marker.read_text(encoding="utf-8"))
+            if done.get("fingerprint") == _fingerprint(settings):
+                log.info("%s: complete in %s, skipping (force=[%s] runs it again)", name, marker.parent, name)
+                summaries[name] = done.get("summary", {})
+                continue
+            changes = _changed(done.get("settings", {}), settings)
+            raise MoEAdaptConfigError(
+                f"stage {name} in {run_dir} was completed with other settings ({'; '.join(changes[:4])}): "
+                f"use another run_name, or force=[{name}] to replace it"
+            )
+        if upstream_ran and marker.is_file():
+            log.info("%s: its inputs were just rebuilt, running it again", name)
+        log.info("%s: running -> %s", name, run_dir / name)
+        start = time.perf_counter()
+        with atomic_dir(run_dir / name) as tmp:
+            summary = stage.load()(cfg, tmp)
+            elapsed = time.perf_counter() - start
+            write_json_atomic(tmp / MARKER, {
+                "stage": name, "fingerprint": _fingerprint(settings), "settings": redact(settings),
+                "summary": summary, "seconds": round(elapsed, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+        log.info("%s: done in %.1f s", name, elapsed)
+        summaries[name] = summary
+        upstream_ran = True
+    return summaries

@@ -1,0 +1,286 @@
+"""Stream a dense checkpoint into an MoE checkpoint, one tensor at a time.
+
+The plan (every output tensor's name, dtype and shape) is fixed before any weight is read, so
+each safetensors shard can be written header first and then filled in order. Per layer only the
+dense FFN (three matrices, fp32) and the expert being written are in memory: peak memory does not
+grow with the number of layers or experts.
+
+Legend: ``E`` routed experts, ``H`` hidden size, ``Ie`` expert width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from moe_adapt.checkpoint.hf import HFCheckpoint
+from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
+from moe_adapt.config.schema import UpcycleConfig, UpcycleMethod
+from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
+from moe_adapt.upcycle import copy, drop, fine_grained
+from moe_adapt.upcycle.experts import FFN, LayerExperts, Method, derive_seed, generator
+from moe_adapt.upcycle.layouts import (
+    DENSE_FFN,
+    TargetLayout,
+    attention_mismatch,
+    build_target_config,
+    inexact_reasons,
+    load_source_config,
+    resolve_target,
+    source_features,
+)
+from moe_adapt.upcycle.router import init_router
+from moe_adapt.upcycle.sizing import Sizing, solve
+
+METHODS: dict[UpcycleMethod, Method] = {
+    UpcycleMethod.copy: copy.upcycle,
+    UpcycleMethod.fine_grained: fine_grained.upcycle,
+    UpcycleMethod.drop: drop.upcycle,
+}
+
+SHARED_GATE_SCALE = 2.0
+"""Qwen2-MoE multiplies its shared expert by sigmoid(gate . x). The gate starts at zero weights, so
+sigmoid gives 0.5 for every token and doubling the shared down projection keeps the sum exact,
+while the gate still receives gradients and can learn to open or close."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Planned:
+    tensor: PlannedTensor
+    produce: Callable[[], torch.Tensor]
+
+
+class Upcycler:
+    """Plans and writes the MoE checkpoint for one dense checkpoint and one ``UpcycleConfig``."""
+
+    def __init__(self, dense_path: str, cfg: UpcycleConfig, seed: int, trust_remote_code: bool = False):
+        self.cfg = cfg
+        self.seed = seed
+        self.src = HFCheckpoint(dense_path, what="model.dense")
+        self.source_config = load_source_config(dense_path, trust_remote_code)
+        model_type = self.source_config.model_type
+        self.layout: TargetLayout = resolve_target(model_type, cfg.target)
+        self.layers = self.source_config.num_hidden_layers
+        self.hidden = self.source_config.hidden_size
+        self._check_dense_ffn()
+        ffn_width = self.src.info(DENSE_FFN["gate"].format(layer=0)).shape[0]
+        self.features = source_features(lambda name: name in self.src)
+        dense_params = sum(info.numel for _, info in self.src.index.values())
+        embedding = sum(self.src.info(n).numel for n in ("model.embed_tokens.weight", "lm_head.weight")
+                        if n in self.src)
+        self.sizing: Sizing = solve(cfg, ffn_width, base=dense_params - self.layers * 3 * self.hidden * ffn_width,
+                                    embedding=embedding, hidden=self.hidden, layers=self.layers)
+        if self.sizing.top_k > self.sizing.num_experts:
+            raise MoEAdaptConfigError(
+                f"upcycle.top_k={self.sizing.top_k} must be <= upcycle.num_experts={self.sizing.num_experts}"
+            )
+        dtype = cfg.dtype if cfg.dtype != "auto" else str(self.src.info("model.embed_tokens.weight").dtype)
+        self.dtype_name = dtype.removeprefix("torch.")
+        self.target_config: PretrainedConfig = build_target_config(
+            self.source_config, self.features, self.layout, self.sizing, self.dtype_name
+        )
+        self.dense_part = self._dense_part()
+        self.inexact = self._inexact_reasons()
+        if self.inexact and not cfg.allow_inexact:
+            raise MoEAdaptConfigError(
+                f"upcycle.target={self.layout.model_type} cannot reproduce the dense {model_type} model exactly: "
+                f"{'; '.join(self.inexact)}. Choose another upcycle.target or set upcycle.allow_inexact=true"
+            )
+        self._layer_cache: tuple[int, LayerExperts] | None = None
+        self._expert_cache: tuple[int, int, FFN] | None = None
+
+    # ----------------------------------------------------------------------------------- checks
+    def _check_dense_ffn(self) -> None:
+        for layer in range(self.layers):
+            for proj, pattern in DENSE_FFN.items():
+                if pattern.format(layer=layer) not in self.src:
+                    raise CheckpointError(
+                        f"model.dense={self.src.path} has no {pattern.format(layer=layer)}: moe_adapt upcycles "
+                        f"SwiGLU FFNs named like Llama/Qwen ({proj}_proj); model_type="
+                        f"{self.source_config.model_type!r} does not follow that naming"
+                    )
+
+    def _dense_part(self) -> dict[str, tuple[int, ...]]:
+        """Every non-FFN tensor the target model expects, with its shape."""
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.target_config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".mlp." not in k}
+        if getattr(self.target_config, "tie_word_embeddings", False) and "lm_head.weight" not in self.src:
+            expected.pop("lm_head.weight", None)
+        return expected
+
+    def _inexact_reasons(self) -> list[str]:
+        reasons = inexact_reasons(self.features, self.layout, self.sizing)
+        reasons += attention_mismatch(self.source_config, self.target_config)
+        ffn_names = {p.format(layer=i) for i in range(self.layers) for p in DENSE_FFN.values()}
+        dropped = sorted(
+            n for n in self.src.index if n not in self.dense_part and n not in ffn_names and ".mlp." not in n
+        )
+        if dropped:
+            reasons.append(f"the target has no place for {len(dropped)} source tensors, e.g. {dropped[0]}")
+        for name, shape in self.dense_part.items():
+            if name in self.src and tuple(self.src.info(name).shape) != shape:
+                reasons.append(f"{name} has shape {tuple(self.src.info(name).shape)}, the target expects {shape}")
+        s = self.sizing.routed_per_copy
+        if self.sizing.top_k % s or self.sizing.num_experts % s:
+            reasons.append(f"top_k={self.sizing.top_k} and num_experts={self.sizing.num_experts} must be "
+                           f"multiples of the {s} routed shards per copy")
+        return reasons
+
+    @property
+    def exact(self) -> bool:
+        """Whether the written model should equal the dense one (exact method, expressible target)."""
+        return not self.inexact and (self.cfg.method != UpcycleMethod.drop or self.cfg.drop_ratio == 0)
+
+    # ------------------------------------------------------------------------------------ plan
+    def _out_dtype(self, source_dtype: torch.dtype) -> torch.dtype:
+        return source_dtype if self.cfg.dtype == "auto" else _DTYPES[self.cfg.dtype]
+
+    def _dense_ffn(self, layer: int) -> FFN:
+        get = lambda proj: self.src.get(DENSE_FFN[proj].format(layer=layer)).float()  # noqa: E731
+        return FFN(get("gate"), get("up"), get("down"))
+
+    def _layer(self, layer: int) -> LayerExperts:
+        if self._layer_cache is None or self._layer_cache[0] != layer:
+            self._layer_cache = None  # free the previous layer's dense FFN first
+            self._expert_cache = None
+            experts = METHODS[self.cfg.method](
+                self._dense_ffn(layer), self.sizing, self.cfg, derive_seed(self.seed, layer)
+            )
+            self._layer_cache = (layer, experts)
+        return self._layer_cache[1]
+
+    def _routed(self, layer: int, expert: int) -> FFN:
+        if self._expert_cache is None or self._expert_cache[:2] != (layer, expert):
+            self._expert_cache = (layer, expert, self._layer(layer).routed(expert))
+        return self._expert_cache[2]
+
+    def _shared(self, layer: int) -> FFN:
+        shared = self._layer(layer).shared()
+        if shared is None:  # Qwen2-MoE always has a shared expert: give it zero width
+            empty = torch.zeros(0, self.hidden)
+            return FFN(empty, empty, empty.T)
+        return shared
+
+    def _copy(self, name: str) -> Planned:
+        if name in self.src:
+            info = self.src.info(name)
+            dtype = self._out_dtype(info.dtype)
+            return Planned(PlannedTensor(name, dtype, info.shape), lambda: self.src.get(name).to(dtype))
+        shape = self.dense_part[name]
+        fill = 0.0 if name.endswith(".bias") else 1.0  # a missing bias is zero (exact); a norm starts at one
+        dtype = self._out_dtype(self.src.info("model.embed_tokens.weight").dtype)
+        return Planned(PlannedTensor(name, dtype, shape), lambda: torch.full(shape, fill, dtype=dtype))
+
+    def plan(self) -> list[Planned]:
+        """Every output tensor in write order: globals, then per layer attention/norms, router, experts."""
+        dtype = self._out_dtype(self.src.info(DENSE_FFN["gate"].format(layer=0)).dtype)
+        sz, h = self.sizing, self.hidden
+        per_layer: dict[int, list[str]] = {}
+        out: list[Planned] = []
+        for name in self.dense_part:
+            if name.startswith("model.layers."):
+                per_layer.setdefault(int(name.split(".")[2]), []).append(name)
+            else:
+                out.append(self._copy(name))
+
+        def expert_tensor(layer: int, get: Callable[[], FFN], proj: str, scale: float = 1.0) -> Callable[[], torch.Tensor]:
+            def produce() -> torch.Tensor:
+                ffn = get()
+                t = {"gate": ffn.gate_IH, "up": ffn.up_IH, "down": ffn.down_HI}[proj]
+                return (t * scale if scale != 1.0 else t).to(dtype)
+            return produce
+
+        for layer in range(self.layers):
+            out += [self._copy(n) for n in per_layer.get(layer, [])]
+            fmt = dict(layer=layer)
+            out.append(Planned(
+                PlannedTensor(self.layout.router.format(**fmt), dtype, (sz.num_experts, h)),
+                lambda layer=layer: init_router(
+                    self.sizing, self.hidden, self.cfg.router_init, self.cfg.router_init_std,
+                    generator(self.seed, layer, -1),
+                ).to(dtype),
+            ))
+            shapes = {"gate": (sz.expert_width, h), "up": (sz.expert_width, h), "down": (h, sz.expert_width)}
+            for e in range(sz.num_experts):
+                for proj, pattern in self.layout.expert.items():
+                    out.append(Planned(
+                        PlannedTensor(pattern.format(expert=e, **fmt), dtype, shapes[proj]),
+                        expert_tensor(layer, lambda layer=layer, e=e: self._routed(layer, e), proj),
+                    ))
+            if self.layout.shared is not None:
+                w = sz.shared_width
+                shared_shapes = {"gate": (w, h), "up": (w, h), "down": (h, w)}
+                for proj, pattern in self.layout.shared.items():
+                    scale = SHARED_GATE_SCALE if proj == "down" else 1.0
+                    out.append(Planned(
+                        PlannedTensor(pattern.format(**fmt), dtype, shared_shapes[proj]),
+                        expert_tensor(layer, lambda layer=layer: self._shared(layer), proj, scale),
+                    ))
+                assert self.layout.shared_gate is not None
+                out.append(Planned(PlannedTensor(self.layout.shared_gate.format(**fmt), dtype, (1, h)),
+                                   lambda: torch.zeros(1, h, dtype=dtype)))
+        return out
+
+    # ----------------------------------------------------------------------------------- write
+    def write(self, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+        """Write weights, config, tokenizer and generation config into ``out_dir`` (an empty folder)."""
+        plan = self.plan()
+        writer = ShardedWriter(out_dir, [p.tensor for p in plan], self.cfg.max_shard_mb * 2**20)
+        bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="upcycle", disable=not progress)
+        with bar:
+            for p in plan:
+                writer.write(p.tensor.name, p.produce())
+                bar.update(p.tensor.nbytes)
+        writer.close()
+        self._layer_cache = self._expert_cache = None
+        self.target_config.save_pretrained(out_dir)
+        copied = self.src.copy_side_files(out_dir)
+        return {"files": writer.names, "copied": copied, "bytes": writer.total_bytes, **self.param_report(plan)}
+
+    def param_report(self, plan: list[Planned] | None = None) -> dict[str, Any]:
+        """Total and active parameters (embeddings included) and the shapes of one layer's experts."""
+        plan = plan if plan is not None else self.plan()
+        sz, h = self.sizing, self.hidden
+        total = sum(p.tensor.nbytes // p.tensor.dtype.itemsize for p in plan)
+        expert = 3 * h * sz.expert_width
+        active = total - self.layers * (sz.num_experts - sz.top_k) * expert
+        embedding = sum(torch.Size(self.dense_part[n]).numel()
+                        for n in ("model.embed_tokens.weight", "lm_head.weight") if n in self.dense_part)
+        return {
+            "source": {"model_type": self.source_config.model_type, "path": str(self.src.path)},
+            "target": self.layout.model_type,
+            "method": self.cfg.method.value,
+            "exact": self.exact,
+            "inexact_reasons": self.inexact,
+            "sizing": {
+                "num_experts": sz.num_experts, "top_k": sz.top_k, "granularity": sz.granularity,
+                "shared_experts": sz.shared, "routed_per_copy": sz.routed_per_copy,
+                "copies": sz.num_experts / sz.routed_per_copy, "ffn_width": sz.ffn_width,
+                "expert_width": sz.expert_width, "shared_width": sz.shared_width,
+            },
+            "params": {
+                "total_dense": sum(info.numel for _, info in self.src.index.values()),
+                "total": total, "active": active, "active_fraction": active / total,
+                "embedding": embedding, "active_fraction_excl_embedding": (active - embedding) / (total - embedding),
+            },
+            "layer_shapes": {
+                "router": [sz.num_experts, h],
+                "expert_gate_up": [sz.expert_width, h],
+                "expert_down": [h, sz.expert_width],
+                **({"shared_gate_up": [sz.shared_width, h], "shared_down": [h, sz.shared_width]}
+                   if self.layout.shared is not None else {}),
+            },
+            "dtype": self.dtype_name,
+        }
+
+    def close(self) -> None:
+        self.src.close()

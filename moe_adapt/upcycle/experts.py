@@ -1,0 +1,62 @@
+"""What an upcycling method produces for one layer: routed experts made on demand, and a shared one.
+
+Legend: ``I`` dense FFN width, ``Ie`` expert width, ``H`` hidden size. Weights follow
+``nn.Linear`` (``[out, in]``): gate/up are ``[I, H]``, down is ``[H, I]``. Everything here is fp32;
+the writer casts to the output dtype.
+
+Experts are produced one at a time (:meth:`LayerExperts.routed`) so that a layer with hundreds of
+experts never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moe_adapt.config.schema import UpcycleConfig
+from moe_adapt.upcycle.sizing import Sizing
+
+
+@dataclass
+class FFN:
+    """A SwiGLU FFN: ``down_HI @ (act(gate_IH @ x) * (up_IH @ x))``."""
+
+    gate_IH: torch.Tensor
+    up_IH: torch.Tensor
+    down_HI: torch.Tensor
+
+    def rows(self, sl: slice, down_scale: float = 1.0) -> FFN:
+        """The FFN restricted to intermediate units ``sl``, its output scaled by ``down_scale``."""
+        down = self.down_HI[:, sl]
+        return FFN(self.gate_IH[sl], self.up_IH[sl], down * down_scale if down_scale != 1.0 else down)
+
+
+class LayerExperts(Protocol):
+    """One layer's experts."""
+
+    def routed(self, expert: int) -> FFN:
+        """Routed expert ``expert`` (0..E-1)."""
+        ...
+
+    def shared(self) -> FFN | None:
+        """The always-on shared expert (all shared shards together), or None."""
+        ...
+
+
+Method = Callable[[FFN, Sizing, UpcycleConfig, int], LayerExperts]
+"""``upcycle(dense_ffn, sizing, cfg, layer_seed) -> LayerExperts``: the signature of every method.
+``layer_seed`` is derived from the run seed and the layer index."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (e.g. run seed, layer, expert), independent of call order."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))

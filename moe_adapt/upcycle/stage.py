@@ -1,0 +1,79 @@
+"""The ``upcycle`` stage: ``model.dense`` -> ``<run_dir>/upcycle/model`` (+ ``report.json``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from moe_adapt.checkpoint.hf import write_json_atomic
+from moe_adapt.config.schema import Config, VerifyMode
+from moe_adapt.errors import MoEAdaptError
+from moe_adapt.upcycle.convert import Upcycler
+from moe_adapt.upcycle.verify import available_memory_bytes, verify_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, out: Path) -> dict[str, Any]:
+    """Write the MoE checkpoint to ``out/model``, verify it, and report its parameters.
+
+    Returns the stage summary; paths in it are relative to the stage folder.
+    """
+    ucfg = cfg.upcycle
+    up = Upcycler(cfg.model.dense, ucfg, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        log.info("upcycle: %s -> %s, %s", up.source_config.model_type, up.layout.model_type, ucfg.method.value)
+        model_dir = out / "model"
+        model_dir.mkdir(parents=True)
+        report = up.write(model_dir)
+    finally:
+        up.close()
+    log_param_report(report)
+    report["verify"] = _verify(cfg, report, model_dir)
+    write_json_atomic(out / "report.json", report)
+    return {"model": "model", "params": report["params"], "verify": report["verify"]}
+
+
+def _verify(cfg: Config, report: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    ucfg = cfg.upcycle
+    mode = ucfg.verify
+    if mode == VerifyMode.auto:
+        need = 4 * (report["params"]["total"] + report["params"]["total_dense"])
+        avail = available_memory_bytes()
+        if avail is not None and need > avail / 2:
+            log.warning("upcycle: skipping the logit check: both models in fp32 need %.1f GiB, %.1f GiB "
+                        "available (upcycle.verify=logits forces it)", need / 2**30, avail / 2**30)
+            return {"skipped": "not enough memory for both models in fp32"}
+    elif mode == VerifyMode.none:
+        return {"skipped": "upcycle.verify=none"}
+    result = verify_checkpoints(cfg.model.dense, model_dir, ucfg.verify_probes, ucfg.verify_seq_len,
+                                seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+    log.info("upcycle: logits vs dense on %d x %d probe tokens: max |diff| %.3g, relative %.3g, top-1 agreement %.4f",
+             ucfg.verify_probes, ucfg.verify_seq_len, result["max_abs_diff"], result["max_rel_diff"],
+             result["top1_agreement"])
+    if report["exact"]:
+        result["tolerance"] = ucfg.verify_tolerance
+        if result["max_rel_diff"] > ucfg.verify_tolerance:
+            raise MoEAdaptError(
+                f"upcycle: the MoE's logits differ from the dense model's by {result['max_rel_diff']:.3g} (relative), "
+                f"above upcycle.verify_tolerance={ucfg.verify_tolerance}; nothing was written. Please report this "
+                "with the dense checkpoint's config.json"
+            )
+    return result
+
+
+def log_param_report(report: dict[str, Any]) -> None:
+    """Print the parameter report: totals, active share, expert shapes."""
+    p, s = report["params"], report["sizing"]
+    lines = [
+        f"target {report['target']} ({report['method']}, {'exact' if report['exact'] else 'inexact'}), "
+        f"dtype {report['dtype']}",
+        f"experts: {s['num_experts']} routed (top-{s['top_k']}), granularity {s['granularity']}, "
+        f"{s['shared_experts']} shared shard(s), {s['copies']:g} copies of the FFN",
+        f"params: total {p['total']:,}  active {p['active']:,}  active fraction {p['active_fraction']:.4f} "
+        f"({p['active_fraction_excl_embedding']:.4f} without embeddings)",
+        "per-layer shapes: " + ", ".join(f"{k} {tuple(v)}" for k, v in report["layer_shapes"].items()),
+    ]
+    for line in lines:
+        log.info("upcycle: %s", line)
