@@ -36,7 +36,7 @@ def _settings_under(path: str) -> list[str]:
     node: Any = OmegaConf.structured(Config)
     for part in [p for p in path.split(".") if p]:
         node = node.get(part) if isinstance(node, DictConfig) else None
-    return list(node.keys()) if isinstance(node, DictConfig) else []
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
 def describe(ex: BaseException) -> str | None:
@@ -57,7 +57,11 @@ def describe(ex: BaseException) -> str | None:
             parent = key.rpartition(".")[0]
             known = _settings_under(parent)
             where = parent or "the top level"
-            return f"{key} is not a setting; {where} has: {', '.join(known)}" if known else f"{key} is not a setting"
+            return (
+                f"{key} is not a setting; {where} has: {', '.join(known)}"
+                if known
+                else f"{key} is not a setting"
+            )
         return f"{key}: {msg}" if key else msg
     if isinstance(ex, HydraException):
         return " ".join(str(ex).split())
@@ -94,7 +98,7 @@ def main() -> None:
     if not getattr(hydra_utils.run_and_report, "_moe_adapt", False):
         wrapped = _report_user_errors(hydra_utils.run_and_report)
         wrapped._moe_adapt = True  # type: ignore[attr-defined]
-        hydra_utils.run_and_report = wrapped
+        hydra_utils.run_and_report = wrapped  # type: ignore[assignment]
     _app()
 
 

@@ -79,8 +79,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     """
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
-    pad, bos, eos = (int(i) for i in ids)
+    pad, bos, eos = (tokenizer.vocab[t] for t in SPECIAL_TOKENS)
     config = build_config(cfg.init_dense, len(tokenizer), bos, eos, pad)
     model = AutoModelForCausalLM.from_config(config)
     model_dir = out / "model"
@@ -88,5 +87,10 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(model_dir)
     GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(model_dir)
     params = sum(p.numel() for p in model.parameters())
-    log.info("init_dense: %s with %s parameters, vocabulary %d", cfg.init_dense.family, f"{params:,}", len(tokenizer))
+    log.info(
+        "init_dense: %s with %s parameters, vocabulary %d",
+        cfg.init_dense.family,
+        f"{params:,}",
+        len(tokenizer),
+    )
     return {"model": "model", "params": params, "family": cfg.init_dense.family}

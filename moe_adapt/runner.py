@@ -53,8 +53,10 @@ STAGES: dict[str, Stage] = {
 def redact(obj: Any) -> Any:
     """A copy of a plain config tree with values of secret-looking keys replaced."""
     if isinstance(obj, dict):
-        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v)
-                for k, v in obj.items()}
+        return {
+            k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v)
+            for k, v in obj.items()
+        }
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
@@ -114,10 +116,17 @@ def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
         with atomic_dir(run_dir / name) as tmp:
             summary = stage.load()(cfg, tmp)
             elapsed = time.perf_counter() - start
-            write_json_atomic(tmp / MARKER, {
-                "stage": name, "fingerprint": _fingerprint(settings), "settings": redact(settings),
-                "summary": summary, "seconds": round(elapsed, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
+            write_json_atomic(
+                tmp / MARKER,
+                {
+                    "stage": name,
+                    "fingerprint": _fingerprint(settings),
+                    "settings": redact(settings),
+                    "summary": summary,
+                    "seconds": round(elapsed, 3),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
         log.info("%s: done in %.1f s", name, elapsed)
         summaries[name] = summary
         upstream_ran = True

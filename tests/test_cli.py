@@ -13,10 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "moe_adapt", *args], capture_output=True, text=True, cwd=cwd or ROOT,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}, timeout=300,
+        [sys.executable, "-m", "moe_adapt", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        timeout=300,
     )
 
 
@@ -60,7 +66,9 @@ def test_installed_wheel_finds_recipes_from_another_directory(tmp_path):
     """Build the wheel, unpack it elsewhere, and compose +recipe=tiny from an unrelated directory."""
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if build.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {build.stderr.strip().splitlines()[-1:]}")
@@ -72,10 +80,18 @@ def test_installed_wheel_finds_recipes_from_another_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "sys.argv = ['moe-adapt', '+recipe=tiny', '--cfg', 'job']; "
-         "import moe_adapt.__main__ as m; assert 'site' in m.__file__, m.__file__; m.main()", str(site)],
-        capture_output=True, text=True, cwd=elsewhere, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "sys.argv = ['moe-adapt', '+recipe=tiny', '--cfg', 'job']; "
+            "import moe_adapt.__main__ as m; assert 'site' in m.__file__, m.__file__; m.main()",
+            str(site),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=300,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert proc.returncode == 0, proc.stderr

@@ -29,7 +29,9 @@ def test_tiny_pipeline_skips_complete_stages_and_refuses_changed_settings(tmp_pa
     assert (tmp_path / "upcycle" / MARKER).stat().st_mtime_ns == stamp
     assert "upcycle: complete" in caplog.text and second["upcycle"] == first["upcycle"]
 
-    with pytest.raises(MoEAdaptConfigError, match=r"stage upcycle .* other settings \(upcycle.num_experts: 16 -> 8"):
+    with pytest.raises(
+        MoEAdaptConfigError, match=r"stage upcycle .* other settings \(upcycle.num_experts: 16 -> 8"
+    ):
         run(tmp_path, "upcycle.num_experts=8")
 
     third = run(tmp_path, "upcycle.num_experts=8", "force=[upcycle]")
@@ -58,5 +60,8 @@ def test_a_crashing_stage_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_secrets_are_redacted():
     cfg = {"logger": {"wandb_api_key": "abc", "project": "p"}, "hf_token": "t", "x": [{"password": "pw"}]}
-    assert redact(cfg) == {"logger": {"wandb_api_key": "***", "project": "p"}, "hf_token": "***",
-                           "x": [{"password": "***"}]}
+    assert redact(cfg) == {
+        "logger": {"wandb_api_key": "***", "project": "p"},
+        "hf_token": "***",
+        "x": [{"password": "***"}],
+    }

@@ -44,12 +44,18 @@ class HFCheckpoint:
         self.path = Path(path)
         self.what = what
         if not self.path.exists():
-            raise CheckpointError(f"{what}={self.path} does not exist: give a local Hugging Face checkpoint folder")
+            raise CheckpointError(
+                f"{what}={self.path} does not exist: give a local Hugging Face checkpoint folder"
+            )
         if not self.path.is_dir():
-            raise CheckpointError(f"{what}={self.path} is a file: give the checkpoint folder that holds config.json")
+            raise CheckpointError(
+                f"{what}={self.path} is a file: give the checkpoint folder that holds config.json"
+            )
         config_file = self.path / "config.json"
         if not config_file.is_file():
-            raise CheckpointError(f"{what}={self.path} has no config.json: not a Hugging Face checkpoint folder")
+            raise CheckpointError(
+                f"{what}={self.path} has no config.json: not a Hugging Face checkpoint folder"
+            )
         try:
             self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -78,7 +84,8 @@ class HFCheckpoint:
             return ["model.safetensors"]
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise CheckpointError(
-                f"{self.what}={self.path} holds only pickle weights (*.bin/*.pt); moe_adapt reads safetensors "
+                f"{self.what}={self.path} holds only pickle weights (*.bin/*.pt); "
+                "moe_adapt reads safetensors "
                 "only, since unpickling can run arbitrary code. Convert it once with "
                 "model.save_pretrained(dir, safe_serialization=True) in an environment you trust"
             )

@@ -11,13 +11,13 @@ Files are in the standard format (8-byte little-endian header length, JSON heade
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -71,7 +71,7 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         try:
-            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+            self._f: io.BufferedReader = open(self.path, "rb")  # noqa: SIM115 (closed in close())
         except OSError as e:
             raise CheckpointError(f"cannot open {self.path}: {e.strerror}") from None
         self.tensors, self.metadata, self._data_start = self._read_header()
@@ -80,7 +80,9 @@ class SafetensorsReader:
         size = os.fstat(self._f.fileno()).st_size
         raw = self._f.read(8)
         if len(raw) != 8:
-            raise CheckpointError(f"{self.path} is not a safetensors file: {size} bytes, too short for a header")
+            raise CheckpointError(
+                f"{self.path} is not a safetensors file: {size} bytes, too short for a header"
+            )
         (n,) = struct.unpack("<Q", raw)
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(f"{self.path} is corrupt: header length {n} does not fit in {size} bytes")
@@ -182,7 +184,7 @@ class ShardedWriter:
         self._order: Iterator[tuple[int, PlannedTensor]] = (
             (i, t) for i, shard in enumerate(self.shards) for t in shard
         )
-        self._f: BinaryIO | None = None
+        self._f: io.BufferedWriter | None = None
         self._shard = -1
         self.total_bytes = sum(t.nbytes for t in plan)
 
@@ -221,7 +223,7 @@ class ShardedWriter:
         assert self._f is not None
         data = tensor.detach().cpu().contiguous().reshape(-1)
         if data.numel():
-            self._f.write(memoryview(data.view(torch.uint8).numpy()))  # no copy of the bytes
+            self._f.write(data.view(torch.uint8).numpy().data)  # a view: no copy of the bytes
 
     def close(self) -> dict[str, str]:
         """Finish the last shard and write the index; returns the weight map (tensor -> file)."""

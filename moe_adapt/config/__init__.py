@@ -58,7 +58,9 @@ def to_config(cfg: DictConfig) -> Config:
     try:
         obj: Any = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
-        raise MoEAdaptConfigError(f"{e.full_key or '?'} is required: it has no default (set {e.full_key}=...)") from None
+        raise MoEAdaptConfigError(
+            f"{e.full_key or '?'} is required: it has no default (set {e.full_key}=...)"
+        ) from None
     except MoEAdaptConfigError:
         raise
     except OmegaConfBaseException as e:

@@ -88,7 +88,11 @@ class InitDenseConfig:
             if getattr(self, name) < 1:
                 _fail(f"init_dense.{name}", getattr(self, name), "must be >= 1")
         if self.hidden_size % self.num_heads:
-            _fail("init_dense.hidden_size", self.hidden_size, f"must be a multiple of num_heads={self.num_heads}")
+            _fail(
+                "init_dense.hidden_size",
+                self.hidden_size,
+                f"must be a multiple of num_heads={self.num_heads}",
+            )
         if self.num_heads % self.num_kv_heads:
             _fail("init_dense.num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
 
@@ -194,7 +198,8 @@ class UpcycleConfig:
                 _fail(
                     f"{key}.top_k",
                     self.top_k,
-                    f"must be a multiple of the routed shards per copy, granularity - shared_experts = {routed} "
+                    f"must be a multiple of the routed shards per copy, "
+                    f"granularity - shared_experts = {routed} "
                     f"(got remainder {self.top_k % routed}); or set upcycle.allow_inexact=true",
                 )
             if self.num_experts is not None and self.num_experts % routed:
@@ -202,7 +207,8 @@ class UpcycleConfig:
                     f"{key}.num_experts",
                     self.num_experts,
                     f"must be a multiple of granularity - shared_experts = {routed} so experts form whole "
-                    f"copies of the FFN (got remainder {self.num_experts % routed}); or set upcycle.allow_inexact=true",
+                    f"copies of the FFN (got remainder {self.num_experts % routed}); "
+                    "or set upcycle.allow_inexact=true",
                 )
             if self.router_init == RouterInit.random and routed > 1:
                 _fail(
@@ -217,7 +223,11 @@ class UpcycleConfig:
             if not 0 <= self.drop_ratio <= 1:
                 _fail(f"{key}.drop_ratio", self.drop_ratio, "must be in [0, 1]")
         elif self.drop_ratio != 0:
-            _fail(f"{key}.drop_ratio", self.drop_ratio, "only upcycle=drop re-initialises units; set upcycle=drop")
+            _fail(
+                f"{key}.drop_ratio",
+                self.drop_ratio,
+                "only upcycle=drop re-initialises units; set upcycle=drop",
+            )
         targets = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
         if self.target not in targets:
             _fail(f"{key}.target", self.target, f"choose one of {', '.join(targets)}")
@@ -229,7 +239,11 @@ class UpcycleConfig:
         if self.max_shard_mb < 1:
             _fail(f"{key}.max_shard_mb", self.max_shard_mb, "must be >= 1")
         if self.verify_probes < 1 or self.verify_seq_len < 1:
-            _fail(f"{key}.verify_probes", (self.verify_probes, self.verify_seq_len), "probes and length must be >= 1")
+            _fail(
+                f"{key}.verify_probes",
+                (self.verify_probes, self.verify_seq_len),
+                "probes and length must be >= 1",
+            )
 
 
 STAGE_ORDER: tuple[str, ...] = ("init_dense", "upcycle")
@@ -267,7 +281,11 @@ class Config:
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
         if unknown:
-            _fail("stages", list(self.stages), f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGE_ORDER)}")
+            _fail(
+                "stages",
+                list(self.stages),
+                f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGE_ORDER)}",
+            )
         positions = [STAGE_ORDER.index(s) for s in self.stages]
         if positions != sorted(set(positions)):
             _fail(
@@ -277,7 +295,9 @@ class Config:
             )
         stray = [s for s in self.force if s not in STAGE_ORDER]
         if stray:
-            _fail("force", list(self.force), f"unknown stage {stray[0]!r}; stages are {', '.join(STAGE_ORDER)}")
+            _fail(
+                "force", list(self.force), f"unknown stage {stray[0]!r}; stages are {', '.join(STAGE_ORDER)}"
+            )
         if "upcycle" in self.stages and not self.model.dense:
             raise MoEAdaptConfigError(
                 "model.dense is required by stage upcycle: set model.dense=/path/to/hf_dense_checkpoint "

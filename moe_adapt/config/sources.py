@@ -88,8 +88,8 @@ class RecipeConfigSource(ConfigSource):
 
 def register_sources() -> None:
     """Make the ``moe-adapt-recipes://`` scheme known to Hydra (idempotent)."""
-    from hydra.core.plugins import Plugins  # noqa: F401  (initialises Hydra's registries first)
-    from hydra.core.config_search_path import ConfigSearchPath  # noqa: F401
     from hydra._internal.sources_registry import SourcesRegistry
+    from hydra.core.config_search_path import ConfigSearchPath  # noqa: F401
+    from hydra.core.plugins import Plugins  # noqa: F401  (initialises Hydra's registries first)
 
     SourcesRegistry.instance().register(RecipeConfigSource)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,17 @@ class Upcycler:
         ffn_width = self.src.info(DENSE_FFN["gate"].format(layer=0)).shape[0]
         self.features = source_features(lambda name: name in self.src)
         dense_params = sum(info.numel for _, info in self.src.index.values())
-        embedding = sum(self.src.info(n).numel for n in ("model.embed_tokens.weight", "lm_head.weight")
-                        if n in self.src)
-        self.sizing: Sizing = solve(cfg, ffn_width, base=dense_params - self.layers * 3 * self.hidden * ffn_width,
-                                    embedding=embedding, hidden=self.hidden, layers=self.layers)
+        embedding = sum(
+            self.src.info(n).numel for n in ("model.embed_tokens.weight", "lm_head.weight") if n in self.src
+        )
+        self.sizing: Sizing = solve(
+            cfg,
+            ffn_width,
+            base=dense_params - self.layers * 3 * self.hidden * ffn_width,
+            embedding=embedding,
+            hidden=self.hidden,
+            layers=self.layers,
+        )
         if self.sizing.top_k > self.sizing.num_experts:
             raise MoEAdaptConfigError(
                 f"upcycle.top_k={self.sizing.top_k} must be <= upcycle.num_experts={self.sizing.num_experts}"
@@ -91,7 +99,8 @@ class Upcycler:
         self.inexact = self._inexact_reasons()
         if self.inexact and not cfg.allow_inexact:
             raise MoEAdaptConfigError(
-                f"upcycle.target={self.layout.model_type} cannot reproduce the dense {model_type} model exactly: "
+                f"upcycle.target={self.layout.model_type} cannot reproduce the dense {model_type} model "
+                f"exactly: "
                 f"{'; '.join(self.inexact)}. Choose another upcycle.target or set upcycle.allow_inexact=true"
             )
         self._layer_cache: tuple[int, LayerExperts] | None = None
@@ -103,7 +112,8 @@ class Upcycler:
             for proj, pattern in DENSE_FFN.items():
                 if pattern.format(layer=layer) not in self.src:
                     raise CheckpointError(
-                        f"model.dense={self.src.path} has no {pattern.format(layer=layer)}: moe_adapt upcycles "
+                        f"model.dense={self.src.path} has no {pattern.format(layer=layer)}: "
+                        "moe_adapt upcycles "
                         f"SwiGLU FFNs named like Llama/Qwen ({proj}_proj); model_type="
                         f"{self.source_config.model_type!r} does not follow that naming"
                     )
@@ -128,11 +138,15 @@ class Upcycler:
             reasons.append(f"the target has no place for {len(dropped)} source tensors, e.g. {dropped[0]}")
         for name, shape in self.dense_part.items():
             if name in self.src and tuple(self.src.info(name).shape) != shape:
-                reasons.append(f"{name} has shape {tuple(self.src.info(name).shape)}, the target expects {shape}")
+                reasons.append(
+                    f"{name} has shape {tuple(self.src.info(name).shape)}, the target expects {shape}"
+                )
         s = self.sizing.routed_per_copy
         if self.sizing.top_k % s or self.sizing.num_experts % s:
-            reasons.append(f"top_k={self.sizing.top_k} and num_experts={self.sizing.num_experts} must be "
-                           f"multiples of the {s} routed shards per copy")
+            reasons.append(
+                f"top_k={self.sizing.top_k} and num_experts={self.sizing.num_experts} must be "
+                f"multiples of the {s} routed shards per copy"
+            )
         return reasons
 
     @property
@@ -180,6 +194,20 @@ class Upcycler:
         dtype = self._out_dtype(self.src.info("model.embed_tokens.weight").dtype)
         return Planned(PlannedTensor(name, dtype, shape), lambda: torch.full(shape, fill, dtype=dtype))
 
+    def _router_tensor(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        gen = generator(self.seed, layer, -1)
+        return init_router(self.sizing, self.hidden, self.cfg.router_init, self.cfg.router_init_std, gen).to(
+            dtype
+        )
+
+    def _expert_tensor(self, layer: int, expert: int | None, proj: str, dtype: torch.dtype) -> torch.Tensor:
+        """One projection of routed expert ``expert``, or of the shared expert when ``expert`` is None."""
+        ffn = self._routed(layer, expert) if expert is not None else self._shared(layer)
+        t = {"gate": ffn.gate_IH, "up": ffn.up_IH, "down": ffn.down_HI}[proj]
+        if expert is None and proj == "down":
+            t = t * SHARED_GATE_SCALE
+        return t.to(dtype)
+
     def plan(self) -> list[Planned]:
         """Every output tensor in write order: globals, then per layer attention/norms, router, experts."""
         dtype = self._out_dtype(self.src.info(DENSE_FFN["gate"].format(layer=0)).dtype)
@@ -192,42 +220,25 @@ class Upcycler:
             else:
                 out.append(self._copy(name))
 
-        def expert_tensor(layer: int, get: Callable[[], FFN], proj: str, scale: float = 1.0) -> Callable[[], torch.Tensor]:
-            def produce() -> torch.Tensor:
-                ffn = get()
-                t = {"gate": ffn.gate_IH, "up": ffn.up_IH, "down": ffn.down_HI}[proj]
-                return (t * scale if scale != 1.0 else t).to(dtype)
-            return produce
+        def shapes(width: int) -> dict[str, tuple[int, int]]:
+            return {"gate": (width, h), "up": (width, h), "down": (h, width)}
 
         for layer in range(self.layers):
             out += [self._copy(n) for n in per_layer.get(layer, [])]
-            fmt = dict(layer=layer)
-            out.append(Planned(
-                PlannedTensor(self.layout.router.format(**fmt), dtype, (sz.num_experts, h)),
-                lambda layer=layer: init_router(
-                    self.sizing, self.hidden, self.cfg.router_init, self.cfg.router_init_std,
-                    generator(self.seed, layer, -1),
-                ).to(dtype),
-            ))
-            shapes = {"gate": (sz.expert_width, h), "up": (sz.expert_width, h), "down": (h, sz.expert_width)}
+            router = PlannedTensor(self.layout.router.format(layer=layer), dtype, (sz.num_experts, h))
+            out.append(Planned(router, partial(self._router_tensor, layer, dtype)))
             for e in range(sz.num_experts):
                 for proj, pattern in self.layout.expert.items():
-                    out.append(Planned(
-                        PlannedTensor(pattern.format(expert=e, **fmt), dtype, shapes[proj]),
-                        expert_tensor(layer, lambda layer=layer, e=e: self._routed(layer, e), proj),
-                    ))
-            if self.layout.shared is not None:
-                w = sz.shared_width
-                shared_shapes = {"gate": (w, h), "up": (w, h), "down": (h, w)}
+                    t = PlannedTensor(
+                        pattern.format(layer=layer, expert=e), dtype, shapes(sz.expert_width)[proj]
+                    )
+                    out.append(Planned(t, partial(self._expert_tensor, layer, e, proj, dtype)))
+            if self.layout.shared is not None and self.layout.shared_gate is not None:
                 for proj, pattern in self.layout.shared.items():
-                    scale = SHARED_GATE_SCALE if proj == "down" else 1.0
-                    out.append(Planned(
-                        PlannedTensor(pattern.format(**fmt), dtype, shared_shapes[proj]),
-                        expert_tensor(layer, lambda layer=layer: self._shared(layer), proj, scale),
-                    ))
-                assert self.layout.shared_gate is not None
-                out.append(Planned(PlannedTensor(self.layout.shared_gate.format(**fmt), dtype, (1, h)),
-                                   lambda: torch.zeros(1, h, dtype=dtype)))
+                    t = PlannedTensor(pattern.format(layer=layer), dtype, shapes(sz.shared_width)[proj])
+                    out.append(Planned(t, partial(self._expert_tensor, layer, None, proj, dtype)))
+                gate = PlannedTensor(self.layout.shared_gate.format(layer=layer), dtype, (1, h))
+                out.append(Planned(gate, partial(torch.zeros, 1, h, dtype=dtype)))
         return out
 
     # ----------------------------------------------------------------------------------- write
@@ -244,7 +255,12 @@ class Upcycler:
         self._layer_cache = self._expert_cache = None
         self.target_config.save_pretrained(out_dir)
         copied = self.src.copy_side_files(out_dir)
-        return {"files": writer.names, "copied": copied, "bytes": writer.total_bytes, **self.param_report(plan)}
+        return {
+            "files": writer.names,
+            "copied": copied,
+            "bytes": writer.total_bytes,
+            **self.param_report(plan),
+        }
 
     def param_report(self, plan: list[Planned] | None = None) -> dict[str, Any]:
         """Total and active parameters (embeddings included) and the shapes of one layer's experts."""
@@ -253,8 +269,11 @@ class Upcycler:
         total = sum(p.tensor.nbytes // p.tensor.dtype.itemsize for p in plan)
         expert = 3 * h * sz.expert_width
         active = total - self.layers * (sz.num_experts - sz.top_k) * expert
-        embedding = sum(torch.Size(self.dense_part[n]).numel()
-                        for n in ("model.embed_tokens.weight", "lm_head.weight") if n in self.dense_part)
+        embedding = sum(
+            torch.Size(self.dense_part[n]).numel()
+            for n in ("model.embed_tokens.weight", "lm_head.weight")
+            if n in self.dense_part
+        )
         return {
             "source": {"model_type": self.source_config.model_type, "path": str(self.src.path)},
             "target": self.layout.model_type,
@@ -262,22 +281,33 @@ class Upcycler:
             "exact": self.exact,
             "inexact_reasons": self.inexact,
             "sizing": {
-                "num_experts": sz.num_experts, "top_k": sz.top_k, "granularity": sz.granularity,
-                "shared_experts": sz.shared, "routed_per_copy": sz.routed_per_copy,
-                "copies": sz.num_experts / sz.routed_per_copy, "ffn_width": sz.ffn_width,
-                "expert_width": sz.expert_width, "shared_width": sz.shared_width,
+                "num_experts": sz.num_experts,
+                "top_k": sz.top_k,
+                "granularity": sz.granularity,
+                "shared_experts": sz.shared,
+                "routed_per_copy": sz.routed_per_copy,
+                "copies": sz.num_experts / sz.routed_per_copy,
+                "ffn_width": sz.ffn_width,
+                "expert_width": sz.expert_width,
+                "shared_width": sz.shared_width,
             },
             "params": {
                 "total_dense": sum(info.numel for _, info in self.src.index.values()),
-                "total": total, "active": active, "active_fraction": active / total,
-                "embedding": embedding, "active_fraction_excl_embedding": (active - embedding) / (total - embedding),
+                "total": total,
+                "active": active,
+                "active_fraction": active / total,
+                "embedding": embedding,
+                "active_fraction_excl_embedding": (active - embedding) / (total - embedding),
             },
             "layer_shapes": {
                 "router": [sz.num_experts, h],
                 "expert_gate_up": [sz.expert_width, h],
                 "expert_down": [h, sz.expert_width],
-                **({"shared_gate_up": [sz.shared_width, h], "shared_down": [h, sz.shared_width]}
-                   if self.layout.shared is not None else {}),
+                **(
+                    {"shared_gate_up": [sz.shared_width, h], "shared_down": [h, sz.shared_width]}
+                    if self.layout.shared is not None
+                    else {}
+                ),
             },
             "dtype": self.dtype_name,
         }

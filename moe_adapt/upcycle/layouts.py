@@ -32,7 +32,12 @@ DENSE_FFN = {
 """The dense FFN's tensor names (shared by all supported families)."""
 
 # Attention features a source may have, found from its tensors.
-QKV_BIAS, O_BIAS, QK_NORM, MLP_BIAS = "q/k/v projection biases", "output projection bias", "q/k norms", "FFN biases"
+QKV_BIAS, O_BIAS, QK_NORM, MLP_BIAS = (
+    "q/k/v projection biases",
+    "output projection bias",
+    "q/k norms",
+    "FFN biases",
+)
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,10 @@ TARGETS: dict[str, TargetLayout] = {
         model_type="mixtral",
         architecture="MixtralForCausalLM",
         router=f"{_LAYER}.block_sparse_moe.gate.weight",
-        expert={p: f"{_LAYER}.block_sparse_moe.experts.{{expert}}.{w}.weight" for p, w in
-                (("gate", "w1"), ("up", "w3"), ("down", "w2"))},
+        expert={
+            p: f"{_LAYER}.block_sparse_moe.experts.{{expert}}.{w}.weight"
+            for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+        },
     ),
     "qwen2_moe": TargetLayout(
         model_type="qwen2_moe",
@@ -110,7 +117,8 @@ def resolve_target(model_type: str, target: str, explicit_ok: bool = True) -> Ta
     if target == "auto":
         if model_type not in SOURCE_TARGETS:
             raise MoEAdaptConfigError(
-                f"model.dense has model_type={model_type!r}, which moe_adapt does not know: supported families "
+                f"model.dense has model_type={model_type!r}, which moe_adapt does not know: "
+                "supported families "
                 f"are {', '.join(SOURCE_TARGETS)}; for a checkpoint with the same tensor names, set "
                 "upcycle.target=mixtral|qwen2_moe|qwen3_moe"
             )
@@ -140,15 +148,28 @@ def inexact_reasons(features: set[str], layout: TargetLayout, sizing: Sizing) ->
     return reasons
 
 
-def build_target_config(source: PretrainedConfig, features: set[str], layout: TargetLayout,
-                        sizing: Sizing, dtype: str) -> PretrainedConfig:
+def build_target_config(
+    source: PretrainedConfig, features: set[str], layout: TargetLayout, sizing: Sizing, dtype: str
+) -> PretrainedConfig:
     """The target model's config: the source's attention and vocabulary, plus the MoE sizes."""
     common: dict[str, Any] = {
         key: getattr(source, key)
         for key in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
-            "rope_parameters", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_act",
+            "max_position_embeddings",
+            "initializer_range",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "rope_parameters",
+            "attention_dropout",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
         )
         if hasattr(source, key)
     }
@@ -157,16 +178,25 @@ def build_target_config(source: PretrainedConfig, features: set[str], layout: Ta
     common["dtype"] = dtype
     windows = layer_windows(source)
     window = next((w for w in windows if w), None)
+    extra: dict[str, Any]
     if layout.model_type == "mixtral":
-        extra = dict(num_local_experts=sizing.num_experts, num_experts_per_tok=sizing.top_k,
-                     intermediate_size=sizing.expert_width, sliding_window=window)
+        extra = dict(
+            num_local_experts=sizing.num_experts,
+            num_experts_per_tok=sizing.top_k,
+            intermediate_size=sizing.expert_width,
+            sliding_window=window,
+        )
     else:
         extra = dict(
-            num_experts=sizing.num_experts, num_experts_per_tok=sizing.top_k,
-            moe_intermediate_size=sizing.expert_width, intermediate_size=sizing.ffn_width,
+            num_experts=sizing.num_experts,
+            num_experts_per_tok=sizing.top_k,
+            moe_intermediate_size=sizing.expert_width,
+            intermediate_size=sizing.ffn_width,
             norm_topk_prob=True,  # renormalised top-k: what makes the upcycled MoE exact
-            decoder_sparse_step=1, mlp_only_layers=[],
-            use_sliding_window=window is not None, sliding_window=window,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=window is not None,
+            sliding_window=window,
         )
         if layout.model_type == "qwen2_moe":
             extra.update(
@@ -182,6 +212,8 @@ def build_target_config(source: PretrainedConfig, features: set[str], layout: Ta
 def attention_mismatch(source: PretrainedConfig, target: PretrainedConfig) -> list[str]:
     """Differences between the two configs that change the attention (windows)."""
     if layer_windows(source) != layer_windows(target):
-        return [f"per-layer attention windows {layer_windows(source)} cannot be expressed by "
-                f"{target.model_type} (would be {layer_windows(target)})"]
+        return [
+            f"per-layer attention windows {layer_windows(source)} cannot be expressed by "
+            f"{target.model_type} (would be {layer_windows(target)})"
+        ]
     return []

@@ -17,7 +17,9 @@ from moe_adapt.config.schema import RouterInit
 from moe_adapt.upcycle.sizing import Sizing
 
 
-def init_router(sizing: Sizing, hidden: int, scheme: RouterInit, std: float, gen: torch.Generator) -> torch.Tensor:
+def init_router(
+    sizing: Sizing, hidden: int, scheme: RouterInit, std: float, gen: torch.Generator
+) -> torch.Tensor:
     """Router weight ``[E, H]`` (``nn.Linear`` layout: one row of logits weights per expert)."""
     e, s = sizing.num_experts, sizing.routed_per_copy
     if scheme == RouterInit.virtual_group:

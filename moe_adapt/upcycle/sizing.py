@@ -70,8 +70,15 @@ def count_params(sizing: Sizing, base: int, embedding: int, hidden: int, layers:
     )
 
 
-def solve(cfg: UpcycleConfig, ffn_width: int, base: int, embedding: int, hidden: int, layers: int,
-          source: str = "model.dense") -> Sizing:
+def solve(
+    cfg: UpcycleConfig,
+    ffn_width: int,
+    base: int,
+    embedding: int,
+    hidden: int,
+    layers: int,
+    source: str = "model.dense",
+) -> Sizing:
     """Complete (num_experts, top_k) from the config and the dense model's shapes.
 
     With ``active_fraction`` set, picks the number of routed experts (a multiple of ``S``, at

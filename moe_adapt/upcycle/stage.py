@@ -21,9 +21,12 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     Returns the stage summary; paths in it are relative to the stage folder.
     """
     ucfg = cfg.upcycle
+    assert cfg.model.dense is not None  # Config checks it when the upcycle stage is selected
     up = Upcycler(cfg.model.dense, ucfg, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
     try:
-        log.info("upcycle: %s -> %s, %s", up.source_config.model_type, up.layout.model_type, ucfg.method.value)
+        log.info(
+            "upcycle: %s -> %s, %s", up.source_config.model_type, up.layout.model_type, ucfg.method.value
+        )
         model_dir = out / "model"
         model_dir.mkdir(parents=True)
         report = up.write(model_dir)
@@ -42,22 +45,41 @@ def _verify(cfg: Config, report: dict[str, Any], model_dir: Path) -> dict[str, A
         need = 4 * (report["params"]["total"] + report["params"]["total_dense"])
         avail = available_memory_bytes()
         if avail is not None and need > avail / 2:
-            log.warning("upcycle: skipping the logit check: both models in fp32 need %.1f GiB, %.1f GiB "
-                        "available (upcycle.verify=logits forces it)", need / 2**30, avail / 2**30)
+            log.warning(
+                "upcycle: skipping the logit check: both models in fp32 need %.1f GiB, %.1f GiB "
+                "available (upcycle.verify=logits forces it)",
+                need / 2**30,
+                avail / 2**30,
+            )
             return {"skipped": "not enough memory for both models in fp32"}
     elif mode == VerifyMode.none:
         return {"skipped": "upcycle.verify=none"}
-    result = verify_checkpoints(cfg.model.dense, model_dir, ucfg.verify_probes, ucfg.verify_seq_len,
-                                seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
-    log.info("upcycle: logits vs dense on %d x %d probe tokens: max |diff| %.3g, relative %.3g, top-1 agreement %.4f",
-             ucfg.verify_probes, ucfg.verify_seq_len, result["max_abs_diff"], result["max_rel_diff"],
-             result["top1_agreement"])
+    assert cfg.model.dense is not None
+    result = verify_checkpoints(
+        cfg.model.dense,
+        model_dir,
+        ucfg.verify_probes,
+        ucfg.verify_seq_len,
+        seed=cfg.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    log.info(
+        "upcycle: logits vs dense on %d x %d probe tokens: max |diff| %.3g, relative %.3g, "
+        "top-1 agreement %.4f",
+        ucfg.verify_probes,
+        ucfg.verify_seq_len,
+        result["max_abs_diff"],
+        result["max_rel_diff"],
+        result["top1_agreement"],
+    )
     if report["exact"]:
         result["tolerance"] = ucfg.verify_tolerance
         if result["max_rel_diff"] > ucfg.verify_tolerance:
             raise MoEAdaptError(
-                f"upcycle: the MoE's logits differ from the dense model's by {result['max_rel_diff']:.3g} (relative), "
-                f"above upcycle.verify_tolerance={ucfg.verify_tolerance}; nothing was written. Please report this "
+                f"upcycle: the MoE's logits differ from the dense model's by "
+                f"{result['max_rel_diff']:.3g} (relative), "
+                f"above upcycle.verify_tolerance={ucfg.verify_tolerance}; nothing was written. "
+                "Please report this "
                 "with the dense checkpoint's config.json"
             )
     return result

@@ -17,12 +17,15 @@ from moe_adapt.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
-def load_fp32(path: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_fp32(path: str | Path, trust_remote_code: bool = False) -> Any:
     """Load a checkpoint in fp32 for checking; any missing or unexpected tensor is an error."""
-    model, info = AutoModelForCausalLM.from_pretrained(
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True
     )
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    model, info = loaded
+    problems = {
+        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
     if problems:
         raise CheckpointError(f"{path} does not load cleanly in transformers: {problems}")
     return model.eval()
@@ -50,8 +53,14 @@ def compare_logits(dense: torch.nn.Module, moe: torch.nn.Module, tokens_PT: torc
     }
 
 
-def verify_checkpoints(dense_path: str | Path, moe_path: str | Path, probes: int, seq_len: int, seed: int,
-                       trust_remote_code: bool = False) -> dict[str, Any]:
+def verify_checkpoints(
+    dense_path: str | Path,
+    moe_path: str | Path,
+    probes: int,
+    seq_len: int,
+    seed: int,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """Load both checkpoints in fp32 and compare their logits on random probes."""
     dense = load_fp32(dense_path, trust_remote_code)
     moe = load_fp32(moe_path)

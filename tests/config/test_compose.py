@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from moe_adapt.config import Config, STAGE_ORDER, compose, conf_dir, recipes_dir, to_config
+from moe_adapt.config import STAGE_ORDER, Config, compose, conf_dir, recipes_dir, to_config
 from moe_adapt.runner import STAGES
 
 GROUP_OPTIONS = sorted(
     (group.name, option.stem)
-    for group in conf_dir().iterdir() if group.is_dir()
+    for group in conf_dir().iterdir()
+    if group.is_dir()
     for option in group.glob("*.yaml")
 )
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))

@@ -106,7 +106,9 @@ def test_target_that_cannot_express_the_source(dense_factory, tmp_path, family, 
 
 
 def test_allow_inexact_writes_and_reports(dense_factory, tmp_path):
-    run_dir = run_upcycle(tmp_path, dense_factory("qwen3"), "upcycle.target=mixtral", "upcycle.allow_inexact=true")
+    run_dir = run_upcycle(
+        tmp_path, dense_factory("qwen3"), "upcycle.target=mixtral", "upcycle.allow_inexact=true"
+    )
     report = json.loads((run_dir / "upcycle" / "report.json").read_text())
     assert not report["exact"] and any("q/k norms" in r for r in report["inexact_reasons"])
     assert report["verify"]["max_rel_diff"] > 1e-3  # measured and reported, not enforced
@@ -115,7 +117,10 @@ def test_allow_inexact_writes_and_reports(dense_factory, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["upcycle.top_k=6"], "upcycle.top_k=6 is invalid: must be a multiple of .* = 4 \\(got remainder 2\\)"),
+        (
+            ["upcycle.top_k=6"],
+            "upcycle.top_k=6 is invalid: must be a multiple of .* = 4 \\(got remainder 2\\)",
+        ),
         (["upcycle=copy", "upcycle.granularity=2"], "upcycle=copy makes whole-FFN experts"),
         (["upcycle.shared_experts=4"], "shared_experts=4 is invalid"),
         (["upcycle.active_fraction=0.05"], "give num_experts or active_fraction, not both"),

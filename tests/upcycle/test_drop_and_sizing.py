@@ -29,10 +29,24 @@ def tensors(path):
 def test_drop_reinitialises_the_same_units_in_gate_up_down(dense_factory, tmp_path, granularity):
     dense = dense_factory("llama")
     ratio, experts = 0.25, 4 * granularity
-    write(dense, tmp_path / "drop", method="drop", drop_ratio=ratio, num_experts=experts, top_k=granularity,
-          granularity=granularity, router_init="virtual_group")
-    write(dense, tmp_path / "base", method="fine_grained", num_experts=experts, top_k=granularity,
-          granularity=granularity)
+    write(
+        dense,
+        tmp_path / "drop",
+        method="drop",
+        drop_ratio=ratio,
+        num_experts=experts,
+        top_k=granularity,
+        granularity=granularity,
+        router_init="virtual_group",
+    )
+    write(
+        dense,
+        tmp_path / "base",
+        method="fine_grained",
+        num_experts=experts,
+        top_k=granularity,
+        granularity=granularity,
+    )
     d, b = tensors(tmp_path / "drop"), tensors(tmp_path / "base")
     width = 128 // granularity
     expected = round(ratio * width)
@@ -91,7 +105,9 @@ def test_active_fraction_solves_num_experts(dense_factory, fraction):
 
 
 def test_granularity_must_divide_the_ffn(dense_factory):
-    with pytest.raises(MoEAdaptConfigError, match=r"upcycle.granularity=3 must divide .*intermediate_size=128"):
+    with pytest.raises(
+        MoEAdaptConfigError, match=r"upcycle.granularity=3 must divide .*intermediate_size=128"
+    ):
         Upcycler(str(dense_factory("llama")), UpcycleConfig(num_experts=6, granularity=3), seed=0)
 
 

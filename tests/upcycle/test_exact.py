@@ -42,14 +42,23 @@ def upcycle(dense: Path, out: Path, **kw: object) -> dict:
         up.close()
 
 
-@pytest.mark.parametrize(("family", "target", "method", "g", "shared", "copies", "active"), CASES,
-                         ids=lambda v: str(v))
-def test_upcycled_logits_equal_dense(dense_factory, tmp_path, family, target, method, g, shared, copies, active):
+@pytest.mark.parametrize(
+    ("family", "target", "method", "g", "shared", "copies", "active"), CASES, ids=lambda v: str(v)
+)
+def test_upcycled_logits_equal_dense(
+    dense_factory, tmp_path, family, target, method, g, shared, copies, active
+):
     dense = dense_factory(family)
     routed = g - shared
     report = upcycle(
-        dense, tmp_path / "moe", method=method, target=target, granularity=g, shared_experts=shared,
-        num_experts=copies * routed, top_k=active * routed,
+        dense,
+        tmp_path / "moe",
+        method=method,
+        target=target,
+        granularity=g,
+        shared_experts=shared,
+        num_experts=copies * routed,
+        top_k=active * routed,
         router_init="random" if method == "copy" else "virtual_group",
     )
     assert report["exact"] and report["target"] == target
@@ -59,8 +68,12 @@ def test_upcycled_logits_equal_dense(dense_factory, tmp_path, family, target, me
 
 
 def test_auto_target_is_the_family_sibling(dense_factory, tmp_path):
-    for family, expected in [("llama", "mixtral"), ("mistral", "mixtral"), ("qwen2", "qwen2_moe"),
-                             ("qwen3", "qwen3_moe")]:
+    for family, expected in [
+        ("llama", "mixtral"),
+        ("mistral", "mixtral"),
+        ("qwen2", "qwen2_moe"),
+        ("qwen3", "qwen3_moe"),
+    ]:
         up = Upcycler(str(dense_factory(family)), UpcycleConfig(num_experts=4, granularity=2), seed=0)
         assert up.layout.model_type == expected
         up.close()
