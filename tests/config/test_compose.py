@@ -67,3 +67,18 @@ def test_every_schema_field_has_a_docstring():
                 nxt = body[i + 1] if i + 1 < len(body) else None
                 documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 assert documented, f"{cls.name}.{node.target.id} has no docstring"  # type: ignore[union-attr]
+
+
+def test_every_option_is_documented():
+    from dataclasses import fields
+
+    from moe_adapt.config import InitDenseConfig, ModelConfig, UpcycleConfig
+
+    docs = (conf_dir().parent / "docs").glob("*.md")
+    text = "\n".join(p.read_text() for p in docs)
+    for prefix, cls in (("upcycle", UpcycleConfig), ("model", ModelConfig), ("init_dense", InitDenseConfig)):
+        for f in fields(cls):
+            assert f"`{prefix}.{f.name}`" in text, f"{prefix}.{f.name} is not in docs/"
+    for f in fields(Config):
+        if f.name not in ("model", "upcycle", "init_dense"):
+            assert f"`{f.name}`" in text, f"{f.name} is not in docs/"
