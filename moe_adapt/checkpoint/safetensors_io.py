@@ -188,9 +188,15 @@ class ShardedWriter:
         self._shard = -1
         self.total_bytes = sum(t.nbytes for t in plan)
 
-    def _open(self, index: int) -> None:
+    def _finish_shard(self) -> None:
         if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())  # on disk before the folder is renamed into place
             self._f.close()
+            self._f = None
+
+    def _open(self, index: int) -> None:
+        self._finish_shard()
         self._shard = index
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -230,11 +236,7 @@ class ShardedWriter:
         leftover = next(self._order, None)
         if leftover is not None:
             raise ValueError(f"tensor {leftover[1].name!r} was planned but never written")
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
+        self._finish_shard()
         weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}

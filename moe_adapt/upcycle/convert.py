@@ -10,6 +10,7 @@ Legend: ``E`` routed experts, ``H`` hidden size, ``Ie`` expert width.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -120,7 +121,8 @@ class Upcycler:
 
     def _dense_part(self) -> dict[str, tuple[int, ...]]:
         """Every non-FFN tensor the target model expects, with its shape."""
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # zero-width shared
             model = AutoModelForCausalLM.from_config(self.target_config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".mlp." not in k}
         if getattr(self.target_config, "tie_word_embeddings", False) and "lm_head.weight" not in self.src:

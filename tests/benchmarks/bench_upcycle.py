@@ -7,7 +7,10 @@ needs little memory), then, ``--repeats`` times each and in the same run:
 
 - upcycles it (fine_grained, granularity 4, 2 copies, no logit check) in a fresh process, measuring
   wall time and the process's peak RSS;
-- copies the upcycled output folder with ``cp -r`` (the baseline: moving the same bytes).
+- copies the upcycled output folder with ``cp -r`` and ``sync`` (the baseline: moving the same
+  bytes to disk; the upcycle fsyncs its shards too).
+
+Each measurement starts after a ``sync``, so neither pays for the other's write-back.
 
 Prints the medians and the ratio upcycle / cp. Goals: ratio <= 1.5, peak RSS < 2 GiB.
 """
@@ -53,17 +56,19 @@ def build_dense(path: Path, layers: int, hidden: int, ffn: int, vocab: int, head
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "mlp.gate_proj.weight": (ffn, hidden),
-            p + "mlp.up_proj.weight": (ffn, hidden),
-            p + "mlp.down_proj.weight": (hidden, ffn),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "mlp.gate_proj.weight": (ffn, hidden),
+                p + "mlp.up_proj.weight": (ffn, hidden),
+                p + "mlp.down_proj.weight": (hidden, ffn),
+            }
+        )
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (vocab, hidden)
     plan = [PlannedTensor(n, torch.bfloat16, s) for n, s in shapes.items()]
@@ -73,8 +78,15 @@ def build_dense(path: Path, layers: int, hidden: int, ffn: int, vocab: int, head
     for t in plan:
         writer.write(t.name, (torch.randn(t.shape, generator=gen) * 0.02).to(torch.bfloat16))
     writer.close()
-    LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, dtype="bfloat16").save_pretrained(path)
+    LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        dtype="bfloat16",
+    ).save_pretrained(path)
     return sum(torch.Size(s).numel() for s in shapes.values())
 
 
@@ -96,27 +108,47 @@ def main() -> None:
     try:
         dense = work / "dense"
         params = build_dense(dense, args.layers, args.hidden, args.ffn, args.vocab, args.heads, args.kv_heads)
-        print(f"dense: {params / 1e9:.2f}B parameters, bf16, {sum(f.stat().st_size for f in dense.iterdir()) / 2**30:.2f} GiB")
+        size = sum(f.stat().st_size for f in dense.iterdir()) / 2**30
+        print(f"dense: {params / 1e9:.2f}B parameters, bf16, {size:.2f} GiB")
         ups, cps, rss = [], [], []
         for r in range(args.repeats):
             out, copy = work / f"moe{r}", work / f"copy{r}"
-            proc = subprocess.run([sys.executable, "-c", UPCYCLE, str(dense), str(out), str(args.experts),
-                                   str(args.granularity)], capture_output=True, text=True, check=True)
+            subprocess.run(["sync"], check=True)  # start each measurement with no dirty pages pending
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    UPCYCLE,
+                    str(dense),
+                    str(out),
+                    str(args.experts),
+                    str(args.granularity),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             result = json.loads(proc.stdout.strip().splitlines()[-1])
+            subprocess.run(["sync"], check=True)
             start = time.perf_counter()
             subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
             subprocess.run(["sync"], check=True)
             cps.append(time.perf_counter() - start)
             ups.append(result["seconds"])
             rss.append(result["peak_rss"])
-            print(f"run {r}: upcycle {result['seconds']:.2f} s, cp {cps[-1]:.2f} s, peak RSS {rss[-1] / 2**30:.2f} GiB, "
-                  f"output {result['bytes'] / 2**30:.2f} GiB, {result['params']['total'] / 1e9:.2f}B params "
-                  f"({result['params']['active_fraction']:.3f} active)")
+            print(
+                f"run {r}: upcycle {result['seconds']:.2f} s, cp {cps[-1]:.2f} s, "
+                f"peak RSS {rss[-1] / 2**30:.2f} GiB, output {result['bytes'] / 2**30:.2f} GiB, "
+                f"{result['params']['total'] / 1e9:.2f}B params "
+                f"({result['params']['active_fraction']:.3f} active)"
+            )
             shutil.rmtree(out)
             shutil.rmtree(copy)
         up, cp = statistics.median(ups), statistics.median(cps)
-        print(f"median upcycle {up:.2f} s, median cp {cp:.2f} s, ratio {up / cp:.2f} (goal <= 1.5); "
-              f"median peak RSS {statistics.median(rss) / 2**30:.2f} GiB (goal < 2)")
+        print(
+            f"median upcycle {up:.2f} s, median cp {cp:.2f} s, ratio {up / cp:.2f} (goal <= 1.5); "
+            f"median peak RSS {statistics.median(rss) / 2**30:.2f} GiB (goal < 2)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

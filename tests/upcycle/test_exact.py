@@ -100,3 +100,38 @@ def test_megatron_style_scaling_is_not_exact_but_ours_is(dense_factory):
     rel = lambda y: ((y - dense).abs().max() / dense.abs().max()).item()  # noqa: E731
     assert rel(ours) < 1e-6
     assert rel(theirs) > 1e-3
+
+
+def test_tied_embeddings_stay_tied(dense_factory, tmp_path):
+    dense = dense_factory("qwen2", tie_word_embeddings=True)
+    upcycle(dense, tmp_path / "moe", num_experts=8, granularity=4)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "moe" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118
+    result = verify_checkpoints(dense, tmp_path / "moe", probes=2, seq_len=16, seed=0)
+    assert result["max_rel_diff"] < 1e-5
+
+
+def test_bf16_checkpoint_stays_bf16_and_exact_with_power_of_two_shards(dense_factory, tmp_path):
+    """bf16 weights scaled by S=2 are exact in bf16, so the bf16 MoE equals the bf16 dense model."""
+    from transformers import AutoModelForCausalLM
+
+    src = dense_factory("llama")
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(bf16)
+    report = upcycle(bf16, tmp_path / "moe", num_experts=4, granularity=2)
+    assert report["dtype"] == "bfloat16"
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert moe.dtype == torch.bfloat16
+    result = verify_checkpoints(bf16, tmp_path / "moe", probes=2, seq_len=16, seed=0)
+    assert result["max_rel_diff"] < 1e-5
+
+
+def test_sharded_output_loads(dense_factory, tmp_path):
+    dense = dense_factory("llama", hidden_size=128, intermediate_size=512)
+    report = upcycle(dense, tmp_path / "moe", num_experts=16, granularity=4, max_shard_mb=1)
+    assert len(report["files"]) > 2
+    assert (tmp_path / "moe" / "model.safetensors.index.json").is_file()
+    result = verify_checkpoints(dense, tmp_path / "moe", probes=2, seq_len=16, seed=0)
+    assert result["max_rel_diff"] < 1e-5
