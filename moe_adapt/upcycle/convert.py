@@ -122,7 +122,9 @@ class Upcycler:
     def _dense_part(self) -> dict[str, tuple[int, ...]]:
         """Every non-FFN tensor the target model expects, with its shape."""
         with torch.device("meta"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # zero-width shared
+            warnings.filterwarnings(
+                "ignore", message="Initializing zero-element tensors"
+            )  # zero-width shared
             model = AutoModelForCausalLM.from_config(self.target_config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".mlp." not in k}
         if getattr(self.target_config, "tie_word_embeddings", False) and "lm_head.weight" not in self.src:
