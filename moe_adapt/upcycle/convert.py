@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -251,9 +252,16 @@ class Upcycler:
         plan = self.plan()
         writer = ShardedWriter(out_dir, [p.tensor for p in plan], self.cfg.max_shard_mb * 2**20)
         bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="upcycle", disable=not progress)
-        with bar:
-            for p in plan:
-                writer.write(p.tensor.name, p.produce())
+        # Make the next tensor on a worker thread while this one is written: compute overlaps the
+        # disk, and memory holds at most two output tensors. Producers run in order on that one thread.
+        with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="upcycle") as pool:
+            pending = pool.submit(plan[0].produce) if plan else None
+            for i, p in enumerate(plan):
+                assert pending is not None
+                tensor = pending.result()
+                pending = pool.submit(plan[i + 1].produce) if i + 1 < len(plan) else None
+                writer.write(p.tensor.name, tensor)
+                del tensor
                 bar.update(p.tensor.nbytes)
         writer.close()
         self._layer_cache = self._expert_cache = None
