@@ -1,0 +1,158 @@
+"""JSONL documents in and out: bad input is counted and skipped, outputs are written atomically.
+
+A document is a JSON object with a non-empty string ``text``. :func:`read_documents` never
+raises on a bad line: invalid UTF-8, invalid JSON, a non-object, a missing/empty ``text`` and
+lines longer than ``max_line_bytes`` are skipped and counted in a :class:`ReadStats`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from moe_adapt.errors import MoEAdaptError
+
+DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
+"""Lines longer than this (8 MiB) are skipped rather than parsed."""
+
+_CHUNK = 1024 * 1024
+
+
+def _mkstemp_beside(path: Path) -> tuple[int, str]:
+    """Create a temp file next to ``path`` with the permissions a normal ``open`` would give it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+@dataclass
+class ReadStats:
+    """Counts of what :func:`read_documents` kept and skipped."""
+
+    lines: int = 0
+    """Lines seen (including skipped ones)."""
+    ok: int = 0
+    """Documents yielded."""
+    blank: int = 0
+    """Empty or whitespace-only lines."""
+    invalid_utf8: int = 0
+    """Lines that are not valid UTF-8."""
+    invalid_json: int = 0
+    """Lines that are not a JSON object."""
+    empty_text: int = 0
+    """Objects whose ``text`` is missing, not a string, or whitespace only."""
+    too_long: int = 0
+    """Lines longer than ``max_line_bytes``."""
+
+    def as_dict(self) -> dict[str, int]:
+        """Return the counts as a plain dict (for reports)."""
+        return asdict(self)
+
+
+def _iter_lines(fh: Any, max_line_bytes: int, stats: ReadStats) -> Iterator[bytes]:
+    """Yield raw lines of at most ``max_line_bytes``; longer lines are drained in chunks and counted."""
+    while True:
+        line = fh.readline(max_line_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            stats.lines += 1
+            stats.too_long += 1
+            while True:  # drain the rest of the oversized line without holding it in memory
+                rest = fh.readline(_CHUNK)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            continue
+        stats.lines += 1
+        yield line
+
+
+def read_documents(
+    path: str | Path,
+    *,
+    text_key: str = "text",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    stats: ReadStats | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSONL file that carry a non-empty string ``text_key``.
+
+    Bad lines are skipped and counted in ``stats`` (pass your own :class:`ReadStats` to see them).
+    Raises :class:`MoEAdaptError` only when the file itself cannot be opened.
+    """
+    stats = stats if stats is not None else ReadStats()
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed in finally; generator
+    except OSError as err:
+        raise MoEAdaptError(f"cannot read documents from {path}: {err.strerror}") from err
+    try:
+        for raw in _iter_lines(fh, max_line_bytes, stats):
+            if not raw.strip():
+                stats.blank += 1
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.invalid_utf8 += 1
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                stats.invalid_json += 1
+                continue
+            if not isinstance(obj, dict):
+                stats.invalid_json += 1
+                continue
+            text = obj.get(text_key)
+            if not isinstance(text, str) or not text.strip():
+                stats.empty_text += 1
+                continue
+            stats.ok += 1
+            yield obj
+    finally:
+        fh.close()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _mkstemp_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n")
+
+
+def write_documents(path: str | Path, docs: Iterable[dict[str, Any]]) -> int:
+    """Write ``docs`` as JSONL to ``path`` atomically; return the number of lines written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _mkstemp_beside(path)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for doc in docs:
+                fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return n

@@ -1,0 +1,204 @@
+"""Tokenize documents into megatron-core indexed dataset shards (``.bin``/``.idx``) plus ``manifest.json``.
+
+The tokenizer is a local Hugging Face fast tokenizer: a ``tokenizer.json`` file or a folder holding
+one (as written by ``tokenizers`` or ``transformers``' ``save_pretrained``); nothing is downloaded.
+Shards are written with megatron-core's own ``IndexedDatasetBuilder`` (megatron-core 0.16.1), one
+shard per (source, language, bucket), each document one sequence, so megatron's ``IndexedDataset``
+and ``GPTDataset`` read them unchanged. Token ids are stored as uint16 when the vocabulary fits
+(< 65,500), else int32 -- the rule of megatron's ``DType.optimal_dtype``.
+
+Atomicity: each shard is written to ``<prefix>.tmp.{bin,idx}`` and renamed when complete; the
+manifest is written last (temp file + ``os.replace``), so a manifest always describes whole shards.
+
+Importing ``megatron.core`` runs its package ``__init__`` (about 10 s on CPU, with warnings about
+TransformerEngine/Apex); it is imported lazily, only when shards are written or read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_adapt.data.jsonl import atomic_write_json
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+
+MANIFEST_VERSION = 1
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load a ``tokenizers.Tokenizer`` from a local ``tokenizer.json`` or a folder containing one."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        raise MoEAdaptError(
+            f"tokenizer {path} not found: expected a tokenizer.json file or a folder containing one"
+        )
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        raise MoEAdaptError(f"cannot load tokenizer {file}: {err}") from err
+
+
+def _indexed_dataset_module() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from megatron.core.datasets import indexed_dataset
+        except ImportError as err:
+            raise MoEAdaptError(
+                "writing shards needs megatron-core: pip install megatron-core==0.16.1"
+            ) from err
+    return indexed_dataset
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How :func:`write_shards` tokenizes and groups documents."""
+
+    eod_token: str | None = "<|endoftext|>"
+    """Token appended to every document (must exist in the vocabulary); ``None`` appends nothing."""
+    batch_size: int = 512
+    """Documents per ``encode_batch`` call."""
+    bucket_key: str = "bucket"
+    """Document field naming its difficulty bucket (absent -> bucket 0)."""
+    add_special_tokens: bool = False
+    """Let the tokenizer's post-processor add its special tokens (BOS etc.)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise MoEAdaptConfigError(f"shards.batch_size={self.batch_size} must be >= 1")
+
+
+def shard_name(source: str, lang: str, bucket: Any) -> str:
+    """Return the file-name-safe shard prefix for (source, lang, bucket), e.g. ``hadith__ar__b0``."""
+    return f"{_SAFE.sub('_', str(source))}__{_SAFE.sub('_', str(lang))}__b{_SAFE.sub('_', str(bucket))}"
+
+
+class _Shard:
+    def __init__(self, module: Any, out_dir: Path, name: str, dtype: type[np.number]) -> None:
+        self.final = out_dir / name
+        self.tmp = out_dir / f"{name}.tmp"
+        self.builder = module.IndexedDatasetBuilder(str(self.tmp) + ".bin", dtype=dtype)
+        self.documents = 0
+        self.tokens = 0
+
+    def add(self, ids: list[int]) -> None:
+        arr = np.asarray(ids, dtype=np.int64)
+        self.builder.add_document(arr, [arr.size])
+        self.documents += 1
+        self.tokens += int(arr.size)
+
+    def close(self) -> None:
+        self.builder.finalize(str(self.tmp) + ".idx")
+        os.replace(str(self.tmp) + ".bin", str(self.final) + ".bin")
+        os.replace(str(self.tmp) + ".idx", str(self.final) + ".idx")
+
+
+def write_shards(
+    docs: Iterable[dict[str, Any]],
+    tokenizer_path: str | Path,
+    out_dir: str | Path,
+    config: ShardConfig | None = None,
+) -> dict[str, Any]:
+    """Tokenize ``docs`` into one megatron-core shard per (source, lang, bucket) under ``out_dir``.
+
+    Returns the manifest (also written to ``out_dir/manifest.json``): per shard its prefix, source,
+    lang, bucket, documents, tokens and dtype; totals; the tokenizer path, vocabulary size and EOD id.
+    Documents with empty text or that tokenize to nothing are skipped and counted.
+    """
+    cfg = config or ShardConfig()
+    tok = load_tokenizer(tokenizer_path)
+    vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+    eod_id: int | None = None
+    if cfg.eod_token is not None:
+        eod_id = tok.token_to_id(cfg.eod_token)
+        if eod_id is None:
+            raise MoEAdaptConfigError(
+                f"shards.eod_token={cfg.eod_token!r} is not in the vocabulary of {tokenizer_path}; "
+                "set it to one of the tokenizer's special tokens or to null"
+            )
+    dtype: type[np.number] = np.uint16 if vocab_size < 65500 else np.int32
+    module = _indexed_dataset_module()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: dict[tuple[str, str, str], _Shard] = {}
+    skipped = 0
+
+    def flush(batch: list[dict[str, Any]]) -> None:
+        nonlocal skipped
+        encodings = tok.encode_batch([d["text"] for d in batch], add_special_tokens=cfg.add_special_tokens)
+        for doc, enc in zip(batch, encodings, strict=True):
+            ids = list(enc.ids)
+            if not ids:
+                skipped += 1
+                continue
+            if eod_id is not None:
+                ids.append(eod_id)
+            key = (
+                str(doc.get("source", "unknown")),
+                str(doc.get("lang", "und")),
+                str(doc.get(cfg.bucket_key, 0)),
+            )
+            if key not in shards:
+                shards[key] = _Shard(module, out, shard_name(*key), dtype)
+            shards[key].add(ids)
+
+    batch: list[dict[str, Any]] = []
+    for doc in docs:
+        text = doc.get("text")
+        if not isinstance(text, str) or not text.strip():
+            skipped += 1
+            continue
+        batch.append(doc)
+        if len(batch) >= cfg.batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    entries: list[dict[str, Any]] = []
+    for (source, lang, bucket), shard in sorted(shards.items()):
+        shard.close()
+        entries.append(
+            {
+                "prefix": shard.final.name,
+                "source": source,
+                "lang": lang,
+                "bucket": bucket,
+                "documents": shard.documents,
+                "tokens": shard.tokens,
+            }
+        )
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "format": "megatron-core IndexedDataset (mmap .bin/.idx)",
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": str(tokenizer_path),
+        "vocab_size": vocab_size,
+        "eod_id": eod_id,
+        "shards": entries,
+        "totals": {
+            "documents": sum(e["documents"] for e in entries),
+            "tokens": sum(e["tokens"] for e in entries),
+            "skipped_documents": skipped,
+        },
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def open_shard(out_dir: str | Path, prefix: str) -> Any:
+    """Open shard ``prefix`` under ``out_dir`` as a megatron-core ``IndexedDataset`` (mmap)."""
+    path = Path(out_dir) / prefix
+    if not Path(str(path) + ".idx").is_file() or not Path(str(path) + ".bin").is_file():
+        raise MoEAdaptError(f"shard {path}.bin/.idx not found")
+    return _indexed_dataset_module().IndexedDataset(str(path), mmap=True)

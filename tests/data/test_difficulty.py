@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from moe_adapt.data.difficulty import (
+    assign_buckets,
+    bucket_documents,
+    compression_ratio,
+    score_documents,
+    type_token_ratio,
+)
+from moe_adapt.data.jsonl import read_documents
+from moe_adapt.errors import MoEAdaptConfigError
+
+
+def test_scorers_order_easy_and_hard() -> None:
+    easy = "the cat sat on the mat " * 20
+    hard = (
+        "Quantum chromodynamics describes strong interactions between quarks mediated by gluons in hadrons."
+    )
+    assert compression_ratio(easy) < compression_ratio(hard)
+    assert type_token_ratio(easy) < type_token_ratio(hard) == 1.0
+    assert compression_ratio("") == 0.0 and type_token_ratio("") == 0.0
+    scores = score_documents([{"text": easy}, {"text": hard}], {"compression": 1.0, "ttr": 1.0})
+    assert scores[0] < scores[1]
+    with pytest.raises(MoEAdaptConfigError, match="available"):
+        score_documents([{"text": easy}], {"perplexity": 1.0})
+
+
+def test_buckets_ordered_and_keep_language_ratio(demo_dir: Path) -> None:
+    sizes = {"ar": 600, "en": 450, "he": 150}  # an uneven mix
+    docs = [d for lang, n in sizes.items() for d in list(read_documents(demo_dir / f"{lang}.jsonl"))[:n]]
+    out = bucket_documents(docs, k=3)
+    total = Counter(d["lang"] for d in out)
+    for b in range(3):
+        phase = [d for d in out if d["bucket"] == b]
+        counts = Counter(d["lang"] for d in phase)
+        for lang, n in total.items():
+            assert abs(counts[lang] / len(phase) - n / len(out)) < 0.01
+    for lang in total:
+        per = [[d["difficulty"] for d in out if d["lang"] == lang and d["bucket"] == b] for b in range(3)]
+        assert max(per[0]) <= min(per[1]) and max(per[1]) <= min(per[2])
+    assert assign_buckets([{"lang": "ar"}] * 4, [3, 1, 2, 0], 2) == [1, 0, 1, 0]
+    with pytest.raises(MoEAdaptConfigError, match="buckets=0"):
+        assign_buckets([], [], 0)

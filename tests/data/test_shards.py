@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_adapt.data.shards import ShardConfig, load_tokenizer, open_shard, write_shards
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+
+pytest.importorskip("megatron.core")
+
+DOCS = [
+    {
+        "id": "a1",
+        "text": "حدثنا قتيبة بن سعيد قال حدثنا الليث",
+        "lang": "ar",
+        "source": "hadith",
+        "bucket": 0,
+    },
+    {
+        "id": "e1",
+        "text": "The quick brown fox jumps over the lazy dog.",
+        "lang": "en",
+        "source": "hadith",
+        "bucket": 0,
+    },
+    {"id": "a2", "text": "عن نافع عن ابن عمر قال رسول الله", "lang": "ar", "source": "hadith", "bucket": 1},
+    {"id": "h1", "text": "מאימתי קורין את שמע בערבית", "lang": "he", "source": "mishnah"},
+    {"id": "a3", "text": "قال رسول الله صلى الله عليه وسلم", "lang": "ar", "source": "hadith", "bucket": 0},
+    {"id": "x", "text": "   ", "lang": "en", "source": "hadith"},
+    {"id": "y", "lang": "en", "source": "hadith"},
+]
+
+
+def test_shards_round_trip(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(tiny_tokenizer)
+    eod = tok.token_to_id("<|endoftext|>")
+    manifest = write_shards(DOCS, tiny_tokenizer, tmp_path, ShardConfig(batch_size=2))
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert manifest["dtype"] == "uint16" and manifest["eod_id"] == eod
+    names = [s["prefix"] for s in manifest["shards"]]
+    assert names == ["hadith__ar__b0", "hadith__ar__b1", "hadith__en__b0", "mishnah__he__b0"]
+    assert manifest["totals"]["documents"] == 5 and manifest["totals"]["skipped_documents"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{n}.{ext}" for n in names for ext in ("bin", "idx")] + ["manifest.json"]
+    )
+    by_shard = {
+        "hadith__ar__b0": ["a1", "a3"],
+        "hadith__ar__b1": ["a2"],
+        "hadith__en__b0": ["e1"],
+        "mishnah__he__b0": ["h1"],
+    }
+    texts = {d["id"]: d.get("text") for d in DOCS}
+    for entry in manifest["shards"]:
+        ds = open_shard(tmp_path, entry["prefix"])
+        assert len(ds) == entry["documents"] == len(by_shard[entry["prefix"]])
+        assert int(ds.sequence_lengths.sum()) == entry["tokens"]
+        for i, doc_id in enumerate(by_shard[entry["prefix"]]):
+            ids = ds[i]
+            assert ids.dtype == np.uint16 and int(ids[-1]) == eod
+            assert tok.decode([int(t) for t in ids[:-1]]) == texts[doc_id]
+
+
+def test_shard_errors(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    with pytest.raises(MoEAdaptConfigError, match="eod_token='<eos>'"):
+        write_shards(DOCS, tiny_tokenizer, tmp_path, ShardConfig(eod_token="<eos>"))
+    with pytest.raises(MoEAdaptError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)
+    manifest = write_shards(
+        DOCS[:1], tiny_tokenizer / "tokenizer.json", tmp_path, ShardConfig(eod_token=None)
+    )
+    assert manifest["eod_id"] is None and manifest["totals"]["tokens"] == manifest["shards"][0]["tokens"]
