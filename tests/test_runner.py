@@ -12,8 +12,11 @@ from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.runner import MARKER, redact, run_pipeline
 
 
+FAST = ["stages=[init_dense,upcycle]", "init_dense.tokenizer_corpus=builtin", "init_dense.vocab_size=384"]
+
+
 def run(tmp_path, *overrides):
-    raw = compose(["+recipe=tiny", f"run_dir={tmp_path}", *overrides])
+    raw = compose(["+recipe=tiny", f"run_dir={tmp_path}", *FAST, *overrides])
     return run_pipeline(to_config(raw), raw)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from moe_adapt.data.config import DataConfig
 from moe_adapt.errors import MoEAdaptConfigError
 
 
@@ -80,6 +81,13 @@ class InitDenseConfig:
     max_position_embeddings: int = 512
     """Longest sequence the rotary embedding is set up for."""
 
+    vocab_size: int = 384
+    """Size of the byte-level BPE vocabulary trained for the model (at least 259: bytes + specials)."""
+
+    tokenizer_corpus: str = "builtin"
+    """Text the tokenizer is trained on: builtin (a few sentences) or demo (the demo corpus; needs
+    pip install 'moe-adapt[demo]')."""
+
     def __post_init__(self) -> None:
         families = ("llama", "mistral", "qwen2", "qwen3")
         if self.family not in families:
@@ -87,6 +95,10 @@ class InitDenseConfig:
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) < 1:
                 _fail(f"init_dense.{name}", getattr(self, name), "must be >= 1")
+        if self.vocab_size < 259:
+            _fail("init_dense.vocab_size", self.vocab_size, "must be >= 259 (256 bytes + 3 special tokens)")
+        if self.tokenizer_corpus not in ("builtin", "demo"):
+            _fail("init_dense.tokenizer_corpus", self.tokenizer_corpus, "choose builtin or demo")
         if self.hidden_size % self.num_heads:
             _fail(
                 "init_dense.hidden_size",
@@ -246,8 +258,8 @@ class UpcycleConfig:
             )
 
 
-STAGE_ORDER: tuple[str, ...] = ("init_dense", "upcycle")
-"""Every stage that exists, in pipeline order. Later stages (data, cpt, distill, eval) join here."""
+STAGE_ORDER: tuple[str, ...] = ("init_dense", "data", "upcycle")
+"""Every stage that exists, in pipeline order. Later stages (cpt, distill, eval) join here."""
 
 
 @dataclass
@@ -274,6 +286,9 @@ class Config:
 
     init_dense: InitDenseConfig = field(default_factory=InitDenseConfig)
     """Settings of the init_dense stage (demo and tests only)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Settings of the data stage (moe_adapt/data/config.py)."""
 
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     """Settings of the upcycle stage."""

@@ -61,7 +61,7 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MANY_NL = re.compile(r"\n{3,}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class CleanConfig:
     """Which normalisations :func:`clean_text` applies."""
 

@@ -1,0 +1,546 @@
+"""The ``data`` stage: raw bilingual text -> decontaminated, difficulty-bucketed megatron token shards.
+
+Steps, in order (each counts documents and characters in/out per language, with reasons):
+
+1. read     local JSONL / Parquet / ``save_to_disk`` folders, and the offline demo corpus
+2. clean    Unicode and script normalisation (:mod:`moe_adapt.data.clean`)
+3. langid   offline fastText language ID; documents contradicting their declared language are dropped
+4. quality  per-language quality rules (:mod:`moe_adapt.data.quality`)
+5. dedup    exact and MinHash near-duplicates (:mod:`moe_adapt.data.dedup`, datatrove)
+6. decontam n-gram overlap with benchmark items (:mod:`moe_adapt.data.decontam`) -> contamination.json
+7. split    held-out documents per (source, language) for evaluation, by a hash of the document id
+8. buckets  difficulty scores and per-language quantile buckets (:mod:`moe_adapt.data.difficulty`)
+9. shards   megatron-core ``.bin/.idx`` per (source, language, bucket) + manifest.json
+
+Outputs in the stage folder: ``shards/`` (training, with ``manifest.json``), ``heldout/`` (evaluation),
+``benchmarks/`` (the benchmark files decontaminated against), ``contamination.json``,
+``stats.json`` and ``stats.md``.
+
+Resuming: steps 1-6 keep their results in ``<run_dir>/.work/data`` (with the settings they were
+made with); a re-run after a crash continues from the last finished step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from moe_adapt.checkpoint.hf import write_json_atomic
+from moe_adapt.data.clean import clean_text
+from moe_adapt.data.config import DataConfig, SourceConfig
+from moe_adapt.data.jsonl import ReadStats, read_documents, write_documents
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+
+
+@dataclass
+class StepStats:
+    """Documents and characters in and out of one step, per language, with drop reasons."""
+
+    name: str
+    docs_in: Counter[str] = field(default_factory=Counter)
+    docs_out: Counter[str] = field(default_factory=Counter)
+    chars_in: Counter[str] = field(default_factory=Counter)
+    chars_out: Counter[str] = field(default_factory=Counter)
+    reasons: dict[str, Counter[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def drop(self, lang: str, reason: str) -> None:
+        self.reasons.setdefault(lang, Counter())[reason] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        langs = sorted(set(self.docs_in) | set(self.docs_out))
+        mb = sum(self.chars_in.values()) / 1e6
+        return {
+            "seconds": round(self.seconds, 3),
+            "mb_per_s": round(mb / self.seconds, 3) if self.seconds > 0 else None,
+            "languages": {
+                lang: {
+                    "docs_in": self.docs_in[lang],
+                    "docs_out": self.docs_out[lang],
+                    "chars_in": self.chars_in[lang],
+                    "chars_out": self.chars_out[lang],
+                    "dropped": dict(self.reasons.get(lang, Counter()).most_common()),
+                }
+                for lang in langs
+            },
+        }
+
+
+def _counted(step: StepStats, docs: Iterable[Doc], out: bool) -> Iterator[Doc]:
+    docs_c, chars_c = (step.docs_out, step.chars_out) if out else (step.docs_in, step.chars_in)
+    for d in docs:
+        lang = str(d.get("lang", "und"))
+        docs_c[lang] += 1
+        chars_c[lang] += len(d["text"])
+        yield d
+
+
+def _run_step(step: StepStats, docs: list[Doc], fn: Callable[[Iterable[Doc]], Iterable[Doc]]) -> list[Doc]:
+    start = time.perf_counter()
+    result = list(_counted(step, fn(_counted(step, docs, out=False)), out=True))
+    step.seconds = time.perf_counter() - start
+    for lang, n in step.docs_in.items():  # anything not explained by a reason was dropped silently: name it
+        missing = n - step.docs_out[lang] - sum(step.reasons.get(lang, Counter()).values())
+        if missing > 0:
+            step.drop(lang, step.name)
+    log.info(
+        "data: %-8s %7d -> %7d docs (%.1f s)",
+        step.name,
+        sum(step.docs_in.values()),
+        sum(step.docs_out.values()),
+        step.seconds,
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------- read
+def _read_source(src: SourceConfig, key: str, read_stats: ReadStats) -> Iterator[Doc]:
+    path = Path(src.path)
+    if not path.exists():
+        raise MoEAdaptConfigError(f"{key}.path={src.path!r} does not exist")
+    if src.format == "jsonl":
+        rows: Iterable[dict[str, Any]] = read_documents(path, text_key=src.text_key, stats=read_stats)
+    else:
+        import datasets
+
+        try:
+            if src.format == "parquet":
+                files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
+                ds = datasets.load_dataset("parquet", data_files=files, split="train")
+            else:
+                ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises many types for unreadable input
+            raise MoEAdaptError(f"{key}.path={src.path!r} cannot be read as {src.format}: {e}") from None
+        if src.text_key not in ds.column_names:
+            raise MoEAdaptConfigError(
+                f"{key}.text_key={src.text_key!r} is not a column of {src.path} "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
+        rows = (r for r in ds if isinstance(r.get(src.text_key), str) and r[src.text_key].strip())
+    for i, row in enumerate(rows):
+        if src.max_docs is not None and i >= src.max_docs:
+            return
+        text = row[src.text_key]
+        yield {
+            "id": f"{src.name}/{row.get('id', i)}",
+            "text": text,
+            "lang": src.lang if src.lang != "auto" else row.get("lang", "auto"),
+            "source": src.name,
+            "role": src.role,
+        }
+
+
+def _demo_sources(cfg: DataConfig, work: Path, seed: int) -> tuple[list[SourceConfig], dict[str, Path]]:
+    from moe_adapt.data.demo_corpus import build_demo_corpus
+
+    demo_dir = work / "demo"
+    if not (demo_dir / "summary.json").is_file():
+        try:
+            build_demo_corpus(
+                demo_dir,
+                max_docs=cfg.demo.max_docs,
+                include_hebrew="he" in cfg.demo.languages,
+                n_benchmark=cfg.demo.benchmark_items,
+                plant_benchmark=cfg.demo.plant_benchmark,
+                seed=seed,
+            )
+        except ModuleNotFoundError as e:
+            raise MoEAdaptError(
+                f"data.demo.enabled=true needs the demo corpora: pip install 'moe-adapt[demo]' "
+                f"({e.name} is missing)"
+            ) from None
+    names = {"ar": ("hadith_ar", "target"), "en": ("hadith_en", "english"), "he": ("mishnah_he", "target")}
+    sources = [
+        SourceConfig(
+            name=names[lang][0], path=str(demo_dir / f"{lang}.jsonl"), lang=lang, role=names[lang][1]
+        )
+        for lang in cfg.demo.languages
+    ]
+    benchmarks = {p.stem: p for p in sorted((demo_dir / "benchmark").glob("*.jsonl"))}
+    return sources, benchmarks
+
+
+# ----------------------------------------------------------------------------------- filter steps
+def _clean(cfg: DataConfig, step: StepStats) -> Callable[[Iterable[Doc]], Iterator[Doc]]:
+    def run(docs: Iterable[Doc]) -> Iterator[Doc]:
+        for d in docs:
+            text = clean_text(d["text"], cfg.clean)
+            if not text:
+                step.drop(str(d["lang"]), "empty_after_cleaning")
+                continue
+            yield {**d, "text": text}
+
+    return run
+
+
+def _langid(cfg: DataConfig, step: StepStats) -> Callable[[Iterable[Doc]], Iterator[Doc]]:
+    from moe_adapt.data.langid import LanguageIdentifier
+
+    model = LanguageIdentifier()
+
+    def run(docs: Iterable[Doc]) -> Iterator[Doc]:
+        for d in docs:
+            lang, score = model.predict_one(d["text"])
+            declared = d["lang"]
+            if declared == "auto":
+                if lang == "und":
+                    step.drop("und", "language_undetermined")
+                    continue
+                yield {**d, "lang": lang, "lang_score": round(score, 4)}
+            elif lang != declared and score >= cfg.langid.min_score:
+                step.drop(str(declared), f"detected_{lang}")
+            else:
+                yield {**d, "lang_score": round(score, 4)}
+
+    return run
+
+
+def _quality(cfg: DataConfig, step: StepStats) -> Callable[[Iterable[Doc]], Iterator[Doc]]:
+    from dataclasses import replace
+
+    from moe_adapt.data.quality import check_quality, thresholds_for
+
+    table: dict[str, Any] = {}
+
+    def thresholds(lang: str) -> Any:
+        if lang not in table:
+            try:
+                base = thresholds_for(lang)
+            except MoEAdaptConfigError:
+                base = None
+            overrides: dict[str, Any] = dict(cfg.quality.thresholds.get(lang, {}))
+            table[lang] = replace(base, **overrides) if base is not None else None
+        return table[lang]
+
+    def run(docs: Iterable[Doc]) -> Iterator[Doc]:
+        for d in docs:
+            t = thresholds(d["lang"])
+            if t is None:
+                step.drop(d["lang"], "no_thresholds_for_language")
+                continue
+            result = check_quality(d["text"], d["lang"], t)
+            if result.keep:
+                yield d
+            else:
+                step.drop(d["lang"], result.reason or "quality")
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------ stage
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Checkpoints:
+    """Finished steps' documents under ``<run_dir>/.work/data``, valid while the settings are unchanged."""
+
+    def __init__(self, root: Path, settings: dict[str, Any]):
+        self.root = root
+        marker = root / "settings.json"
+        fingerprint = _fingerprint(settings)
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+            log.info("data: settings changed since the last attempt; starting over")
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, {"fingerprint": fingerprint})
+
+    def load(self, name: str) -> tuple[list[Doc], dict[str, Any]] | None:
+        done = self.root / f"{name}.done.json"
+        if not done.is_file():
+            return None
+        log.info("data: %s already done in an earlier attempt, reusing it", name)
+        return list(read_documents(self.root / f"{name}.jsonl")), json.loads(done.read_text())
+
+    def save(self, name: str, docs: list[Doc], stats: dict[str, Any]) -> None:
+        write_documents(self.root / f"{name}.jsonl", docs)
+        write_json_atomic(self.root / f"{name}.done.json", stats)
+
+
+def _heldout(doc: Doc, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(str(doc["id"]).encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def _eod_token(tokenizer_dir: Path, setting: str | None) -> str | None:
+    if setting != "auto":
+        return setting
+    config = tokenizer_dir / "tokenizer_config.json" if tokenizer_dir.is_dir() else None
+    if config is not None and config.is_file():
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            return eos
+    raise MoEAdaptConfigError(
+        f"data.tokenize.eod_token=auto found no eos_token in {tokenizer_dir}; "
+        "set data.tokenize.eod_token to a token of the vocabulary, or null"
+    )
+
+
+def run(cfg: Any, out: Path) -> dict[str, Any]:
+    """Run the data stage into ``out`` (``cfg`` is the app Config; its ``data`` field is a DataConfig)."""
+    dcfg: DataConfig = cfg.data
+    tokenizer = dcfg.tokenize.tokenizer or cfg.model.dense
+    if not tokenizer:
+        raise MoEAdaptConfigError(
+            "data.tokenize.tokenizer is required (or set model.dense to take its tokenizer)"
+        )
+    work = Path(cfg.run_dir) / ".work" / "data"
+    ckpt = _Checkpoints(work, {"data": asdict(dcfg), "seed": cfg.seed})
+    sources = list(dcfg.sources)
+    bench_files = {b.name: Path(b.path) for b in dcfg.decontam.benchmarks}
+    if dcfg.demo.enabled:
+        demo_sources, demo_bench = _demo_sources(dcfg, work, cfg.seed)
+        sources += demo_sources
+        bench_files.update(demo_bench)
+    if not sources:
+        raise MoEAdaptConfigError("data.sources is empty: add a source, or set data.demo.enabled=true")
+    for name, path in bench_files.items():
+        if not path.is_file():
+            raise MoEAdaptConfigError(f"data.decontam.benchmarks: {name} path={str(path)!r} does not exist")
+    steps: dict[str, dict[str, Any]] = {}
+
+    loaded = ckpt.load("filtered")
+    if loaded is None:
+        read = StepStats("read")
+        bad_lines: dict[str, dict[str, int]] = {}
+        docs: list[Doc] = []
+        start = time.perf_counter()
+        for i, src in enumerate(sources):
+            rs = ReadStats()
+            docs += _counted(
+                read,
+                tqdm(
+                    _read_source(src, f"data.sources[{i}]", rs),
+                    desc=f"read {src.name}",
+                    unit="doc",
+                    disable=None,
+                ),
+                out=True,
+            )
+            bad_lines[src.name] = rs.as_dict()
+        read.seconds = time.perf_counter() - start
+        read.docs_in, read.chars_in = Counter(read.docs_out), Counter(read.chars_out)
+        steps["read"] = {**read.as_dict(), "bad_lines": bad_lines}
+        enabled = {"clean": True, "langid": dcfg.langid.enabled, "quality": dcfg.quality.enabled}
+        for name, make in (("clean", _clean), ("langid", _langid), ("quality", _quality)):
+            if not enabled[name]:
+                continue
+            step = StepStats(name)
+            docs = _run_step(step, docs, make(dcfg, step))
+            steps[name] = step.as_dict()
+        ckpt.save("filtered", docs, steps)
+    else:
+        docs, steps = loaded
+
+    loaded = ckpt.load("dedup")
+    if loaded is None:
+        from moe_adapt.data.dedup import deduplicate
+
+        step = StepStats("dedup")
+        start = time.perf_counter()
+        list(_counted(step, docs, out=False))
+        docs, dedup_stats = deduplicate(docs, dcfg.dedup, work / "dedup_tmp")
+        list(_counted(step, docs, out=True))
+        step.seconds = time.perf_counter() - start
+        for kind in ("exact_removed", "near_removed"):
+            for lang, n in dedup_stats.get(kind, {}).items():
+                step.reasons.setdefault(lang, Counter())[kind.replace("_removed", "_duplicate")] += n
+        steps["dedup"] = {**step.as_dict(), "examples": dedup_stats.get("examples", [])[:5]}
+        ckpt.save("dedup", docs, steps)
+    else:
+        docs, steps = loaded
+
+    contamination: dict[str, Any] | None = None
+    loaded = ckpt.load("decontam")
+    if dcfg.decontam.enabled and bench_files and loaded is None:
+        docs, contamination, steps["decontam"] = _decontaminate(dcfg, docs, bench_files)
+        write_json_atomic(work / "contamination.json", contamination)
+        ckpt.save("decontam", docs, steps)
+    elif loaded is not None:
+        docs, steps = loaded
+        contamination = json.loads((work / "contamination.json").read_text())
+    if contamination is not None:
+        write_json_atomic(out / "contamination.json", contamination)
+        _check_contamination(dcfg, contamination)
+    if bench_files:
+        (out / "benchmarks").mkdir()
+        for name, path in bench_files.items():
+            shutil.copy2(path, out / "benchmarks" / f"{name}.jsonl")
+
+    return _finish(cfg, dcfg, docs, steps, Path(tokenizer), out)
+
+
+def _decontaminate(
+    dcfg: DataConfig, docs: list[Doc], bench_files: dict[str, Path]
+) -> tuple[list[Doc], dict[str, Any], dict[str, Any]]:
+    from moe_adapt.data.decontam import DecontamConfig as Settings
+    from moe_adapt.data.decontam import decontaminate, load_benchmark
+
+    d = dcfg.decontam
+    settings = Settings(
+        n=d.n,
+        min_overlap=d.min_overlap,
+        any_hit=d.any_hit,
+        max_doc_freq=d.max_doc_freq,
+        min_common_docs=d.min_common_docs,
+    )
+    step = StepStats("decontam")
+    start = time.perf_counter()
+    result, kept = decontaminate(
+        lambda: docs, {n: load_benchmark(p) for n, p in bench_files.items()}, settings
+    )
+    list(_counted(step, docs, out=False))
+    out_docs = list(_counted(step, kept, out=True)) if d.remove else list(_counted(step, docs, out=True))
+    step.seconds = time.perf_counter() - start
+    if d.remove:
+        for doc in docs:
+            if str(doc["id"]) in result.removed_ids:
+                step.drop(doc["lang"], "benchmark_overlap")
+    report = {
+        **result.report,
+        "removed": d.remove,
+        "remaining_share": 0.0 if d.remove else len(result.removed_ids) / max(len(docs), 1),
+    }
+    log.info(
+        "data: decontam removed %d docs overlapping %d benchmark(s)",
+        report["docs_removed"] if d.remove else 0,
+        len(bench_files),
+    )
+    return out_docs, report, step.as_dict()
+
+
+def _check_contamination(dcfg: DataConfig, report: dict[str, Any]) -> None:
+    remaining = float(report.get("remaining_share", 0.0))
+    if remaining > dcfg.max_contamination and not dcfg.allow_contamination:
+        raise MoEAdaptError(
+            f"data: {remaining:.2%} of training documents still overlap a benchmark, above "
+            f"data.max_contamination={dcfg.max_contamination}; set data.decontam.remove=true, raise "
+            "data.max_contamination, or data.allow_contamination=true"
+        )
+
+
+def _finish(
+    cfg: Any, dcfg: DataConfig, docs: list[Doc], steps: dict[str, Any], tokenizer: Path, out: Path
+) -> dict[str, Any]:
+    from moe_adapt.data.difficulty import assign_buckets, perplexity_scorer, score_documents
+    from moe_adapt.data.shards import ShardConfig, write_shards
+
+    if not docs:
+        raise MoEAdaptError("data: no documents survived the filters; see the step counts above")
+    # Held-out split, capped per (source, language).
+    held: list[Doc] = []
+    train: list[Doc] = []
+    per_group: Counter[tuple[str, str]] = Counter()
+    for d in docs:
+        group = (d["source"], d["lang"])
+        if per_group[group] < dcfg.heldout_max_docs and _heldout(d, dcfg.heldout_fraction):
+            per_group[group] += 1
+            held.append(d)
+        else:
+            train.append(d)
+    start = time.perf_counter()
+    weights = dict(dcfg.difficulty.weights)
+    extra = {}
+    if dcfg.difficulty.reference_model:
+        extra["perplexity"] = perplexity_scorer(dcfg.difficulty.reference_model)
+        weights.setdefault("perplexity", 1.0)
+    scores = score_documents(train, weights, extra_scorers=extra)
+    buckets = assign_buckets(train, scores, dcfg.difficulty.buckets)
+    train = [
+        {**d, "difficulty": round(float(s), 4), "bucket": b}
+        for d, s, b in zip(train, scores, buckets, strict=True)
+    ]
+    steps["buckets"] = {
+        "seconds": round(time.perf_counter() - start, 3),
+        "buckets": dcfg.difficulty.buckets,
+        "per_language": _bucket_table(train),
+    }
+    eod = _eod_token(tokenizer, dcfg.tokenize.eod_token)
+    shard_cfg = ShardConfig(eod_token=eod, batch_size=dcfg.tokenize.batch_size)
+    start = time.perf_counter()
+    manifest = write_shards(
+        tqdm(train, desc="tokenize", unit="doc", disable=None), tokenizer, out / "shards", shard_cfg
+    )
+    heldout = write_shards(held, tokenizer, out / "heldout", shard_cfg) if held else None
+    steps["shards"] = {
+        "seconds": round(time.perf_counter() - start, 3),
+        "train_tokens": manifest["totals"]["tokens"],
+        "heldout_tokens": heldout["totals"]["tokens"] if heldout else 0,
+    }
+    stats = {
+        "steps": steps,
+        "train": _shard_table(manifest),
+        "heldout": _shard_table(heldout) if heldout else {},
+    }
+    write_json_atomic(out / "stats.json", stats)
+    (out / "stats.md").write_text(render_stats(stats), encoding="utf-8")
+    for line in render_stats(stats).splitlines():
+        log.info("data: %s", line)
+    work = Path(cfg.run_dir) / ".work"
+    shutil.rmtree(work / "data", ignore_errors=True)
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+    return {
+        "shards": "shards",
+        "heldout": "heldout" if heldout else None,
+        "train_tokens": manifest["totals"]["tokens"],
+        "train_documents": manifest["totals"]["documents"],
+        "heldout_documents": len(held),
+    }
+
+
+def _bucket_table(docs: list[Doc]) -> dict[str, list[int]]:
+    table: dict[str, Counter[int]] = {}
+    for d in docs:
+        table.setdefault(d["lang"], Counter())[d["bucket"]] += 1
+    return {lang: [c[b] for b in sorted(c)] for lang, c in sorted(table.items())}
+
+
+def _shard_table(manifest: dict[str, Any]) -> dict[str, dict[str, int]]:
+    table: dict[str, dict[str, int]] = {}
+    for s in manifest["shards"]:
+        row = table.setdefault(s["lang"], {"documents": 0, "tokens": 0})
+        row["documents"] += s["documents"]
+        row["tokens"] += s["tokens"]
+    return table
+
+
+def render_stats(stats: dict[str, Any]) -> str:
+    """A Markdown table of documents per step and language, then tokens per language."""
+    steps = stats["steps"]
+    langs = sorted({lang for s in steps.values() for lang in s.get("languages", {})})
+    names = [n for n in steps if "languages" in steps[n]]
+    lines = [
+        "| step | " + " | ".join(langs) + " | MB/s | top drop reasons |",
+        "|---|" + "---|" * len(langs) + "---|---|",
+    ]
+    for n in names:
+        s = steps[n]
+        cells = [f"{s['languages'].get(lang, {}).get('docs_out', 0):,}" for lang in langs]
+        reasons = Counter()  # type: Counter[str]
+        for lang_stats in s["languages"].values():
+            reasons.update(lang_stats.get("dropped", {}))
+        top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
+        mbps = s.get("mb_per_s")
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {mbps if mbps is not None else '-'} | {top} |")
+    lines += ["", "| split | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    for split in ("train", "heldout"):
+        cells = [f"{stats[split].get(lang, {}).get('tokens', 0):,} tok" for lang in langs]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,195 @@
+"""The data stage end to end on small corpora built in the test: counts, shards, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from moe_adapt.config import Config, ModelConfig
+from moe_adapt.data.config import BenchmarkSource, DataConfig, DecontamConfig, SourceConfig, TokenizeConfig
+from moe_adapt.data.dedup import DedupConfig
+from moe_adapt.data.shards import open_shard
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.runner import run_pipeline
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """400 real ar + 400 real en docs, with planted trouble of every kind."""
+    out = tmp_path_factory.mktemp("corpus")
+    ar, en = lines(demo_dir / "ar.jsonl")[:400], lines(demo_dir / "en.jsonl")[:400]
+    bench = lines(demo_dir / "benchmark" / "hadith_qa_ar.jsonl")[:5]
+    planted = [
+        {
+            "id": f"planted{i}",
+            "text": item["question"].split(": ", 1)[1] + " " + item["choices"][item["answer"]],
+        }
+        for i, item in enumerate(bench)
+    ]
+    from moe_adapt.data.quality import check_quality
+
+    good = [d for d in ar if check_quality(d["text"], "ar").keep]
+    longest = max(good, key=lambda d: len(d["text"]))["text"].split()
+    near_dup = {"id": "near", "text": " ".join([*longest[:-2], "وسلم", "تسليما"])}  # a changed ending
+    wrong_lang = {"id": "wrong", "text": en[5]["text"]}  # English text in the Arabic source
+    with open(out / "ar.jsonl", "wb") as f:
+        for d in [*ar, *planted, near_dup, wrong_lang, {"id": "empty", "text": "  "}]:
+            f.write(json.dumps(d, ensure_ascii=False).encode() + b"\n")
+        f.write(b'{"id": "bad-utf8", "text": "\xff\xfe"}\n')
+        f.write(b"not json\n")
+        f.write(b'{"id": "huge", "text": "' + b"a" * (10 * 2**20) + b'"}\n')
+    with open(out / "en.jsonl", "w", encoding="utf-8") as f:
+        for d in en:
+            f.write(json.dumps(d) + "\n")
+    (out / "bench.jsonl").write_text(
+        "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bench), encoding="utf-8"
+    )
+    return {"dir": out, "planted": len(planted)}
+
+
+def make_cfg(corpus: dict, tokenizer: Path, run_dir: Path, **data_kw) -> Config:
+    d = corpus["dir"]
+    data = DataConfig(
+        sources=[
+            SourceConfig(name="ar", path=str(d / "ar.jsonl"), lang="ar", role="target"),
+            SourceConfig(name="en", path=str(d / "en.jsonl"), lang="en", role="english"),
+        ],
+        decontam=DecontamConfig(benchmarks=[BenchmarkSource(name="qa", path=str(d / "bench.jsonl"))]),
+        tokenize=TokenizeConfig(tokenizer=str(tokenizer), eod_token="<|endoftext|>"),
+        dedup=DedupConfig(),
+        heldout_fraction=0.05,
+        **data_kw,
+    )
+    return Config(stages=["data"], run_dir=str(run_dir), model=ModelConfig(), data=data)
+
+
+def run(cfg: Config) -> dict:
+    return run_pipeline(cfg, OmegaConf.structured(cfg))["data"]
+
+
+def test_stage_counts_removals_and_writes_readable_shards(corpus, tiny_tokenizer, tmp_path):
+    summary = run(make_cfg(corpus, tiny_tokenizer, tmp_path))
+    out = tmp_path / "data"
+    stats = json.loads((out / "stats.json").read_text())
+    steps = stats["steps"]
+    assert steps["read"]["bad_lines"]["ar"]["invalid_utf8"] == 1
+    assert steps["read"]["bad_lines"]["ar"]["too_long"] == 1
+    assert steps["langid"]["languages"]["ar"]["dropped"] == {"detected_en": 1}
+    assert steps["dedup"]["languages"]["ar"]["dropped"].get("near_duplicate", 0) >= 1
+    contamination = json.loads((out / "contamination.json").read_text())
+    assert contamination["benchmarks"]["qa"]["docs_removed"] >= corpus["planted"]
+    # Shards: readable by megatron-core, and the manifest's counts are the shards' counts.
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    total_docs = total_tokens = 0
+    for shard in manifest["shards"]:
+        ds = open_shard(out / "shards", shard["prefix"])
+        assert len(ds) == shard["documents"]
+        assert sum(len(ds[i]) for i in range(len(ds))) == shard["tokens"]
+        total_docs += shard["documents"]
+        total_tokens += shard["tokens"]
+    assert total_tokens == summary["train_tokens"] and total_docs == summary["train_documents"]
+    buckets = {(s["lang"], s["bucket"]) for s in manifest["shards"]}
+    assert buckets == {(lang, str(b)) for lang in ("ar", "en") for b in range(3)}
+    assert (out / "heldout" / "manifest.json").is_file() and summary["heldout_documents"] > 0
+    assert (out / "benchmarks" / "qa.jsonl").is_file()
+    assert "| quality |" in (out / "stats.md").read_text()
+    assert not (tmp_path / ".work" / "data").exists()  # cleaned up after success
+
+
+def test_buckets_are_ordered_by_difficulty_and_keep_the_language_mix(corpus, tiny_tokenizer, tmp_path):
+    run(make_cfg(corpus, tiny_tokenizer, tmp_path))
+    per_lang = json.loads((tmp_path / "data" / "stats.json").read_text())["steps"]["buckets"]["per_language"]
+    for counts in per_lang.values():
+        assert max(counts) - min(counts) <= 1  # quantile buckets of equal size within each language
+    manifest = json.loads((tmp_path / "data" / "shards" / "manifest.json").read_text())
+    ratio = {}
+    for s in manifest["shards"]:
+        ratio.setdefault(s["bucket"], {})[s["lang"]] = s["documents"]
+    shares = [r["ar"] / (r["ar"] + r["en"]) for r in ratio.values()]
+    assert np.ptp(shares) < 0.02
+
+
+def test_a_crash_after_dedup_resumes_without_redoing_it(
+    corpus, tiny_tokenizer, tmp_path, monkeypatch, caplog
+):
+    import moe_adapt.data.stage as stage
+
+    cfg = make_cfg(corpus, tiny_tokenizer, tmp_path)
+    real = stage._decontaminate
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during decontamination")
+
+    monkeypatch.setattr(stage, "_decontaminate", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(cfg)
+    assert (tmp_path / ".work" / "data" / "dedup.done.json").is_file()
+    assert not (tmp_path / "data").exists()
+    monkeypatch.setattr(stage, "_decontaminate", real)
+    caplog.set_level("INFO")
+    resumed = run(cfg)
+    assert "filtered already done" in caplog.text and "dedup already done" in caplog.text
+    fresh = run(make_cfg(corpus, tiny_tokenizer, tmp_path / "fresh"))
+    assert resumed == fresh
+
+
+def test_report_only_decontamination_respects_max_contamination(corpus, tiny_tokenizer, tmp_path):
+    cfg = make_cfg(corpus, tiny_tokenizer, tmp_path)
+    cfg.data.decontam.remove = False
+    with pytest.raises(MoEAdaptError, match="still overlap a benchmark, above data.max_contamination=0.0"):
+        run(cfg)
+    cfg.data.allow_contamination = True
+    run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (
+            lambda c: setattr(c.data.sources[0], "path", "/no/such.jsonl"),
+            MoEAdaptConfigError,
+            r"data.sources\[0\].path='/no/such.jsonl' does not exist",
+        ),
+        (
+            lambda c: setattr(c.data.tokenize, "tokenizer", "/no/tokenizer"),
+            MoEAdaptError,
+            "tokenizer /no/tokenizer not found",
+        ),
+        (
+            lambda c: setattr(c.data.decontam.benchmarks[0], "path", "/no/bench.jsonl"),
+            MoEAdaptConfigError,
+            "qa path='/no/bench.jsonl' does not exist",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_error(corpus, tiny_tokenizer, tmp_path, change, error, message):
+    cfg = make_cfg(corpus, tiny_tokenizer, tmp_path)
+    change(cfg)
+    with pytest.raises(error, match=message):
+        run(cfg)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(sources=[SourceConfig(name="a b", path="/x")]), "data.sources\\[0\\].name='a b'"),
+        (
+            dict(sources=[SourceConfig(name="a", path="/x", format="csv")]),
+            "choose one of jsonl, parquet, hf_disk",
+        ),
+        (dict(sources=[SourceConfig(name="a", path="/x", role="teacher")]), "choose one of target, english"),
+        (dict(heldout_fraction=1.5), "data.heldout_fraction=1.5"),
+    ],
+)
+def test_config_errors(kw, message):
+    with pytest.raises(MoEAdaptConfigError, match=message):
+        DataConfig(**kw)
