@@ -16,3 +16,4 @@ demo:  ## the CPU demo
 
 bench:  ## benchmarks (not run in CI; minutes, several GiB of disk)
 	$(PY) tests/benchmarks/bench_upcycle.py
+	$(PY) tests/benchmarks/bench_data.py

@@ -48,6 +48,8 @@ STAGES: dict[str, Stage] = {
     "init_dense": Stage("moe_adapt.init_dense:run", ("init_dense", "seed")),
     "data": Stage("moe_adapt.data.stage:run", ("data", "model", "seed")),
     "upcycle": Stage("moe_adapt.upcycle.stage:run", ("model", "upcycle", "seed")),
+    "eval": Stage("moe_adapt.eval.stage:run", ("eval", "seed")),
+    "report": Stage("moe_adapt.eval.report_stage:run", ("report", "seed")),
 }
 
 
@@ -91,6 +93,7 @@ def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
     """Run ``cfg.stages`` in order into ``cfg.run_dir``; returns each stage's summary."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset readers log every file at INFO
     container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     write_json_atomic(run_dir / "config.json", redact(container))
     summaries: dict[str, Any] = {}

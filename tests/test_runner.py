@@ -11,7 +11,6 @@ from moe_adapt.config import compose, to_config
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.runner import MARKER, redact, run_pipeline
 
-
 FAST = ["stages=[init_dense,upcycle]", "init_dense.tokenizer_corpus=builtin", "init_dense.vocab_size=384"]
 
 

@@ -15,6 +15,7 @@ from enum import Enum
 
 from moe_adapt.data.config import DataConfig
 from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.eval.config import EvalConfig, ReportConfig
 
 
 def _fail(key: str, value: object, allowed: str) -> None:
@@ -258,8 +259,8 @@ class UpcycleConfig:
             )
 
 
-STAGE_ORDER: tuple[str, ...] = ("init_dense", "data", "upcycle")
-"""Every stage that exists, in pipeline order. Later stages (cpt, distill, eval) join here."""
+STAGE_ORDER: tuple[str, ...] = ("init_dense", "data", "upcycle", "eval", "report")
+"""Every stage that exists, in pipeline order. Training stages (cpt, distill) will join before eval."""
 
 
 @dataclass
@@ -293,6 +294,12 @@ class Config:
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     """Settings of the upcycle stage."""
 
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Settings of the eval stage (moe_adapt/eval/config.py)."""
+
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """Settings of the report stage: statistics over a multirun sweep (moe_adapt/eval/config.py)."""
+
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
         if unknown:
@@ -317,6 +324,13 @@ class Config:
             raise MoEAdaptConfigError(
                 "model.dense is required by stage upcycle: set model.dense=/path/to/hf_dense_checkpoint "
                 "(a local folder with config.json and *.safetensors)"
+            )
+        if "eval" in self.stages and not self.eval.models:
+            _fail("eval.models", [], "stage eval needs at least one {name, path} checkpoint")
+        if "report" in self.stages and not self.report.sweep_dir:
+            raise MoEAdaptConfigError(
+                "report.sweep_dir is required by stage report: "
+                "set report.sweep_dir=runs/<name>-multirun/<time>"
             )
         if not self.run_name or "/" in self.run_name:
             _fail("run_name", self.run_name, "must be a non-empty name without '/'")

@@ -6,6 +6,11 @@ bootstrap CIs over seeds and the sweep report.
 - :mod:`.bilingual`: accuracy, LPG, CLCS and ECE on parallel multiple-choice items.
 - :mod:`.stats`: percentile bootstrap CIs and seed-paired differences.
 - :mod:`.report`: Markdown + JSON + plots for a Hydra multirun sweep.
+- :mod:`.config`: ``EvalConfig`` / ``ReportConfig`` (the ``eval`` and ``report`` config groups).
+- :mod:`.stage`: the ``eval`` stage (``run(cfg, out)``); :mod:`.heldout`, :mod:`.mc`, :mod:`.summary`
+  are its held-out reader, multiple-choice scorer and Markdown/log views.
+- :mod:`.harness`: lm-evaluation-harness tasks in-process (shipped tasks in ``tasks/``).
+- :mod:`.report_stage`: the ``report`` stage (``run(cfg, out)``).
 
 Sub-modules are imported on use so that ``import moe_adapt.eval`` stays light.
 """

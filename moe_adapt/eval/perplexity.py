@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moe_adapt.errors import CheckpointError, MoEAdaptError
+from moe_adapt.eval.lm import target_logprobs
 
 __all__ = [
     "LanguagePerplexity",
@@ -159,13 +159,12 @@ def _window_nll(
         input_ids_BT[b, :length] = docs[w.doc][w.begin : w.end]
         attention_mask_BT[b, :length] = 1
         score_mask_BT[b, w.score_from - w.begin : length] = True
-    input_ids_BT, attention_mask_BT = input_ids_BT.to(device), attention_mask_BT.to(device)
-    out = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
-    logits_BTV = out.logits[:, :-1].float()  # position t predicts token t + 1
-    targets_BT = input_ids_BT[:, 1:]
-    nll_BT = F.cross_entropy(logits_BTV.transpose(1, 2), targets_BT, reduction="none")
-    score_BT = score_mask_BT[:, 1:].to(device)
-    return float(nll_BT[score_BT].double().sum()), int(score_BT.sum())
+    predict_BT = torch.zeros_like(score_mask_BT)  # position t predicts token t + 1
+    predict_BT[:, :-1] = score_mask_BT[:, 1:]
+    token_lp_N, _ = target_logprobs(
+        model, input_ids_BT.to(device), attention_mask_BT.to(device), predict_BT.to(device)
+    )
+    return float(-token_lp_N.double().sum()), int(token_lp_N.numel())
 
 
 def evaluate_perplexity(

@@ -30,7 +30,7 @@ from moe_adapt.errors import MoEAdaptError
 from moe_adapt.eval._io import atomic_write_text, new_figure, save_figure
 from moe_adapt.eval.stats import bootstrap_ci, paired_difference
 
-__all__ = ["FailedRun", "RunRecord", "Sweep", "build_report", "load_sweep"]
+__all__ = ["FailedRun", "RunRecord", "Sweep", "build_report", "contamination_lines", "load_sweep"]
 
 
 @dataclass(frozen=True)
@@ -183,12 +183,18 @@ def _group(sweep: Sweep, seed_key: str) -> tuple[list[str], dict[str, str], dict
     return swept, fixed, groups
 
 
-def _contamination_table(path: Path) -> list[str]:
+def contamination_lines(path: Path) -> list[str]:
+    """Markdown section summarising a contamination JSON.
+
+    Understands the data stage's ``contamination.json`` (totals plus ``benchmarks: {name: {items,
+    docs_matched, docs_removed, ...}}``; examples and settings are left out) and, otherwise, an object
+    of set -> counts or key -> value, optionally under ``"summary"``.
+    """
     if not path.is_file():
         raise MoEAdaptError(f"contamination file {str(path)!r} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MoEAdaptError(f"contamination file {str(path)!r} is not valid JSON: {err}") from err
     data = data.get("summary", data) if isinstance(data, dict) else data
     if not isinstance(data, dict):
@@ -196,14 +202,22 @@ def _contamination_table(path: Path) -> list[str]:
             f"contamination file {str(path)!r} must hold a JSON object (optionally under 'summary')"
         )
     lines = ["## Contamination", "", f"From `{path}`.", ""]
-    if all(isinstance(v, dict) for v in data.values()):
+    if isinstance(data.get("benchmarks"), dict):  # the data stage's decontamination report
+        totals = {k: v for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        lines += ["| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in totals.items()] + [""]
+        data = {
+            name: {k: v for k, v in row.items() if not isinstance(v, list | dict)}
+            for name, row in data["benchmarks"].items()
+            if isinstance(row, dict)
+        }
+    if data and all(isinstance(v, dict) for v in data.values()):
         cols = list(dict.fromkeys(k for v in data.values() for k in v))
         lines += ["| set | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [
             f"| {name} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |"
             for name, row in data.items()
         ]
-    else:
+    elif data:
         lines += ["| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in data.items()]
     return [*lines, ""]
 
@@ -283,7 +297,7 @@ def build_report(
     sweep = load_sweep(sweep_dir, metrics_path=metrics_path, seed_key=seed_key)
     out = Path(out_dir) if out_dir is not None else sweep.root
     boot: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "seed": bootstrap_seed}
-    contamination_lines = _contamination_table(Path(contamination)) if contamination is not None else []
+    contam_md = contamination_lines(Path(contamination)) if contamination is not None else []
     if not sweep.runs:
         reasons = "; ".join(f"{f.name}: {f.reason}" for f in sweep.failed[:3])
         raise MoEAdaptError(f"every run in {str(sweep.root)!r} failed ({reasons})")
@@ -342,7 +356,7 @@ def build_report(
     if sweep.failed:
         md += ["## Failed runs (left out)", "", "| run | reason |", "|---|---|"]
         md += [f"| {f.name} | {f.reason.replace('|', '/')} |" for f in sweep.failed] + [""]
-    md += contamination_lines
+    md += contam_md
 
     plot_paths = [_plot_metric(m, aggregates, groups, out / "plots" / f"{_safe(m)}.png") for m in names]
     md += (
