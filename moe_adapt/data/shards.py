@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from moe_adapt.data.jsonl import atomic_write_json
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.fs import atomic_write_json
 
 MANIFEST_VERSION = 1
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")

@@ -35,11 +35,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from moe_adapt.checkpoint.hf import write_json_atomic
 from moe_adapt.data.clean import clean_text
 from moe_adapt.data.config import DataConfig, SourceConfig
 from moe_adapt.data.jsonl import ReadStats, read_documents, write_documents
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.fs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class _Checkpoints:
             log.info("data: settings changed since the last attempt; starting over")
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(marker, {"fingerprint": fingerprint})
+        atomic_write_json(marker, {"fingerprint": fingerprint})
 
     def load(self, name: str) -> tuple[list[Doc], dict[str, Any]] | None:
         done = self.root / f"{name}.done.json"
@@ -268,7 +268,7 @@ class _Checkpoints:
 
     def save(self, name: str, docs: list[Doc], stats: dict[str, Any]) -> None:
         write_documents(self.root / f"{name}.jsonl", docs)
-        write_json_atomic(self.root / f"{name}.done.json", stats)
+        atomic_write_json(self.root / f"{name}.done.json", stats)
 
 
 def _heldout(doc: Doc, fraction: float) -> bool:
@@ -370,13 +370,13 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
     loaded = ckpt.load("decontam")
     if dcfg.decontam.enabled and bench_files and loaded is None:
         docs, contamination, steps["decontam"] = _decontaminate(dcfg, docs, bench_files)
-        write_json_atomic(work / "contamination.json", contamination)
+        atomic_write_json(work / "contamination.json", contamination)
         ckpt.save("decontam", docs, steps)
     elif loaded is not None:
         docs, steps = loaded
         contamination = json.loads((work / "contamination.json").read_text())
     if contamination is not None:
-        write_json_atomic(out / "contamination.json", contamination)
+        atomic_write_json(out / "contamination.json", contamination)
         _check_contamination(dcfg, contamination)
     if bench_files:
         (out / "benchmarks").mkdir()
@@ -488,7 +488,7 @@ def _finish(
         "train": _shard_table(manifest),
         "heldout": _shard_table(heldout) if heldout else {},
     }
-    write_json_atomic(out / "stats.json", stats)
+    atomic_write_json(out / "stats.json", stats)
     (out / "stats.md").write_text(render_stats(stats), encoding="utf-8")
     for line in render_stats(stats).splitlines():
         log.info("data: %s", line)

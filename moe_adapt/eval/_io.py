@@ -12,20 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.fs import atomic_write_text
 
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["atomic_write_text", "new_figure", "save_figure"]
 
 
 def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, list[Any]]:

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moe_adapt.checkpoint.hf import write_json_atomic
 from moe_adapt.config.schema import Config, VerifyMode
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.fs import atomic_write_json
 from moe_adapt.upcycle.convert import Upcycler
 from moe_adapt.upcycle.verify import available_memory_bytes, verify_checkpoints
 
@@ -34,7 +34,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
         up.close()
     log_param_report(report)
     report["verify"] = _verify(cfg, report, model_dir)
-    write_json_atomic(out / "report.json", report)
+    atomic_write_json(out / "report.json", report)
     return {"model": "model", "params": report["params"], "verify": report["verify"]}
 
 

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe_adapt.checkpoint.hf import atomic_dir
 from moe_adapt.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, ShardedWriter, plan_shards
 from moe_adapt.errors import CheckpointError
+from moe_adapt.fs import atomic_dir
 
 
 def sample():

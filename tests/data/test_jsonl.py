@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from moe_adapt.data.jsonl import ReadStats, atomic_write_json, read_documents, write_documents
+from moe_adapt.data.jsonl import ReadStats, read_documents, write_documents
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.fs import atomic_write_json
 
 
 def test_bad_lines_are_counted_and_skipped(tmp_path: Path) -> None:
