@@ -478,6 +478,12 @@ def _finish(
         tqdm(train, desc="tokenize", unit="doc", disable=None), tokenizer, out / "shards", shard_cfg
     )
     heldout = write_shards(held, tokenizer, out / "heldout", shard_cfg) if held else None
+    roles = {d["source"]: d.get("role", "other") for d in docs}
+    for folder, m in (("shards", manifest), ("heldout", heldout)):
+        if m is not None:  # the manifest also names each shard's role (target, english, ...)
+            for shard in m["shards"]:
+                shard["role"] = roles.get(shard["source"], "other")
+            atomic_write_json(out / folder / "manifest.json", m)
     steps["shards"] = {
         "seconds": round(time.perf_counter() - start, 3),
         "train_tokens": manifest["totals"]["tokens"],

@@ -96,6 +96,7 @@ def test_stage_counts_removals_and_writes_readable_shards(corpus, tiny_tokenizer
         total_docs += shard["documents"]
         total_tokens += shard["tokens"]
     assert total_tokens == summary["train_tokens"] and total_docs == summary["train_documents"]
+    assert {(s["source"], s["role"]) for s in manifest["shards"]} == {("ar", "target"), ("en", "english")}
     buckets = {(s["lang"], s["bucket"]) for s in manifest["shards"]}
     assert buckets == {(lang, str(b)) for lang in ("ar", "en") for b in range(3)}
     assert (out / "heldout" / "manifest.json").is_file() and summary["heldout_documents"] > 0
