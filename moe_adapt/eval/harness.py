@@ -165,7 +165,7 @@ def run_harness(
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise MoEAdaptError(
-            "eval.harness_tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13 "
+            f"eval.harness_tasks needs lm-evaluation-harness ({err}): pip install 'moe-adapt[eval]' "
             "(or set eval.harness_tasks=[])"
         ) from err
     paths: list[str] = []
