@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron-core jit-compiles fused kernels: slow on CPU
 torch.set_num_threads(1)
 
 TINY = dict(

@@ -164,7 +164,7 @@ class Upcycler:
         return source_dtype if self.cfg.dtype == "auto" else _DTYPES[self.cfg.dtype]
 
     def _dense_ffn(self, layer: int) -> FFN:
-        get = lambda proj: self.src.get(DENSE_FFN[proj].format(layer=layer)).float()  # noqa: E731
+        get = lambda proj: self.src.get(DENSE_FFN[proj].format(layer=layer))  # noqa: E731
         return FFN(get("gate"), get("up"), get("down"))
 
     def _layer(self, layer: int) -> LayerExperts:

@@ -27,6 +27,7 @@ def dropped_units(width: int, ratio: float, gen: torch.Generator) -> torch.Tenso
 
 
 def _redraw(weight: torch.Tensor, index: torch.Tensor, dim: int, gen: torch.Generator) -> torch.Tensor:
+    weight = weight.float()
     out = weight.clone()
     mean, std = weight.mean().item(), weight.std().item()
     shape = list(weight.shape)

@@ -1,8 +1,9 @@
 """What an upcycling method produces for one layer: routed experts made on demand, and a shared one.
 
 Legend: ``I`` dense FFN width, ``Ie`` expert width, ``H`` hidden size. Weights follow
-``nn.Linear`` (``[out, in]``): gate/up are ``[I, H]``, down is ``[H, I]``. Everything here is fp32;
-the writer casts to the output dtype.
+``nn.Linear`` (``[out, in]``): gate/up are ``[I, H]``, down is ``[H, I]``. Weights stay in the
+checkpoint's dtype while they are only sliced; any arithmetic (scaling, redrawing) happens in fp32
+and is rounded once, when the writer casts to the output dtype.
 
 Experts are produced one at a time (:meth:`LayerExperts.routed`) so that a layer with hundreds of
 experts never sits in memory at once.
@@ -32,7 +33,7 @@ class FFN:
     def rows(self, sl: slice, down_scale: float = 1.0) -> FFN:
         """The FFN restricted to intermediate units ``sl``, its output scaled by ``down_scale``."""
         down = self.down_HI[:, sl]
-        return FFN(self.gate_IH[sl], self.up_IH[sl], down * down_scale if down_scale != 1.0 else down)
+        return FFN(self.gate_IH[sl], self.up_IH[sl], down.float() * down_scale if down_scale != 1.0 else down)
 
 
 class LayerExperts(Protocol):
