@@ -187,6 +187,8 @@ class DecontamResult:
 
     report: dict[str, Any]
     removed_ids: set[str]
+    removed_by: dict[str, str] = field(default_factory=dict)
+    """Each removed document's id -> the benchmark it is credited to (the first by name)."""
 
 
 def _doc_id(doc: dict[str, Any], i: int) -> str:
@@ -235,6 +237,7 @@ def decontaminate(
         for name, items in benchmarks.items()
     }
     removed: set[str] = set()
+    removed_by: dict[str, str] = {}
     removed_pos: set[int] = set()
     words_total = 0
     for i, doc in enumerate(docs()):
@@ -260,6 +263,7 @@ def decontaminate(
             entry = per_bench[name]
             entry["docs_matched"] += 1
             if j == 0:  # a document is removed once, credited to its first benchmark by name
+                removed_by[doc_id] = name
                 entry["docs_removed"] += 1
                 entry["words_removed"] += len(words)
             if len(entry["examples"]) < cfg.max_examples:
@@ -283,7 +287,7 @@ def decontaminate(
             if i not in removed_pos:
                 yield doc
 
-    return DecontamResult(report, removed), kept()
+    return DecontamResult(report, removed, removed_by), kept()
 
 
 def decontaminate_jsonl(

@@ -50,26 +50,66 @@ SCORERS: dict[str, Scorer] = {"compression": compression_ratio, "ttr": type_toke
 """Built-in scorers by name."""
 
 
-def perplexity_scorer(model_path: str | Path, *, max_tokens: int = 512, device: str = "cpu") -> Scorer:
-    """Return a scorer giving log-perplexity of a text under the local HF causal LM at ``model_path``.
+class PerplexityScorer:
+    """Mean token NLL (log-perplexity) of a text under a local HF causal LM, scored in batches.
 
     Loads with ``local_files_only=True`` (never downloads) and without ``trust_remote_code``.
+    Calling it scores one text; :meth:`batch` scores many with one padded forward per ``batch_size``.
+    Texts are cut to ``max_tokens`` tokens.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
-    model = model.to(device).eval()
+    def __init__(
+        self, model_path: str | Path, *, max_tokens: int = 512, batch_size: int = 16, device: str = "cpu"
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def score(text: str) -> float:
-        ids = tok(text, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"].to(device)
-        if ids.shape[1] < 2:
-            return 0.0
-        with torch.no_grad():
-            return float(model(ids, labels=ids).loss)
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise MoEAdaptConfigError(
+                f"data.difficulty.reference_model={str(model_path)!r} is not a local HF checkpoint folder"
+            )
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        self.model = model.to(device).eval()
+        self.device, self.max_tokens, self.batch_size = device, max_tokens, batch_size
 
-    return score
+    def __call__(self, text: str) -> float:
+        return self.batch([text])[0]
+
+    def batch(self, texts: Sequence[str]) -> list[float]:
+        """Log-perplexity of each text (0.0 for a text of fewer than two tokens)."""
+        import torch
+        import torch.nn.functional as F
+
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tok(
+                list(texts[i : i + self.batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+            )
+            ids_BT, mask_BT = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            with torch.no_grad():
+                logits_BTV = self.model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+            nll_BT = F.cross_entropy(logits_BTV[:, :-1].transpose(1, 2), ids_BT[:, 1:], reduction="none")
+            valid_BT = (mask_BT[:, 1:] * mask_BT[:, :-1]).float()
+            counts_B = valid_BT.sum(dim=1)
+            means_B = (nll_BT * valid_BT).sum(dim=1) / counts_B.clamp_min(1)
+            out += [
+                float(m) if c > 0 else 0.0 for m, c in zip(means_B.tolist(), counts_B.tolist(), strict=True)
+            ]
+        return out
+
+
+def perplexity_scorer(
+    model_path: str | Path, *, max_tokens: int = 512, device: str = "cpu"
+) -> PerplexityScorer:
+    """A :class:`PerplexityScorer` for ``model_path`` (kept for callers of the function form)."""
+    return PerplexityScorer(model_path, max_tokens=max_tokens, device=device)
 
 
 def _zscore(values: np.ndarray) -> np.ndarray:
@@ -100,7 +140,10 @@ def score_documents(
     for name, weight in weights.items():
         if weight == 0:
             continue
-        values = np.array([scorers[name](str(d.get("text", ""))) for d in docs], dtype=np.float64)
+        scorer = scorers[name]
+        texts = [str(d.get("text", "")) for d in docs]
+        batch = getattr(scorer, "batch", None)  # scorers that can score many texts at once
+        values = np.array(batch(texts) if batch is not None else [scorer(t) for t in texts], dtype=np.float64)
         total += weight * _zscore(values)
     return total
 

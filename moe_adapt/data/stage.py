@@ -369,7 +369,7 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
     contamination: dict[str, Any] | None = None
     loaded = ckpt.load("decontam")
     if dcfg.decontam.enabled and bench_files and loaded is None:
-        docs, contamination, steps["decontam"] = _decontaminate(dcfg, docs, bench_files)
+        docs, contamination, steps["decontam"] = _decontaminate(dcfg, docs, bench_files, Path(tokenizer))
         atomic_write_json(work / "contamination.json", contamination)
         ckpt.save("decontam", docs, steps)
     elif loaded is not None:
@@ -387,7 +387,7 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
 
 
 def _decontaminate(
-    dcfg: DataConfig, docs: list[Doc], bench_files: dict[str, Path]
+    dcfg: DataConfig, docs: list[Doc], bench_files: dict[str, Path], tokenizer: Path
 ) -> tuple[list[Doc], dict[str, Any], dict[str, Any]]:
     from moe_adapt.data.decontam import DecontamConfig as Settings
     from moe_adapt.data.decontam import decontaminate, load_benchmark
@@ -412,6 +412,18 @@ def _decontaminate(
         for doc in docs:
             if str(doc["id"]) in result.removed_ids:
                 step.drop(doc["lang"], "benchmark_overlap")
+    # Tokens removed, per benchmark, with the tokenizer the shards use.
+    from moe_adapt.data.shards import load_tokenizer
+
+    removed_docs = [doc for doc in docs if str(doc["id"]) in result.removed_by]
+    encodings = (
+        load_tokenizer(tokenizer).encode_batch([doc["text"] for doc in removed_docs]) if removed_docs else []
+    )
+    for entry in result.report["benchmarks"].values():
+        entry["tokens_removed"] = 0
+    for doc, enc in zip(removed_docs, encodings, strict=True):
+        result.report["benchmarks"][result.removed_by[str(doc["id"])]]["tokens_removed"] += len(enc.ids)
+    result.report["tokens_removed"] = sum(len(enc.ids) for enc in encodings)
     report = {
         **result.report,
         "removed": d.remove,

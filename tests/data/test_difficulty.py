@@ -46,3 +46,26 @@ def test_buckets_ordered_and_keep_language_ratio(demo_dir: Path) -> None:
     assert assign_buckets([{"lang": "ar"}] * 4, [3, 1, 2, 0], 2) == [1, 0, 1, 0]
     with pytest.raises(MoEAdaptConfigError, match="buckets=0"):
         assign_buckets([], [], 0)
+
+
+def test_perplexity_scorer_batches_like_single_texts(tmp_path) -> None:
+    """The reference-model scorer: padded batches give each text's own log-perplexity."""
+    import math
+
+    from moe_adapt.data.difficulty import PerplexityScorer, score_documents
+    from moe_adapt.init_dense import build_tokenizer
+    from tests.conftest import build_dense
+
+    tok = build_tokenizer()
+    model_dir = build_dense(tmp_path / "ref", "llama", vocab_size=len(tok))
+    tok.save_pretrained(model_dir)
+    scorer = PerplexityScorer(model_dir, batch_size=3)
+    texts = ["the model learns", "اللغة العربية لغة غنية بالمفردات", "a", "שפה חדשה " * 5, "x y z w v"]
+    batched = scorer.batch(texts)
+    single = [scorer(t) for t in texts]
+    assert all(math.isfinite(v) for v in batched)
+    assert max(abs(a - b) for a, b in zip(batched, single, strict=True)) < 1e-4
+    assert single[2] == 0.0  # one token: nothing to predict
+    docs = [{"text": t, "lang": "en"} for t in texts]
+    combined = score_documents(docs, {"perplexity": 1.0}, extra_scorers={"perplexity": scorer})
+    assert combined.shape == (5,)

@@ -86,6 +86,7 @@ def test_stage_counts_removals_and_writes_readable_shards(corpus, tiny_tokenizer
     assert steps["dedup"]["languages"]["ar"]["dropped"].get("near_duplicate", 0) >= 1
     contamination = json.loads((out / "contamination.json").read_text())
     assert contamination["benchmarks"]["qa"]["docs_removed"] >= corpus["planted"]
+    assert 0 < contamination["benchmarks"]["qa"]["tokens_removed"] == contamination["tokens_removed"]
     # Shards: readable by megatron-core, and the manifest's counts are the shards' counts.
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     total_docs = total_tokens = 0
@@ -194,3 +195,27 @@ def test_bad_input_is_one_clear_error(corpus, tiny_tokenizer, tmp_path, change, 
 def test_config_errors(kw, message):
     with pytest.raises(MoEAdaptConfigError, match=message):
         DataConfig(**kw)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf_disk"])
+def test_parquet_and_saved_dataset_sources(corpus, tiny_tokenizer, tmp_path, fmt):
+    import datasets
+
+    rows = lines(corpus["dir"] / "en.jsonl")[:60]
+    ds = datasets.Dataset.from_list([{"body": r["text"], "id": r["id"]} for r in rows])
+    path = tmp_path / f"src_{fmt}"
+    if fmt == "parquet":
+        path.mkdir()
+        ds.to_parquet(str(path / "part-0.parquet"))
+    else:
+        ds.save_to_disk(str(path))
+    cfg = make_cfg(corpus, tiny_tokenizer, tmp_path / "run")
+    cfg.data.sources = [SourceConfig(name="en", path=str(path), format=fmt, text_key="body", lang="en")]
+    cfg.data.decontam.enabled = False
+    run(cfg)
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    assert stats["steps"]["read"]["languages"]["en"]["docs_out"] == 60
+    cfg.data.sources[0].text_key = "text"
+    cfg.run_dir = str(tmp_path / "run2")
+    with pytest.raises(MoEAdaptConfigError, match="text_key='text' is not a column"):
+        run(cfg)

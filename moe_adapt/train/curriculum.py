@@ -1,0 +1,216 @@
+"""Easy-to-hard curriculum: which difficulty buckets each phase of continued pretraining draws from.
+
+The data stage cuts every language into ``K`` quantile buckets of difficulty (bucket 0 is the
+easiest). A curriculum has ``P <= K`` phases; the buckets, ordered by ``order``, are split into ``P``
+contiguous groups (``numpy.array_split``), so with ``P == K`` phase ``i`` reads bucket ``i`` alone
+(easy_to_hard). With ``pacing=linear`` the next phase's buckets are blended in linearly over the last
+``blend_fraction`` of each phase. Phase lengths are given in tokens or in optimizer steps; the last
+phase goes on for as long as training does.
+
+:func:`phase_at` is a pure function of (config, position, number of buckets, seed).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_adapt.errors import MoEAdaptConfigError
+
+ORDERS = ("easy_to_hard", "hard_to_easy", "random")
+PACINGS = ("step", "linear")
+_RANDOM_ORDER_SALT = 0x63757272  # "curr": keeps the bucket permutation apart from other seeded draws
+
+
+def _fail(key: str, value: object, allowed: str) -> None:
+    raise MoEAdaptConfigError(f"curriculum.{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class CurriculumConfig:
+    """The ``curriculum`` config group: phases over difficulty buckets and per-phase LR re-warming."""
+
+    order: str = "easy_to_hard"
+    """easy_to_hard (bucket 0 first), hard_to_easy (reversed) or random (a permutation drawn from the
+    seed)."""
+
+    phase_tokens: list[int] | None = None
+    """Length of each phase in training tokens (sequences x seq_len); one entry per phase. Set this or
+    phase_steps; with neither, one phase reads every bucket (no curriculum)."""
+
+    phase_steps: list[int] | None = None
+    """Length of each phase in optimizer steps (needs the global batch size); one entry per phase."""
+
+    pacing: str = "step"
+    """step (switch buckets at the phase boundary) or linear (blend the next phase in; see blend_fraction)."""
+
+    blend_fraction: float = 0.1
+    """With pacing=linear: the last fraction of each phase over which the next phase's share grows
+    linearly from 0 to 1. Must be in (0, 1]."""
+
+    rewarm_steps: int = 0
+    """Linear learning-rate re-warm-up over this many steps at the start of every phase after the first
+    (0: none)."""
+
+    rewarm_start: float = 0.1
+    """Learning-rate factor at the first re-warm step (the factor reaches 1 after rewarm_steps). In [0, 1]."""
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            _fail("order", self.order, f"choose one of {', '.join(ORDERS)}")
+        if self.pacing not in PACINGS:
+            _fail("pacing", self.pacing, f"choose one of {', '.join(PACINGS)}")
+        if self.phase_tokens is not None and self.phase_steps is not None:
+            _fail("phase_steps", self.phase_steps, "set phase_tokens or phase_steps, not both")
+        for key in ("phase_tokens", "phase_steps"):
+            lengths = getattr(self, key)
+            if lengths is not None:
+                if len(lengths) == 0:
+                    _fail(key, lengths, "give at least one phase length (or null for no curriculum)")
+                if any(int(n) < 1 for n in lengths):
+                    _fail(key, lengths, "every phase length must be >= 1")
+        if not 0.0 < self.blend_fraction <= 1.0:
+            _fail("blend_fraction", self.blend_fraction, "must be in (0, 1]")
+        if self.rewarm_steps < 0:
+            _fail("rewarm_steps", self.rewarm_steps, "must be >= 0")
+        if not 0.0 <= self.rewarm_start <= 1.0:
+            _fail("rewarm_start", self.rewarm_start, "must be in [0, 1]")
+
+    @property
+    def num_phases(self) -> int:
+        """Number of phases (1 when no phase lengths are given)."""
+        lengths = self.phase_tokens if self.phase_tokens is not None else self.phase_steps
+        return 1 if lengths is None else len(lengths)
+
+
+@dataclass(frozen=True)
+class PhasePoint:
+    """Where a position falls in the curriculum."""
+
+    phase: int
+    """Index of the phase (0-based)."""
+    blend: float
+    """Share of the next phase's buckets (0 outside a linear blend window)."""
+    bucket_weights: tuple[float, ...]
+    """Sampling weight of every bucket 0..K-1 (sums to 1; a phase's buckets share its weight equally)."""
+    phase_start: int
+    """Position where the phase starts, in the curriculum's unit (tokens or steps)."""
+
+
+class Curriculum:
+    """A :class:`CurriculumConfig` resolved against the number of buckets in the shards.
+
+    Positions are in tokens when the phases are given in tokens and in steps when given in steps;
+    ``tokens_per_step`` (global batch size x seq_len) converts between them when needed.
+    """
+
+    def __init__(
+        self, cfg: CurriculumConfig, num_buckets: int, *, tokens_per_step: int | None = None, seed: int = 0
+    ) -> None:
+        if num_buckets < 1:
+            raise MoEAdaptConfigError(f"the shards have {num_buckets} difficulty buckets; need at least 1")
+        self.cfg = cfg
+        self.num_buckets = num_buckets
+        self.tokens_per_step = tokens_per_step
+        self.unit = "steps" if cfg.phase_steps is not None else "tokens"
+        lengths = cfg.phase_steps if cfg.phase_steps is not None else cfg.phase_tokens
+        key = "phase_steps" if cfg.phase_steps is not None else "phase_tokens"
+        if cfg.num_phases > num_buckets:
+            _fail(key, lengths, f"{cfg.num_phases} phases but the shards have only {num_buckets} buckets")
+        if cfg.order == "easy_to_hard":
+            ordered = list(range(num_buckets))
+        elif cfg.order == "hard_to_easy":
+            ordered = list(range(num_buckets))[::-1]
+        else:
+            ordered = np.random.default_rng([seed, _RANDOM_ORDER_SALT]).permutation(num_buckets).tolist()
+        self.groups: list[tuple[int, ...]] = [
+            tuple(int(b) for b in g) for g in np.array_split(np.asarray(ordered), cfg.num_phases)
+        ]
+        self.lengths: list[int] = [int(n) for n in lengths] if lengths is not None else []
+        self.starts: list[int] = [0]
+        for n in self.lengths[:-1]:
+            self.starts.append(self.starts[-1] + n)
+
+    @property
+    def num_phases(self) -> int:
+        """Number of phases."""
+        return len(self.groups)
+
+    def _to_units(self, tokens: int) -> float:
+        if self.unit == "tokens":
+            return tokens
+        if not self.tokens_per_step:
+            raise MoEAdaptConfigError(
+                "curriculum.phase_steps needs the global batch size to place token positions in phases"
+            )
+        return tokens / self.tokens_per_step
+
+    def blend_window(self, phase: int) -> tuple[float, float] | None:
+        """``(start, length)`` of the phase's linear blend window in units; None with step pacing or in
+        the last phase."""
+        if self.cfg.pacing != "linear" or phase >= self.num_phases - 1:
+            return None
+        length = self.cfg.blend_fraction * self.lengths[phase]
+        return self.starts[phase] + self.lengths[phase] - length, length
+
+    def phase_end(self, phase: int) -> float:
+        """Position (units) where ``phase`` ends; infinite for the last phase."""
+        return float("inf") if phase >= self.num_phases - 1 else self.starts[phase] + self.lengths[phase]
+
+    def locate(self, position: float) -> PhasePoint:
+        """The phase and bucket blend at ``position`` (in the curriculum's unit)."""
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        phase = max(0, bisect.bisect_right(self.starts, position) - 1)
+        blend = 0.0
+        window = self.blend_window(phase)
+        if window is not None and position >= window[0]:
+            blend = min(1.0, (position - window[0]) / window[1])
+        weights = [0.0] * self.num_buckets
+        for b in self.groups[phase]:
+            weights[b] += (1.0 - blend) / len(self.groups[phase])
+        if blend > 0.0:
+            for b in self.groups[phase + 1]:
+                weights[b] += blend / len(self.groups[phase + 1])
+        return PhasePoint(phase, blend, tuple(weights), self.starts[phase])
+
+    def phase_at(self, step: int) -> PhasePoint:
+        """The phase and bucket blend at optimizer ``step`` (0-based)."""
+        if self.unit == "steps":
+            return self.locate(step)
+        if not self.tokens_per_step:
+            raise MoEAdaptConfigError("curriculum.phase_tokens needs tokens_per_step to locate a step")
+        return self.locate(step * self.tokens_per_step)
+
+    def phase_at_tokens(self, tokens: int) -> PhasePoint:
+        """The phase and bucket blend after ``tokens`` training tokens."""
+        return self.locate(self._to_units(tokens))
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier of the per-phase re-warm-up at ``step`` (1.0 outside re-warm windows)."""
+        point = self.phase_at(step)
+        if self.cfg.rewarm_steps == 0 or point.phase == 0:
+            return 1.0
+        start = point.phase_start
+        if self.unit == "tokens":
+            assert self.tokens_per_step  # phase_at checked it
+            start = -(-start // self.tokens_per_step)  # first step at or after the phase start
+        k = step - start
+        if k >= self.cfg.rewarm_steps:
+            return 1.0
+        s = self.cfg.rewarm_start
+        return s + (1.0 - s) * k / self.cfg.rewarm_steps
+
+
+def phase_at(
+    cfg: CurriculumConfig,
+    step: int,
+    *,
+    num_buckets: int,
+    tokens_per_step: int | None = None,
+    seed: int = 0,
+) -> PhasePoint:
+    """Pure function: the phase and blend weights over buckets at optimizer ``step``."""
+    return Curriculum(cfg, num_buckets, tokens_per_step=tokens_per_step, seed=seed).phase_at(step)

@@ -1,0 +1,201 @@
+"""The mixture sampler on synthetic shards: ratios, determinism, resume, phases, exhaustion, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_adapt.errors import MoEAdaptError
+from moe_adapt.train import CurriculumConfig, DataExhaustedError, MixtureConfig, MixtureSampler
+from tests.train.conftest import bilingual, shard_of
+
+MakeShards = Callable[..., Path]
+
+
+def _take(sampler: MixtureSampler, batches: int, size: int) -> tuple[np.ndarray, list[str]]:
+    out = [sampler.next_batch(size) for _ in range(batches)]
+    return np.concatenate([b.tokens for b in out]), [s for b in out for s in b.sources]
+
+
+def _max_window_error(labels: list[str], shares: dict[str, float], window: int = 1000) -> float:
+    worst = 0.0
+    for name, share in shares.items():
+        hits = np.concatenate([[0], np.cumsum([s == name for s in labels])])
+        counts = hits[window:] - hits[:-window]
+        worst = max(worst, float(np.abs(counts / window - share).max()))
+    return worst
+
+
+def test_token_ratio_over_any_1000_window(make_shards: MakeShards) -> None:
+    d = make_shards(bilingual(docs=300))
+    cur = CurriculumConfig(phase_tokens=[16_000, 16_000, 16_000], pacing="linear")
+    sampler = MixtureSampler(d, MixtureConfig(seq_len=16, target_ratio=0.8, max_epochs=50), cur, seed=0)
+    tokens, labels = _take(sampler, 25, 160)  # 4,000 sequences across all three phases
+    assert tokens.shape == (4000, 17)
+    assert _max_window_error(labels, {"news_ar": 0.8, "wiki_en": 0.2}) <= 0.005
+
+
+def test_any_number_of_weighted_sources(make_shards: MakeShards) -> None:
+    specs = [
+        {"source": s, "lang": "ar", "bucket": 0, "role": r, "docs": 200}
+        for s, r in (("a", "target"), ("b", "target"), ("c", "english"), ("d", "anchor"))
+    ]
+    weights = {"a": 0.45, "b": 0.25, "english": 0.17, "d": 0.13}
+    sampler = MixtureSampler(
+        make_shards(specs),
+        MixtureConfig(seq_len=8, target_ratio=None, weights=weights, max_epochs=50),
+        CurriculumConfig(),
+        0,
+    )
+    _, labels = _take(sampler, 30, 100)
+    assert _max_window_error(labels, {"a": 0.45, "b": 0.25, "c": 0.17, "d": 0.13}) <= 0.005
+
+
+def test_windows_pack_documents_like_gpt_dataset(make_shards: MakeShards) -> None:
+    d = make_shards([{"source": "x", "lang": "ar", "bucket": 0, "role": "target", "docs": 50}])
+    s = MixtureSampler(d, MixtureConfig(seq_len=8, target_ratio=1.0), CurriculumConfig(), seed=0)
+    t = s.next_batch(20).tokens
+    assert (t[1:, 0] == t[:-1, -1]).all()  # windows start seq_len apart: one token of overlap
+    stream = np.concatenate([t[0], *[r[1:] for r in t[1:]]])
+    docs = np.split(stream, np.flatnonzero(stream == 0) + 1)[:-1]
+    assert len(docs) > 5 and all(len(set(doc[:-1].tolist())) == 1 for doc in docs)  # whole documents
+    assert len({int(doc[0]) for doc in docs}) == len(docs)  # no document twice in an epoch
+
+
+def test_deterministic_and_independent_of_batch_size(make_shards: MakeShards) -> None:
+    d = make_shards(bilingual(docs=100))
+    cur = CurriculumConfig(phase_tokens=[800, 800, 800], pacing="linear", blend_fraction=0.5)
+    make = lambda seed: MixtureSampler(d, MixtureConfig(seq_len=16), cur, seed=seed)  # noqa: E731
+    a, la = _take(make(0), 8, 40)
+    b, lb = _take(make(0), 20, 16)
+    assert np.array_equal(a, b) and la == lb
+    c, _ = _take(make(1), 8, 40)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("exhaustion", ["repeat", "stop_phase"])
+def test_resume_continues_the_exact_stream(make_shards: MakeShards, exhaustion: str) -> None:
+    d = make_shards(bilingual(docs=200))
+    mix = MixtureConfig(seq_len=16, exhaustion=exhaustion, max_epochs=50)
+    cur = CurriculumConfig(phase_tokens=[2000, 2000, 2000], pacing="linear", blend_fraction=0.3)
+    full = MixtureSampler(d, mix, cur, seed=7)
+    expected = [full.next_batch(6).tokens for _ in range(45)] if exhaustion == "repeat" else None
+    first = MixtureSampler(d, mix, cur, seed=7)
+    for _ in range(37):
+        first.next_batch(6)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert len(json.dumps(state)) < 2000
+    resumed = MixtureSampler(d, mix, cur, seed=7)
+    resumed.load_state_dict(state)
+    after = [resumed.next_batch(6).tokens for _ in range(8)]
+    expected = [first.next_batch(6).tokens for _ in range(8)] if expected is None else expected[37:]
+    assert all(np.array_equal(x, y) for x, y in zip(after, expected, strict=True))
+    other = MixtureSampler(d, MixtureConfig(seq_len=16, target_ratio=0.7), cur, seed=7)
+    with pytest.raises(MoEAdaptError, match="different mixture"):
+        other.load_state_dict(state)
+
+
+def _bucket_sequence(tokens: np.ndarray, buckets: int = 3) -> list[int]:
+    """Bucket of every sequence (shard k of bilingual() is bucket k % buckets)."""
+    out = []
+    for row in tokens:
+        shards = set(shard_of(row).tolist()) - {-1}
+        assert len({k % buckets for k in shards}) == 1
+        out.append(next(iter(shards)) % buckets)
+    return out
+
+
+@pytest.mark.parametrize(("order", "expected"), [("easy_to_hard", [0, 1, 2]), ("hard_to_easy", [2, 1, 0])])
+def test_phase_order(make_shards: MakeShards, order: str, expected: list[int]) -> None:
+    d = make_shards(bilingual(docs=200))
+    cur = CurriculumConfig(order=order, phase_tokens=[1600, 1600, 1600])
+    s = MixtureSampler(d, MixtureConfig(seq_len=16), cur, seed=0)
+    batch = s.next_batch(300)
+    got = _bucket_sequence(batch.tokens)
+    assert got == [expected[0]] * 100 + [expected[1]] * 100 + [expected[2]] * 100
+    assert batch.phases.tolist() == [0] * 100 + [1] * 100 + [2] * 100
+
+
+def test_linear_pacing_blends_within_each_source(make_shards: MakeShards) -> None:
+    d = make_shards(bilingual(docs=300, buckets=2))
+    cur = CurriculumConfig(phase_tokens=[3200, 3200], pacing="linear", blend_fraction=0.5)
+    s = MixtureSampler(d, MixtureConfig(seq_len=16), cur, seed=0)
+    b = s.next_batch(400)
+    bucket = np.array(_bucket_sequence(b.tokens, buckets=2))
+    assert (bucket[:100] == 0).all() and (bucket[200:] == 1).all()
+    blend = bucket[100:200]  # alpha grows linearly 0 -> 1 over these 100 sequences
+    assert abs(blend.mean() - 0.5) < 0.03
+    assert blend[:50].mean() < 0.35 and blend[50:].mean() > 0.65
+    for src in ("news_ar", "wiki_en"):  # each source blends, and keeps its share
+        mine = np.array([x == src for x in b.sources[100:200]])
+        assert 0.2 < blend[mine].mean() < 0.8
+
+
+def test_replay_sources_read_all_buckets_every_phase(make_shards: MakeShards) -> None:
+    specs = bilingual(docs=100, buckets=2)
+    for spec in specs:
+        if spec["source"] == "wiki_en":
+            spec["role"] = "anchor"
+    cur = CurriculumConfig(phase_tokens=[100_000, 100_000])
+    s = MixtureSampler(make_shards(specs), MixtureConfig(seq_len=16, max_epochs=50), cur, seed=0)
+    b = s.next_batch(300)
+    en = {k for row, src in zip(b.tokens, b.sources, strict=True) if src == "wiki_en" for k in shard_of(row)}
+    ar = {k for row, src in zip(b.tokens, b.sources, strict=True) if src == "news_ar" for k in shard_of(row)}
+    assert en - {-1} == {2, 3} and ar - {-1} == {0}
+
+
+def test_repeat_warns_once_then_fails_at_max_epochs(make_shards: MakeShards, caplog) -> None:
+    d = make_shards([{"source": "tiny", "lang": "ar", "bucket": 0, "role": "target", "docs": 10}])
+    s = MixtureSampler(d, MixtureConfig(seq_len=8, target_ratio=1.0, max_epochs=3), CurriculumConfig(), 0)
+    total = s.pools[0][0].total
+    with caplog.at_level(logging.WARNING, logger="moe_adapt.train.sampler"):
+        s.next_batch(2 * total // 8 - 1)
+    assert [r.getMessage() for r in caplog.records if "ran out of data" in r.getMessage()] == [
+        f"mixture: source tiny (tiny/b0) ran out of data after {total} tokens; repeating (epoch 2 of 3)"
+    ]
+    with pytest.raises(MoEAdaptError, match=r"source tiny \(tiny/b0\) would start epoch 4.*max_epochs=3"):
+        s.next_batch(total)
+
+
+def test_stop_phase_ends_phase_early(make_shards: MakeShards, caplog) -> None:
+    specs = bilingual(docs=100, buckets=2)
+    specs[0]["docs"] = 20  # news_ar bucket 0 is small
+    cur = CurriculumConfig(phase_tokens=[100_000, 100_000])
+    s = MixtureSampler(make_shards(specs), MixtureConfig(seq_len=8, exhaustion="stop_phase"), cur, seed=0)
+    with caplog.at_level(logging.WARNING, logger="moe_adapt.train.sampler"):
+        b = s.next_batch(100)
+    assert any("news_ar/b0 exhausted; phase 0 ends early" in r.getMessage() for r in caplog.records)
+    phases = b.phases.tolist()
+    switch = phases.index(1)
+    assert phases == [0] * switch + [1] * (100 - switch) and 5 < switch < 40
+    assert s.position >= 100_000 and s.phase == 1
+    with pytest.raises(DataExhaustedError, match="the last phase"):
+        s.next_batch(1000)
+
+
+def test_bad_inputs_fail_clearly(make_shards: MakeShards, tmp_path: Path) -> None:
+    with pytest.raises(MoEAdaptError, match="no manifest.json in .*run the data stage"):
+        MixtureSampler(tmp_path / "nowhere", MixtureConfig(), CurriculumConfig(), 0)
+    d = make_shards(bilingual(docs=20, buckets=2))
+    with pytest.raises(MoEAdaptError, match=r"mixture.weights.klingon=0.2 is invalid: not a source"):
+        MixtureSampler(
+            d,
+            MixtureConfig(target_ratio=None, weights={"target": 0.8, "klingon": 0.2}),
+            CurriculumConfig(),
+            0,
+        )
+    specs = bilingual(docs=20, buckets=2)[:-1]  # wiki_en has no bucket 1
+    d2 = make_shards(specs, name="holes")
+    with pytest.raises(MoEAdaptError, match=r"phase 1 \(buckets \[1\]\) has no data for source wiki_en"):
+        MixtureSampler(d2, MixtureConfig(), CurriculumConfig(phase_tokens=[10, 10]), 0)
+    with pytest.raises(MoEAdaptError, match="mixture.target_ratio=0.8 is invalid: must be null"):
+        MixtureConfig(weights={"a": 1.0})
+    with pytest.raises(MoEAdaptError, match="mixture.exhaustion='loop' is invalid"):
+        MixtureConfig(exhaustion="loop")
+    with pytest.raises(MoEAdaptError, match="mixture.target_ratio=1.5 is invalid"):
+        MixtureConfig(target_ratio=1.5)
