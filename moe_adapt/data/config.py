@@ -62,6 +62,10 @@ class DemoConfig:
     plant_benchmark: bool = True
     """Leave the benchmark's source hadiths in the corpus, so decontamination has something to find."""
 
+    seed: int = 0
+    """Seed of the demo's sampling and benchmark items; fixed (not the run seed) so that a sweep over
+    seeds evaluates every run on the same items."""
+
 
 @dataclass
 class LangIdConfig:

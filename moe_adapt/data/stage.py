@@ -144,7 +144,7 @@ def _read_source(src: SourceConfig, key: str, read_stats: ReadStats) -> Iterator
         }
 
 
-def _demo_sources(cfg: DataConfig, work: Path, seed: int) -> tuple[list[SourceConfig], dict[str, Path]]:
+def _demo_sources(cfg: DataConfig, work: Path) -> tuple[list[SourceConfig], dict[str, Path]]:
     from moe_adapt.data.demo_corpus import build_demo_corpus
 
     demo_dir = work / "demo"
@@ -156,7 +156,7 @@ def _demo_sources(cfg: DataConfig, work: Path, seed: int) -> tuple[list[SourceCo
                 include_hebrew="he" in cfg.demo.languages,
                 n_benchmark=cfg.demo.benchmark_items,
                 plant_benchmark=cfg.demo.plant_benchmark,
-                seed=seed,
+                seed=cfg.demo.seed,
             )
         except ModuleNotFoundError as e:
             raise MoEAdaptError(
@@ -305,7 +305,7 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
     sources = list(dcfg.sources)
     bench_files = {b.name: Path(b.path) for b in dcfg.decontam.benchmarks}
     if dcfg.demo.enabled:
-        demo_sources, demo_bench = _demo_sources(dcfg, work, cfg.seed)
+        demo_sources, demo_bench = _demo_sources(dcfg, work)
         sources += demo_sources
         bench_files.update(demo_bench)
     if not sources:

@@ -338,10 +338,14 @@ def build_report(
         )
     md.append("")
     md += [f"## Metrics by condition (mean [{conf_pct} CI])", ""]
-    md += ["| condition | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-    for label, runs in groups.items():
-        cells = [_ci_text(aggregates[label][m]) if m in aggregates[label] else "—" for m in names]
-        md.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    labels = list(groups)  # one column per condition, one row per metric: readable with many metrics
+    md += [
+        "| metric | " + " | ".join(f"{lab} ({len(groups[lab])} seeds)" for lab in labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
+    for m in names:
+        cells = [_ci_text(aggregates[lab][m]) if m in aggregates[lab] else "—" for lab in labels]
+        md.append(f"| {m} | " + " | ".join(cells) + " |")
     md += ["", f"## Paired differences (A − B, paired by `{seed_key}`, mean [{conf_pct} CI])", ""]
     if comparisons:
         md += ["| comparison | metric | Δ | seeds | unpaired seeds |", "|---|---|---|---|---|"]
