@@ -198,7 +198,8 @@ class UpcycleConfig:
             _fail(
                 f"{key}.num_experts",
                 self.num_experts,
-                "give num_experts or active_fraction, not both (active_fraction solves num_experts)",
+                "give num_experts or active_fraction, not both: active_fraction solves num_experts "
+                "(the upcycle= options set num_experts, so add upcycle.num_experts=null)",
             )
         if self.active_fraction is not None and not 0 < self.active_fraction < 1:
             _fail(f"{key}.active_fraction", self.active_fraction, "must be in (0, 1)")
