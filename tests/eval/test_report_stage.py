@@ -55,7 +55,7 @@ def test_report_renders_and_skips_failed(sweep: Path, tmp_path: Path) -> None:
         assert (out / p).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert (
-        "| easy_to_hard | 3 |" in md
+        "easy_to_hard (3 seeds)" in md
         and "`curriculum.order`" in md
         and "Failed runs" in md
         and "no metrics file" in md
