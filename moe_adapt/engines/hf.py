@@ -1,0 +1,339 @@
+"""The ``hf`` training engine: a transformers causal LM, AdamW, warmup + cosine LR, one process.
+
+The engine owns forward, backward and the optimizer step; the trainer loop, the data and the optional
+features (checkpointing, metrics, NaN guard) live in :mod:`moe_adapt.train`. Loss terms come from
+:mod:`moe_adapt.train.objectives`:
+
+    loss = lm + aux_loss_coef · load_balancing + z_loss_coef · router_z
+              + l2_anchor_coef · ||θ − θ0||² + kl_anchor_coef · KL(p_ref ‖ p)
+
+The router terms are used only for MoE models (config with ``num_experts`` or ``num_local_experts``);
+the anchors only when their coefficient is > 0. A step whose loss or gradient norm is not finite is
+not applied (gradients are dropped, weights and optimizer state untouched) and reports
+``skipped=1.0``; the LR schedule still advances, so it stays aligned with the data.
+
+Single process only; DDP/FSDP2 come later.
+
+Shape legend: ``B`` sequences, ``T`` input positions (seq_len), ``T1`` = T + 1 packed tokens,
+``V`` vocabulary, ``E`` experts, ``L`` MoE layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.fs import atomic_dir
+from moe_adapt.train import objectives
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# files of an HF checkpoint folder that are not weights or model config: copied by save_hf
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
+
+
+def _fail(key: str, value: object, allowed: str) -> None:
+    raise MoEAdaptConfigError(f"engine.{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class HFEngineConfig:
+    """Settings of the ``hf`` engine: optimizer, LR schedule and loss coefficients."""
+
+    lr: float = 3e-4
+    """Peak learning rate (reached at the end of warmup)."""
+
+    min_lr_ratio: float = 0.1
+    """Learning rate at the end of the cosine decay, as a fraction of lr. In [0, 1]."""
+
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many steps."""
+
+    decay_steps: int | None = None
+    """Steps from the start of training to the end of the cosine decay (usually the trainer's
+    max_steps); null keeps lr constant after warmup."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (applied to matrices only, not to norms, biases or routers' 1-d
+    parameters)."""
+
+    grad_clip: float | None = 1.0
+    """Clip the global gradient L2 norm to this value; null: no clipping (the norm is still reported)."""
+
+    aux_loss_coef: float = 1e-2
+    """Weight of the Switch load-balancing loss (MoE models only)."""
+
+    z_loss_coef: float = 1e-3
+    """Weight of the router z-loss (MoE models only)."""
+
+    l2_anchor_coef: float = 0.0
+    """Weight of Σ||θ − θ0||² to the weights the engine started from (0: off)."""
+
+    kl_anchor_coef: float = 0.0
+    """Weight of KL(p_ref ‖ p) to the reference model's next-token distribution (0: off; needs
+    reference)."""
+
+    reference: str | None = None
+    """HF checkpoint folder of the frozen reference model for the KL anchor."""
+
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            _fail("lr", self.lr, "must be a finite number > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.warmup_steps < 0:
+            _fail("warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            _fail("decay_steps", self.decay_steps, f"must be > warmup_steps={self.warmup_steps}, or null")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            _fail("grad_clip", self.grad_clip, "must be > 0, or null for no clipping")
+        for key in ("aux_loss_coef", "z_loss_coef", "l2_anchor_coef", "kl_anchor_coef", "weight_decay"):
+            if getattr(self, key) < 0:
+                _fail(key, getattr(self, key), "must be >= 0")
+        if self.kl_anchor_coef > 0 and not self.reference:
+            _fail("reference", self.reference, "set a reference checkpoint folder when kl_anchor_coef > 0")
+        if self.dtype not in DTYPES:
+            _fail("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
+
+
+def lr_at(cfg: HFEngineConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio·lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay_steps is None:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps))
+    floor = cfg.min_lr_ratio
+    return cfg.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _load_causal_lm(path: str | Path, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not an HF checkpoint folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{folder} holds no .safetensors weights (only safetensors checkpoints are read)"
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+
+
+def _moe_shape(config: Any) -> tuple[int, int] | None:
+    """``(num_experts, top_k)`` of an MoE config, None for a dense model."""
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if experts and top_k:
+        return int(experts), int(top_k)
+    return None
+
+
+class HFEngine:
+    """Trains a transformers causal LM loaded from an HF checkpoint folder on one device.
+
+    ``lr_multiplier`` (e.g. :meth:`moe_adapt.train.curriculum.Curriculum.lr_factor`) scales the
+    scheduled learning rate of each step; it must be a pure function of the step so resume is exact.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        cfg: HFEngineConfig | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        lr_multiplier: Callable[[int], float] | None = None,
+    ) -> None:
+        self.cfg = cfg or HFEngineConfig()
+        self.source = Path(checkpoint)
+        self.device = torch.device(device)
+        dtype = DTYPES[self.cfg.dtype]
+        self.model: Any = _load_causal_lm(self.source, dtype).to(self.device)
+        """The transformers ``PreTrainedModel`` being trained."""
+        self.model.train()
+        self.lr_multiplier = lr_multiplier
+        self.moe = _moe_shape(self.model.config)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self._params if p.dim() >= 2]
+        no_decay = [p for p in self._params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr_at(self.cfg, 0),
+            betas=self.cfg.betas,
+            eps=self.cfg.eps,
+            fused=self.device.type == "cuda",
+        )
+        self._anchor: list[torch.Tensor] | None = None
+        if self.cfg.l2_anchor_coef > 0:
+            self._anchor = [p.detach().clone() for p in self._params]
+        self.reference: Any = None
+        if self.cfg.kl_anchor_coef > 0:
+            assert self.cfg.reference is not None  # checked by the config
+            self.reference = _load_causal_lm(self.cfg.reference, dtype).to(self.device).eval()
+            self.reference.requires_grad_(False)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _tokens(self, tokens_BT1: torch.Tensor | np.ndarray) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens_BT1).to(device=self.device, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise MoEAdaptError(
+                f"tokens must be [batch, seq_len + 1] with seq_len >= 1, got {tuple(tokens.shape)}"
+            )
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise MoEAdaptError(
+                f"token ids span [{lo}, {hi}] but the model's vocab_size is {self.vocab_size}: "
+                "the shards were tokenized with another tokenizer"
+            )
+        return tokens
+
+    def forward_loss(self, tokens_BT1: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch of packed sequences; ``loss`` is their weighted sum.
+
+        Inputs are ``tokens[:, :-1]``, labels ``tokens[:, 1:]``. Keys: ``loss``, ``lm_loss``, and for
+        MoE models ``aux_loss`` and ``z_loss``, plus ``l2_anchor`` / ``kl_anchor`` when enabled.
+        """
+        tokens_BT1 = self._tokens(tokens_BT1)
+        inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+        kwargs: dict[str, Any] = {"input_ids": inputs_BT, "use_cache": False}
+        if self.moe is not None:
+            kwargs["output_router_logits"] = True
+        out = self.model(**kwargs)
+        logits_BTV = out.logits
+        terms: dict[str, torch.Tensor] = {"lm_loss": objectives.lm_cross_entropy(logits_BTV, labels_BT)}
+        loss = terms["lm_loss"]
+        if self.moe is not None:
+            router_LTE = [x for x in (getattr(out, "router_logits", None) or ()) if x is not None]
+            if not router_LTE:
+                raise MoEAdaptError(
+                    f"{type(self.model).__name__} returned no router logits with output_router_logits=True"
+                )
+            terms["aux_loss"] = objectives.load_balancing_loss(router_LTE, self.moe[1])
+            terms["z_loss"] = objectives.router_z_loss(router_LTE)
+            loss = loss + self.cfg.aux_loss_coef * terms["aux_loss"] + self.cfg.z_loss_coef * terms["z_loss"]
+        if self._anchor is not None:
+            terms["l2_anchor"] = objectives.l2_anchor_loss(self._params, self._anchor)
+            loss = loss + self.cfg.l2_anchor_coef * terms["l2_anchor"]
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits_BTV = self.reference(input_ids=inputs_BT, use_cache=False).logits
+            terms["kl_anchor"] = objectives.kl_anchor_loss(logits_BTV, ref_logits_BTV)
+            loss = loss + self.cfg.kl_anchor_coef * terms["kl_anchor"]
+        terms["loss"] = loss
+        return terms
+
+    # -- step ----------------------------------------------------------------------------------
+    def current_lr(self) -> float:
+        """Learning rate the next step uses (schedule times ``lr_multiplier``)."""
+        factor = self.lr_multiplier(self.steps) if self.lr_multiplier is not None else 1.0
+        return lr_at(self.cfg, self.steps) * factor
+
+    def step(self, tokens_BT1: torch.Tensor | np.ndarray) -> dict[str, float]:
+        """Forward, backward, clip and apply one optimizer step; returns float metrics.
+
+        Metrics: every loss term, ``grad_norm`` (before clipping), ``lr``, ``tokens`` and ``skipped``
+        (1.0 when the loss or gradient norm was not finite and the update was dropped).
+        """
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.forward_loss(tokens_BT1)
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        metrics.update(lr=lr, tokens=float(torch.as_tensor(tokens_BT1)[:, 1:].numel()))
+        skipped = not math.isfinite(metrics["loss"])
+        grad_norm = float("nan")
+        if not skipped:
+            terms["loss"].backward()
+            max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=False))
+            skipped = not math.isfinite(grad_norm)
+        if skipped:
+            log.warning("step %d: non-finite loss or gradient norm; update skipped", self.steps)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        metrics.update(grad_norm=grad_norm, skipped=float(skipped))
+        return metrics
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, schedule position and RNG: nested dicts of tensors and JSON values.
+
+        Tensors are cloned (safetensors refuses tensors sharing memory, e.g. tied embeddings); the
+        optimizer's per-parameter state is keyed by the parameter index as a string.
+        """
+        opt = self.optimizer.state_dict()
+        return {
+            "version": STATE_VERSION,
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": {
+                "state": {str(i): dict(s) for i, s in opt["state"].items()},
+                "param_groups": opt["param_groups"],
+            },
+            "steps": self.steps,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` into an engine built from the same checkpoint and config."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"engine state version {state.get('version')!r} is not {STATE_VERSION}")
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint does not fit {type(self.model).__name__}: {err}") from None
+        opt = state["optimizer"]
+        self.optimizer.load_state_dict(
+            {"state": {int(i): s for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
+        )
+        self.steps = int(state["steps"])
+        torch.set_rng_state(state["rng"]["torch"].to(torch.uint8))
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Write the model as an HF checkpoint folder (safetensors) atomically, with the source's
+        tokenizer files; vanilla ``transformers`` loads it."""
+        final = Path(path)
+        with atomic_dir(final) as tmp:
+            self.model.save_pretrained(str(tmp))
+            for name in _SIDE_FILES:
+                if (self.source / name).is_file():
+                    shutil.copy2(self.source / name, tmp / name)
+        return final

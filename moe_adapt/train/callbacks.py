@@ -1,0 +1,257 @@
+"""Trainer callbacks: checkpointing, the metrics stream and the NaN guard, each saving its own state.
+
+A checkpoint is a folder ``step_NNNNNN/`` written atomically (:func:`moe_adapt.fs.atomic_dir`):
+``tensors.safetensors`` holds every tensor of the trainer state and ``state.json`` the rest, with
+``{"__tensor__": "<key>"}`` where a tensor was. Nothing is pickled, so loading a checkpoint never
+runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.fs import atomic_dir, atomic_write_json
+
+if TYPE_CHECKING:
+    from moe_adapt.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+_TENSOR_TAG = "__tensor__"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+# -- checkpoint files ---------------------------------------------------------------------------
+def split_tensors(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested structure into a JSON-able skeleton and a flat ``{key: tensor}`` dict.
+
+    Dict keys must be strings (JSON would silently turn other keys into strings).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().cpu().contiguous()
+            return {_TENSOR_TAG: path}
+        if isinstance(x, dict):
+            for k in x:
+                if not isinstance(k, str):
+                    raise MoEAdaptError(
+                        f"checkpoint state key {k!r} under {path or '<root>'} is not a string"
+                    )
+            return {k: walk(v, f"{path}/{k}" if path else k) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, bool | int | float | str):
+            return x
+        raise MoEAdaptError(
+            f"checkpoint state at {path} has type {type(x).__name__}: not a tensor or JSON value"
+        )
+
+    return walk(obj, prefix), tensors
+
+
+def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_TENSOR_TAG}:
+            key = skeleton[_TENSOR_TAG]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint names tensor {key!r} but {TENSORS_FILE} lacks it")
+            return tensors[key]
+        return {k: join_tensors(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [join_tensors(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` as ``tensors.safetensors`` + ``state.json`` into folder ``path``, atomically."""
+    skeleton, tensors = split_tensors(state)
+    final = Path(path)
+    with atomic_dir(final) as tmp:
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        atomic_write_json(tmp / STATE_FILE, skeleton)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a folder written by :func:`save_checkpoint`."""
+    folder = Path(path)
+    if not (folder / STATE_FILE).is_file() or not (folder / TENSORS_FILE).is_file():
+        raise CheckpointError(
+            f"{folder} is not a training checkpoint (needs {STATE_FILE} and {TENSORS_FILE})"
+        )
+    try:
+        skeleton = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / TENSORS_FILE))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {folder}: {err}") from None
+    state: dict[str, Any] = join_tensors(skeleton, tensors)
+    return state
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """``step_NNNNNN`` folders under ``root``, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root``, or None."""
+    complete = [p for p in list_checkpoints(root) if (p / STATE_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+# -- callbacks ----------------------------------------------------------------------------------
+class Callback:
+    """Base class: every hook does nothing; ``state_dict`` is empty.
+
+    ``name`` keys the callback's state in a checkpoint; ``order`` sorts callbacks (ascending, stable).
+    """
+
+    name: str = "callback"
+    order: int = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first step of :meth:`Trainer.fit`."""
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        """After optimizer step ``step`` (1-based) with the engine's metrics."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """After the last step of :meth:`Trainer.fit`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This callback's state (tensors and JSON values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class CheckpointCallback(Callback):
+    """Every ``every`` steps, write the whole trainer state to ``root/step_NNNNNN/``; keep the last
+    ``keep_last`` (None keeps all). ``save_final`` also writes the last step of training."""
+
+    name = "checkpoint"
+    order = 100  # after every other callback, so their state at this step is saved
+
+    def __init__(
+        self, root: str | Path, every: int, keep_last: int | None = 3, save_final: bool = True
+    ) -> None:
+        if every < 1:
+            raise MoEAdaptConfigError(f"checkpoint.every={every!r} is invalid: must be >= 1")
+        if keep_last is not None and keep_last < 1:
+            raise MoEAdaptConfigError(f"checkpoint.keep_last={keep_last!r} is invalid: must be >= 1, or null")
+        self.root, self.every, self.keep_last, self.save_final = Path(root), every, keep_last, save_final
+        self.last_saved: int | None = None
+
+    def save(self, trainer: Trainer) -> Path:
+        """Write a checkpoint of the trainer's current state and prune old ones."""
+        path = save_checkpoint(self.root / f"step_{trainer.step:06d}", trainer.state_dict())
+        self.last_saved = trainer.step
+        log.info("checkpoint: step %d -> %s", trainer.step, path)
+        if self.keep_last is not None:
+            for old in list_checkpoints(self.root)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.save_final and trainer.step > 0 and self.last_saved != trainer.step:
+            self.save(trainer)
+
+
+class MetricsCallback(Callback):
+    """Appends one JSON line per step to ``path`` (``{"step": n, "time": ..., <metrics>}``).
+
+    Its state is the file's length; on resume the file is cut back to it, so steps run after the
+    checkpoint by a crashed run are not listed twice.
+    """
+
+    name = "metrics"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.bytes = 0
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        record: dict[str, float | str] = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            self.bytes = fh.tell()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bytes": self.bytes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bytes = int(state["bytes"])
+        if self.path.is_file() and self.path.stat().st_size > self.bytes:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(self.bytes)
+        elif not self.path.is_file() and self.bytes > 0:
+            log.warning("metrics: %s is missing; the resumed run starts it anew", self.path)
+            self.bytes = 0
+
+
+class NaNGuardCallback(Callback):
+    """Counts steps the engine skipped for a non-finite loss or gradient; after ``max_consecutive``
+    in a row, stops training with a :class:`MoEAdaptError`."""
+
+    name = "nan_guard"
+
+    def __init__(self, max_consecutive: int = 3) -> None:
+        if max_consecutive < 1:
+            raise MoEAdaptConfigError(
+                f"nan_guard.max_consecutive={max_consecutive!r} is invalid: must be >= 1"
+            )
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if "skipped" not in metrics:
+            raise MoEAdaptError("nan_guard: the engine reports no 'skipped' metric, so the guard cannot work")
+        if metrics["skipped"]:
+            self.consecutive += 1
+            self.total += 1
+            log.warning(
+                "nan_guard: step %d skipped (loss %s); %d in a row of %d allowed",
+                step, metrics.get("loss"), self.consecutive, self.max_consecutive,
+            )  # fmt: skip
+            if self.consecutive >= self.max_consecutive:
+                raise MoEAdaptError(
+                    f"training diverged: {self.consecutive} consecutive steps up to step {step} had a "
+                    "non-finite loss or gradient; lower the learning rate, check the data, or resume "
+                    "from an earlier checkpoint"
+                )
+        else:
+            self.consecutive = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
