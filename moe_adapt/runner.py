@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from moe_adapt.fs import atomic_dir, atomic_write_json
 log = logging.getLogger("moe_adapt")
 
 MARKER = "_COMPLETE.json"
-SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+SECRET_KEY = re.compile(r"(secret|password|passwd|api_?key|credential|(^|_)(token|auth)$)", re.IGNORECASE)
+"""Config keys whose values never reach a file or a log (hf_token, wandb_api_key, ...; not tokenizer)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ STAGES: dict[str, Stage] = {
     "init_dense": Stage("moe_adapt.init_dense:run", ("init_dense", "seed")),
     "data": Stage("moe_adapt.data.stage:run", ("data", "model", "seed")),
     "upcycle": Stage("moe_adapt.upcycle.stage:run", ("model", "upcycle", "seed")),
+    "cpt": Stage("moe_adapt.train.stage:run", ("cpt", "mixture", "curriculum", "engine", "seed")),
     "eval": Stage("moe_adapt.eval.stage:run", ("eval", "seed")),
     "report": Stage("moe_adapt.eval.report_stage:run", ("report", "seed")),
 }
@@ -56,10 +59,7 @@ STAGES: dict[str, Stage] = {
 def redact(obj: Any) -> Any:
     """A copy of a plain config tree with values of secret-looking keys replaced."""
     if isinstance(obj, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v)
-            for k, v in obj.items()
-        }
+        return {k: "***" if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

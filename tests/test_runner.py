@@ -67,3 +67,5 @@ def test_secrets_are_redacted():
         "hf_token": "***",
         "x": [{"password": "***"}],
     }
+    kept = {"data": {"tokenize": {"tokenizer": "/tok"}}, "max_tokens": 5, "auth": "", "access_token": None}
+    assert redact(kept) == kept  # tokenizer settings are not secrets; empty values stay as they are

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from moe_adapt.data.config import DataConfig
+from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.eval.config import EvalConfig, ReportConfig
+from moe_adapt.train.config import CptConfig
+from moe_adapt.train.curriculum import CurriculumConfig
+from moe_adapt.train.sampler import MixtureConfig
 
 
 def _fail(key: str, value: object, allowed: str) -> None:
@@ -260,8 +264,8 @@ class UpcycleConfig:
             )
 
 
-STAGE_ORDER: tuple[str, ...] = ("init_dense", "data", "upcycle", "eval", "report")
-"""Every stage that exists, in pipeline order. Training stages (cpt, distill) will join before eval."""
+STAGE_ORDER: tuple[str, ...] = ("init_dense", "data", "upcycle", "cpt", "eval", "report")
+"""Every stage that exists, in pipeline order. Distillation will join after cpt."""
 
 
 @dataclass
@@ -294,6 +298,18 @@ class Config:
 
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     """Settings of the upcycle stage."""
+
+    cpt: CptConfig = field(default_factory=CptConfig)
+    """Settings of the cpt stage: the training loop (moe_adapt/train/config.py)."""
+
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    """The training data mixture, e.g. 80% target language / 20% English (moe_adapt/train/sampler.py)."""
+
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Difficulty phases of the training stream (moe_adapt/train/curriculum.py)."""
+
+    engine: HFEngineConfig = field(default_factory=HFEngineConfig)
+    """Optimizer, schedule and loss terms, incl. L2/KL anchors (moe_adapt/engines/hf.py)."""
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Settings of the eval stage (moe_adapt/eval/config.py)."""

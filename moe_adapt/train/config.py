@@ -1,0 +1,66 @@
+"""Schema of the ``cpt`` config group (continued pretraining): the loop, its inputs and its outputs.
+
+The data stream is configured by the ``mixture`` and ``curriculum`` groups
+(:mod:`moe_adapt.train.sampler`, :mod:`moe_adapt.train.curriculum`), the optimizer and loss terms
+by the ``engine`` group (:mod:`moe_adapt.engines.hf`), anti-forgetting anchors by ``anchor``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_adapt.errors import MoEAdaptConfigError
+
+ENGINES = ("auto", "hf", "megatron")
+
+
+def _fail(key: str, value: object, allowed: str) -> None:
+    raise MoEAdaptConfigError(f"cpt.{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class CptConfig:
+    """The ``cpt`` stage: continued pretraining of the upcycled MoE on the data stage's shards."""
+
+    init_from: str | None = None
+    """HF checkpoint folder to start from (the recipes set ${run_dir}/upcycle/model)."""
+
+    shards: str | None = None
+    """Training shards folder with manifest.json (the recipes set ${run_dir}/data/shards)."""
+
+    heldout: str | None = None
+    """Held-out shards for the per-language eval hook (null: no eval hook)."""
+
+    engine: str = "auto"
+    """hf (transformers; CPU, one process), megatron (not yet available) or auto (hf until the
+    megatron engine lands)."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+
+    batch_size: int = 8
+    """Sequences per step (each of mixture.seq_len + 1 tokens)."""
+
+    checkpoint_every: int = 50
+    """Steps between checkpoints (kept in <run_dir>/.work/cpt until the stage finishes)."""
+
+    keep_last: int = 2
+    """Checkpoints kept."""
+
+    eval_every: int = 50
+    """Steps between held-out per-language loss evaluations (0: only before and after training)."""
+
+    eval_docs: int = 32
+    """Held-out documents per language for the eval hook (a fixed sample)."""
+
+    max_bad_steps: int = 3
+    """Stop with an error after this many consecutive steps with a non-finite loss (each is skipped)."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            _fail("engine", self.engine, f"choose one of {', '.join(ENGINES)}")
+        for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "eval_docs", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                _fail(key, getattr(self, key), "must be >= 1")
+        if self.eval_every < 0:
+            _fail("eval_every", self.eval_every, "must be >= 0")
