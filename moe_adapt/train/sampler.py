@@ -276,12 +276,13 @@ class MixtureSampler:
             credits = list(self.credits)
             for n in np.unique(picks).tolist():
                 rows = np.flatnonzero(picks == n)
-                nxt = np.zeros(rows.size, dtype=bool)
-                if window is not None and not self._replay[n]:
-                    w0, wl = round(window[0] * unit), max(1, round(window[1] * unit))
-                    shares = np.clip(pos + rows * S - w0, 0, wl)
-                    nxt, credits[n] = diffuse_picks(self.credits[n] + wl // 2, shares, wl)
-                    credits[n] -= wl // 2
+                if window is None or self._replay[n]:
+                    plan.append((n, phase, rows))
+                    continue
+                w0, wl = round(window[0] * unit), max(1, round(window[1] * unit))
+                shares = np.clip(pos + rows * S - w0, 0, wl)
+                nxt, credits[n] = diffuse_picks(self.credits[n] + wl // 2, shares, wl)
+                credits[n] -= wl // 2
                 plan += [(n, p, r) for p, r in ((phase, rows[~nxt]), (phase + 1, rows[nxt])) if r.size]
             if self.cfg.exhaustion != "stop_phase":
                 break
@@ -327,7 +328,11 @@ class MixtureSampler:
                     "mixture: source %s (%s) ran out of data after %d tokens; repeating (epoch %d of %d)",
                     self.sources[n], pool.name, pool.total, entered[-1] + 1, self.cfg.max_epochs,
                 )  # fmt: skip
-            out_BS1[row + rows] = windows
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            if r1 - r0 == rows.size:  # consecutive rows: a slice copies faster than an index
+                out_BS1[row + r0 : row + r1] = windows
+            else:
+                out_BS1[row + rows] = windows
         src_B[row : row + length] = picks
         ph_B[row : row + length] = phase
         self.counts_N += np.bincount(picks, minlength=len(self.sources))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -62,7 +63,11 @@ class DocPool:
     starts: np.ndarray = field(init=False)
     lengths: np.ndarray = field(init=False)
     total: int = field(init=False)
-    _cache: dict[int, tuple[np.ndarray, np.ndarray]] = field(init=False, default_factory=dict)
+    _src: list[Any] = field(init=False)
+    """Per shard what ``_read`` slices: a ``memoryview`` of the tokens (fast path) or the ndarray."""
+    _dtype: np.dtype | None = field(init=False)
+    """The shards' token dtype when ``_src`` are memoryviews (all shards alike), else None."""
+    _cache: dict[int, _Epoch] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.shard_of = np.concatenate(
@@ -71,63 +76,99 @@ class DocPool:
         self.starts = np.concatenate([s.starts for s in self.shards])
         self.lengths = np.concatenate([s.lengths for s in self.shards])
         self.total = int(self.lengths.sum())
+        dtypes = {s.tokens.dtype for s in self.shards}
+        flat = all(s.tokens.ndim == 1 and s.tokens.flags.c_contiguous for s in self.shards)
+        self._dtype = dtypes.pop() if len(dtypes) == 1 and flat else None
+        if self._dtype is not None and self._dtype.isnative:
+            # memoryview slices are cheaper to make than ndarray slices, and bytes.join copies them
+            # several times faster than np.concatenate (the per-piece overhead dominates)
+            self._src = [memoryview(s.tokens) for s in self.shards]  # type: ignore[arg-type]
+        else:
+            self._dtype = None
+            self._src = [s.tokens for s in self.shards]
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permutation, cumulative end offsets) of ``epoch``; the last two epochs are cached."""
-        if epoch not in self._cache:
+    def _epoch(self, epoch: int) -> _Epoch:
+        """The documents of ``epoch`` in permuted order; the last two epochs are cached."""
+        cached = self._cache.get(epoch)
+        if cached is None:
             rng = np.random.default_rng([self.seed, zlib.crc32(self.name.encode()), epoch])
             perm = rng.permutation(self.lengths.size)
             self._cache = {e: v for e, v in self._cache.items() if e == epoch - 1}
-            self._cache[epoch] = (perm, np.cumsum(self.lengths[perm]))
-        return self._cache[epoch]
+            lengths = self.lengths[perm]
+            starts = self.starts[perm]
+            shard = self.shard_of[perm] if len(self.shards) > 1 else None
+            cached = self._cache[epoch] = _Epoch(np.cumsum(lengths), starts, starts + lengths, shard)
+        return cached
 
     def windows_left(self, seq_len: int) -> int:
         """Windows of ``seq_len + 1`` tokens that still fit in the current epoch."""
         return max(0, (self.total - self.offset - 1) // seq_len)
 
-    def _read(self, epoch: int, lo: int, hi: int, out: list[np.ndarray]) -> None:
-        """Append the tokens ``[lo, hi)`` of ``epoch``'s permuted concatenation to ``out`` (slices)."""
-        perm, ends = self._epoch(epoch)
-        d0 = int(np.searchsorted(ends, lo, side="right"))
-        d1 = int(np.searchsorted(ends, hi - 1, side="right")) + 1
-        docs = perm[d0:d1]
-        doc_begin = ends[d0:d1] - self.lengths[docs]
-        a = np.maximum(lo - doc_begin, 0) + self.starts[docs]
-        b = np.minimum(hi - doc_begin, self.lengths[docs]) + self.starts[docs]
-        if len(self.shards) == 1:
-            mm = self.shards[0].tokens
-            out.extend([mm[x:y] for x, y in zip(a.tolist(), b.tolist(), strict=True)])
+    def _read(self, epoch: int, lo: int, hi: int, out: list[Any]) -> None:
+        """Append the tokens ``[lo, hi)`` of ``epoch``'s permuted concatenation to ``out``.
+
+        The pieces are slices of ``_src``: memoryviews (fast path) or ndarrays.
+        """
+        ep = self._epoch(epoch)
+        ends = ep.ends
+        d0 = int(ends.searchsorted(lo, side="right"))
+        d1 = int(ends.searchsorted(hi - 1, side="right")) + 1
+        a = ep.starts[d0:d1].tolist()
+        b = ep.stops[d0:d1].tolist()
+        # only the first document can start before lo and only the last can end after hi
+        a[0] = b[0] - (int(ends[d0]) - lo)
+        b[-1] -= int(ends[d1 - 1]) - hi
+        if ep.shard is None:
+            mm = self._src[0]
+            out.extend([mm[x:y] for x, y in zip(a, b, strict=True)])
         else:
-            mms = [s.tokens for s in self.shards]
-            sh = self.shard_of[docs].tolist()
-            out.extend([mms[s][x:y] for s, x, y in zip(sh, a.tolist(), b.tolist(), strict=True)])
+            mms = self._src
+            sh = ep.shard[d0:d1].tolist()
+            out.extend([mms[s][x:y] for s, x, y in zip(sh, a, b, strict=True)])
 
     def take(self, k: int, seq_len: int, max_epochs: int | None) -> tuple[np.ndarray, list[int]]:
         """Read the next ``k`` windows as ``windows_KS1`` ``[k, seq_len + 1]`` and advance.
 
-        Returns the windows and the epochs newly entered. Raises ``EpochLimit`` when the read would
-        go past ``max_epochs`` epochs (nothing is advanced then).
+        Returns the windows (a strided view, windows overlap by one token; do not write to it) and the
+        epochs newly entered. Raises ``EpochLimit`` when the read would go past ``max_epochs`` epochs
+        (nothing is advanced then).
         """
         need = k * seq_len + 1
-        parts: list[np.ndarray] = []
+        parts: list[Any] = []
         epoch, lo, entered = self.epoch, self.offset, []
+        total = self.total
         while need > 0:
-            if lo >= self.total:
+            if lo >= total:
                 epoch, lo = epoch + 1, 0
                 entered.append(epoch)
                 if max_epochs is not None and epoch >= max_epochs:
                     raise EpochLimit(self.name, epoch)
-            hi = min(self.total, lo + need)
+            hi = min(total, lo + need)
             self._read(epoch, lo, hi, parts)
             need -= hi - lo
             lo = hi
-        buf = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        windows_KS1 = np.lib.stride_tricks.sliding_window_view(buf, seq_len + 1)[::seq_len]
+        buf: Any
+        if self._dtype is not None:
+            dtype, buf = self._dtype, b"".join(parts)
+        else:
+            arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            dtype, buf = arr.dtype, arr
+        step = dtype.itemsize  # buf is contiguous; a bare ndarray is ~8x cheaper than as_strided
+        windows_KS1 = np.ndarray((k, seq_len + 1), dtype, buf, 0, (seq_len * step, step))
         self.offset += k * seq_len
-        while self.offset >= self.total:
-            self.offset -= self.total
+        while self.offset >= total:
+            self.offset -= total
             self.epoch += 1
         return windows_KS1, entered
+
+
+class _Epoch(NamedTuple):
+    """One epoch's documents in permuted order: cumulative end offsets, element ranges, shard (or None)."""
+
+    ends: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+    shard: np.ndarray | None
 
 
 class EpochLimit(Exception):

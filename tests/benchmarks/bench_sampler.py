@@ -10,6 +10,7 @@ the same process and with warm page cache, the median over ``--repeats`` of:
     pacing, seq_len 2048, batch 64): scheduling, curriculum, packing, int64 output;
 (b) replay: exactly the document slices the sampler read, copied from the same memmaps, packed into
     the same ``[B, seq_len + 1]`` int64 windows, without any scheduling (the irreducible reading);
+(b') replay_j: (b) copying the slices with ``bytes.join`` of memoryviews, as the sampler does;
 (c) floor: contiguous ``seq_len + 1`` windows sliced straight from one memmap into the same array.
 
 Prints tokens/s for each and the sampler's overhead over (b) (target: <= 5%) and over (c).
@@ -79,7 +80,8 @@ def trace_reads(shard_dir: Path, args: argparse.Namespace, phase_tokens: int) ->
     def read(self: streams.DocPool, epoch: int, lo: int, hi: int, out: list[np.ndarray]) -> None:
         start = len(out)
         orig_read(self, epoch, lo, hi, out)
-        for view in out[start:]:  # record (memmap, start, stop) so that replay slices them itself
+        for piece in out[start:]:  # record (memmap, start, stop) so that replay slices them itself
+            view = np.asarray(piece)  # the sampler may hand out memoryviews
             base = next(sh.tokens for sh in self.shards if np.shares_memory(sh.tokens, view))
             a = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // 2
             calls[-1][1].append((base, a, a + view.size))
@@ -131,6 +133,21 @@ def main() -> None:
                 out[row : row + k] = windows[: B - row] if row + k > B else windows
                 row = (row + k) % B
 
+        mvs = {id(mm): memoryview(mm) for _, parts in calls for mm, _, _ in parts}  # type: ignore[arg-type]
+        calls_mv = [(k, [(mvs[id(mm)], a, b) for mm, a, b in parts]) for k, parts in calls]
+
+        def run_replay_join() -> None:  # (b) with the sampler's copy primitive: bytes.join of memoryviews
+            out = np.empty((B, S + 1), dtype=np.int64)
+            row = 0
+            for k, parts in calls_mv:
+                buf = np.frombuffer(b"".join([mv[a:b] for mv, a, b in parts]), np.uint16)
+                windows = np.ndarray((k, S + 1), buf.dtype, buf, 0, (2 * S, 2))
+                if row + k > B:
+                    out = np.empty((B, S + 1), dtype=np.int64)
+                    row = 0
+                out[row : row + k] = windows[: B - row] if row + k > B else windows
+                row = (row + k) % B
+
         def run_floor() -> None:
             out = np.empty((B, S + 1), dtype=np.int64)
             for b in range(args.batches):
@@ -138,8 +155,8 @@ def main() -> None:
                     a = ((b * B + i) * S) % (floor_mm.size - S - 1)
                     out[i] = floor_mm[a : a + S + 1]
 
-        times: dict[str, list[float]] = {"sampler": [], "replay": [], "floor": []}
-        fns = {"sampler": run_sampler, "replay": run_replay, "floor": run_floor}
+        times: dict[str, list[float]] = {"sampler": [], "replay": [], "replay_j": [], "floor": []}
+        fns = {"sampler": run_sampler, "replay": run_replay, "replay_j": run_replay_join, "floor": run_floor}
         for fn in fns.values():
             fn()  # warm the page cache and allocator
         for _ in range(args.repeats):
@@ -155,6 +172,7 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:8s} {total / v / 1e6:8.1f} M tok/s   ({v * 1e3:.1f} ms)")
     print(f"sampler overhead vs replay of the same slices: {med['sampler'] / med['replay'] - 1:+.1%}")
+    print(f"sampler overhead vs replay copying with bytes.join: {med['sampler'] / med['replay_j'] - 1:+.1%}")
     print(f"sampler overhead vs contiguous memmap windows: {med['sampler'] / med['floor'] - 1:+.1%}")
 
 
