@@ -5,6 +5,8 @@ a checkpoint we cannot read). The CLI prints its message on one line and exits w
 without a traceback. Everything else is a bug and keeps its traceback.
 """
 
+from typing import NoReturn
+
 
 class MoEAdaptError(Exception):
     """A problem with the user's input: the message says what is wrong and what is allowed."""
@@ -16,3 +18,8 @@ class MoEAdaptConfigError(MoEAdaptError):
 
 class CheckpointError(MoEAdaptError):
     """A checkpoint on disk is missing, corrupt or of an unsupported kind."""
+
+
+def invalid(key: str, value: object, allowed: str) -> NoReturn:
+    """Raise the one-line config error every schema uses: ``KEY=VALUE is invalid: ALLOWED``."""
+    raise MoEAdaptConfigError(f"{key}={value!r} is invalid: {allowed}")

@@ -15,15 +15,13 @@ from enum import Enum
 
 from moe_adapt.data.config import DataConfig
 from moe_adapt.engines.hf import HFEngineConfig
-from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
 from moe_adapt.train.config import CptConfig
 from moe_adapt.train.curriculum import CurriculumConfig
 from moe_adapt.train.sampler import MixtureConfig
 
-
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise MoEAdaptConfigError(f"{key}={value!r} is invalid: {allowed}")
+_fail = invalid
 
 
 class UpcycleMethod(str, Enum):

@@ -7,14 +7,13 @@ from typing import Any
 
 from moe_adapt.data.clean import UNICODE_FORMS, CleanConfig
 from moe_adapt.data.dedup import DedupConfig
-from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.errors import invalid
 
 SOURCE_FORMATS = ("jsonl", "parquet", "hf_disk")
 ROLES = ("target", "english", "anchor", "sft", "other")
 
 
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise MoEAdaptConfigError(f"{key}={value!r} is invalid: {allowed}")
+_fail = invalid
 
 
 @dataclass

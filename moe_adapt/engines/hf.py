@@ -26,12 +26,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.errors import CheckpointError, MoEAdaptError, invalid
 from moe_adapt.fs import atomic_dir
 from moe_adapt.train import objectives
 
@@ -52,8 +52,8 @@ _SIDE_FILES = (
 )
 
 
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise MoEAdaptConfigError(f"engine.{key}={value!r} is invalid: {allowed}")
+def _fail(key: str, value: object, allowed: str) -> NoReturn:
+    invalid(f"engine.{key}", value, allowed)
 
 
 @dataclass

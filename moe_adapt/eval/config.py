@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.errors import invalid
 
 __all__ = ["BenchmarkEntry", "EvalConfig", "ModelEntry", "ReportConfig"]
 
@@ -20,8 +20,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise MoEAdaptConfigError(f"{key}={value!r} is invalid: {allowed}")
+_fail = invalid
 
 
 def _is_missing(value: object) -> bool:

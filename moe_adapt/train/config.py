@@ -8,14 +8,15 @@ by the ``engine`` group (:mod:`moe_adapt.engines.hf`), anti-forgetting anchors b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
-from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.errors import invalid
 
 ENGINES = ("auto", "hf", "megatron")
 
 
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise MoEAdaptConfigError(f"cpt.{key}={value!r} is invalid: {allowed}")
+def _fail(key: str, value: object, allowed: str) -> NoReturn:
+    invalid(f"cpt.{key}", value, allowed)
 
 
 @dataclass

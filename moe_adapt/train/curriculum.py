@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 
-from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.errors import MoEAdaptConfigError, invalid
 
 ORDERS = ("easy_to_hard", "hard_to_easy", "random")
 PACINGS = ("step", "linear")
 _RANDOM_ORDER_SALT = 0x63757272  # "curr": keeps the bucket permutation apart from other seeded draws
 
 
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise MoEAdaptConfigError(f"curriculum.{key}={value!r} is invalid: {allowed}")
+def _fail(key: str, value: object, allowed: str) -> NoReturn:
+    invalid(f"curriculum.{key}", value, allowed)
 
 
 @dataclass

@@ -22,11 +22,11 @@ import math
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError, invalid
 from moe_adapt.train.curriculum import Curriculum, CurriculumConfig
 from moe_adapt.train.streams import DocPool, EpochLimit, ShardArrays, diffuse_picks, webster_picks
 
@@ -36,8 +36,8 @@ EXHAUSTION = ("repeat", "stop_phase")
 STATE_VERSION = 1
 
 
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise MoEAdaptConfigError(f"mixture.{key}={value!r} is invalid: {allowed}")
+def _fail(key: str, value: object, allowed: str) -> NoReturn:
+    invalid(f"mixture.{key}", value, allowed)
 
 
 @dataclass
