@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+"""A minimal chat template (role markers as plain text), so the distill stage can format prompts."""
+
 _TEXT = [
     "The expert layers of a sparse model share the work of the dense network they came from.",
     "Continued pretraining teaches the model a new language without forgetting the old one.",
@@ -66,9 +72,11 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 384) -> Pr
         show_progress=False,
     )
     tok.train_from_iterator(texts if texts is not None else _TEXT * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_config(cfg: InitDenseConfig, vocab_size: int, bos: int, eos: int, pad: int) -> Any:

@@ -51,6 +51,11 @@ STAGES: dict[str, Stage] = {
     "data": Stage("moe_adapt.data.stage:run", ("data", "model", "seed")),
     "upcycle": Stage("moe_adapt.upcycle.stage:run", ("model", "upcycle", "seed")),
     "cpt": Stage("moe_adapt.train.stage:run", ("cpt", "mixture", "curriculum", "engine", "seed")),
+    "teacher": Stage(
+        "moe_adapt.distill.teacher:run",
+        ("teacher", "engine", "distill.format", "distill.chat_template", "distill.eval", "seed"),
+    ),
+    "distill": Stage("moe_adapt.distill.stage:run", ("distill", "engine", "seed")),
     "eval": Stage("moe_adapt.eval.stage:run", ("eval", "seed")),
     "report": Stage("moe_adapt.eval.report_stage:run", ("report", "seed")),
 }
@@ -68,7 +73,13 @@ def redact(obj: Any) -> Any:
 def _stage_settings(raw: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
-    return {k: container.get(k) for k in keys}
+    settings: dict[str, Any] = {}
+    for key in keys:  # "a.b" picks one entry of a group
+        value: Any = container
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        settings[key] = value
+    return settings
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:

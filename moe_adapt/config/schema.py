@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from moe_adapt.data.config import DataConfig
+from moe_adapt.distill.config import DistillConfig, TeacherConfig
 from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
 from moe_adapt.train.config import CptConfig
 from moe_adapt.train.curriculum import CurriculumConfig
+from moe_adapt.train.progress import LoggerConfig
 from moe_adapt.train.sampler import MixtureConfig
 
 _fail = invalid
@@ -262,8 +264,17 @@ class UpcycleConfig:
             )
 
 
-STAGE_ORDER: tuple[str, ...] = ("init_dense", "data", "upcycle", "cpt", "eval", "report")
-"""Every stage that exists, in pipeline order. Distillation will join after cpt."""
+STAGE_ORDER: tuple[str, ...] = (
+    "init_dense",
+    "data",
+    "upcycle",
+    "cpt",
+    "teacher",
+    "distill",
+    "eval",
+    "report",
+)
+"""Every stage that exists, in pipeline order."""
 
 
 @dataclass
@@ -308,6 +319,17 @@ class Config:
 
     engine: HFEngineConfig = field(default_factory=HFEngineConfig)
     """Optimizer, schedule and loss terms, incl. L2/KL anchors (moe_adapt/engines/hf.py)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Settings of the teacher stage: the demo's reasoning task and small teacher
+    (moe_adapt/distill/config.py)."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Settings of the distill stage: chain-of-thought distillation phases (moe_adapt/distill/config.py)."""
+
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Where training metrics go besides metrics.jsonl: a wandb mirror (offline by default) and the
+    progress display (moe_adapt/train/progress.py; docs/logging.md)."""
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Settings of the eval stage (moe_adapt/eval/config.py)."""

@@ -12,6 +12,9 @@ the anchors only when their coefficient is > 0. A step whose loss or gradient no
 not applied (gradients are dropped, weights and optimizer state untouched) and reports
 ``skipped=1.0``; the LR schedule still advances, so it stays aligned with the data.
 
+With ``kd`` settings the language-model term is replaced by token-level distillation
+(:func:`moe_adapt.train.objectives.token_kd_loss`) against an online teacher or stored top-k.
+
 Single process only; DDP/FSDP2 come later.
 
 Shape legend: ``B`` sequences, ``T`` input positions (seq_len), ``T1`` = T + 1 packed tokens,
@@ -33,7 +36,8 @@ import torch
 
 from moe_adapt.errors import CheckpointError, MoEAdaptError, invalid
 from moe_adapt.fs import atomic_dir
-from moe_adapt.train import objectives
+from moe_adapt.train import objectives, router_health
+from moe_adapt.train.router_health import RouterBias
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,17 @@ class HFEngineConfig:
     dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
 
+    bias_update_rate: float = 0.0
+    """Aux-loss-free load balancing (DeepSeek-V3): after each applied step every router's per-expert
+    selection bias moves toward balance, b_e += rate · sign(mean_load − load_e), in softmax-probability
+    units (1e-3 for long runs; 0: off). MoE only (Qwen3-MoE, Qwen2-MoE, Mixtral). The bias is saved
+    beside the exported weights as router_bias.json (plain transformers routes without it)."""
+
+    capacity_factor: float | None = None
+    """For the moe/dropped_* metrics only: count the top-k assignments a router with this capacity
+    factor would drop (capacity = ceil(tokens·top_k/E·factor)). This engine is dropless; null logs 0,
+    so both engines log the same keys."""
+
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             _fail("lr", self.lr, "must be a finite number > 0")
@@ -123,6 +138,12 @@ class HFEngineConfig:
             _fail("reference", self.reference, "set a reference checkpoint folder when kl_anchor_coef > 0")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
+        if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):
+            _fail("bias_update_rate", self.bias_update_rate, "must be a finite number >= 0 (0: off)")
+        if self.capacity_factor is not None and not (
+            self.capacity_factor > 0 and math.isfinite(self.capacity_factor)
+        ):
+            _fail("capacity_factor", self.capacity_factor, "must be a finite number > 0, or null (dropless)")
 
 
 def lr_at(cfg: HFEngineConfig, step: int) -> float:
@@ -134,6 +155,14 @@ def lr_at(cfg: HFEngineConfig, step: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps))
     floor = cfg.min_lr_ratio
     return cfg.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A transformers causal LM from an HF checkpoint folder (safetensors only, no remote code), with
+    the router biases of aux-loss-free balancing re-installed when the folder has ``router_bias.json``."""
+    model = _load_causal_lm(path, dtype)
+    router_health.load_router_bias(model, path)
+    return model
 
 
 def _load_causal_lm(path: str | Path, dtype: torch.dtype) -> Any:
@@ -174,6 +203,8 @@ class HFEngine:
         *,
         device: str | torch.device = "cpu",
         lr_multiplier: Callable[[int], float] | None = None,
+        kd: objectives.KDSettings | None = None,
+        teacher: Any = None,
     ) -> None:
         self.cfg = cfg or HFEngineConfig()
         self.source = Path(checkpoint)
@@ -185,6 +216,20 @@ class HFEngine:
         self.lr_multiplier = lr_multiplier
         self.moe = _moe_shape(self.model.config)
         self.vocab_size = int(self.model.config.vocab_size)
+        if self.cfg.bias_update_rate > 0 and self.moe is None:
+            _fail(
+                "bias_update_rate",
+                self.cfg.bias_update_rate,
+                f"needs an MoE model; {type(self.model).__name__} is dense",
+            )
+        # biases saved with the checkpoint route as they did in training; they move only when updated
+        self.router_bias: RouterBias | None = router_health.load_router_bias(
+            self.model, self.source, self.cfg.bias_update_rate or 1e-3
+        )
+        if self.router_bias is None and self.cfg.bias_update_rate > 0:
+            self.router_bias = RouterBias.install(self.model, self.cfg.bias_update_rate)
+        self._load_LE: torch.Tensor | None = None  # expert load of the last forward (metrics, bias update)
+        self._routed_tokens = 0
         self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self._params if p.dim() >= 2]
@@ -205,8 +250,25 @@ class HFEngine:
         self.reference: Any = None
         if self.cfg.kl_anchor_coef > 0:
             assert self.cfg.reference is not None  # checked by the config
-            self.reference = _load_causal_lm(self.cfg.reference, dtype).to(self.device).eval()
+            self.reference = load_causal_lm(self.cfg.reference, dtype).to(self.device).eval()
             self.reference.requires_grad_(False)
+        self.kd = kd
+        """Token-level distillation settings; None trains on plain next-token cross-entropy."""
+        self.teacher: Any = None
+        """The frozen online teacher for token KD (None: top-k log-probabilities come with each batch)."""
+        if teacher is not None:
+            if kd is None:
+                raise MoEAdaptError("a teacher model was given without KD settings")
+            self.teacher = (
+                load_causal_lm(teacher, dtype) if isinstance(teacher, str | Path) else teacher
+            ).to(self.device)
+            self.teacher.eval().requires_grad_(False)
+            teacher_vocab = int(self.teacher.config.vocab_size)
+            if teacher_vocab != self.vocab_size:
+                raise MoEAdaptError(
+                    f"token KD needs the teacher and the student to share a tokenizer: the teacher has "
+                    f"{teacher_vocab} vocabulary entries, the student {self.vocab_size}"
+                )
 
     # -- forward -------------------------------------------------------------------------------
     def _tokens(self, tokens_BT1: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -223,27 +285,49 @@ class HFEngine:
             )
         return tokens
 
-    def forward_loss(self, tokens_BT1: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch of packed sequences; ``loss`` is their weighted sum.
+    def _field(self, batch: Any, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        value = getattr(batch, name, None)
+        return None if value is None else torch.as_tensor(value).to(device=self.device, dtype=dtype)
 
-        Inputs are ``tokens[:, :-1]``, labels ``tokens[:, 1:]``. Keys: ``loss``, ``lm_loss``, and for
-        MoE models ``aux_loss`` and ``z_loss``, plus ``l2_anchor`` / ``kl_anchor`` when enabled.
+    def forward_loss(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch; ``loss`` is their weighted sum.
+
+        ``batch`` is ``tokens_BT1`` (packed sequences: inputs ``[:, :-1]``, labels ``[:, 1:]``) or an
+        object with that as ``.tokens`` and optionally (see :class:`moe_adapt.train.trainer.Batch`)
+        ``loss_mask`` (which label positions count), ``position_ids`` (restarting at 0 where a packed
+        example starts, so attention stays inside each example), ``lang_ids``/``langs`` and the teacher's
+        ``topk_ids``/``topk_logp`` for offline KD. Keys: ``loss``, ``lm_loss``; with KD ``kd_ce``,
+        ``kd_kl``, ``kd_selected`` and ``kd_selected/<lang>``; for MoE models ``aux_loss`` and
+        ``z_loss``; ``l2_anchor`` / ``kl_anchor`` when enabled.
         """
-        tokens_BT1 = self._tokens(tokens_BT1)
+        tokens_BT1 = self._tokens(getattr(batch, "tokens", batch))
         inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+        mask_BT = self._field(batch, "loss_mask", torch.bool)
+        position_ids_BT = self._field(batch, "position_ids", torch.long)
+        if mask_BT is not None:
+            labels_BT = labels_BT.masked_fill(~mask_BT, -100)
         kwargs: dict[str, Any] = {"input_ids": inputs_BT, "use_cache": False}
+        if position_ids_BT is not None:
+            kwargs["position_ids"] = position_ids_BT
         if self.moe is not None:
             kwargs["output_router_logits"] = True
         out = self.model(**kwargs)
         logits_BTV = out.logits
         terms: dict[str, torch.Tensor] = {"lm_loss": objectives.lm_cross_entropy(logits_BTV, labels_BT)}
         loss = terms["lm_loss"]
+        if self.kd is not None:
+            kd_terms = self._kd_terms(batch, kwargs, logits_BTV, labels_BT)
+            terms.update(kd_terms)
+            loss = kd_terms["kd_loss"]
         if self.moe is not None:
             router_LTE = [x for x in (getattr(out, "router_logits", None) or ()) if x is not None]
             if not router_LTE:
                 raise MoEAdaptError(
                     f"{type(self.model).__name__} returned no router logits with output_router_logits=True"
                 )
+            bias_LE = self.router_bias.bias_LE() if self.router_bias is not None else None
+            self._load_LE = router_health.expert_load(router_LTE, self.moe[1], bias_LE)
+            self._routed_tokens = router_LTE[0].shape[0]
             terms["aux_loss"] = objectives.load_balancing_loss(router_LTE, self.moe[1])
             terms["z_loss"] = objectives.router_z_loss(router_LTE)
             loss = loss + self.cfg.aux_loss_coef * terms["aux_loss"] + self.cfg.z_loss_coef * terms["z_loss"]
@@ -252,10 +336,58 @@ class HFEngine:
             loss = loss + self.cfg.l2_anchor_coef * terms["l2_anchor"]
         if self.reference is not None:
             with torch.no_grad():
-                ref_logits_BTV = self.reference(input_ids=inputs_BT, use_cache=False).logits
+                ref_kwargs = {k: v for k, v in kwargs.items() if k != "output_router_logits"}
+                ref_logits_BTV = self.reference(**ref_kwargs).logits
             terms["kl_anchor"] = objectives.kl_anchor_loss(logits_BTV, ref_logits_BTV)
             loss = loss + self.cfg.kl_anchor_coef * terms["kl_anchor"]
         terms["loss"] = loss
+        return terms
+
+    def _kd_terms(
+        self, batch: Any, kwargs: dict[str, Any], logits_BTV: torch.Tensor, labels_BT: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Token-KD terms: the teacher online (``self.teacher``) or from the batch's top-k."""
+        assert self.kd is not None
+        num_pos, vocab = labels_BT.numel(), logits_BTV.shape[-1]
+        teacher: torch.Tensor | objectives.TeacherTopK
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_kwargs = {k: v for k, v in kwargs.items() if k != "output_router_logits"}
+                teacher = self.teacher(**teacher_kwargs).logits.reshape(num_pos, -1)
+        else:
+            ids = self._field(batch, "topk_ids", torch.long)
+            logp = self._field(batch, "topk_logp", torch.float32)
+            if ids is None or logp is None:
+                raise MoEAdaptError(
+                    "token KD without an online teacher needs the teacher's stored top-k log-probabilities "
+                    "in every batch (generate them with distill.generate.store_topk > 0)"
+                )
+            teacher = objectives.TeacherTopK(ids.reshape(num_pos, -1), logp.reshape(num_pos, -1))
+        mask_N = (labels_BT != -100).reshape(-1)
+        out = objectives.token_kd_loss(
+            logits_BTV.reshape(num_pos, vocab),
+            labels_BT.reshape(-1),
+            mask_N,
+            teacher,
+            alpha=self.kd.alpha,
+            temperature=self.kd.temperature,
+            direction=self.kd.direction,
+            theta=self.kd.theta,
+        )
+        selected_N = out["selected_N"].float()
+        terms = {
+            "kd_loss": out["loss"],
+            "kd_ce": out["ce"],
+            "kd_kl": out["kl"],
+            "kd_selected": selected_N.sum() / mask_N.sum().clamp(min=1),
+        }
+        lang_ids = self._field(batch, "lang_ids", torch.long)
+        for i, lang in enumerate(getattr(batch, "langs", None) or ()):
+            if lang_ids is None:
+                break
+            in_lang_N = mask_N & (lang_ids.reshape(-1) == i)
+            if bool(in_lang_N.any()):
+                terms[f"kd_selected/{lang}"] = (selected_N * in_lang_N).sum() / in_lang_N.sum()
         return terms
 
     # -- step ----------------------------------------------------------------------------------
@@ -264,19 +396,25 @@ class HFEngine:
         factor = self.lr_multiplier(self.steps) if self.lr_multiplier is not None else 1.0
         return lr_at(self.cfg, self.steps) * factor
 
-    def step(self, tokens_BT1: torch.Tensor | np.ndarray) -> dict[str, float]:
-        """Forward, backward, clip and apply one optimizer step; returns float metrics.
+    def step(self, batch: Any) -> dict[str, float]:
+        """Forward, backward, clip and apply one optimizer step on ``batch`` (see :meth:`forward_loss`);
+        returns float metrics.
 
-        Metrics: every loss term, ``grad_norm`` (before clipping), ``lr``, ``tokens`` and ``skipped``
-        (1.0 when the loss or gradient norm was not finite and the update was dropped).
+        Metrics: every loss term, ``grad_norm`` (before clipping), ``lr``, ``tokens`` (label positions
+        that count) and ``skipped`` (1.0 when the loss or gradient norm was not finite and the update
+        was dropped).
         """
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        terms = self.forward_loss(tokens_BT1)
+        terms = self.forward_loss(batch)
         metrics = {k: float(v.detach()) for k, v in terms.items()}
-        metrics.update(lr=lr, tokens=float(torch.as_tensor(tokens_BT1)[:, 1:].numel()))
+        mask = getattr(batch, "loss_mask", None)
+        tokens = (
+            torch.as_tensor(getattr(batch, "tokens", batch))[:, 1:].numel() if mask is None else mask.sum()
+        )
+        metrics.update(lr=lr, tokens=float(tokens))
         skipped = not math.isfinite(metrics["loss"])
         grad_norm = float("nan")
         if not skipped:
@@ -289,6 +427,15 @@ class HFEngine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._load_LE is not None:
+            assert self.moe is not None
+            load_LE, self._load_LE = self._load_LE, None
+            dropped_L = router_health.dropped_tokens(
+                load_LE, self.cfg.capacity_factor, self._routed_tokens, self.moe[1]
+            )
+            metrics.update(router_health.load_metrics(load_LE, dropped_L))
+            if self.router_bias is not None and self.cfg.bias_update_rate > 0 and not skipped:
+                self.router_bias.update(load_LE)
         self.steps += 1
         metrics.update(grad_norm=grad_norm, skipped=float(skipped))
         return metrics
@@ -310,6 +457,7 @@ class HFEngine:
             },
             "steps": self.steps,
             "rng": {"torch": torch.get_rng_state()},
+            **({"router_bias": self.router_bias.state_dict()} if self.router_bias is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -324,6 +472,13 @@ class HFEngine:
         self.optimizer.load_state_dict(
             {"state": {int(i): s for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
         )
+        if (self.router_bias is not None) != ("router_bias" in state):
+            raise CheckpointError(
+                "the checkpoint's router bias does not match engine.bias_update_rate "
+                "(resume with the run's engine.bias_update_rate)"
+            )
+        if self.router_bias is not None:
+            self.router_bias.load_state_dict(state["router_bias"])
         self.steps = int(state["steps"])
         torch.set_rng_state(state["rng"]["torch"].to(torch.uint8))
 
@@ -333,6 +488,8 @@ class HFEngine:
         final = Path(path)
         with atomic_dir(final) as tmp:
             self.model.save_pretrained(str(tmp))
+            if self.router_bias is not None:
+                router_health.save_router_bias(self.router_bias, tmp)
             for name in _SIDE_FILES:
                 if (self.source / name).is_file():
                     shutil.copy2(self.source / name, tmp / name)

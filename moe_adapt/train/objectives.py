@@ -12,6 +12,7 @@ Shape legend: ``B`` sequences, ``T`` positions (tokens per sequence, or tokens i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,14 @@ import torch.nn.functional as F
 from moe_adapt.errors import MoEAdaptError
 
 __all__ = [
+    "KDSettings",
+    "TeacherTopK",
     "kl_anchor_loss",
     "l2_anchor_loss",
     "lm_cross_entropy",
     "load_balancing_loss",
     "router_z_loss",
+    "token_kd_loss",
 ]
 
 
@@ -123,3 +127,117 @@ def kl_anchor_loss(
     )
     kl_N = (ref_logp_NV.exp() * (ref_logp_NV - logp_NV)).sum(dim=-1)
     return kl_N.mean()
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """How token-level distillation weighs its terms (see :func:`token_kd_loss`)."""
+
+    alpha: float = 0.5
+    """Weight of the cross-entropy on the reference tokens; 1 − alpha weighs T²·KL."""
+
+    temperature: float = 2.0
+    """Softening temperature T of both distributions."""
+
+    direction: str = "forward"
+    """forward: KL(teacher ‖ student); reverse: KL(student ‖ teacher)."""
+
+    theta: float | None = None
+    """SelecTKD: count the KL only where the teacher's max softmax(z/T) exceeds theta; None: all."""
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """A teacher's next-token distribution kept as its ``K`` most likely tokens per position.
+
+    ``logp_NK`` are the teacher's log-probabilities at temperature 1 (log-softmax over the whole
+    vocabulary) of the token ids ``ids_NK``. Written by the generate phase, so token-level KD can run
+    without the teacher in memory.
+    """
+
+    ids_NK: torch.Tensor
+    logp_NK: torch.Tensor
+
+
+def token_kd_loss(
+    logits_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    mask_N: torch.Tensor,
+    teacher: torch.Tensor | TeacherTopK,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    direction: str = "forward",
+    theta: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Token-level distillation ``α·CE + (1−α)·T²·KL`` over the positions where ``mask_N`` is true.
+
+    ``teacher`` is either the teacher's logits ``[N, V]`` (online) or its :class:`TeacherTopK`. Both
+    distributions are softened by ``T``. ``direction="forward"`` is ``KL(q_T ‖ p_T)`` (teacher ``q``,
+    student ``p``), ``"reverse"`` is ``KL(p_T ‖ q_T)``. With top-k teachers the sums run over the ``K``
+    stored ids: ``q`` is renormalised over them (exact on that support); forward KL uses the student's
+    full-vocabulary log-probabilities (so it is still ≥ 0 and pushes mass onto the teacher's support),
+    reverse KL renormalises the student over the support too. With ``K = V`` both equal the online
+    values.
+
+    ``theta`` (SelecTKD) keeps the KL term only where the teacher's confidence ``max softmax(z/T)``
+    exceeds it (with top-k teachers, computed over the stored support: an upper bound of the full
+    value). The KL is summed over the kept positions and divided by *all* masked positions, so a
+    position that is not selected adds nothing, and ``theta=0`` is plain token KD. Returns ``loss``,
+    ``ce``, ``kl`` and ``selected_N`` (bool, false outside ``mask_N``).
+    """
+    if direction not in ("forward", "reverse"):
+        raise MoEAdaptError(f"token_kd_loss: direction={direction!r} must be 'forward' or 'reverse'")
+    if not 0.0 <= alpha <= 1.0:
+        raise MoEAdaptError(f"token_kd_loss: alpha={alpha} must be in [0, 1]")
+    if temperature <= 0:
+        raise MoEAdaptError(f"token_kd_loss: temperature={temperature} must be > 0")
+    num, vocab = logits_NV.shape
+    if labels_N.shape != (num,) or mask_N.shape != (num,):
+        raise MoEAdaptError(
+            f"token_kd_loss: logits {tuple(logits_NV.shape)}, labels {tuple(labels_N.shape)} and "
+            f"mask {tuple(mask_N.shape)} disagree on the number of positions"
+        )
+    mask_N = mask_N.bool()
+    count = mask_N.sum().clamp(min=1).float()
+    logits_NV = logits_NV.float()
+    ce_N = F.cross_entropy(logits_NV, labels_N.clamp(min=0), reduction="none")
+    ce = (ce_N * mask_N).sum() / count
+
+    logp_NV = torch.log_softmax(logits_NV / temperature, dim=-1)
+    if isinstance(teacher, TeacherTopK):
+        ids_NK = teacher.ids_NK.long()
+        if ids_NK.shape[0] != num or teacher.logp_NK.shape != ids_NK.shape:
+            raise MoEAdaptError(
+                f"token_kd_loss: teacher top-k ids {tuple(ids_NK.shape)} / log-probs "
+                f"{tuple(teacher.logp_NK.shape)} do not match {num} positions"
+            )
+        if int(ids_NK.max()) >= vocab or int(ids_NK.min()) < 0:
+            raise MoEAdaptError(
+                f"token_kd_loss: teacher top-k ids reach {int(ids_NK.max())} but the student's vocabulary "
+                f"has {vocab} entries (same tokenizer needed)"
+            )
+        q_logp_NK = torch.log_softmax(teacher.logp_NK.float() / temperature, dim=-1)
+        p_logp_NK = logp_NV.gather(1, ids_NK)
+        if direction == "forward":
+            kl_N = (q_logp_NK.exp() * (q_logp_NK - p_logp_NK)).sum(dim=-1)
+        else:
+            p_support_NK = torch.log_softmax(p_logp_NK, dim=-1)
+            kl_N = (p_support_NK.exp() * (p_support_NK - q_logp_NK)).sum(dim=-1)
+        confidence_N = q_logp_NK.max(dim=-1).values.exp()
+    else:
+        if teacher.shape != logits_NV.shape:
+            raise MoEAdaptError(
+                f"token_kd_loss: teacher logits {tuple(teacher.shape)} do not match the student's "
+                f"{tuple(logits_NV.shape)} (same tokenizer and vocabulary needed)"
+            )
+        q_logp_NV = torch.log_softmax(teacher.detach().float() / temperature, dim=-1)
+        if direction == "forward":
+            kl_N = (q_logp_NV.exp() * (q_logp_NV - logp_NV)).sum(dim=-1)
+        else:
+            kl_N = (logp_NV.exp() * (logp_NV - q_logp_NV)).sum(dim=-1)
+        confidence_N = q_logp_NV.max(dim=-1).values.exp()
+    selected_N = mask_N if theta is None else mask_N & (confidence_N.detach() > theta)
+    kl = (kl_N * selected_N).sum() / count
+    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
+    return {"loss": loss, "ce": ce, "kl": kl, "selected_N": selected_N}

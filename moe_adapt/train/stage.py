@@ -82,6 +82,7 @@ class HeldoutLossCallback(Callback):
 def run(cfg: Any, out: Path) -> dict[str, Any]:
     """Train ``cfg.cpt.init_from`` on ``cfg.cpt.shards`` with the mixture/curriculum/engine groups."""
     from moe_adapt.engines.hf import HFEngine
+    from moe_adapt.train.progress import stage_logging_callbacks
     from moe_adapt.train.sampler import MixtureSampler, load_manifest
 
     c = cfg.cpt
@@ -112,6 +113,7 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
         MetricsCallback(work / "metrics.jsonl"),
         NaNGuardCallback(c.max_bad_steps),
         CheckpointCallback(work / "checkpoints", c.checkpoint_every, c.keep_last),
+        *stage_logging_callbacks(cfg, "cpt"),
     ]
     heldout_cb = None
     if c.heldout:

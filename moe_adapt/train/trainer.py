@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,35 @@ class HasTokens(Protocol):
     def tokens(self) -> np.ndarray | torch.Tensor: ...
 
 
+@dataclass
+class Batch:
+    """A batch with everything an engine may use besides the tokens (fine-tuning, distillation).
+
+    Shape legend: ``B`` rows, ``T`` label positions (``T1 - 1``), ``K`` teacher top-k entries.
+    """
+
+    tokens: np.ndarray
+    """``tokens_BT1``: inputs are ``[:, :-1]``, labels ``[:, 1:]``."""
+
+    loss_mask: np.ndarray | None = None
+    """``[B, T]`` bool: which labels count (e.g. response tokens only); None: all."""
+
+    position_ids: np.ndarray | None = None
+    """``[B, T]`` positions of the inputs, restarting at 0 where a packed example starts."""
+
+    lang_ids: np.ndarray | None = None
+    """``[B, T]`` index into ``langs`` of the example each label belongs to."""
+
+    langs: tuple[str, ...] = ()
+    """Language names that ``lang_ids`` index."""
+
+    topk_ids: np.ndarray | None = None
+    """``[B, T, K]`` the teacher's most likely next tokens at each label position (offline KD)."""
+
+    topk_logp: np.ndarray | None = None
+    """``[B, T, K]`` their log-probabilities."""
+
+
 class BatchSource(Protocol):
     """What the trainer needs from a sampler (:class:`~moe_adapt.train.sampler.MixtureSampler` is one)."""
 
@@ -46,7 +76,7 @@ class BatchSource(Protocol):
 class Engine(Protocol):
     """What the trainer needs from an engine (:class:`~moe_adapt.engines.hf.HFEngine` is one)."""
 
-    def step(self, tokens_BT1: Any) -> dict[str, float]: ...
+    def step(self, batch: HasTokens) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -89,7 +119,7 @@ class Trainer:
             cb.on_train_start(self)
         while self.step < self.max_steps and not self.should_stop:
             batch = self.sampler.next_batch(self.batch_size)
-            metrics = self.engine.step(batch.tokens)
+            metrics = self.engine.step(batch)
             self.step += 1
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step, metrics)

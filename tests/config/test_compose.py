@@ -66,6 +66,10 @@ def test_every_schema_field_has_a_docstring():
         "moe_adapt.eval.config",
         "moe_adapt.train.curriculum",
         "moe_adapt.train.sampler",
+        "moe_adapt.train.progress",
+        "moe_adapt.distill.config",
+        "moe_adapt.distill.verify",
+        "moe_adapt.distill.format",
     ]
     classes = []
     for name in modules:
@@ -89,9 +93,14 @@ def test_every_option_is_documented():
     docs = (conf_dir().parent / "docs").glob("*.md")
     text = "\n".join(p.read_text() for p in docs)
     from moe_adapt.data.config import DataConfig
+    from moe_adapt.distill.config import DistillConfig, TeacherConfig
     from moe_adapt.eval.config import EvalConfig, ReportConfig
+    from moe_adapt.train.progress import LoggerConfig
 
     for prefix, cls in (
+        ("distill", DistillConfig),
+        ("teacher", TeacherConfig),
+        ("logger", LoggerConfig),
         ("upcycle", UpcycleConfig),
         ("model", ModelConfig),
         ("init_dense", InitDenseConfig),
@@ -100,7 +109,15 @@ def test_every_option_is_documented():
         ("report", ReportConfig),
     ):
         for f in fields(cls):
-            own = {"data": "data.md", "eval": "eval.md", "report": "eval.md", "engine": "cpt.md"}.get(prefix)
+            own = {
+                "data": "data.md",
+                "eval": "eval.md",
+                "report": "eval.md",
+                "engine": "cpt.md",
+                "distill": "distill.md",
+                "teacher": "distill.md",
+                "logger": "logging.md",
+            }.get(prefix)
             own_text = (conf_dir().parent / "docs" / own).read_text() if own else ""
             documented = f"`{prefix}.{f.name}`" in text or f"`{f.name}`" in own_text  # or in the group's page
             assert documented, f"{prefix}.{f.name} is not in docs/"
@@ -116,5 +133,8 @@ def test_every_option_is_documented():
             "mixture",
             "curriculum",
             "engine",
+            "distill",
+            "teacher",
+            "logger",
         ):
             assert f"`{f.name}`" in text, f"{f.name} is not in docs/"

@@ -1,0 +1,189 @@
+"""The generate phase: the teacher answers every prompt, shard by shard, resumably.
+
+Prompts are cut into shards of ``distill.generate.shard_size``. Shard ``i`` is written as
+``shard-iiiii.jsonl`` (one line per trace) and, when top-k log-probabilities are kept,
+``shard-iiiii.safetensors`` (``<trace id>.ids`` / ``<trace id>.logp``); the tensors file is renamed
+into place first and the JSONL last, so a shard whose JSONL exists is complete. A crash loses only the
+shard being written; the next run skips finished shards and, because each shard's sampling seed is a
+function of ``(seed, shard)``, produces the same traces it would have produced without the crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from moe_adapt.data.jsonl import write_documents
+from moe_adapt.distill.config import GenerateConfig
+from moe_adapt.distill.generation import generate, topk_logprobs
+from moe_adapt.distill.prompts import PromptRecord
+from moe_adapt.distill.sft_data import chat_prompt_ids
+from moe_adapt.errors import MoEAdaptError
+from moe_adapt.fs import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def _fingerprint(
+    prompts: Sequence[PromptRecord], gcfg: GenerateConfig, teacher: str, seed: int, chat: str | None
+) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps([p.id, p.lang, p.prompt]).encode())
+    h.update(json.dumps([vars(gcfg), teacher, seed, chat], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    """Finished shards' JSONL files, in order."""
+    return sorted(folder.glob("shard-*.jsonl"))
+
+
+def iter_traces(folder: Path) -> Iterator[dict[str, Any]]:
+    """Every trace record of the finished shards, each with ``shard`` set to its shard's stem."""
+    for path in shard_paths(folder):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                rec["shard"] = path.stem
+                yield rec
+
+
+def load_topk(folder: Path, shard: str) -> dict[str, np.ndarray]:
+    """The top-k tensors of one shard (``<trace id>.ids`` / ``.logp``)."""
+    path = folder / f"{shard}.safetensors"
+    if not path.is_file():
+        raise MoEAdaptError(f"{path} is missing: run the generate phase with distill.generate.store_topk > 0")
+    return load_file(str(path))
+
+
+def run_generate(
+    prompts: Sequence[PromptRecord],
+    teacher_path: str,
+    gcfg: GenerateConfig,
+    out: Path,
+    *,
+    seed: int,
+    chat_template: str | None,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Generate into ``out`` (resuming what is there); returns counts. ``on_shard(done, total)`` is
+    called after each shard (progress)."""
+    from transformers import AutoTokenizer
+
+    from moe_adapt.engines.hf import load_causal_lm
+
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(prompts, gcfg, teacher_path, seed, chat_template)
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if old.get("fingerprint") != fingerprint:
+            log.warning("generate: prompts or settings changed since %s was started; starting over", out)
+            for path in out.glob("shard-*"):
+                path.unlink()
+    shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
+    atomic_write_json(
+        manifest_path, {"fingerprint": fingerprint, "shards": len(shards), "prompts": len(prompts)}
+    )
+    todo = [i for i in range(len(shards)) if not (out / f"shard-{i:05d}.jsonl").is_file()]
+    if len(todo) < len(shards):
+        log.info("generate: %d of %d shards already done, resuming", len(shards) - len(todo), len(shards))
+    if not todo:
+        return _summary(out, len(shards))
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    model = load_causal_lm(teacher_path, torch.float32).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = int(tokenizer.eos_token_id)
+    start = time.perf_counter()
+    for n, i in enumerate(todo, start=1):
+        _generate_shard(model, tokenizer, shards[i], i, gcfg, out, seed, chat_template, int(pad_id), eos_id)
+        rate = n / (time.perf_counter() - start)
+        log.info("generate: shard %d/%d written (%.2f shards/s)", i + 1, len(shards), rate)
+        if on_shard is not None:
+            on_shard(i, len(shards))
+    return _summary(out, len(shards))
+
+
+def _generate_shard(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[PromptRecord],
+    index: int,
+    gcfg: GenerateConfig,
+    out: Path,
+    seed: int,
+    chat_template: str | None,
+    pad_id: int,
+    eos_id: int,
+) -> None:
+    records: list[dict[str, Any]] = []
+    tensors: dict[str, np.ndarray] = {}
+    for b in range(0, len(prompts), gcfg.batch_size):
+        batch = prompts[b : b + gcfg.batch_size]
+        prompt_ids = [chat_prompt_ids(tokenizer, p.prompt, chat_template) for p in batch]
+        responses = generate(
+            model,
+            prompt_ids,
+            pad_id=pad_id,
+            eos_id=eos_id,
+            max_new_tokens=gcfg.max_new_tokens,
+            samples=gcfg.samples,
+            temperature=gcfg.temperature,
+            top_p=gcfg.top_p,
+            top_k=gcfg.top_k,
+            seed=seed * 1_000_003 + index * 1009 + b,
+        )
+        pairs = []
+        for p, ids, samples in zip(batch, prompt_ids, responses, strict=True):
+            for s, resp in enumerate(samples):
+                trace_id = f"{p.id}#s{s}"
+                records.append(
+                    {
+                        "id": trace_id,
+                        "prompt_id": p.id,
+                        "lang": p.lang,
+                        "prompt": p.prompt,
+                        "answer": p.answer,
+                        "answer_type": p.answer_type,
+                        "sample": s,
+                        "response": tokenizer.decode(resp, skip_special_tokens=True),
+                        "response_ids": resp,
+                        "finished": bool(resp) and resp[-1] == eos_id,
+                    }
+                )
+                pairs.append((trace_id, ids, resp))
+        if gcfg.store_topk:
+            scored = [(t, i, r) for t, i, r in pairs if r]
+            if scored:
+                top = topk_logprobs(model, [(i, r) for _, i, r in scored], gcfg.store_topk, pad_id=pad_id)
+                for (trace_id, _, _), (ids_RK, logp_RK) in zip(scored, top, strict=True):
+                    tensors[f"{trace_id}.ids"], tensors[f"{trace_id}.logp"] = ids_RK, logp_RK
+    stem = out / f"shard-{index:05d}"
+    if gcfg.store_topk:
+        tmp = stem.with_suffix(".safetensors.tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, stem.with_suffix(".safetensors"))
+    write_documents(stem.with_suffix(".jsonl"), records)
+
+
+def _summary(out: Path, shards: int) -> dict[str, Any]:
+    traces = finished = 0
+    per_lang: dict[str, int] = {}
+    for rec in iter_traces(out):
+        traces += 1
+        finished += bool(rec.get("finished"))
+        per_lang[rec["lang"]] = per_lang.get(rec["lang"], 0) + 1
+    return {"shards": shards, "traces": traces, "finished_with_eos": finished, "traces_per_lang": per_lang}

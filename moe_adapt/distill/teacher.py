@@ -1,0 +1,109 @@
+"""The ``teacher`` stage (demo): a bilingual reasoning task and a small teacher trained on it.
+
+Real recipes point ``distill.teacher`` at a large reasoning model. The CPU demo has none, so this
+stage renders a built-in task (:mod:`moe_adapt.distill.tasks`) in every ``teacher.langs`` language,
+writes ``prompts/train.jsonl`` and ``prompts/test.jsonl``, builds a small dense model with the
+student's tokenizer (so token-level KD can compare them id by id), trains it on the reference
+solutions as an ``sft`` phase and reports its held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_adapt.config.schema import Config, InitDenseConfig
+from moe_adapt.distill.accuracy import evaluate_accuracy
+from moe_adapt.distill.config import DistillEvalConfig
+from moe_adapt.distill.prompts import load_prompts
+from moe_adapt.distill.tasks import TASKS, write_problem_set
+from moe_adapt.distill.train_phase import reference_examples, run_train_phase
+from moe_adapt.errors import MoEAdaptConfigError, invalid
+from moe_adapt.fs import atomic_write_json
+from moe_adapt.train.progress import stage_logging_callbacks
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, out: Path) -> dict[str, Any]:
+    """Write ``prompts/`` and ``model/`` (plus ``metrics.jsonl`` and ``summary.json``) into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from moe_adapt.init_dense import build_config
+
+    t = cfg.teacher
+    if t.task not in TASKS:
+        invalid("teacher.task", t.task, f"choose one of {', '.join(TASKS)}")
+    if not t.tokenizer or not Path(t.tokenizer).is_dir():
+        raise MoEAdaptConfigError(f"teacher.tokenizer={t.tokenizer!r} is not a folder with a tokenizer")
+    make = TASKS[t.task]
+    prompt_dir = out / "prompts"
+    prompt_dir.mkdir()
+    for split, n in (("train", t.train_per_lang), ("test", t.test_per_lang)):
+        problems = make(n, t.langs, split=split, seed=cfg.seed, max_operand=t.max_operand, ops=t.ops)
+        write_problem_set(prompt_dir / f"{split}.jsonl", problems)
+
+    tokenizer = AutoTokenizer.from_pretrained(t.tokenizer)
+    init = out / "init"
+    arch = InitDenseConfig(
+        family="llama",
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_layers=t.num_layers,
+        num_heads=t.num_heads,
+        num_kv_heads=t.num_heads,
+        max_position_embeddings=max(512, t.train.seq_len),
+        vocab_size=len(tokenizer),
+    )
+    config = build_config(
+        arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    torch.manual_seed(cfg.seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(init)
+
+    train = load_prompts(prompt_dir / "train.jsonl", t.langs, key="teacher.task")
+    test = load_prompts(prompt_dir / "test.jsonl", t.langs, key="teacher.task")
+    work = Path(cfg.run_dir) / ".work" / "teacher"
+    work.mkdir(parents=True, exist_ok=True)
+    # a dense teacher: no router terms, no anchors
+    engine_cfg = replace(cfg.engine, l2_anchor_coef=0.0, kl_anchor_coef=0.0, reference=None)
+    train_summary = run_train_phase(
+        "teacher",
+        t.train,
+        init_from=init,
+        examples=reference_examples(tokenizer, train, cfg.distill.chat_template),
+        langs=t.langs,
+        engine_cfg=engine_cfg,
+        work=work,
+        seed=cfg.seed,
+        callbacks=stage_logging_callbacks(cfg, "teacher"),
+    )
+    shutil.move(str(work / "model"), str(out / "model"))
+    shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
+    shutil.rmtree(init)
+    shutil.rmtree(work, ignore_errors=True)
+    eval_cfg = DistillEvalConfig(max_prompts=t.test_per_lang, max_new_tokens=cfg.distill.eval.max_new_tokens)
+    accuracy = evaluate_accuracy(
+        out / "model", test, eval_cfg, cfg.distill.format, chat_template=cfg.distill.chat_template
+    )
+    log.info("teacher: held-out accuracy %s", {k: v["accuracy"] for k, v in accuracy.items() if k != "gap"})
+    summary = {
+        "task": t.task,
+        "model": "model",
+        "prompts": {"train": "prompts/train.jsonl", "test": "prompts/test.jsonl"},
+        "train": train_summary,
+        "accuracy": accuracy,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary

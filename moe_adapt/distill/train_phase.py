@@ -1,0 +1,189 @@
+"""One training phase of distillation (sft, seq_kd, token_kd, select_kd) on the shared trainer.
+
+The phase packs its examples (:mod:`moe_adapt.distill.sft_data`), builds the engine from the previous
+phase's model, and runs :class:`~moe_adapt.train.trainer.Trainer` with the same callbacks as
+continued pretraining (metrics, NaN guard, atomic checkpoints). A crashed phase resumes from its
+latest checkpoint; the finished model is written as an HF checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_adapt.distill.config import TrainPhaseConfig
+from moe_adapt.distill.generate import load_topk
+from moe_adapt.distill.prompts import PromptRecord
+from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
+from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.train.callbacks import (
+    Callback,
+    CheckpointCallback,
+    MetricsCallback,
+    NaNGuardCallback,
+    latest_checkpoint,
+)
+from moe_adapt.train.objectives import KDSettings
+from moe_adapt.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def reference_examples(
+    tokenizer: Any, prompts: Sequence[PromptRecord], chat_template: str | None
+) -> list[Example]:
+    """Examples from the prompts' reference responses (the ``sft`` phase)."""
+    missing = [p.id for p in prompts if not p.reference_response]
+    if missing:
+        raise MoEAdaptConfigError(
+            f"the sft phase trains on reference responses, but {len(missing)} prompts have none "
+            f"(e.g. {missing[0]!r}): add reference_response to distill.prompts, "
+            "or drop sft from distill.phases"
+        )
+    return [
+        Example(
+            chat_prompt_ids(tokenizer, p.prompt, chat_template),
+            response_ids(tokenizer, p.reference_response or ""),
+            p.lang,
+        )
+        for p in prompts
+    ]
+
+
+def trace_examples(
+    tokenizer: Any,
+    traces: Sequence[dict[str, Any]],
+    chat_template: str | None,
+    *,
+    topk_dir: Path | None = None,
+) -> list[Example]:
+    """Examples from verified teacher traces, with their stored top-k when ``topk_dir`` is given.
+
+    The teacher's response token ids are used as written (no re-tokenisation), so they line up with
+    the stored top-k log-probabilities.
+    """
+    if not traces:
+        raise MoEAdaptError(
+            "no verified traces to train on: every generated trace was rejected (see verify/report.md)"
+        )
+    cache: dict[str, dict[str, np.ndarray]] = {}
+    examples = []
+    for t in traces:
+        ex = Example(
+            chat_prompt_ids(tokenizer, t["prompt"], chat_template), list(t["response_ids"]), t["lang"]
+        )
+        if topk_dir is not None:
+            if t["shard"] not in cache:
+                cache = {t["shard"]: load_topk(topk_dir, t["shard"])}  # traces come shard by shard
+            ex.topk_ids = cache[t["shard"]][f"{t['id']}.ids"].astype(np.int64)
+            ex.topk_logp = cache[t["shard"]][f"{t['id']}.logp"].astype(np.float32)
+        examples.append(ex)
+    return examples
+
+
+def check_same_tokenizer(student: str | Path, teacher: str | Path) -> None:
+    """Token KD compares distributions id by id: the vocabularies must be the same."""
+    from transformers import AutoTokenizer
+
+    a, b = AutoTokenizer.from_pretrained(str(student)), AutoTokenizer.from_pretrained(str(teacher))
+    if a.get_vocab() != b.get_vocab():
+        raise MoEAdaptConfigError(
+            f"token KD needs the same tokenizer for student and teacher: {student} has {len(a)} tokens and "
+            f"{teacher} has {len(b)}, with different ids; use seq_kd instead, or a teacher with the "
+            "student's tokenizer"
+        )
+
+
+def run_train_phase(
+    name: str,
+    pcfg: TrainPhaseConfig,
+    *,
+    init_from: Path,
+    examples: Sequence[Example],
+    langs: Sequence[str],
+    engine_cfg: HFEngineConfig,
+    work: Path,
+    seed: int,
+    kd: KDSettings | None = None,
+    teacher: str | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Train ``init_from`` on ``examples``; writes ``work/model`` and ``work/metrics.jsonl``.
+
+    ``callbacks`` are added to the metrics, NaN-guard and checkpoint ones (progress, wandb).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(init_from))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = np.random.default_rng([seed, 17]).permutation(len(examples))
+    rows = pack_examples([examples[i] for i in order], pcfg.seq_len, int(pad_id), langs)
+    if rows.truncated:
+        log.warning(
+            "%s: %d of %d responses cut to fit seq_len=%d", name, rows.truncated, len(examples), pcfg.seq_len
+        )
+    response_tokens = int(rows.loss_mask.sum())
+    log.info(
+        "%s: %d examples packed into %d rows of %d tokens (%d response tokens; %.1f epochs in %d steps)",
+        name,
+        len(examples),
+        len(rows),
+        pcfg.seq_len,
+        response_tokens,
+        pcfg.steps * pcfg.batch_size / len(rows),
+        pcfg.steps,
+    )
+    ecfg = dataclasses.replace(engine_cfg, lr=pcfg.lr, warmup_steps=pcfg.warmup_steps, decay_steps=pcfg.steps)
+    torch.manual_seed(seed)
+    engine = HFEngine(init_from, ecfg, kd=kd, teacher=teacher)
+    all_callbacks: list[Callback] = [
+        MetricsCallback(work / "metrics.jsonl"),
+        NaNGuardCallback(),
+        CheckpointCallback(work / "checkpoints", pcfg.checkpoint_every, keep_last=1),
+        *callbacks,
+    ]
+    trainer = Trainer(
+        engine, PackedSampler(rows, seed), all_callbacks, max_steps=pcfg.steps, batch_size=pcfg.batch_size
+    )
+    latest = latest_checkpoint(work / "checkpoints")
+    if latest is not None:
+        log.info("%s: resuming from %s", name, latest)
+        trainer.resume(latest)
+    trainer.fit()
+    engine.save_hf(work / "model")
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    last = _last_metrics(work / "metrics.jsonl")
+    return {
+        "steps": trainer.step,
+        "examples": len(examples),
+        "rows": len(rows),
+        "response_tokens": response_tokens,
+        "truncated": rows.truncated,
+        "final_loss": last.get("loss"),
+        **(
+            {
+                "selected_share": {
+                    k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("kd_selected/")
+                }
+            }
+            if kd
+            else {}
+        ),
+    }
+
+
+def _last_metrics(path: Path) -> dict[str, float]:
+    import json
+
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return json.loads(lines[-1]) if lines else {}
