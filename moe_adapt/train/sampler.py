@@ -9,9 +9,13 @@ document boundaries. Sources named in ``replay`` ignore the curriculum and read 
 every phase. With linear pacing, the next phase's pool is blended in by integer error diffusion.
 
 The stream is a pure function of (seed, config, manifest, position): it does not depend on how it is
-cut into batches, and :meth:`MixtureSampler.state_dict` (small, JSON) resumes it exactly.
+cut into batches, and :meth:`MixtureSampler.state_dict` (small, JSON) resumes it exactly. Both
+schedulers are prefix-consistent, so the sampler schedules up to :data:`PLAN_ROWS` rows at once (a
+plan, never across a phase boundary) and a batch only copies the planned windows: the same stream as
+scheduling every batch on its own, at a fraction of the cost.
 
-Shape legend: ``B`` sequences in a batch, ``S1`` seq_len + 1 tokens, ``N`` sources.
+Shape legend: ``B`` sequences in a batch, ``S1`` seq_len + 1 tokens, ``N`` sources, ``R`` rows of a
+plan, ``K`` rows of a plan that one pool serves.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 
 EXHAUSTION = ("repeat", "stop_phase")
 STATE_VERSION = 1
+PLAN_ROWS = 4096
+"""Most rows scheduled at once: which source and pool serves each row is computed for up to this many
+rows ahead (within one phase), so that a batch only copies tokens."""
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:
@@ -107,6 +114,47 @@ class Batch:
     def sources(self) -> list[str]:
         """The source name of each sequence."""
         return [self.names[i] for i in self.source_ids.tolist()]
+
+
+@dataclass
+class _Take:
+    """The rows of a plan that one pool serves."""
+
+    source: int
+    pool: DocPool
+    rows: np.ndarray
+    """``rows_K``: plan rows (0 = the plan's first sequence), ascending."""
+    upto: np.ndarray | None
+    """``upto_R1[r]``: how many of ``rows`` are ``< r`` (None when the pool serves every row)."""
+    done: int = 0
+    """How many of ``rows`` have been taken."""
+
+
+def _upto(rows: np.ndarray, length: int, takes: int) -> np.ndarray | None:
+    """``upto_R1`` of a :class:`_Take` with ``rows`` out of a plan of ``length`` rows and ``takes`` takes."""
+    if takes == 1:
+        return None
+    upto = np.zeros(length + 1, dtype=np.int64)
+    upto[rows + 1] = 1
+    return np.cumsum(upto, out=upto)
+
+
+@dataclass
+class _Plan:
+    """Rows ``[start, stop)`` of the stream, scheduled: one phase, each row's source and pool."""
+
+    start: int
+    stop: int
+    phase: int
+    picks: np.ndarray
+    """``picks_R``: source of each row."""
+    takes: list[_Take]
+    counts_N: np.ndarray
+    """Sequences per source before ``start``."""
+    credits: list[int]
+    """Blend credits per source at ``start``."""
+    shares: dict[int, tuple[np.ndarray, np.ndarray]]
+    """Per source in the blend: its rows and their next-pool shares (what its credit grows by)."""
 
 
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
@@ -219,10 +267,12 @@ class MixtureSampler:
         self._fingerprint = self._make_fingerprint(manifest, curriculum)
         self.sequences = 0  # sequences emitted so far
         self.shift = 0  # curriculum tokens skipped by phases that ended early (stop_phase)
+        # sequences per source and blend credits, as of the current plan's start (see _settle)
         self.counts_N = np.zeros(len(self.sources), dtype=np.int64)
         self.credits = [0] * len(self.sources)
         self.phase = 0
         self._warned: set[str] = set()
+        self._plan: _Plan | None = None
 
     def _make_fingerprint(self, manifest: dict[str, Any], curriculum: CurriculumConfig) -> str:
         blob = json.dumps(
@@ -245,11 +295,19 @@ class MixtureSampler:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tokens_BS1 = np.empty((batch_size, self.seq_len + 1), dtype=np.int64)
-        source_ids_B = np.empty(batch_size, dtype=np.int64)
-        phases_B = np.empty(batch_size, dtype=np.int64)
+        segments: list[tuple[np.ndarray, int]] = []  # (sources, phase) of each run of rows
         filled = 0
         while filled < batch_size:
-            filled += self._segment(tokens_BS1, source_ids_B, phases_B, filled, batch_size - filled)
+            filled += self._segment(tokens_BS1, filled, batch_size - filled, segments)
+        if len(segments) == 1:
+            source_ids_B = segments[0][0].copy()
+            phases_B = np.empty(batch_size, dtype=np.int64)
+            phases_B.fill(segments[0][1])
+        else:
+            source_ids_B = np.concatenate([src for src, _ in segments])
+            phases_B = np.repeat(
+                np.array([ph for _, ph in segments], dtype=np.int64), [s.size for s, _ in segments]
+            )
         return Batch(tokens_BS1, source_ids_B, phases_B, self.sources)
 
     def _enter_phase(self, phase: int) -> None:
@@ -260,88 +318,138 @@ class MixtureSampler:
                 phase, list(self.curriculum.groups[phase]), self.sequences,
             )  # fmt: skip
 
-    def _segment(self, out_BS1: np.ndarray, src_B: np.ndarray, ph_B: np.ndarray, row: int, want: int) -> int:
-        """Fill up to ``want`` rows from ``row`` on, within one phase; returns the rows filled."""
+    def _settle(self) -> None:
+        """Fold the rows taken from the current plan into ``counts_N`` and ``credits``; drop the plan."""
+        plan = self._plan
+        if plan is None:
+            return
+        done = self.sequences - plan.start
+        self.counts_N = plan.counts_N + np.bincount(plan.picks[:done], minlength=len(self.sources))
+        self.credits = list(plan.credits)
+        for n, (rows, shares) in plan.shares.items():
+            self.credits[n] += int(shares[: int(rows.searchsorted(done))].sum())
+        self._plan = None
+
+    def _make_plan(self, want: int) -> _Plan | None:
+        """Schedule the rows from ``sequences`` on: ``max(PLAN_ROWS, want)`` rows, within one phase.
+
+        Returns None when the phase ended early (stop_phase): the position moved to the next phase.
+        Which pool serves a row does not depend on how the rows are cut into plans or batches
+        (:func:`webster_picks` and :func:`diffuse_picks` are prefix-consistent), so a plan computes
+        exactly what the batches it serves would have computed one by one.
+        """
+        self._settle()
         S, unit = self.seq_len, self._unit_tokens
         pos = self.position
         phase = self._phase_of(pos)
         self._enter_phase(phase)
         end = self.curriculum.phase_end(phase) * unit
-        length = want if math.isinf(end) else min(want, max(1, -(-(round(end) - pos) // S)))
+        length = max(PLAN_ROWS, want)
+        if not math.isinf(end):  # up to the row that starts the next phase
+            length = min(length, max(1, -(-(round(end) - pos) // S)))
         window = self.curriculum.blend_window(phase)
-        last = phase + 1 >= self.curriculum.num_phases
-        while True:
-            picks = webster_picks(self.counts_N, self.weights_N, length)
-            plan: list[tuple[int, int, np.ndarray]] = []  # (source, phase of its pool, rows)
-            credits = list(self.credits)
-            for n in np.unique(picks).tolist():
-                rows = np.flatnonzero(picks == n)
-                if window is None or self._replay[n]:
-                    plan.append((n, phase, rows))
-                    continue
-                w0, wl = round(window[0] * unit), max(1, round(window[1] * unit))
-                shares = np.clip(pos + rows * S - w0, 0, wl)
-                nxt, credits[n] = diffuse_picks(self.credits[n] + wl // 2, shares, wl)
-                credits[n] -= wl // 2
-                plan += [(n, p, r) for p, r in ((phase, rows[~nxt]), (phase + 1, rows[nxt])) if r.size]
-            if self.cfg.exhaustion != "stop_phase":
-                break
+        w0 = wl = 0
+        if window is not None:
+            w0, wl = round(window[0] * unit), max(1, round(window[1] * unit))
+            if pos + (length - 1) * S <= w0:
+                window = None  # the plan ends before the blend: every next-pool share is 0
+        picks = webster_picks(self.counts_N, self.weights_N, length)
+        pools: list[tuple[int, int, np.ndarray]] = []  # (source, phase of its pool, rows)
+        shares: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for n in np.flatnonzero(np.bincount(picks, minlength=len(self.sources))).tolist():
+            rows = np.flatnonzero(picks == n)
+            if window is None or self._replay[n]:
+                pools.append((n, phase, rows))
+                continue
+            shares_n = np.minimum(np.maximum(rows * S + (pos - w0), 0), wl)  # the next pool's share
+            nxt, _ = diffuse_picks(self.credits[n] + wl // 2, shares_n, wl)
+            shares[n] = (rows, shares_n)
+            pools += [(n, p, r) for p, r in ((phase, rows[~nxt]), (phase + 1, rows[nxt])) if r.size]
+        if self.cfg.exhaustion == "stop_phase":
             cut = length
-            for n, p, rows in plan:
+            for n, p, rows in pools:
                 left = self.pools[n][p].windows_left(S)
                 if rows.size > left:
                     cut = min(cut, int(rows[left]))
-            if cut == length:
-                break
-            if cut > 0:
-                length = cut
+            if cut == 0:
+                self._end_phase_early(phase, end, pools, min(want, length))  # as the batch would see
+                return None
+            if cut < length:  # the plan stops where a pool runs out; the next one ends the phase
+                length, picks = cut, picks[:cut]
+                pools = [(n, p, rows[: int(rows.searchsorted(cut))]) for n, p, rows in pools]
+                pools = [(n, p, rows) for n, p, rows in pools if rows.size]
+        takes = [_Take(n, self.pools[n][p], rows, _upto(rows, length, len(pools))) for n, p, rows in pools]
+        return _Plan(self.sequences, self.sequences + length, phase, picks, takes,
+                     self.counts_N, list(self.credits), shares)  # fmt: skip
+
+    def _end_phase_early(
+        self, phase: int, end: float, pools: list[tuple[int, int, np.ndarray]], length: int
+    ) -> None:
+        """stop_phase: a pool has no window left for the first row; end the phase (or fail in the last)."""
+        S = self.seq_len
+        exhausted = [
+            self.pools[n][p].name
+            for n, p, rows in pools
+            if int(np.count_nonzero(rows < length)) > self.pools[n][p].windows_left(S)
+        ]
+        if phase + 1 >= self.curriculum.num_phases:
+            raise DataExhaustedError(
+                f"mixture: the last phase ({phase}) ran out of data in {', '.join(exhausted)} "
+                f"after {self.sequences} sequences (mixture.exhaustion=stop_phase)"
+            )
+        new_shift = math.ceil(end) - self.sequences * S
+        log.warning(
+            "mixture: %s exhausted; phase %d ends early at sequence %d (mixture.exhaustion=stop_phase)",
+            ", ".join(exhausted), phase, self.sequences,
+        )  # fmt: skip
+        self.shift = new_shift
+
+    def _segment(
+        self, out_BS1: np.ndarray, row: int, want: int, segments: list[tuple[np.ndarray, int]]
+    ) -> int:
+        """Fill up to ``want`` rows from ``row`` on from one plan and append their (sources, phase) to
+        ``segments``; returns the rows filled."""
+        plan = self._plan
+        if plan is None or self.sequences >= plan.stop:
+            plan = self._plan = self._make_plan(want)
+            if plan is None:
+                return 0
+        S = self.seq_len
+        a = self.sequences - plan.start  # plan rows [a, b) go to out rows [row, row + b - a)
+        b = min(plan.stop - plan.start, a + want)
+        max_epochs = self.cfg.max_epochs if self.cfg.exhaustion == "repeat" else None
+        for t in plan.takes:
+            i0 = t.done
+            k = (b - a) if t.upto is None else int(t.upto[b]) - i0
+            if k == 0:
                 continue
-            exhausted = [
-                self.pools[n][p].name for n, p, rows in plan if rows.size > self.pools[n][p].windows_left(S)
-            ]
-            if last:
-                raise DataExhaustedError(
-                    f"mixture: the last phase ({phase}) ran out of data in {', '.join(exhausted)} "
-                    f"after {self.sequences} sequences (mixture.exhaustion=stop_phase)"
-                )
-            new_shift = math.ceil(end) - self.sequences * S
-            log.warning(
-                "mixture: %s exhausted; phase %d ends early at sequence %d (mixture.exhaustion=stop_phase)",
-                ", ".join(exhausted), phase, self.sequences,
-            )  # fmt: skip
-            self.shift = new_shift
-            return 0
-        for n, p, rows in plan:
-            pool = self.pools[n][p]
-            max_epochs = self.cfg.max_epochs if self.cfg.exhaustion == "repeat" else None
+            pool = t.pool
             try:
-                windows, entered = pool.take(rows.size, S, max_epochs)
+                windows, entered = pool.take(k, S, max_epochs, t.rows.size - i0 - k)
             except EpochLimit as err:
                 raise MoEAdaptError(
-                    f"mixture: source {self.sources[n]} ({err.pool}) would start epoch {err.epoch + 1} "
-                    f"but mixture.max_epochs={self.cfg.max_epochs}; add data, lower its weight or "
-                    "raise max_epochs"
+                    f"mixture: source {self.sources[t.source]} ({err.pool}) would start epoch "
+                    f"{err.epoch + 1} but mixture.max_epochs={self.cfg.max_epochs}; add data, lower its "
+                    "weight or raise max_epochs"
                 ) from None
-            if entered and self.sources[n] not in self._warned:
-                self._warned.add(self.sources[n])
+            t.done = i0 + k
+            if entered and self.sources[t.source] not in self._warned:
+                self._warned.add(self.sources[t.source])
                 log.warning(
                     "mixture: source %s (%s) ran out of data after %d tokens; repeating (epoch %d of %d)",
-                    self.sources[n], pool.name, pool.total, entered[-1] + 1, self.cfg.max_epochs,
+                    self.sources[t.source], pool.name, pool.total, entered[-1] + 1, self.cfg.max_epochs,
                 )  # fmt: skip
-            r0, r1 = int(rows[0]), int(rows[-1]) + 1
-            if r1 - r0 == rows.size:  # consecutive rows: a slice copies faster than an index
-                out_BS1[row + r0 : row + r1] = windows
+            if k == b - a:  # all rows from one pool: a slice copies faster than an index
+                out_BS1[row : row + k] = windows
             else:
-                out_BS1[row + rows] = windows
-        src_B[row : row + length] = picks
-        ph_B[row : row + length] = phase
-        self.counts_N += np.bincount(picks, minlength=len(self.sources))
-        self.credits = credits
-        self.sequences += length
-        return length
+                out_BS1[t.rows[i0 : i0 + k] + (row - a)] = windows
+        segments.append((plan.picks[a:b], plan.phase))
+        self.sequences += b - a
+        return b - a
 
     def state_dict(self) -> dict[str, Any]:
         """Small JSON-serialisable state; :meth:`load_state_dict` continues the exact same stream."""
+        self._settle()
         return {
             "version": STATE_VERSION,
             "fingerprint": self._fingerprint,
@@ -366,6 +474,7 @@ class MixtureSampler:
             int(state["shift"]),
             int(state["phase"]),
         )
+        self._plan = None
         self.counts_N = np.asarray(state["counts"], dtype=np.int64)
         self.credits = [int(c) for c in state["credits"]]
         for pools in self.pools:

@@ -4,7 +4,9 @@ A :class:`DocPool` is the documents of one or more shards drawn as one stream: e
 permutation of the documents, epochs follow each other, and the stream is cut into windows of
 ``seq_len + 1`` tokens that start ``seq_len`` tokens apart (one token of overlap, as in Megatron's
 ``GPTDataset``), across document boundaries. The ``.bin`` files are read with ``numpy.memmap`` at the
-document offsets from megatron-core's index.
+document offsets from megatron-core's index. A pool copies the stream out of the memmaps in spans of
+up to :data:`READ_AHEAD_TOKENS` (as far ahead as its caller says it will read), and hands out windows
+as views into that copy: what it returns depends only on the position, never on how reads were cut.
 
 Shape legend: ``B`` sequences in a batch, ``K`` windows read from one pool, ``S`` seq_len, ``N`` sources.
 """
@@ -19,6 +21,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from moe_adapt.data.shards import open_shard
+
+READ_AHEAD_TOKENS = 1 << 16
+"""Most tokens a :class:`DocPool` copies out of its memmaps ahead of the windows asked for (128 KiB of
+uint16): fewer, larger copies, without holding more than this per pool."""
 
 
 @dataclass
@@ -68,6 +74,11 @@ class DocPool:
     _dtype: np.dtype | None = field(init=False)
     """The shards' token dtype when ``_src`` are memoryviews (all shards alike), else None."""
     _cache: dict[int, _Epoch] = field(init=False, default_factory=dict)
+    _buf: Any = field(init=False, default=b"")
+    """The stream's tokens ``[_lo, _hi)`` (positions across epochs: ``epoch * total + offset``), copied
+    out of the memmaps: ``bytes`` on the fast path, else a contiguous ndarray."""
+    _lo: int = field(init=False, default=0)
+    _hi: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.shard_of = np.concatenate(
@@ -111,54 +122,68 @@ class DocPool:
         """
         ep = self._epoch(epoch)
         ends = ep.ends
-        d0 = int(ends.searchsorted(lo, side="right"))
-        d1 = int(ends.searchsorted(hi - 1, side="right")) + 1
-        a = ep.starts[d0:d1].tolist()
-        b = ep.stops[d0:d1].tolist()
+        d0, d1 = ends.searchsorted((lo, hi - 1), side="right").tolist()  # first and last document
+        a = ep.starts[d0 : d1 + 1].tolist()
+        b = ep.stops[d0 : d1 + 1].tolist()
         # only the first document can start before lo and only the last can end after hi
         a[0] = b[0] - (int(ends[d0]) - lo)
-        b[-1] -= int(ends[d1 - 1]) - hi
+        b[-1] -= int(ends[d1]) - hi
         if ep.shard is None:
             mm = self._src[0]
             out.extend([mm[x:y] for x, y in zip(a, b, strict=True)])
         else:
             mms = self._src
-            sh = ep.shard[d0:d1].tolist()
+            sh = ep.shard[d0 : d1 + 1].tolist()
             out.extend([mms[s][x:y] for s, x, y in zip(sh, a, b, strict=True)])
 
-    def take(self, k: int, seq_len: int, max_epochs: int | None) -> tuple[np.ndarray, list[int]]:
+    def _fill(self, lo: int, hi: int) -> None:
+        """Make ``_buf`` the stream's tokens ``[lo, hi)`` (positions across epochs), copied out of the
+        memmaps; what the current buffer already holds from ``lo`` on is kept, not read again."""
+        parts: list[Any] = []
+        at = lo
+        if self._lo <= lo < self._hi:
+            i = lo - self._lo
+            kept = self._buf[i:] if self._dtype is None else memoryview(self._buf)[i * self._dtype.itemsize :]
+            parts.append(kept)
+            at = self._hi
+        total = self.total
+        epoch, off = divmod(at, total)
+        while at < hi:
+            stop = min(hi, (epoch + 1) * total)
+            self._read(epoch, off, stop - epoch * total, parts)
+            at, epoch, off = stop, epoch + 1, 0
+        self._buf = b"".join(parts) if self._dtype is not None else np.concatenate(parts)
+        self._lo, self._hi = lo, hi
+
+    def take(
+        self, k: int, seq_len: int, max_epochs: int | None, ahead: int = 0
+    ) -> tuple[np.ndarray, list[int]]:
         """Read the next ``k`` windows as ``windows_KS1`` ``[k, seq_len + 1]`` and advance.
 
-        Returns the windows (a strided view, windows overlap by one token; do not write to it) and the
-        epochs newly entered. Raises ``EpochLimit`` when the read would go past ``max_epochs`` epochs
-        (nothing is advanced then).
+        Returns the windows (a strided read-only view, windows overlap by one token) and the epochs
+        newly entered. Raises ``EpochLimit`` when the read would go past ``max_epochs`` epochs (nothing
+        is advanced then). ``ahead``: how many more windows the caller will take next (a hint: they are
+        copied out of the memmaps now, together with these, up to :data:`READ_AHEAD_TOKENS`).
         """
-        need = k * seq_len + 1
-        parts: list[Any] = []
-        epoch, lo, entered = self.epoch, self.offset, []
-        total = self.total
-        while need > 0:
-            if lo >= total:
-                epoch, lo = epoch + 1, 0
-                entered.append(epoch)
-                if max_epochs is not None and epoch >= max_epochs:
-                    raise EpochLimit(self.name, epoch)
-            hi = min(total, lo + need)
-            self._read(epoch, lo, hi, parts)
-            need -= hi - lo
-            lo = hi
-        buf: Any
-        if self._dtype is not None:
-            dtype, buf = self._dtype, b"".join(parts)
-        else:
-            arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            dtype, buf = arr.dtype, arr
+        total, epoch = self.total, self.epoch
+        lo = epoch * total + self.offset
+        hi = lo + k * seq_len + 1  # the stream's tokens [lo, hi) are read
+        entered: list[int] = []
+        if hi > (epoch + 1) * total:
+            last = (hi - 1) // total  # epoch of the last token read
+            if max_epochs is not None and last >= max_epochs:
+                raise EpochLimit(self.name, max(epoch + 1, max_epochs))
+            entered = list(range(epoch + 1, last + 1))
+        if lo < self._lo or hi > self._hi:
+            end = max(hi, min(hi + ahead * seq_len, lo + READ_AHEAD_TOKENS))
+            if max_epochs is not None:
+                end = max(hi, min(end, max_epochs * total))
+            self._fill(lo, end)
+        buf = self._buf
+        dtype = self._dtype if self._dtype is not None else buf.dtype
         step = dtype.itemsize  # buf is contiguous; a bare ndarray is ~8x cheaper than as_strided
-        windows_KS1 = np.ndarray((k, seq_len + 1), dtype, buf, 0, (seq_len * step, step))
-        self.offset += k * seq_len
-        while self.offset >= total:
-            self.offset -= total
-            self.epoch += 1
+        windows_KS1 = np.ndarray((k, seq_len + 1), dtype, buf, (lo - self._lo) * step, (seq_len * step, step))
+        self.epoch, self.offset = divmod(lo + k * seq_len, total)
         return windows_KS1, entered
 
 

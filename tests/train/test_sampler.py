@@ -1,9 +1,12 @@
-"""The mixture sampler on synthetic shards: ratios, determinism, resume, phases, exhaustion, errors."""
+"""The mixture sampler on synthetic shards: ratios, determinism, resume, phases, exhaustion, errors,
+the stream pinned bit for bit, and the pools' reads against the documented stream."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +14,9 @@ import numpy as np
 import pytest
 
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.train import CurriculumConfig, DataExhaustedError, MixtureConfig, MixtureSampler
+from moe_adapt.train import CurriculumConfig, DataExhaustedError, MixtureConfig, MixtureSampler, streams
+from moe_adapt.train import sampler as sampler_module
+from moe_adapt.train.streams import DocPool, EpochLimit, ShardArrays
 from tests.train.conftest import bilingual, shard_of
 
 MakeShards = Callable[..., Path]
@@ -199,3 +204,148 @@ def test_bad_inputs_fail_clearly(make_shards: MakeShards, tmp_path: Path) -> Non
         MixtureConfig(exhaustion="loop")
     with pytest.raises(MoEAdaptError, match="mixture.target_ratio=1.5 is invalid"):
         MixtureConfig(target_ratio=1.5)
+
+
+def _stream_digest(sampler: MixtureSampler, sizes: list[int], states: bool = False) -> str:
+    """sha256 over the tokens, sources and phases of batches of ``sizes`` (and the state after each batch
+    when ``states``), then the final state; a DataExhaustedError ends the stream (its message hashed)."""
+    h = hashlib.sha256()
+    for size in sizes:
+        try:
+            b = sampler.next_batch(size)
+        except DataExhaustedError as err:
+            h.update(str(err).encode())
+            break
+        assert b.tokens.shape == (size, sampler.seq_len + 1)
+        assert b.tokens.dtype == b.source_ids.dtype == b.phases.dtype == np.int64
+        for arr in (b.tokens, b.source_ids, b.phases):
+            h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+        if states:
+            h.update(json.dumps(sampler.state_dict(), sort_keys=True).encode())
+    h.update(json.dumps(sampler.state_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _pinned_case(make_shards: MakeShards, case: str) -> tuple[MixtureSampler, list[int], bool]:
+    """(sampler, batch sizes, hash the state after every batch) of one pinned stream."""
+    lin = CurriculumConfig(phase_tokens=[3000, 3000, 3000], pacing="linear", blend_fraction=0.4)
+    if case in ("linear", "linear_states"):
+        # three linear-paced phases, many epochs, batches that straddle the blend windows
+        d = make_shards(bilingual(docs=120), name="lin")
+        sampler = MixtureSampler(d, MixtureConfig(seq_len=16, max_epochs=50), lin, 3)
+        return sampler, [7, 1, 64, 33, 5] * 12, case == "linear_states"
+    if case == "long_docs":
+        # documents longer than a window (single-document windows), a replayed anchor source
+        specs = [
+            {"source": s, "lang": lang, "bucket": b, "role": role, "docs": 60, "min_len": 2, "max_len": 300}
+            for s, lang, role in (("ar", "ar", "target"), ("en", "en", "english"), ("code", "en", "anchor"))
+            for b in range(3)
+        ]
+        cur = CurriculumConfig(phase_tokens=[20_000, 20_000, 20_000], pacing="linear", blend_fraction=0.5)
+        mix = MixtureConfig(seq_len=64, target_ratio=0.6, max_epochs=20)
+        return MixtureSampler(make_shards(specs, name="long"), mix, cur, 11), [16, 3, 40] * 20, False
+    if case == "weights_steps":
+        # explicit weights over four sources, phases in steps, random bucket order
+        specs = [
+            {"source": s, "lang": "ar", "bucket": b, "role": r, "docs": 150}
+            for s, r in (("a", "target"), ("b", "target"), ("c", "english"), ("d", "anchor"))
+            for b in range(2)
+        ]
+        mix = MixtureConfig(seq_len=8, target_ratio=None, weights={"a": 0.5, "b": 0.2, "english": 0.3})
+        cur = CurriculumConfig(order="random", phase_steps=[20, 30], pacing="linear", blend_fraction=1.0)
+        sampler = MixtureSampler(make_shards(specs, name="four"), mix, cur, 5, global_batch_size=12)
+        return sampler, [12] * 70, False
+    if case == "stop_phase":
+        # stop_phase: news_ar/b0 runs out inside the blend window (phase 0 ends early at sequence 45 of
+        # 60), then the last phase runs out
+        specs = bilingual(docs=100, buckets=2)
+        specs[0]["docs"] = 35
+        mix = MixtureConfig(seq_len=8, exhaustion="stop_phase")
+        cur = CurriculumConfig(phase_tokens=[480, 100_000], pacing="linear", blend_fraction=0.5)
+        return MixtureSampler(make_shards(specs, name="small"), mix, cur, 0), [9, 30, 2] * 40, False
+    assert case == "seq1"  # windows of two tokens
+    d = make_shards(bilingual(docs=30, buckets=1), name="seq1")
+    sampler = MixtureSampler(
+        d, MixtureConfig(seq_len=1, target_ratio=0.5, max_epochs=10), CurriculumConfig(), 2
+    )
+    return sampler, [5, 100, 17] * 6, False
+
+
+# Digests of the streams as the sampler produced them before its read path was optimised (commit
+# c9b043c). Any change here changes the training data: it must be deliberate, never a side effect.
+PINNED = {
+    "linear": "21a620a4e1f6cb0e",
+    "linear_states": "3e650b2a387c7fb2",
+    "long_docs": "cad9aa6525a901cb",
+    "weights_steps": "ec5e350c4f61c971",
+    "stop_phase": "03486553031406e4",
+    "seq1": "e2f07bdf9f493aef",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_stream_is_pinned(make_shards: MakeShards, case: str) -> None:
+    sampler, sizes, states = _pinned_case(make_shards, case)
+    assert _stream_digest(sampler, sizes, states) == PINNED[case]
+
+
+@pytest.mark.parametrize(("plan_rows", "read_ahead"), [(1, 0), (5, 7), (100_000, 1 << 22)])
+def test_stream_does_not_depend_on_plan_or_read_sizes(
+    make_shards: MakeShards, monkeypatch: pytest.MonkeyPatch, plan_rows: int, read_ahead: int
+) -> None:
+    monkeypatch.setattr(sampler_module, "PLAN_ROWS", plan_rows)
+    monkeypatch.setattr(streams, "READ_AHEAD_TOKENS", read_ahead)
+    for case in sorted(PINNED):
+        sampler, sizes, states = _pinned_case(make_shards, case)
+        assert _stream_digest(sampler, sizes, states) == PINNED[case], case
+
+
+def _reference_stream(pool: DocPool, epochs: int) -> np.ndarray:
+    """The pool's stream as documented: each epoch, the documents in a seeded permutation, concatenated."""
+    docs = [(s.tokens, int(a), int(n)) for s in pool.shards for a, n in zip(s.starts, s.lengths, strict=True)]
+    out = []
+    for epoch in range(epochs):
+        rng = np.random.default_rng([pool.seed, zlib.crc32(pool.name.encode()), epoch])
+        for i in rng.permutation(len(docs)).tolist():
+            tokens, a, n = docs[i]
+            out.append(np.asarray(tokens[a : a + n], dtype=np.int64))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pool_windows_follow_the_permuted_documents(
+    make_shards: MakeShards, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    d = make_shards(bilingual(docs=12, buckets=2))
+    shards = [ShardArrays.open(d, p) for p in ("news_ar__ar__b0", "news_ar__ar__b1")]
+    if not native:  # byte-swapped tokens take the ndarray path instead of memoryview joins
+        shards = [ShardArrays(s.tokens.astype(">u2"), s.starts, s.lengths) for s in shards]
+    pool = DocPool("news_ar/b0-1", shards, seed=4)
+    assert (pool._dtype is not None) == native
+    monkeypatch.setattr(streams, "READ_AHEAD_TOKENS", 40)  # many small reads, kept tails, epoch seams
+    S, max_epochs = 8, 6
+    stream = _reference_stream(pool, max_epochs)
+    pos = 0
+    for k, ahead in [(1, 0), (3, 2), (2, 9), (5, 0), (1, 1), (14, 3), (2, 0), (7, 7)] * 4:
+        if (pos + k * S) // pool.total >= max_epochs:
+            break
+        windows, entered = pool.take(k, S, max_epochs, ahead)
+        expected = np.stack([stream[pos + i * S : pos + i * S + S + 1] for i in range(k)])
+        assert np.array_equal(windows, expected)
+        assert entered == list(range(pos // pool.total + 1, (pos + k * S) // pool.total + 1))
+        pos += k * S
+        assert (pool.epoch, pool.offset) == divmod(pos, pool.total)
+    assert pool.epoch >= 3
+
+
+def test_pool_stops_before_max_epochs_without_advancing(make_shards: MakeShards) -> None:
+    d = make_shards([{"source": "x", "lang": "ar", "bucket": 0, "role": "target", "docs": 6}])
+    pool = DocPool("x/b0", [ShardArrays.open(d, "x__ar__b0")], seed=0)
+    S, total = 4, pool.total
+    k = (2 * total - 1) // S  # the last window that ends inside epoch 1
+    _, entered = pool.take(k, S, max_epochs=2)
+    assert entered == [1]
+    state = (pool.epoch, pool.offset)
+    with pytest.raises(EpochLimit) as err:
+        pool.take(1, S, max_epochs=2)
+    assert err.value.epoch == 2 and (pool.epoch, pool.offset) == state
