@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,17 +23,35 @@ def cli(
         text=True,
         cwd=cwd or ROOT,
         env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
-        timeout=300,
+        timeout=900,
     )
 
 
+# the demo's teacher and distillation phases, shortened: this test checks the plumbing, the demo's
+# numbers are measured by `make demo` (docs/distill.md)
+SHORT_DISTILL = [
+    "teacher.train_per_lang=60",
+    "teacher.test_per_lang=10",
+    "teacher.train.steps=10",
+    "distill.seq_kd.steps=6",
+    "distill.token_kd.steps=4",
+    "distill.eval.max_prompts=10",
+]
+
+
 def test_tiny_recipe_end_to_end(tmp_path):
-    proc = cli("+recipe=tiny", f"run_dir={tmp_path}")
+    proc = cli("+recipe=tiny", f"run_dir={tmp_path}", *SHORT_DISTILL)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "upcycle" / "model" / "config.json").is_file()
     assert (tmp_path / "upcycle" / "model" / "tokenizer.json").is_file()
     assert (tmp_path / "upcycle" / "model" / "generation_config.json").is_file()
     assert "top-1 agreement 1.0000" in proc.stdout + proc.stderr
+    distill = json.loads((tmp_path / "distill" / "summary.json").read_text())
+    assert {"teacher", "student_before", "after_seq_kd", "after_token_kd"} <= set(distill["accuracy"])
+    assert set(distill["accuracy"]["after_token_kd"]) == {"ar", "en", "gap"}
+    assert distill["verify"]["kept"] + distill["verify"]["rejected"] == distill["generate"]["traces"]
+    assert (tmp_path / "distill" / "model" / "config.json").is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # the default logger mirrors offline
 
 
 @pytest.mark.parametrize(
@@ -91,7 +110,7 @@ def test_installed_wheel_finds_recipes_from_another_directory(tmp_path):
         capture_output=True,
         text=True,
         cwd=elsewhere,
-        timeout=300,
+        timeout=900,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert proc.returncode == 0, proc.stderr
