@@ -45,7 +45,13 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     prompt_dir = out / "prompts"
     prompt_dir.mkdir()
     for split, n in (("train", t.train_per_lang), ("test", t.test_per_lang)):
-        problems = make(n, t.langs, split=split, seed=cfg.seed, max_operand=t.max_operand, ops=t.ops)
+        try:
+            problems = make(n, t.langs, split=split, seed=cfg.seed, max_operand=t.max_operand, ops=t.ops)
+        except MoEAdaptConfigError as err:  # the task names its own keys; say which teacher key it was
+            key = f"teacher.{split}_per_lang" if "n_per_lang" in str(err) else "teacher"
+            raise MoEAdaptConfigError(
+                str(err).replace("distill.task.n_per_lang", key).replace("distill.task", "teacher")
+            ) from None
         write_problem_set(prompt_dir / f"{split}.jsonl", problems)
 
     tokenizer = AutoTokenizer.from_pretrained(t.tokenizer)
