@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +77,8 @@ def run_generate(
     *,
     seed: int,
     chat_template: str | None,
-    on_shard: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate into ``out`` (resuming what is there); returns counts. ``on_shard(done, total)`` is
-    called after each shard (progress)."""
+    """Generate into ``out`` (resuming what is there); returns counts."""
     from transformers import AutoTokenizer
 
     from moe_adapt.engines.hf import load_causal_lm
@@ -110,10 +108,17 @@ def run_generate(
     start = time.perf_counter()
     for n, i in enumerate(todo, start=1):
         _generate_shard(model, tokenizer, shards[i], i, gcfg, out, seed, chat_template, int(pad_id), eos_id)
-        rate = n / (time.perf_counter() - start)
-        log.info("generate: shard %d/%d written (%.2f shards/s)", i + 1, len(shards), rate)
-        if on_shard is not None:
-            on_shard(i, len(shards))
+        elapsed = time.perf_counter() - start
+        eta = elapsed / n * (len(todo) - n)
+        log.info(
+            "generate: shard %d/%d written (%d prompts x %d samples; %.0f s so far, about %.0f s to go)",
+            i + 1,
+            len(shards),
+            len(shards[i]),
+            gcfg.samples,
+            elapsed,
+            eta,
+        )
     return _summary(out, len(shards))
 
 
