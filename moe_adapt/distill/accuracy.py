@@ -16,9 +16,8 @@ import torch
 
 from moe_adapt.distill.config import DistillEvalConfig
 from moe_adapt.distill.format import ResponseFormat
-from moe_adapt.distill.generation import generate
+from moe_adapt.distill.generation import generate_for_prompts
 from moe_adapt.distill.prompts import PromptRecord
-from moe_adapt.distill.sft_data import chat_prompt_ids
 from moe_adapt.distill.verify import Trace, VerifyConfig, build_checks, check_trace
 from moe_adapt.eval.stats import bootstrap_ci
 
@@ -41,20 +40,18 @@ def evaluate_accuracy(
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     model = load_causal_lm(model_path, torch.float32).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answer_check = build_checks(VerifyConfig(checks=["answer"]), fmt)
     scores: dict[str, list[float]] = {}
     formed: dict[str, int] = {}
-    for b in range(0, len(prompts), ecfg.batch_size):
-        batch = prompts[b : b + ecfg.batch_size]
-        ids = [chat_prompt_ids(tokenizer, p.prompt, chat_template) for p in batch]
-        outs = generate(
-            model,
-            ids,
-            pad_id=int(pad_id),
-            eos_id=int(tokenizer.eos_token_id),
-            max_new_tokens=ecfg.max_new_tokens,
-        )
+    batches = generate_for_prompts(
+        model,
+        tokenizer,
+        prompts,
+        chat_template=chat_template,
+        batch_size=ecfg.batch_size,
+        max_new_tokens=ecfg.max_new_tokens,
+    )
+    for batch, _, outs in batches:
         for p, [resp] in zip(batch, outs, strict=True):
             text = str(tokenizer.decode(resp, skip_special_tokens=True))
             trace = Trace(

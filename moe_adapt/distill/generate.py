@@ -25,9 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from moe_adapt.data.jsonl import write_documents
 from moe_adapt.distill.config import GenerateConfig
-from moe_adapt.distill.generation import generate, topk_logprobs
+from moe_adapt.distill.generation import generate_for_prompts, pad_id_of, topk_logprobs
 from moe_adapt.distill.prompts import PromptRecord
-from moe_adapt.distill.sft_data import chat_prompt_ids
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.fs import atomic_write_json
 
@@ -103,7 +102,7 @@ def run_generate(
         return _summary(out, len(shards))
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     model = load_causal_lm(teacher_path, torch.float32).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     eos_id = int(tokenizer.eos_token_id)
     start = time.perf_counter()
     for n, i in enumerate(todo, start=1):
@@ -136,21 +135,20 @@ def _generate_shard(
 ) -> None:
     records: list[dict[str, Any]] = []
     tensors: dict[str, np.ndarray] = {}
-    for b in range(0, len(prompts), gcfg.batch_size):
-        batch = prompts[b : b + gcfg.batch_size]
-        prompt_ids = [chat_prompt_ids(tokenizer, p.prompt, chat_template) for p in batch]
-        responses = generate(
-            model,
-            prompt_ids,
-            pad_id=pad_id,
-            eos_id=eos_id,
-            max_new_tokens=gcfg.max_new_tokens,
-            samples=gcfg.samples,
-            temperature=gcfg.temperature,
-            top_p=gcfg.top_p,
-            top_k=gcfg.top_k,
-            seed=seed * 1_000_003 + index * 1009 + b,
-        )
+    batches = generate_for_prompts(
+        model,
+        tokenizer,
+        prompts,
+        chat_template=chat_template,
+        batch_size=gcfg.batch_size,
+        seed=seed * 1_000_003 + index * 1009,
+        max_new_tokens=gcfg.max_new_tokens,
+        samples=gcfg.samples,
+        temperature=gcfg.temperature,
+        top_p=gcfg.top_p,
+        top_k=gcfg.top_k,
+    )
+    for batch, prompt_ids, responses in batches:
         pairs = []
         for p, ids, samples in zip(batch, prompt_ids, responses, strict=True):
             for s, resp in enumerate(samples):

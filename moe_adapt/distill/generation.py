@@ -10,7 +10,7 @@ Shape legend: ``B`` rows, ``P`` padded prompt length, ``R`` response tokens, ``K
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -101,3 +101,31 @@ def topk_logprobs(
         top = torch.topk(logp_RV, min(k, logp_RV.shape[-1]), dim=-1)
         out.append((top.indices.to(torch.int32).cpu().numpy(), top.values.to(torch.float16).cpu().numpy()))
     return out
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The tokenizer's padding id, or its end-of-sequence id when it has no padding token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad)
+
+
+def generate_for_prompts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    *,
+    chat_template: str | None,
+    batch_size: int,
+    seed: int = 0,
+    **sampling: Any,
+) -> Iterator[tuple[Sequence[Any], list[list[int]], list[list[list[int]]]]]:
+    """Chat-format ``prompts`` (objects with a ``.prompt`` text) and generate for them ``batch_size``
+    at a time; yields ``(batch, prompt_ids, responses)`` per batch, ``responses`` as :func:`generate`
+    returns them. Batch ``b`` (0-based offset into ``prompts``) samples with seed ``seed + b``."""
+    from moe_adapt.distill.sft_data import chat_prompt_ids
+
+    pad_id, eos_id = pad_id_of(tokenizer), int(tokenizer.eos_token_id)
+    for b in range(0, len(prompts), batch_size):
+        batch = prompts[b : b + batch_size]
+        ids = [chat_prompt_ids(tokenizer, p.prompt, chat_template) for p in batch]
+        yield batch, ids, generate(model, ids, pad_id=pad_id, eos_id=eos_id, seed=seed + b, **sampling)

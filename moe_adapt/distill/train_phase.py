@@ -20,6 +20,7 @@ import torch
 
 from moe_adapt.distill.config import TrainPhaseConfig
 from moe_adapt.distill.generate import load_topk
+from moe_adapt.distill.generation import pad_id_of
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig
@@ -123,7 +124,7 @@ def run_train_phase(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(init_from))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     order = np.random.default_rng([seed, 17]).permutation(len(examples))
     rows = pack_examples([examples[i] for i in order], pcfg.seq_len, int(pad_id), langs)
     if rows.truncated:
