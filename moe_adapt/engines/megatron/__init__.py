@@ -4,6 +4,26 @@
   be reproduced exactly; it needs no megatron-core.
 - :mod:`.model` builds the ``TransformerConfig`` and ``GPTModel`` (TransformerEngine-free local spec).
 - :mod:`.mapping` converts state dicts both ways (pure torch; no megatron-core import).
+- :mod:`.engine` is the ``megatron`` training engine (:class:`MegatronEngine`, same contract as the
+  ``hf`` engine) and :func:`init_parallel`, which starts megatron's ``parallel_state``.
 
-Import the submodules directly; this package does not import megatron-core on its own.
+Importing this package does not import megatron-core: ``MegatronEngine`` and ``init_parallel`` are
+loaded from :mod:`.engine` on first access.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moe_adapt.engines.megatron.engine import MegatronEngine, init_parallel
+
+__all__ = ["MegatronEngine", "init_parallel"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from moe_adapt.engines.megatron import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

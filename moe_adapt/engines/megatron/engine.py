@@ -1,0 +1,785 @@
+"""The ``megatron`` training engine: megatron-core's ``GPTModel`` behind the same contract as ``hf``.
+
+:class:`MegatronEngine` takes the settings of :class:`~moe_adapt.engines.hf.HFEngineConfig` and
+answers like :class:`~moe_adapt.engines.hf.HFEngine`: ``forward_loss(batch)`` returns the same
+loss terms (same keys, and for the same weights and batch the same values up to fp32 rounding),
+``step(batch)`` the same metrics, ``state_dict()`` nested tensors and JSON values for an exact
+resume, and ``save_hf(path)`` an HF checkpoint folder that vanilla transformers loads. So the
+trainer, its callbacks and the stage configs drive either engine unchanged.
+
+How each HF behaviour is matched
+    * Weights: the HF checkpoint is read with transformers (safetensors only, no remote code) and
+      converted with our mapping (:mod:`.mapping`); :mod:`.model` builds a ``GPTModel`` whose logits
+      equal HF's. ``save_hf`` maps back and writes through transformers' ``save_pretrained``:
+      HF -> megatron -> HF is bit-exact. (Every rank reads the whole HF model into host memory once,
+      then keeps its own experts.) Parameters are all in ``engine.dtype``, as in the hf engine
+      (megatron makes its torch norms in fp32; they are cast).
+    * Loss terms come from :mod:`moe_adapt.train.objectives`, as in the hf engine: the LM term from
+      the logits, the load-balancing and z-loss from the router logits. Megatron's own auxiliary
+      and z losses are off (``moe_router_load_balancing_type="none"``, no z-loss coefficient): nothing
+      is counted twice. The router logits are captured by wrapping each ``TopKRouter``'s ``gating``
+      method on our model instance (one list entry per MoE layer and forward; the tensor megatron
+      routes with, so the gradients of both terms reach the router weights).
+    * Packed batches (``position_ids`` restarting at 0): transformers derives a block-diagonal
+      causal mask from the position ids and rotates with them. Megatron's local attention takes an
+      explicit boolean mask, so the engine builds the same mask (``[B, 1, T, T]``, True = masked);
+      and a forward hook on the rotary module replaces its ``[T, 1, 1, D]`` table with the rows of
+      each token's own position, ``[T, B, 1, D]`` (megatron's non-fused RoPE broadcasts over the
+      batch). Without ``position_ids`` both models use plain causal attention over 0..T-1.
+    * Optimizer: ``torch.optim.AdamW`` with the hf engine's two groups (matrices decay, 1-d
+      tensors do not: megatron's fused qkv and gate/up matrices are still matrices, its biases
+      and norms still vectors), the same LR schedule (:func:`moe_adapt.engines.hf.lr_at` times
+      ``lr_multiplier``), global-norm clipping and non-finite skip. AdamW is elementwise, so fusing
+      q/k/v or gate/up into one megatron tensor changes nothing.
+    * Expert load metrics (``moe/*``) from the captured logits with
+      :mod:`moe_adapt.train.router_health`, like the hf engine (dropless; ``capacity_factor`` only
+      counts what a capacity-limited router would drop).
+    * Aux-loss-free balancing (``engine.bias_update_rate > 0``, or a source checkpoint with
+      ``router_bias.json``): the routers of our model instance get a ``routing`` that selects
+      ``topk(softmax(logits) + b)`` and weights with the unbiased probabilities (renormalised when
+      the family does), the rule of the hf engine's router hook; ``b`` moves by the same sign step
+      after every applied step, is saved in ``state_dict`` and exported as ``router_bias.json``.
+      (megatron's own expert bias only works with sigmoid scores, so it is not used.)
+
+Parallelism
+    megatron's ``parallel_state`` must be initialised by the caller before the engine is built
+    (:func:`init_parallel` does it: a one-process group when nothing is launched, or torchrun's
+    environment; nccl on CUDA, gloo on CPU). Expert parallel (EP) uses the alltoall dispatcher.
+    Gradients go through megatron's ``DistributedDataParallel`` wrapper, which keeps megatron's
+    convention: dense gradients are averaged over the data-parallel group, expert gradients are
+    scaled by 1/dp and summed over the expert-data-parallel group (experts are never all-reduced
+    across EP ranks). Every rank passes its own batch; the step follows the gradient of the mean of
+    the ranks' losses, and the reported metrics are averaged over the ranks (so ranks fed the same
+    batch reproduce the one-process step). The gradient norm for clipping sums dense norms once
+    and expert norms over the EP group. Tensor, pipeline and context parallel are refused (the
+    mapping does not slice for them).
+
+Refused (a :class:`~moe_adapt.errors.MoEAdaptError` naming the setting)
+    Token-level distillation (``kd``, ``teacher``, or a batch carrying teacher top-k); tensor,
+    pipeline, context or expert-tensor parallel > 1; a device other than CUDA. Without CUDA
+    megatron-core 0.16 does not run (it calls ``torch.cuda`` for streams, events and its RNG
+    tracker), so on a CPU-only machine the constructor raises one clear error. The tests run the
+    engine on CPU through a test-only shim (``tests/engines/megatron_cpu.py``) that product code
+    never imports.
+
+Not implemented yet
+    megatron's DistributedOptimizer and dist_checkpointing: :meth:`MegatronEngine.state_dict` holds
+    this rank's tensors, so exact resume is for one process (under EP each rank's state holds its own
+    experts and would have to be saved per rank). Grouped-GEMM experts and TransformerEngine layers:
+    :mod:`.model` builds the local spec (``SequentialMLP``, unfused attention that materialises
+    ``[B, heads, T, T]`` scores), which is what the weight mapping covers.
+
+Shape legend: ``B`` sequences, ``T`` input positions (seq_len), ``T1`` = T + 1 packed tokens, ``V``
+vocabulary, ``E`` experts, ``L`` MoE layers, ``D`` rotary dimension, ``P`` positions in the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_adapt.engines.hf import _SIDE_FILES, DTYPES, HFEngineConfig, _load_causal_lm, load_causal_lm, lr_at
+from moe_adapt.engines.megatron.hf_arch import read_hf_arch
+from moe_adapt.engines.megatron.mapping import hf_to_megatron, megatron_to_hf
+from moe_adapt.engines.megatron.model import (
+    Dispatcher,
+    build_gpt_model,
+    load_megatron_state,
+    transformer_config_from_hf,
+)
+from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.fs import atomic_dir
+from moe_adapt.train import objectives, router_health
+
+log = logging.getLogger(__name__)
+
+__all__ = ["STATE_VERSION", "MegatronEngine", "init_parallel"]
+
+STATE_VERSION = 1
+ENGINE_NAME = "megatron"
+_EXPERT_KEY = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+
+
+# -- process groups -------------------------------------------------------------------------------
+def init_parallel(*, expert_parallel: int = 1, seed: int = 1234) -> bool:
+    """Start ``torch.distributed`` and megatron's ``parallel_state`` unless they are running.
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) the process group comes from its environment;
+    otherwise a one-process group is made in memory (no port). The backend is nccl with CUDA and
+    gloo without (CPU only works with the test shim). Then megatron's model-parallel groups are
+    built with ``expert_parallel`` EP ranks (tensor/pipeline/context parallel 1) and its RNG
+    tracker is seeded. Returns True when this call initialised anything.
+
+    Raises:
+        MoEAdaptError: no CUDA (the same error as :class:`MegatronEngine`), before anything starts.
+        MoEAdaptConfigError: ``parallel_state`` is already initialised with another EP size.
+    """
+    _resolve_device(None)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    started = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
+        else:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        started = True
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel)
+        model_parallel_cuda_manual_seed(seed)
+        started = True
+    elif parallel_state.get_expert_model_parallel_world_size() != expert_parallel:
+        raise MoEAdaptConfigError(
+            f"expert_parallel={expert_parallel} is invalid: megatron's parallel_state is already "
+            f"initialised with {parallel_state.get_expert_model_parallel_world_size()} expert-parallel ranks"
+        )
+    return started
+
+
+def _cuda_stand_in() -> bool:
+    """Whether ``torch.cuda`` answers with the CPU: a CPU stand-in for megatron-core's CUDA calls is
+    installed (the tests' shim). Then the engine trains on the CPU."""
+    try:
+        current = torch.cuda.current_device()
+        torch.cuda.Stream()
+    except Exception:
+        return False
+    return isinstance(current, torch.device) and current.type == "cpu"
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to train on; raises the one no-CUDA error when megatron-core cannot run here."""
+    stand_in = _cuda_stand_in()
+    if device is None:
+        device = "cpu" if stand_in or not torch.cuda.is_available() else "cuda"
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and not stand_in:
+        return dev
+    if dev.type == "cpu" and stand_in:
+        return dev
+    if not torch.cuda.is_available() and not stand_in:
+        raise MoEAdaptError(
+            "the megatron engine needs CUDA: megatron-core 0.16 calls torch.cuda (streams, events, its "
+            "RNG tracker) and this machine has no usable GPU (torch.cuda.is_available() is False); use "
+            "engine=hf (engine=auto picks it without CUDA)"
+        )
+    raise MoEAdaptConfigError(
+        f"device={str(dev)!r} is invalid for the megatron engine here: use "
+        + ("'cpu' (torch.cuda is a CPU stand-in)" if stand_in else "'cuda'")
+    )
+
+
+def _refuse_unsupported(kd: Any, teacher: Any) -> None:
+    if kd is not None or teacher is not None:
+        raise MoEAdaptError(
+            "token-level distillation (kd / teacher) is not implemented in the megatron engine; "
+            "train the distill phases with engine=hf"
+        )
+
+
+def _check_parallel_state() -> tuple[int, int]:
+    """``(ep_rank, ep_size)``; refuses a missing or unsupported megatron ``parallel_state``."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        raise MoEAdaptError(
+            "the megatron engine needs torch.distributed and megatron's parallel_state initialised: call "
+            "moe_adapt.engines.megatron.engine.init_parallel(expert_parallel=...) first"
+        )
+    sizes = {
+        "tensor": ps.get_tensor_model_parallel_world_size(),
+        "pipeline": ps.get_pipeline_model_parallel_world_size(),
+        "context": ps.get_context_parallel_world_size(),
+        "expert tensor": ps.get_expert_tensor_parallel_world_size(),
+    }
+    unsupported = {k: v for k, v in sizes.items() if v != 1}
+    if unsupported:
+        raise MoEAdaptConfigError(
+            "the megatron engine supports data and expert parallel only; parallel_state has "
+            + ", ".join(f"{k} parallel = {v}" for k, v in unsupported.items())
+            + " (the HF weight mapping does not slice for them): initialise with size 1"
+        )
+    return ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+
+
+# -- packed sequences -----------------------------------------------------------------------------
+def packed_attention_mask(position_ids_BT: torch.Tensor) -> torch.Tensor | None:
+    """Megatron's boolean attention mask (True = masked) for packed rows, or None when every row is
+    one sequence.
+
+    A new example starts wherever the position does not follow the previous one by exactly 1 (the
+    rule transformers' ``find_packed_sequence_indices`` uses); a query sees the keys of its own
+    example up to itself. Returns ``[B, 1, T, T]``.
+    """
+    first_B1 = position_ids_BT[:, :1] - 1
+    segment_BT = (torch.diff(position_ids_BT, prepend=first_B1, dim=-1) != 1).cumsum(-1)
+    if not bool(segment_BT[:, -1].any()):
+        return None
+    num = position_ids_BT.shape[1]
+    causal_TT = torch.ones(num, num, dtype=torch.bool, device=position_ids_BT.device).tril()
+    same_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
+    return ~(same_BTT & causal_TT)[:, None]
+
+
+class _RotaryPositions:
+    """Forward hook on megatron's ``RotaryEmbedding``: while :attr:`position_ids_BT` is set, the table
+    ``[T, 1, 1, D]`` for positions 0..T-1 is replaced by each token's own row ``[T, B, 1, D]``."""
+
+    def __init__(self, rotary: torch.nn.Module) -> None:
+        self.position_ids_BT: torch.Tensor | None = None
+        self.handle = rotary.register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any, emb_T11D: torch.Tensor) -> torch.Tensor:
+        if self.position_ids_BT is None:
+            return emb_T11D
+        positions = int(self.position_ids_BT.max()) + 1
+        table_PD = module.get_emb(positions)[:, 0, 0, :]  # megatron's own frequencies, per position
+        return table_PD[self.position_ids_BT.t()][:, :, None, :]
+
+
+# -- the engine -----------------------------------------------------------------------------------
+class MegatronEngine:
+    """Trains an HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) as a megatron-core ``GPTModel``.
+
+    Same constructor, methods and metrics as :class:`~moe_adapt.engines.hf.HFEngine`; see the module
+    docstring for what is matched and what is refused. megatron's ``parallel_state`` must be
+    initialised first (:func:`init_parallel`); the expert-parallel size is taken from it.
+
+    Args:
+        checkpoint: HF checkpoint folder (``config.json`` + safetensors).
+        cfg: optimizer, schedule and loss settings (the hf engine's dataclass).
+        device: ``cuda`` (default when available); ``cpu`` only with the test shim.
+        lr_multiplier: scales the scheduled LR of each step (a pure function of the step).
+        kd, teacher: token-level distillation; refused (not implemented here).
+        dispatcher: megatron token dispatcher, ``alltoall`` (default; expert parallel) or ``allgather``.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        cfg: HFEngineConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        lr_multiplier: Callable[[int], float] | None = None,
+        kd: objectives.KDSettings | None = None,
+        teacher: Any = None,
+        dispatcher: Dispatcher = "alltoall",
+    ) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.cfg = cfg or HFEngineConfig()
+        self.source = Path(checkpoint)
+        self.device = _resolve_device(device)
+        _refuse_unsupported(kd, teacher)
+        self.ep_rank, self.ep_size = _check_parallel_state()
+        self.lr_multiplier = lr_multiplier
+        dtype = DTYPES[self.cfg.dtype]
+
+        hf_model = _load_causal_lm(self.source, dtype)
+        self.hf_config: Any = hf_model.config
+        """The source's transformers config (used again by :meth:`save_hf`)."""
+        arch = read_hf_arch(self.hf_config)
+        self.vocab_size = arch.vocab_size
+        self.moe = (arch.num_experts, arch.top_k)
+        self.tied_embeddings = arch.tie_word_embeddings
+        self.renormalize_topk = arch.renormalize_topk
+        self.expert_bias_LE = self._initial_router_bias(hf_model, sum(arch.moe_layers), arch.num_experts)
+        """Aux-loss-free balancing: per-layer expert selection biases ``[L, E]`` float32 (None: off)."""
+        self.transformer_config = transformer_config_from_hf(
+            self.hf_config,
+            params_dtype=dtype,
+            dispatcher=dispatcher,
+            expert_parallel=self.ep_size,
+            aux_loss_coeff=0.0,  # the engine adds objectives.load_balancing_loss itself
+            moe_z_loss_coeff=None,  # and objectives.router_z_loss
+            use_cpu_initialization=self.device.type == "cpu",
+            perform_initialization=False,  # every weight comes from the checkpoint
+        )
+        model = build_gpt_model(self.hf_config, config=self.transformer_config, parallel_output=True)
+        for param in model.parameters():  # megatron's torch norms are made in fp32 whatever params_dtype
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        mapped = hf_to_megatron(
+            hf_model.state_dict(), self.hf_config, ep_rank=self.ep_rank, ep_size=self.ep_size
+        )
+        load_megatron_state(model, mapped)
+        del hf_model, mapped
+        self.model: Any = model.to(self.device)
+        """The megatron-core ``GPTModel`` being trained (this rank's experts only under EP)."""
+        self.model.train()
+
+        self._router_logits: list[torch.Tensor] = []
+        routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
+        if len(routers) != sum(arch.moe_layers):
+            raise MoEAdaptError(
+                f"found {len(routers)} megatron routers for {sum(arch.moe_layers)} MoE layers"
+            )
+        for layer, router in enumerate(routers):
+            self._instrument_router(router, layer)
+        self._num_routers = len(routers)
+        self._rotary = _RotaryPositions(self.model.rotary_pos_emb)
+
+        self.ddp: Any = DistributedDataParallel(
+            self.transformer_config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=False,  # gradients in the parameters' dtype, as torch AdamW wants
+                overlap_grad_reduce=self.device.type == "cuda",
+                use_distributed_optimizer=False,
+            ),
+            self.model,
+        )
+        """megatron's DDP wrapper: forward goes through it; it reduces gradients into ``main_grad``."""
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._expert = [not getattr(p, "allreduce", True) for p in self._params]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in self._params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+                {"params": [p for p in self._params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=lr_at(self.cfg, 0),
+            betas=self.cfg.betas,
+            eps=self.cfg.eps,
+            fused=self.device.type == "cuda",
+        )
+        self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
+        self._load_LE: torch.Tensor | None = None
+        self._routed_tokens = 0
+        self._anchor: list[torch.Tensor] | None = None
+        if self.cfg.l2_anchor_coef > 0:
+            self._anchor = [p.detach().clone() for p in self._params]
+        self.reference: Any = None
+        if self.cfg.kl_anchor_coef > 0:
+            assert self.cfg.reference is not None  # checked by the config
+            self.reference = load_causal_lm(self.cfg.reference, dtype).to(self.device).eval()
+            self.reference.requires_grad_(False)
+
+    def _initial_router_bias(self, hf_model: Any, num_layers: int, num_experts: int) -> torch.Tensor | None:
+        """The selection biases to route with: saved beside the checkpoint (``router_bias.json``, read
+        as the hf engine reads it), zeros when ``bias_update_rate > 0`` starts balancing, else None."""
+        saved = router_health.load_router_bias(hf_model, self.source, self.cfg.bias_update_rate or 1e-3)
+        if saved is not None:
+            bias_LE = saved.bias_LE()
+            saved.remove()
+            return bias_LE.to(self.device)
+        if self.cfg.bias_update_rate > 0:
+            return torch.zeros(num_layers, num_experts, dtype=torch.float32, device=self.device)
+        return None
+
+    def _instrument_router(self, router: Any, layer: int) -> None:
+        """Wrap this router instance's ``gating`` to record its logits and, with selection biases, its
+        ``routing`` to select ``topk(softmax(logits) + bias)`` as :mod:`moe_adapt.train.router_health`'s
+        hook does in the hf engine (gate weights from the unbiased probabilities)."""
+        gating, top_k, engine = router.gating, self.moe[1], self
+
+        def gating_and_capture(input: torch.Tensor) -> torch.Tensor:
+            logits = gating(input)
+            engine._router_logits.append(logits)
+            return logits
+
+        def biased_routing(
+            logits: torch.Tensor, padding_mask: Any = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            assert engine.expert_bias_LE is not None
+            logits_TE = logits.view(-1, logits.shape[-1])
+            probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+            with torch.no_grad():
+                topk_idx_TK = torch.topk(probs_TE + engine.expert_bias_LE[layer], top_k, dim=-1).indices
+            weights_TK = probs_TE.gather(-1, topk_idx_TK)
+            if engine.renormalize_topk:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            rows_T1 = torch.arange(logits_TE.shape[0], device=logits.device)[:, None]
+            routing_probs_TE = torch.zeros_like(logits_TE).index_put(
+                (rows_T1, topk_idx_TK), weights_TK.type_as(logits)
+            )
+            selected_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
+            routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).index_put(
+                (rows_T1, topk_idx_TK), selected_TK
+            )
+            return routing_probs_TE, routing_map_TE
+
+        router.gating = gating_and_capture
+        if self.expert_bias_LE is not None:
+            router.routing = biased_routing
+
+    def _update_router_bias(self, load_LE: torch.Tensor) -> None:
+        """One sign step of aux-loss-free balancing, the rule of :meth:`RouterBias.update`."""
+        assert self.expert_bias_LE is not None
+        with torch.no_grad():
+            load_LE = load_LE.detach().double()
+            step_LE = torch.sign(load_LE.mean(dim=-1, keepdim=True) - load_LE).float()
+            self.expert_bias_LE += self.cfg.bias_update_rate * step_LE.to(self.expert_bias_LE.device)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _tokens(self, tokens_BT1: torch.Tensor | np.ndarray) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens_BT1).to(device=self.device, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise MoEAdaptError(
+                f"tokens must be [batch, seq_len + 1] with seq_len >= 1, got {tuple(tokens.shape)}"
+            )
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise MoEAdaptError(
+                f"token ids span [{lo}, {hi}] but the model's vocab_size is {self.vocab_size}: "
+                "the shards were tokenized with another tokenizer"
+            )
+        return tokens
+
+    def _field(self, batch: Any, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        value = getattr(batch, name, None)
+        return None if value is None else torch.as_tensor(value).to(device=self.device, dtype=dtype)
+
+    def forward_loss(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch; ``loss`` is their weighted sum (as :meth:`HFEngine.forward_loss`).
+
+        ``batch`` is ``tokens_BT1`` (inputs ``[:, :-1]``, labels ``[:, 1:]``) or an object with that as
+        ``.tokens`` and optionally ``loss_mask`` ``[B, T]`` and ``position_ids`` ``[B, T]`` (restarting at
+        0 where a packed example starts). Keys: ``loss``, ``lm_loss``, ``aux_loss``, ``z_loss``, and
+        ``l2_anchor`` / ``kl_anchor`` when enabled. Under expert parallel every rank must call it
+        (the experts exchange tokens).
+        """
+        if getattr(batch, "topk_ids", None) is not None:
+            raise MoEAdaptError(
+                "the batch carries teacher top-k log-probabilities (token KD), which the megatron engine "
+                "does not implement; use engine=hf"
+            )
+        tokens_BT1 = self._tokens(getattr(batch, "tokens", batch))
+        inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+        mask_BT = self._field(batch, "loss_mask", torch.bool)
+        position_ids_BT = self._field(batch, "position_ids", torch.long)
+        if mask_BT is not None:
+            labels_BT = labels_BT.masked_fill(~mask_BT, -100)
+        attention_mask_B1TT = None
+        if position_ids_BT is not None:
+            if position_ids_BT.shape != inputs_BT.shape or int(position_ids_BT.min()) < 0:
+                raise MoEAdaptError(
+                    f"position_ids must be [batch, seq_len] = {tuple(inputs_BT.shape)} of non-negative "
+                    f"positions, got {tuple(position_ids_BT.shape)}"
+                )
+            attention_mask_B1TT = packed_attention_mask(position_ids_BT)
+            model_positions_BT = position_ids_BT
+        else:
+            model_positions_BT = torch.arange(inputs_BT.shape[1], device=self.device).expand_as(inputs_BT)
+        self._router_logits.clear()
+        self._rotary.position_ids_BT = position_ids_BT
+        try:
+            logits_BTV = self.ddp(inputs_BT, model_positions_BT, attention_mask=attention_mask_B1TT)
+        finally:
+            self._rotary.position_ids_BT = None
+        router_LTE = [x.reshape(-1, x.shape[-1]) for x in self._router_logits]
+        self._router_logits.clear()
+        if len(router_LTE) != self._num_routers:
+            raise MoEAdaptError(
+                f"captured {len(router_LTE)} router outputs for {self._num_routers} MoE layers in one forward"
+            )
+        terms: dict[str, torch.Tensor] = {"lm_loss": objectives.lm_cross_entropy(logits_BTV, labels_BT)}
+        self._load_LE = router_health.expert_load(router_LTE, self.moe[1], self.expert_bias_LE)
+        self._routed_tokens = router_LTE[0].shape[0]
+        terms["aux_loss"] = objectives.load_balancing_loss(router_LTE, self.moe[1])
+        terms["z_loss"] = objectives.router_z_loss(router_LTE)
+        loss = (
+            terms["lm_loss"]
+            + self.cfg.aux_loss_coef * terms["aux_loss"]
+            + self.cfg.z_loss_coef * terms["z_loss"]
+        )
+        if self._anchor is not None:
+            terms["l2_anchor"] = self._l2_anchor()
+            loss = loss + self.cfg.l2_anchor_coef * terms["l2_anchor"]
+        if self.reference is not None:
+            ref_kwargs: dict[str, Any] = {"input_ids": inputs_BT, "use_cache": False}
+            if position_ids_BT is not None:
+                ref_kwargs["position_ids"] = position_ids_BT
+            with torch.no_grad():
+                ref_logits_BTV = self.reference(**ref_kwargs).logits
+            terms["kl_anchor"] = objectives.kl_anchor_loss(logits_BTV, ref_logits_BTV)
+            loss = loss + self.cfg.kl_anchor_coef * terms["kl_anchor"]
+        terms["loss"] = loss
+        return terms
+
+    def _l2_anchor(self) -> torch.Tensor:
+        """``Σ ||θ − θ0||²`` with this rank's expert part weighted by the EP size.
+
+        The step follows the mean of the ranks' losses; each EP group holds every expert once, so
+        weighting the local expert sum by ``ep_size`` makes that mean the full model's anchor (and
+        with one process it is exactly :func:`objectives.l2_anchor_loss`).
+        """
+        assert self._anchor is not None
+        if self.ep_size == 1:
+            return objectives.l2_anchor_loss(self._params, self._anchor)
+        dense = [(p, a) for p, a, e in zip(self._params, self._anchor, self._expert, strict=True) if not e]
+        expert = [(p, a) for p, a, e in zip(self._params, self._anchor, self._expert, strict=True) if e]
+        total = objectives.l2_anchor_loss(*zip(*dense, strict=True))
+        return total + self.ep_size * objectives.l2_anchor_loss(*zip(*expert, strict=True))
+
+    # -- step ----------------------------------------------------------------------------------
+    def current_lr(self) -> float:
+        """Learning rate the next step uses (schedule times ``lr_multiplier``)."""
+        factor = self.lr_multiplier(self.steps) if self.lr_multiplier is not None else 1.0
+        return lr_at(self.cfg, self.steps) * factor
+
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def _all_finite(self, value: float) -> bool:
+        """Whether ``value`` is finite on every rank (so all ranks take the same branch)."""
+        ok = math.isfinite(value)
+        if self._world() == 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients: dense ones once, expert ones summed over the EP group."""
+        if self.ep_size == 1:
+            return torch.nn.utils.get_total_norm([p.grad for p in self._params], 2.0, foreach=False)
+        dense = [p.grad for p, e in zip(self._params, self._expert, strict=True) if not e]
+        expert = [p.grad for p, e in zip(self._params, self._expert, strict=True) if e]
+        dense_sq = torch.nn.utils.get_total_norm(dense, 2.0, foreach=False).float() ** 2
+        expert_sq = torch.nn.utils.get_total_norm(expert, 2.0, foreach=False).float() ** 2
+        from megatron.core import parallel_state
+
+        dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
+        return (dense_sq + expert_sq).sqrt()
+
+    def _dp_reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics over the data-parallel ranks (each trained on its own batch): ``tokens`` summed, the
+        rest averaged."""
+        if self._world() == 1:
+            return metrics
+        from megatron.core import parallel_state
+
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        group = parallel_state.get_data_parallel_group()
+        dist.all_reduce(values, group=group)
+        totals = dict(zip(keys, values.tolist(), strict=True))
+        ranks = dist.get_world_size(group)
+        return {k: v if k == "tokens" else v / ranks for k, v in totals.items()}
+
+    def step(self, batch: Any) -> dict[str, float]:
+        """Forward, backward, gradient reduction, clip and one AdamW step on ``batch``; float metrics.
+
+        Metrics (as the hf engine): every loss term, ``grad_norm`` (before clipping), ``lr``,
+        ``tokens`` (label positions that count), ``skipped`` (1.0 when the loss or gradient norm was
+        not finite on some rank and the update was dropped everywhere) and the ``moe/*`` load
+        metrics. With several data-parallel ranks the loss terms are averaged over the ranks,
+        ``tokens`` and the expert loads are summed, and ``grad_norm`` is the global norm. Collective
+        under data/expert parallel: every rank calls it with its own batch.
+        """
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.forward_loss(batch)
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        mask = getattr(batch, "loss_mask", None)
+        tokens = (
+            torch.as_tensor(getattr(batch, "tokens", batch))[:, 1:].numel() if mask is None else mask.sum()
+        )
+        metrics["tokens"] = float(tokens)
+        skipped = not self._all_finite(metrics["loss"])
+        grad_norm = float("nan")
+        if not skipped:
+            terms["loss"].backward()
+            self.ddp.finish_grad_sync()
+            for param in self._params:
+                param.grad = param.main_grad
+            norm = self._grad_norm()
+            grad_norm = float(norm)
+            skipped = not math.isfinite(grad_norm)  # the same on every rank: the norm is global
+        if skipped:
+            log.warning("step %d: non-finite loss or gradient norm; update skipped", self.steps)
+        else:
+            if self.cfg.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.grad_clip, norm, foreach=False)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self._dp_reduce(metrics)
+        if self._load_LE is not None:
+            load_LE, self._load_LE = self._load_LE, None
+            dropped_L = router_health.dropped_tokens(
+                load_LE, self.cfg.capacity_factor, self._routed_tokens, self.moe[1]
+            )
+            if self._world() > 1:
+                from megatron.core import parallel_state
+
+                group = parallel_state.get_data_parallel_group()
+                load_LE, dropped_L = load_LE.clone(), dropped_L.clone()
+                dist.all_reduce(load_LE, group=group)
+                dist.all_reduce(dropped_L, group=group)
+            metrics.update(router_health.load_metrics(load_LE, dropped_L))
+            if self.expert_bias_LE is not None and self.cfg.bias_update_rate > 0 and not skipped:
+                self._update_router_bias(load_LE)
+        self.steps += 1
+        metrics.update(lr=lr, grad_norm=grad_norm, skipped=float(skipped))
+        return metrics
+
+    # -- state ---------------------------------------------------------------------------------
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's model state without megatron's ``_extra_state`` entries."""
+        return {
+            k: v
+            for k, v in self.model.state_dict().items()
+            if torch.is_tensor(v) and not k.endswith("_extra_state")
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model (megatron names), optimizer, schedule position and RNG: tensors and JSON values.
+
+        Tensors are cloned (safetensors refuses shared memory); the optimizer's per-parameter state
+        is keyed by the parameter index as a string. Under expert parallel the model and optimizer
+        hold this rank's experts only.
+        """
+        opt = self.optimizer.state_dict()
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "version": STATE_VERSION,
+            "engine": ENGINE_NAME,
+            "expert_parallel": {"rank": self.ep_rank, "size": self.ep_size},
+            "model": {k: v.detach().clone() for k, v in self._model_tensors().items()},
+            "optimizer": {
+                "state": {str(i): dict(s) for i, s in opt["state"].items()},
+                "param_groups": opt["param_groups"],
+            },
+            "steps": self.steps,
+            "rng": rng,
+            **(
+                {"router_bias": {"expert_bias_LE": self.expert_bias_LE.detach().cpu().clone()}}
+                if self.expert_bias_LE is not None
+                else {}
+            ),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` into an engine built from the same checkpoint, config and layout."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"engine state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("engine") != ENGINE_NAME:
+            raise CheckpointError(
+                "this training checkpoint was not written by the megatron engine: resume it with the "
+                "engine that wrote it (engine=hf)"
+            )
+        layout = {"rank": self.ep_rank, "size": self.ep_size}
+        if state.get("expert_parallel") != layout:
+            raise CheckpointError(
+                f"this checkpoint holds expert-parallel rank/size {state.get('expert_parallel')}, this "
+                f"process is {layout}: resume with the same expert_parallel size"
+            )
+        try:
+            load_megatron_state(self.model, state["model"])
+        except MoEAdaptError as err:
+            raise CheckpointError(f"checkpoint does not fit the megatron model: {err}") from None
+        opt = state["optimizer"]
+        self.optimizer.load_state_dict(
+            {"state": {int(i): s for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
+        )
+        if (self.expert_bias_LE is not None) != ("router_bias" in state):
+            raise CheckpointError(
+                "the checkpoint's router bias does not match engine.bias_update_rate "
+                "(resume with the run's engine.bias_update_rate)"
+            )
+        if self.expert_bias_LE is not None:
+            saved_LE = state["router_bias"]["expert_bias_LE"]
+            if tuple(saved_LE.shape) != tuple(self.expert_bias_LE.shape):
+                raise CheckpointError(
+                    f"router bias {tuple(saved_LE.shape)} does not fit {tuple(self.expert_bias_LE.shape)}"
+                )
+            self.expert_bias_LE.copy_(saved_LE.to(self.expert_bias_LE))
+        self.steps = int(state["steps"])
+        torch.set_rng_state(state["rng"]["torch"].to(torch.uint8))
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].to(torch.uint8), self.device)
+
+    def _full_model_tensors(self) -> dict[str, torch.Tensor]:
+        """The whole model's megatron state on every EP rank (experts gathered, numbered globally)."""
+        local = self._model_tensors()
+        if self.ep_size == 1:
+            return local
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_expert_model_parallel_group()
+        per_rank = self.moe[0] // self.ep_size
+        full: dict[str, torch.Tensor] = {}
+        for key in sorted(local):
+            match = _EXPERT_KEY.match(key)
+            if match is None:
+                full[key] = local[key]
+                continue
+            parts = [torch.empty_like(local[key]) for _ in range(self.ep_size)]
+            dist.all_gather(parts, local[key].contiguous(), group=group)
+            head, index, tail = match.group(1), int(match.group(2)), match.group(3)
+            for rank, part in enumerate(parts):
+                full[f"{head}{rank * per_rank + index}{tail}"] = part
+        return full
+
+    def _hf_state(self) -> dict[str, torch.Tensor]:
+        """The current weights in the HF in-memory layout, on the CPU, sharing nothing with training."""
+        full = self._full_model_tensors()
+        return megatron_to_hf({k: v.detach().to("cpu", copy=True) for k, v in full.items()}, self.hf_config)
+
+    def _build_hf_model(
+        self, hf_state: dict[str, torch.Tensor]
+    ) -> tuple[Any, router_health.RouterBias | None]:
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():  # every weight is assigned below; buffers (RoPE) are built as usual
+            hf_model = AutoModelForCausalLM.from_config(self.hf_config, dtype=DTYPES[self.cfg.dtype])
+        hf_model.load_state_dict(hf_state, strict=True, assign=True)
+        if self.tied_embeddings:
+            hf_model.tie_weights()
+        bias = None
+        if self.expert_bias_LE is not None:
+            bias = router_health.RouterBias.install(hf_model, self.cfg.bias_update_rate or 1e-3)
+            bias.load_state_dict({"expert_bias_LE": self.expert_bias_LE.cpu()})
+        return hf_model, bias
+
+    def hf_model(self) -> Any:
+        """A transformers model holding a copy of the current weights, on this engine's device, in eval
+        mode, routing with the selection biases when there are any (what ``load_causal_lm`` of the
+        :meth:`save_hf` folder gives): for evaluation callbacks that need an HF model. Collective under
+        expert parallel (the experts are gathered onto every rank)."""
+        hf_model, _ = self._build_hf_model(self._hf_state())
+        return hf_model.to(self.device).eval()
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Write the model as an HF checkpoint folder (safetensors) atomically, with the source's
+        tokenizer files (and ``router_bias.json`` with aux-loss-free balancing); vanilla
+        ``transformers`` loads it.
+
+        Collective under expert parallel (the experts are gathered); global rank 0 writes.
+        """
+        final = Path(path)
+        hf_state = self._hf_state()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            hf_model, bias = self._build_hf_model(hf_state)
+            with atomic_dir(final) as tmp:
+                hf_model.save_pretrained(str(tmp))
+                if bias is not None:
+                    router_health.save_router_bias(bias, tmp)
+                for name in (*_SIDE_FILES, "generation_config.json"):
+                    if (self.source / name).is_file():
+                        shutil.copy2(self.source / name, tmp / name)
+        if dist.is_initialized() and self._world() > 1:
+            dist.barrier()
+        return final
