@@ -54,9 +54,11 @@ def _checkpoint_dir(path: str | None, key: str) -> str:
 
 def _check_inputs(d: DistillConfig) -> None:
     phases = set(d.phases)
-    if d.engine == "megatron":
+    kd_phases = [p for p in ("token_kd", "select_kd") if p in phases]
+    if d.engine == "megatron" and kd_phases:
         raise MoEAdaptConfigError(
-            "distill.engine=megatron is not available yet: the megatron engine has no training step; use hf"
+            f"distill.engine=megatron cannot run phase {kd_phases[0]}: the megatron engine has no "
+            "token-level KD; use distill.engine=auto (KD phases then run on hf) or hf"
         )
     online = [p for p in ("token_kd", "select_kd") if p in phases and getattr(d, p).teacher == "online"]
     if "generate" in phases or online or (d.eval_prompts and d.eval.teacher):
@@ -92,6 +94,7 @@ def _phase_settings(d: DistillConfig, cfg: Config, name: str) -> dict[str, Any]:
     settings = {
         "phase": asdict(getattr(d, name)),
         "engine": asdict(cfg.engine),
+        "engine_name": d.engine,
         "seed": cfg.seed,
         "student": d.student,
         "chat_template": d.chat_template,
@@ -283,6 +286,7 @@ def _run_phase(
         kd=kd,
         teacher=teacher,
         callbacks=stage_logging_callbacks(cfg, f"distill_{name}"),
+        engine=d.engine,
     )
 
 

@@ -23,7 +23,8 @@ from moe_adapt.distill.generate import load_topk
 from moe_adapt.distill.generation import pad_id_of
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines import build_engine
+from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.train.callbacks import (
     Callback,
@@ -116,10 +117,12 @@ def run_train_phase(
     kd: KDSettings | None = None,
     teacher: str | None = None,
     callbacks: Sequence[Callback] = (),
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """Train ``init_from`` on ``examples``; writes ``work/model`` and ``work/metrics.jsonl``.
 
-    ``callbacks`` are added to the metrics, NaN-guard and checkpoint ones (progress, wandb).
+    ``callbacks`` are added to the metrics, NaN-guard and checkpoint ones (progress, wandb);
+    ``engine`` is hf, megatron or auto (:func:`moe_adapt.engines.build_engine`).
     """
     from transformers import AutoTokenizer
 
@@ -144,7 +147,7 @@ def run_train_phase(
     )
     ecfg = dataclasses.replace(engine_cfg, lr=pcfg.lr, warmup_steps=pcfg.warmup_steps, decay_steps=pcfg.steps)
     torch.manual_seed(seed)
-    engine = HFEngine(init_from, ecfg, kd=kd, teacher=teacher)
+    trained = build_engine(engine, init_from, ecfg, kd=kd, teacher=teacher)
     all_callbacks: list[Callback] = [
         MetricsCallback(work / "metrics.jsonl"),
         NaNGuardCallback(),
@@ -152,14 +155,14 @@ def run_train_phase(
         *callbacks,
     ]
     trainer = Trainer(
-        engine, PackedSampler(rows, seed), all_callbacks, max_steps=pcfg.steps, batch_size=pcfg.batch_size
+        trained, PackedSampler(rows, seed), all_callbacks, max_steps=pcfg.steps, batch_size=pcfg.batch_size
     )
     latest = latest_checkpoint(work / "checkpoints")
     if latest is not None:
         log.info("%s: resuming from %s", name, latest)
         trainer.resume(latest)
     trainer.fit()
-    engine.save_hf(work / "model")
+    trained.save_hf(work / "model")
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     last = _last_metrics(work / "metrics.jsonl")
     return {
