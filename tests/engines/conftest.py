@@ -51,23 +51,26 @@ FAMILIES: dict[str, dict[str, Any]] = {
 """Tiny test configurations by name: the three families, plus one exercising the rarer options."""
 
 
-def tiny_hf_config(name: str) -> Any:
-    """The transformers config of the tiny model ``name`` (a key of :data:`FAMILIES`)."""
+def tiny_hf_config(name: str, **overrides: Any) -> Any:
+    """The transformers config of the tiny model ``name`` (a key of :data:`FAMILIES`), with ``overrides``."""
     from transformers import AutoConfig
 
-    kwargs = {**TINY_MOE, **FAMILIES[name]}
+    kwargs = {**TINY_MOE, **FAMILIES[name], **overrides}
     model_type = kwargs.pop("model_type")
     theta = kwargs.pop("rope_theta", 10000.0)
     kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny fp32 HF MoE model with every weight random (std 0.1; norms 1 ± 0.1), in eval mode."""
+def tiny_hf_model(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny fp32 HF MoE model with every weight random (std 0.1; norms 1 ± 0.1), in eval mode.
+
+    ``overrides`` change config keys (e.g. ``vocab_size=128`` for tensor parallel).
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(name), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(name, **overrides), dtype=torch.float32)
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if pname.endswith("norm.weight"):

@@ -1,9 +1,11 @@
 """Test-only shim that lets megatron-core 0.16.1 run on a CPU-only torch with gloo.
 
 megatron-core assumes CUDA in a handful of places (streams, events, the RNG tracker, a literal
-``device="cuda"`` in the causal mask, CPU split sizes in the alltoall dispatcher, and a missing
-``te_general_gemm`` when TransformerEngine is absent). :class:`CpuMegatron` patches exactly those
-places, remembers what it replaced and puts everything back on :meth:`CpuMegatron.restore`.
+``device="cuda"`` in the causal mask, CPU split sizes in the alltoall dispatcher, a missing
+``te_general_gemm`` when TransformerEngine is absent, the CUDA-only ``grouped_gemm`` package
+behind the legacy ``GroupedMLP``) and gloo where NCCL is assumed (allgather of unequal parts).
+:class:`CpuMegatron` patches exactly those places, remembers what it replaced and puts everything
+back on :meth:`CpuMegatron.restore`.
 It belongs to the tests: the product never imports it (see /work/shared/facts.md).
 """
 
@@ -90,6 +92,75 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _grouped_mm(
+    a_TK: torch.Tensor, b_EKN: torch.Tensor, batch_sizes_E: torch.Tensor, trans_b: bool = False
+) -> torch.Tensor:
+    """Stands in for ``grouped_gemm.ops.gmm``: rows of ``a`` in consecutive expert groups of
+    ``batch_sizes`` rows, group e times ``b[e]`` (``b[e].T`` with ``trans_b``), via ``torch._grouped_mm``."""
+    b_EKN = b_EKN.transpose(1, 2) if trans_b else b_EKN
+    offsets_E = batch_sizes_E.to("cpu", torch.int64).cumsum(0).to(torch.int32)
+    return torch._grouped_mm(a_TK.contiguous(), b_EKN.contiguous(), offs=offsets_E)
+
+
+def _uneven_all_gather(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.distributed.all_gather`` that also takes parts of different lengths on gloo.
+
+    Gloo's allgather needs equal shapes; megatron's alltoall dispatcher gathers tokens over the
+    expert-tensor-parallel group with uneven split sizes (ETP > 1 with EP > 1). Pad every part to
+    the longest, gather, and copy each rank's rows back. Forward only: the backward's uneven
+    reduce-scatter is not emulated.
+    """
+
+    def all_gather(
+        tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False
+    ) -> Any:
+        if async_op or len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros(longest, *tensor.shape[1:])
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in tensor_list]
+        original(parts, padded, group=group)
+        for out, part in zip(tensor_list, parts, strict=True):
+            out.copy_(part[: out.shape[0]])
+        return None
+
+    return all_gather
+
+
+class _GroupedGemmOps:
+    """The ``grouped_gemm.ops`` namespace megatron's GroupedMLP calls."""
+
+    gmm = staticmethod(_grouped_mm)
+
+
+class _GroupedGemmPackage:
+    """A stand-in for the ``grouped_gemm`` package (CUDA-only) on the CPU."""
+
+    ops = _GroupedGemmOps
+
+
+def allow_fp32_grouped_mlp(model: torch.nn.Module) -> int:
+    """Let megatron's legacy ``GroupedMLP`` modules of ``model`` run in fp32; returns how many.
+
+    ``GroupedMLP.forward`` asserts ``config.bf16`` because the CUDA grouped_gemm kernels are bf16-only
+    (the product refuses fp32 grouped GEMM for that reason). The CPU stand-in computes in any dtype,
+    so the fp32 reference tests give each GroupedMLP its own config copy with ``bf16=True``; the
+    flag is read nowhere else in that module, and the rest of the model keeps fp32 semantics.
+    """
+    import copy
+
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, GroupedMLP):
+            module.config = copy.copy(module.config)
+            module.config.bf16 = True
+            count += 1
+    return count
+
+
 class CpuMegatron:
     """Installs the CPU patches on construction; :meth:`restore` undoes every one of them."""
 
@@ -142,6 +213,14 @@ class CpuMegatron:
 
         self._set(moe_utils, "maybe_move_tensor_to_cpu", move_to_cpu)
         self._set(token_dispatcher, "maybe_move_tensor_to_cpu", move_to_cpu)
+        import megatron.core.transformer.moe.grouped_gemm_util as grouped_gemm_util
+
+        if not grouped_gemm_util.grouped_gemm_is_available():
+            self._set(grouped_gemm_util, "grouped_gemm", _GroupedGemmPackage)
+            self._set(grouped_gemm_util, "ops", _GroupedGemmOps)
+        import torch.distributed as dist
+
+        self._set(dist, "all_gather", _uneven_all_gather(dist.all_gather))
         self._set(torch.Tensor, "cuda", lambda self, *a, **k: self)
         self._mode = _CudaToCpu()
         self._mode.__enter__()
@@ -168,9 +247,19 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def megatron_on_cpu(
-    rank: int = 0, world_size: int = 1, port: int | None = None, expert_parallel: int = 1, seed: int = 1234
+    rank: int = 0,
+    world_size: int = 1,
+    port: int | None = None,
+    expert_parallel: int = 1,
+    seed: int = 1234,
+    tensor_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
 ) -> Iterator[None]:
-    """Patch megatron-core for CPU, start gloo and megatron's model parallel state; undo it all on exit."""
+    """Patch megatron-core for CPU, start gloo and megatron's model parallel state; undo it all on exit.
+
+    ``expert_tensor_parallel`` defaults to 1 like :func:`transformer_config_from_hf` (megatron's own
+    default would be the TP size).
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -187,7 +276,11 @@ def megatron_on_cpu(
                 world_size=world_size,
             )
             started_pg = True
-        parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            expert_model_parallel_size=expert_parallel,
+            expert_tensor_parallel_size=expert_tensor_parallel,
+        )
         model_parallel_cuda_manual_seed(seed)
         yield
     finally:

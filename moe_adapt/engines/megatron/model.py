@@ -3,9 +3,11 @@
 One call, :func:`build_gpt_model`, turns an HF config (Mixtral, Qwen2-MoE, Qwen3-MoE) into a
 ``TransformerConfig`` and a ``GPTModel`` built from the TransformerEngine-free local layer spec
 (``get_gpt_layer_local_spec`` per layer, via ``get_gpt_decoder_block_spec``): torch RMSNorm, local
-``DotProductAttention`` and ``SequentialMLP`` experts. Weights are loaded separately with
-:func:`moe_adapt.engines.megatron.mapping.hf_to_megatron`. Grouped-GEMM experts (GPU) have another
-weight layout that the mapping does not cover yet, so they are not offered here.
+``DotProductAttention`` and ``SequentialMLP`` experts, or with ``grouped_gemm=True`` the legacy
+``GroupedMLP`` (one grouped GEMM per expert projection; needs the ``grouped_gemm`` package and bf16).
+Weights are loaded separately with :func:`moe_adapt.engines.megatron.mapping.hf_to_megatron`, whose
+``expert_layout`` must match (:func:`expert_layout`) and whose tensor-/expert-parallel slice is this
+rank's (:func:`current_shard`).
 
 How each HF behaviour is reproduced:
 
@@ -20,12 +22,19 @@ How each HF behaviour is reproduced:
   per-head q/k RMSNorm (Qwen3-MoE), no dropout.
 - Dense layers inside a Qwen MoE model (``mlp_only_layers``, ``decoder_sparse_step``): ``moe_layer_freq``.
 
-The model's parallel layout (TP, EP) comes from megatron's ``parallel_state``, which the caller
-initialises; this module only builds.
+The model's parallel layout (TP, EP, expert TP) comes from megatron's ``parallel_state``, which
+the caller initialises with the same sizes as the config; this module only builds. Tensor parallel
+turns sequence parallel on by default: megatron-core refuses to train MoE layers with TP > 1
+without it, and it leaves the logits unchanged. The local spec's torch norm refuses sequence
+parallel, so with it the norms are :class:`SequenceParallelRMSNorm` (same math, weight marked for
+megatron's gradient all-reduce over the TP group; ``finalize_model_grads`` must run, as megatron's
+DDP training loop does).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -35,6 +44,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moe_adapt.engines.megatron.hf_arch import HFMoEArch, read_hf_arch
+from moe_adapt.engines.megatron.mapping import ExpertLayout, MegatronShard, check_parallel_sizes
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 
 Dispatcher = Literal["alltoall", "allgather"]
@@ -47,6 +57,9 @@ def transformer_config_from_hf(
     dispatcher: Dispatcher = "alltoall",
     tensor_parallel: int = 1,
     expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
+    sequence_parallel: bool | None = None,
+    grouped_gemm: bool = False,
     aux_loss_coeff: float = 0.0,
     use_cpu_initialization: bool = True,
     **overrides: Any,
@@ -57,22 +70,39 @@ def transformer_config_from_hf(
         hf_config: a transformers ``PretrainedConfig`` of model_type mixtral, qwen2_moe or qwen3_moe.
         params_dtype: dtype of the parameters (fp32 for the CPU reference, bf16 on GPU).
         dispatcher: megatron token dispatcher; ``alltoall`` for expert parallel.
-        tensor_parallel: tensor-parallel size (must match ``parallel_state``). The weight mapping
-            does not slice for TP yet, so only 1 loads HF weights today.
+        tensor_parallel: tensor-parallel size (must match ``parallel_state``); must divide the
+            key/value heads, the vocabulary, dense and shared-expert FFN sizes.
         expert_parallel: expert-parallel size (must match ``parallel_state``).
+        expert_tensor_parallel: how many ranks split each expert (megatron's
+            ``expert_tensor_parallel_size``; must match ``parallel_state``, whose own default is the
+            TP size). 1 keeps every expert whole on its rank, the usual choice with expert parallel.
+        sequence_parallel: split activations along the sequence between TP ranks; default: on when
+            ``tensor_parallel > 1`` (megatron-core refuses to train MoE with TP but without it).
+        grouped_gemm: build the experts as megatron's legacy ``GroupedMLP`` (the
+            TransformerEngine-free grouped-GEMM experts, expert layout ``grouped``); needs bf16
+            parameters and the ``grouped_gemm`` package at build time.
         aux_loss_coeff: load-balancing loss coefficient; 0 disables the auxiliary loss.
         use_cpu_initialization: initialise parameters on the CPU (required without CUDA).
         **overrides: any further ``TransformerConfig`` field, applied last.
+
+    Raises:
+        MoEAdaptConfigError: an unsupported dispatcher, parallel size or grouped-GEMM setting.
     """
     arch = read_hf_arch(hf_config)
     if dispatcher not in ("alltoall", "allgather"):
         raise MoEAdaptConfigError(
             f"dispatcher={dispatcher!r} is not supported; use 'alltoall' or 'allgather'"
         )
-    if arch.num_experts % expert_parallel:
-        raise MoEAdaptConfigError(
-            f"expert_parallel={expert_parallel} must divide the number of experts ({arch.num_experts})"
-        )
+    check_parallel_sizes(
+        arch,
+        tensor_parallel=tensor_parallel,
+        expert_parallel=expert_parallel,
+        expert_tensor_parallel=expert_tensor_parallel,
+    )
+    if sequence_parallel is None:
+        sequence_parallel = tensor_parallel > 1
+    elif sequence_parallel and tensor_parallel == 1:
+        raise MoEAdaptConfigError("sequence_parallel=True is invalid with tensor_parallel=1: it needs TP > 1")
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -100,6 +130,8 @@ def transformer_config_from_hf(
         use_cpu_initialization=use_cpu_initialization,
         tensor_model_parallel_size=tensor_parallel,
         expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+        sequence_parallel=sequence_parallel,
         num_moe_experts=arch.num_experts,
         moe_layer_freq=[int(m) for m in arch.moe_layers],
         moe_ffn_hidden_size=arch.moe_ffn_size,
@@ -110,16 +142,72 @@ def transformer_config_from_hf(
         moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=aux_loss_coeff,
         moe_token_dispatcher_type=dispatcher,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped_gemm,
         moe_shared_expert_intermediate_size=arch.shared_expert_size or None,
         moe_shared_expert_gate=arch.shared_expert_gate,
     )
     kwargs.update(overrides)
-    if kwargs["moe_grouped_gemm"]:
+    if kwargs["moe_grouped_gemm"] and kwargs["params_dtype"] != torch.bfloat16:
         raise MoEAdaptConfigError(
-            "moe_grouped_gemm=True is not supported yet: the weight mapping covers SequentialMLP"
+            f"grouped_gemm=True is invalid with params_dtype={kwargs['params_dtype']}: megatron-core "
+            "0.16.1's TransformerEngine-free GroupedMLP runs only in bf16; use params_dtype=torch.bfloat16 "
+            "or grouped_gemm=False (SequentialMLP)"
         )
     return TransformerConfig(**kwargs)
+
+
+def expert_layout(config: TransformerConfig) -> ExpertLayout:
+    """The mapping's ``expert_layout`` for a model built by :func:`build_gpt_model` from ``config``."""
+    return "grouped" if config.moe_grouped_gemm else "sequential"
+
+
+def current_shard() -> MegatronShard:
+    """This rank's place in megatron's initialised ``parallel_state`` (for the weight mapping).
+
+    ``hf_to_megatron(sd, cfg, **dataclasses.asdict(current_shard()))`` emits this rank's tensors;
+    ``megatron_to_hf`` takes the ``(shard, state_dict)`` pairs of all ranks.
+    """
+    from megatron.core import parallel_state as ps
+
+    return MegatronShard(
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
+    )
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch ``RMSNorm`` built from a megatron spec, usable with sequence parallel.
+
+    The local spec's ``WrappedTorchNorm`` refuses ``sequence_parallel`` (and megatron's fused
+    alternatives need apex or TransformerEngine). Normalising is per token, so a sequence-parallel
+    rank can normalise its own tokens; what sequence parallel needs is that the weight's gradient,
+    computed from a part of the tokens, is summed over the tensor-parallel ranks. Like megatron's
+    own norms, this one marks its weight ``sequence_parallel`` so that megatron's
+    ``finalize_model_grads`` all-reduces it.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+
+
+def _with_norm(node: Any, norm: type) -> Any:
+    """A copy of a megatron layer spec tree with every ``WrappedTorchNorm`` class replaced by ``norm``."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if node is WrappedTorchNorm:
+        return norm
+    if isinstance(node, list):
+        return [_with_norm(child, norm) for child in node]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        node = copy.copy(node)
+        for field in dataclasses.fields(node):
+            setattr(node, field.name, _with_norm(getattr(node, field.name), norm))
+    return node
 
 
 def build_gpt_model(
@@ -139,17 +227,33 @@ def build_gpt_model(
         parallel_output: keep logits split over the tensor-parallel vocab shards (training; the
             loss from ``labels=`` is vocab-parallel). ``False`` gathers full logits for inference;
             megatron-core 0.16.1 cannot backpropagate ``labels=`` losses through that gather.
-        **config_kwargs: passed to :func:`transformer_config_from_hf` when ``config`` is None.
+        **config_kwargs: passed to :func:`transformer_config_from_hf` when ``config`` is None
+            (e.g. ``tensor_parallel=2``, ``grouped_gemm=True``).
 
-    Megatron's ``parallel_state`` must be initialised (world size 1 is fine).
+    Megatron's ``parallel_state`` must be initialised (world size 1 is fine) with the config's sizes.
+
+    Raises:
+        MoEAdaptError: grouped GEMM is asked for but the ``grouped_gemm`` package is missing.
     """
     arch: HFMoEArch = read_hf_arch(hf_config)
     if config is None:
         config = transformer_config_from_hf(hf_config, **config_kwargs)
     elif config_kwargs:
         raise TypeError(f"pass either config or config keyword arguments, not both: {sorted(config_kwargs)}")
+    if config.moe_grouped_gemm:
+        from megatron.core.transformer.moe import grouped_gemm_util
+
+        if not grouped_gemm_util.grouped_gemm_is_available():
+            raise MoEAdaptError(
+                "grouped_gemm=True needs the grouped_gemm package (megatron-core 0.16.1's "
+                "TransformerEngine-free GroupedMLP calls grouped_gemm.ops.gmm; it builds on CUDA only): "
+                "install it or use grouped_gemm=False"
+            )
     # The TransformerEngine-free local spec, per layer: a MoE layer or (moe_layer_freq 0) a dense FFN.
+    # With moe_grouped_gemm it builds the legacy GroupedMLP experts (weight1/weight2).
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    if config.sequence_parallel:
+        spec = _with_norm(spec, SequenceParallelRMSNorm)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
