@@ -1,7 +1,10 @@
 """``python -m moe_adapt [+recipe=NAME] [key=value ...]`` — the one entry point.
 
 Hydra composes the config (``--cfg job`` prints it and exits; ``-m`` sweeps); the runner executes
-the requested stages. A user error — a bad setting, a missing file — is printed on one line
+the requested stages. Under torchrun every process runs this entry point; ranks other than 0 keep
+Hydra from writing its output folder and log file and log warnings only (``launch/README.md``).
+
+A user error — a bad setting, a missing file — is printed on one line
 (``error: ...``) and the process exits with status 2, without a traceback. Set
 ``HYDRA_FULL_ERROR=1`` to see the full trace of any error.
 """
@@ -89,9 +92,25 @@ def _reraise(ex: BaseException) -> Callable[[], NoReturn]:
     return again
 
 
+def _quiet_other_ranks(args: list[str]) -> list[str]:
+    """Hydra overrides for ranks other than 0 under torchrun: no ``.hydra/`` folder, no log file, warnings
+    only (rank 0 writes the run directory). Left alone when the user sets Hydra's logging themselves."""
+    rank = os.environ.get("RANK", "").strip()
+    own = ("hydra/job_logging=", "hydra.job_logging", "hydra.output_subdir=")
+    if rank in ("", "0") or any(arg.lstrip("+~").startswith(own) for arg in args):
+        return args
+    return [
+        *args,
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+        "hydra.job_logging.root.level=WARNING",
+    ]
+
+
 def main() -> None:
     """Console entry point (``moe-adapt``)."""
     register()
+    sys.argv = [sys.argv[0], *_quiet_other_ranks(sys.argv[1:])]
     # Hydra prints composition errors over several lines (or with a trace); give the user one line.
     import hydra._internal.utils as hydra_utils
 

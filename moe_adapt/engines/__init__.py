@@ -24,6 +24,17 @@ def resolve_engine_name(engine_name: str, checkpoint: str | Path, *, kd: Any = N
 
     if engine_name not in ENGINES:
         raise MoEAdaptConfigError(f"engine={engine_name!r} is invalid: choose one of {', '.join(ENGINES)}")
+    from moe_adapt.train import distributed
+
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if group and torch.distributed.get_world_size() > 1 and not distributed.current().is_distributed:
+        # a stage rank 0 runs alone under torchrun: megatron would start collectives the others never join
+        if engine_name == "megatron":
+            raise MoEAdaptConfigError(
+                "engine=megatron cannot train in a stage that runs on one process of a torchrun job "
+                "(its groups are collective): use engine=hf there, or run that stage without torchrun"
+            )
+        return "hf"
     if engine_name != "auto":
         return engine_name
     if not torch.cuda.is_available() or kd is not None:

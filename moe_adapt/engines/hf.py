@@ -15,7 +15,14 @@ not applied (gradients are dropped, weights and optimizer state untouched) and r
 With ``kd`` settings the language-model term is replaced by token-level distillation
 (:func:`moe_adapt.train.objectives.token_kd_loss`) against an online teacher or stored top-k.
 
-Single process only; DDP/FSDP2 come later.
+Several processes (torchrun; :mod:`moe_adapt.train.distributed`): ``engine.parallel`` picks DDP
+(every rank holds the whole model, gradients are averaged) or FSDP2 (``fully_shard`` per decoder
+layer: parameters, gradients and optimizer state are sharded). Every rank receives the same global
+batch and trains on its own contiguous slice of rows; the loss each rank back-propagates is its share
+of the global batch's loss (token-weighted, with the load-balancing loss counted over the global
+batch), so a step on W processes equals a step on one, and every reported metric is the global
+batch's value. ``state_dict`` is rank-independent (whole tensors, the unwrapped parameter names), so a
+checkpoint written by rank 0 resumes on any number of processes.
 
 Shape legend: ``B`` sequences, ``T`` input positions (seq_len), ``T1`` = T + 1 packed tokens,
 ``V`` vocabulary, ``E`` experts, ``L`` MoE layers.
@@ -23,6 +30,7 @@ Shape legend: ``B`` sequences, ``T`` input positions (seq_len), ``T1`` = T + 1 p
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import shutil
@@ -34,15 +42,17 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from moe_adapt.errors import CheckpointError, MoEAdaptError, invalid
+from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError, invalid
 from moe_adapt.fs import atomic_dir
-from moe_adapt.train import objectives, router_health
+from moe_adapt.train import distributed, objectives, router_health
+from moe_adapt.train.distributed import DistContext
 from moe_adapt.train.router_health import RouterBias
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARALLEL = ("auto", "none", "ddp", "fsdp2")
 # files of an HF checkpoint folder that are not weights or model config: copied by save_hf
 _SIDE_FILES = (
     "tokenizer.json",
@@ -120,6 +130,12 @@ class HFEngineConfig:
     factor would drop (capacity = ceil(tokens·top_k/E·factor)). This engine is dropless; null logs 0,
     so both engines log the same keys."""
 
+    parallel: str = "auto"
+    """How the engine spreads over several processes (torchrun): ddp (each process holds the whole
+    model; gradients are averaged), fsdp2 (parameters, gradients and optimizer state sharded over the
+    processes, one FSDP unit per decoder layer: models that do not fit one device), none (one process)
+    or auto (ddp with several processes, none with one). With one process every value trains as none."""
+
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             _fail("lr", self.lr, "must be a finite number > 0")
@@ -144,6 +160,8 @@ class HFEngineConfig:
             self.capacity_factor > 0 and math.isfinite(self.capacity_factor)
         ):
             _fail("capacity_factor", self.capacity_factor, "must be a finite number > 0, or null (dropless)")
+        if self.parallel not in PARALLEL:
+            _fail("parallel", self.parallel, f"choose one of {', '.join(PARALLEL)}")
 
 
 def lr_at(cfg: HFEngineConfig, step: int) -> float:
@@ -180,6 +198,37 @@ def _load_causal_lm(path: str | Path, dtype: torch.dtype) -> Any:
     )
 
 
+def resolve_parallel(parallel: str, ctx: DistContext) -> str:
+    """``engine.parallel`` for ``ctx``'s number of processes: none, ddp or fsdp2.
+
+    Raises:
+        MoEAdaptConfigError: none with several processes (each would train its own copy).
+    """
+    if not ctx.is_distributed:
+        if parallel in ("ddp", "fsdp2"):
+            log.warning(
+                "engine.parallel=%s: there is one process, so it trains as engine.parallel=none", parallel
+            )
+        return "none"
+    if parallel == "none":
+        raise MoEAdaptConfigError(
+            f"engine.parallel='none' is invalid with {ctx.world_size} processes: each would train its own "
+            "copy of the model on the whole batch; use auto, ddp or fsdp2, or start one process"
+        )
+    return "ddp" if parallel == "auto" else parallel
+
+
+def _decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The decoder layers of an HF causal LM (``model.model.layers``): FSDP2's units."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise MoEAdaptConfigError(
+            f"engine.parallel='fsdp2' is invalid for {type(model).__name__}: its decoder layers are not at "
+            "model.model.layers; use engine.parallel=ddp"
+        )
+    return list(layers)
+
+
 def _moe_shape(config: Any) -> tuple[int, int] | None:
     """``(num_experts, top_k)`` of an MoE config, None for a dense model."""
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
@@ -189,11 +238,27 @@ def _moe_shape(config: Any) -> tuple[int, int] | None:
     return None
 
 
+class _WholeForward(torch.nn.Module):
+    """Calls ``model`` as a whole; shows its ``config`` and parameters but not its sub-modules' accessors."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
 class HFEngine:
-    """Trains a transformers causal LM loaded from an HF checkpoint folder on one device.
+    """Trains a transformers causal LM loaded from an HF checkpoint folder on one device, or on one
+    device per process with DDP or FSDP2 (``cfg.parallel``; the processes are ``dist``).
 
     ``lr_multiplier`` (e.g. :meth:`moe_adapt.train.curriculum.Curriculum.lr_factor`) scales the
     scheduled learning rate of each step; it must be a pure function of the step so resume is exact.
+    ``device`` defaults to the CPU with one process and to ``dist.device`` (``cuda:LOCAL_RANK`` or the
+    CPU) with several. With several processes every rank must call :meth:`step`, :meth:`state_dict`
+    and :meth:`save_hf` in the same order (they are collective); only rank 0 writes files.
     """
 
     def __init__(
@@ -201,17 +266,29 @@ class HFEngine:
         checkpoint: str | Path,
         cfg: HFEngineConfig | None = None,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         lr_multiplier: Callable[[int], float] | None = None,
         kd: objectives.KDSettings | None = None,
         teacher: Any = None,
+        dist: DistContext | None = None,
     ) -> None:
         self.cfg = cfg or HFEngineConfig()
+        self.dist = dist or distributed.current()
+        """The processes training together (:func:`moe_adapt.train.distributed.current` by default)."""
+        self.parallel = resolve_parallel(self.cfg.parallel, self.dist)
+        """none, ddp or fsdp2: ``cfg.parallel`` resolved for the number of processes."""
         self.source = Path(checkpoint)
+        if device is None:
+            device = self.dist.device if self.parallel != "none" else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         dtype = DTYPES[self.cfg.dtype]
-        self.model: Any = _load_causal_lm(self.source, dtype).to(self.device)
-        """The transformers ``PreTrainedModel`` being trained."""
+        self.model: Any = _load_causal_lm(self.source, dtype)
+        """The transformers ``PreTrainedModel`` being trained (not the DDP wrapper; under FSDP2 its
+        parameters are sharded DTensors)."""
+        if self.parallel != "fsdp2":  # fully_shard moves each rank's shards to the device itself
+            self.model.to(self.device)
         self.model.train()
         self.lr_multiplier = lr_multiplier
         self.moe = _moe_shape(self.model.config)
@@ -228,12 +305,18 @@ class HFEngine:
         )
         if self.router_bias is None and self.cfg.bias_update_rate > 0:
             self.router_bias = RouterBias.install(self.model, self.cfg.bias_update_rate)
+        self._forward_model: Any = self._wrap()  # what the training forward calls (the DDP wrapper)
         self._load_LE: torch.Tensor | None = None  # expert load of the last forward (metrics, bias update)
         self._routed_tokens = 0
+        self._counted = (0.0, 0.0)  # label positions that count: this rank's and the global batch's
+        self._lang_counted: dict[str, float] = {}  # per language, for kd_selected/<lang>
         self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._params = [p for _, p in named]
         decay = [p for p in self._params if p.dim() >= 2]
         no_decay = [p for p in self._params if p.dim() < 2]
+        # parameter names in the optimizer's order: its state is keyed by position in this list
+        self._param_names = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.cfg.weight_decay},
@@ -270,6 +353,37 @@ class HFEngine:
                     f"{teacher_vocab} vocabulary entries, the student {self.vocab_size}"
                 )
 
+    def _wrap(self) -> Any:
+        """DDP around the model, or FSDP2's ``fully_shard`` on each decoder layer and the root (in
+        place); the model itself with one process."""
+        if self.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            # buffers (rotary tables, router biases) are kept equal on every rank by construction, so
+            # they are not re-broadcast before each forward (torch 2.13 renamed the switch)
+            params = inspect.signature(DistributedDataParallel).parameters
+            switch = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+            no_sync: dict[str, Any] = {switch: False}
+            return DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync
+            )
+        if self.parallel == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+            for layer in _decoder_layers(self.model):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        return self.model
+
+    @property
+    def eval_model(self) -> Any:
+        """The module to evaluate with (held-out loss): the model itself; under FSDP2 a wrapper without
+        the decoder/head accessors, so evaluation runs the whole forward of the root module, the only
+        call that gathers every unit's shards (calling the decoder or the head alone would not)."""
+        return _WholeForward(self.model) if self.parallel == "fsdp2" else self.model
+
     # -- forward -------------------------------------------------------------------------------
     def _tokens(self, tokens_BT1: torch.Tensor | np.ndarray) -> torch.Tensor:
         tokens = torch.as_tensor(tokens_BT1).to(device=self.device, dtype=torch.long)
@@ -299,6 +413,10 @@ class HFEngine:
         ``topk_ids``/``topk_logp`` for offline KD. Keys: ``loss``, ``lm_loss``; with KD ``kd_ce``,
         ``kd_kl``, ``kd_selected`` and ``kd_selected/<lang>``; for MoE models ``aux_loss`` and
         ``z_loss``; ``l2_anchor`` / ``kl_anchor`` when enabled.
+
+        With several processes ``batch`` is this rank's rows and the call is collective; ``loss`` is
+        then this rank's share of the global batch's loss (what it back-propagates), the other terms
+        are this rank's own values (:meth:`step` reports the global ones).
         """
         tokens_BT1 = self._tokens(getattr(batch, "tokens", batch))
         inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
@@ -306,12 +424,17 @@ class HFEngine:
         position_ids_BT = self._field(batch, "position_ids", torch.long)
         if mask_BT is not None:
             labels_BT = labels_BT.masked_fill(~mask_BT, -100)
+        shared = self.parallel != "none"
+        if shared:
+            counted = (labels_BT != -100).sum().to(torch.float64).reshape(1)
+            self._counted = (float(counted), float(distributed.all_reduce_sum(counted.clone(), self.dist)))
+        self._lang_counted = {}
         kwargs: dict[str, Any] = {"input_ids": inputs_BT, "use_cache": False}
         if position_ids_BT is not None:
             kwargs["position_ids"] = position_ids_BT
         if self.moe is not None:
             kwargs["output_router_logits"] = True
-        out = self.model(**kwargs)
+        out = self._forward_model(**kwargs)
         logits_BTV = out.logits
         terms: dict[str, torch.Tensor] = {"lm_loss": objectives.lm_cross_entropy(logits_BTV, labels_BT)}
         loss = terms["lm_loss"]
@@ -319,6 +442,8 @@ class HFEngine:
             kd_terms = self._kd_terms(batch, kwargs, logits_BTV, labels_BT)
             terms.update(kd_terms)
             loss = kd_terms["kd_loss"]
+        if shared:
+            loss = self._share_of_global(loss, logits_BTV)
         if self.moe is not None:
             router_LTE = [x for x in (getattr(out, "router_logits", None) or ()) if x is not None]
             if not router_LTE:
@@ -328,11 +453,19 @@ class HFEngine:
             bias_LE = self.router_bias.bias_LE() if self.router_bias is not None else None
             self._load_LE = router_health.expert_load(router_LTE, self.moe[1], bias_LE)
             self._routed_tokens = router_LTE[0].shape[0]
-            terms["aux_loss"] = objectives.load_balancing_loss(router_LTE, self.moe[1])
+            terms["aux_loss"] = (
+                distributed.global_load_balancing_loss(router_LTE, self.moe[1], self.dist)
+                if shared
+                else objectives.load_balancing_loss(router_LTE, self.moe[1])
+            )
             terms["z_loss"] = objectives.router_z_loss(router_LTE)
             loss = loss + self.cfg.aux_loss_coef * terms["aux_loss"] + self.cfg.z_loss_coef * terms["z_loss"]
         if self._anchor is not None:
-            terms["l2_anchor"] = objectives.l2_anchor_loss(self._params, self._anchor)
+            terms["l2_anchor"] = (
+                self._sharded_l2_anchor()  # value only: step() adds its gradient to the sharded grads
+                if self.parallel == "fsdp2"
+                else objectives.l2_anchor_loss(self._params, self._anchor)
+            )
             loss = loss + self.cfg.l2_anchor_coef * terms["l2_anchor"]
         if self.reference is not None:
             with torch.no_grad():
@@ -342,6 +475,36 @@ class HFEngine:
             loss = loss + self.cfg.kl_anchor_coef * terms["kl_anchor"]
         terms["loss"] = loss
         return terms
+
+    def _share_of_global(self, main: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the global batch's token-mean loss ``main``, scaled so that the mean over
+        ranks (what DDP/FSDP average) is the global mean: ``main · n_r · W / N`` for ``n_r`` counted
+        positions here and ``N`` in the global batch. Ranks' counts differ with loss masks."""
+        counted, total = self._counted
+        if total == 0:  # nothing counts anywhere: as with one process (an LM loss of NaN is skipped)
+            return main
+        if counted == 0:  # nothing counts here: add nothing, but keep every parameter in the graph
+            return logits_BTV.sum() * 0.0
+        return main * (counted * self.dist.world_size / total)
+
+    def _sharded_l2_anchor(self) -> torch.Tensor:
+        """``Σ ||θ − θ0||²`` over FSDP2-sharded parameters: local shards, summed over ranks (no grad)."""
+        with torch.no_grad():
+            local = torch.zeros(1, dtype=torch.float64, device=self.device)
+            shards: list[Any] = [*self._params, *(self._anchor or ())]  # DTensors
+            half = len(self._params)
+            for theta, theta0 in zip(shards[:half], shards[half:], strict=True):
+                local += (theta.to_local().double() - theta0.to_local().double()).pow(2).sum()
+            return distributed.all_reduce_sum(local, self.dist).float().reshape(())
+
+    def _metric_weights(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """How many positions each term of the last forward averaged over (1: the same on every rank)."""
+        weights = dict.fromkeys(terms, 1.0)
+        for key in ("lm_loss", "kd_loss", "kd_ce", "kd_kl", "kd_selected"):
+            if key in terms:
+                weights[key] = self._counted[0]
+        weights.update({f"kd_selected/{lang}": n for lang, n in self._lang_counted.items()})
+        return weights
 
     def _kd_terms(
         self, batch: Any, kwargs: dict[str, Any], logits_BTV: torch.Tensor, labels_BT: torch.Tensor
@@ -386,6 +549,7 @@ class HFEngine:
             if lang_ids is None:
                 break
             in_lang_N = mask_N & (lang_ids.reshape(-1) == i)
+            self._lang_counted[lang] = float(in_lang_N.sum())
             if bool(in_lang_N.any()):
                 terms[f"kd_selected/{lang}"] = (selected_N * in_lang_N).sum() / in_lang_N.sum()
         return terms
@@ -403,27 +567,36 @@ class HFEngine:
         Metrics: every loss term, ``grad_norm`` (before clipping), ``lr``, ``tokens`` (label positions
         that count) and ``skipped`` (1.0 when the loss or gradient norm was not finite and the update
         was dropped).
+
+        With several processes ``batch`` is the global batch (the same on every rank; each trains on
+        its own rows) and the metrics are the global batch's, identical on every rank, so every rank
+        takes the same skip decision.
         """
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        terms = self.forward_loss(batch)
-        metrics = {k: float(v.detach()) for k, v in terms.items()}
-        mask = getattr(batch, "loss_mask", None)
-        tokens = (
-            torch.as_tensor(getattr(batch, "tokens", batch))[:, 1:].numel() if mask is None else mask.sum()
-        )
-        metrics.update(lr=lr, tokens=float(tokens))
-        skipped = not math.isfinite(metrics["loss"])
-        grad_norm = float("nan")
-        if not skipped:
-            terms["loss"].backward()
-            max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=False))
-            skipped = not math.isfinite(grad_norm)
+        if self.parallel != "none":
+            metrics, skipped, grad_norm = self._shared_step(batch, lr)
+        else:
+            terms = self.forward_loss(batch)
+            metrics = {k: float(v.detach()) for k, v in terms.items()}
+            mask = getattr(batch, "loss_mask", None)
+            tokens = (
+                torch.as_tensor(getattr(batch, "tokens", batch))[:, 1:].numel()
+                if mask is None
+                else mask.sum()
+            )
+            metrics.update(lr=lr, tokens=float(tokens))
+            skipped = not math.isfinite(metrics["loss"])
+            grad_norm = float("nan")
+            if not skipped:
+                terms["loss"].backward()
+                grad_norm = self._clip_grad_norm()
+                skipped = not math.isfinite(grad_norm)
         if skipped:
-            log.warning("step %d: non-finite loss or gradient norm; update skipped", self.steps)
+            if self.dist.is_main:
+                log.warning("step %d: non-finite loss or gradient norm; update skipped", self.steps)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -440,38 +613,112 @@ class HFEngine:
         metrics.update(grad_norm=grad_norm, skipped=float(skipped))
         return metrics
 
+    def _clip_grad_norm(self) -> float:
+        """Clip the global gradient norm to ``grad_clip``; returns the norm before clipping."""
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=False)
+        full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
+        return float(full() if full is not None else norm)
+
+    def _shared_step(self, batch: Any, lr: float) -> tuple[dict[str, float], bool, float]:
+        """Forward and backward of this rank's rows; the global batch's metrics, skip decision and
+        gradient norm (identical on every rank)."""
+        local = distributed.rows_of(batch, self.dist)
+        terms = self.forward_loss(local)
+        # every rank joins the gradient all-reduce, even with a non-finite loss; the step is then skipped
+        terms["loss"].backward()
+        if self.parallel == "fsdp2" and self._anchor is not None:
+            with torch.no_grad():  # the L2 anchor's gradient on each rank's shards (not averaged over ranks)
+                for theta, theta0 in zip(self._params, self._anchor, strict=True):
+                    step = (theta.detach() - theta0) * (2.0 * self.cfg.l2_anchor_coef)
+                    theta.grad = step if theta.grad is None else theta.grad.add_(step)
+        grad_norm = self._clip_grad_norm()
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        keys = sorted({*values, *(f"kd_selected/{lang}" for lang in getattr(local, "langs", None) or ())})
+        extra = [torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], dtype=torch.float64)]
+        if self._load_LE is not None:
+            extra.append(self._load_LE.detach().reshape(-1).to(device="cpu", dtype=torch.float64))
+        means, summed = distributed.weighted_mean(
+            values, self._metric_weights(terms), keys, self.dist, extra=torch.cat(extra)
+        )
+        assert summed is not None
+        if self._load_LE is not None:  # the global batch's expert load
+            self._load_LE = summed[1:].round().long().reshape(self._load_LE.shape).to(self._load_LE.device)
+            self._routed_tokens *= self.dist.world_size
+        # the terms in forward_loss's order; a term nothing counted for is NaN, as with one process
+        metrics = {k: means.get(k, float("nan")) for k in values}
+        metrics.update({k: v for k, v in means.items() if k not in metrics})
+        metrics.update(lr=lr, tokens=self._counted[1])
+        loss_finite = math.isfinite(metrics["loss"])
+        skipped = not loss_finite or float(summed[0]) > 0
+        return metrics, skipped, grad_norm if loss_finite else float("nan")
+
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer, schedule position and RNG: nested dicts of tensors and JSON values.
 
         Tensors are cloned (safetensors refuses tensors sharing memory, e.g. tied embeddings); the
-        optimizer's per-parameter state is keyed by the parameter index as a string.
+        optimizer's per-parameter state is keyed by the parameter index as a string. The state is the
+        same whatever the number of processes (the unwrapped model's names, whole tensors), so a
+        checkpoint resumes on any number. Under FSDP2 the call is collective (the shards are gathered)
+        and only rank 0 receives the model and optimizer entries; the other ranks get them empty.
         """
-        opt = self.optimizer.state_dict()
         return {
             "version": STATE_VERSION,
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": {
-                "state": {str(i): dict(s) for i, s in opt["state"].items()},
-                "param_groups": opt["param_groups"],
-            },
+            "model": self._model_state(),
+            "optimizer": self._optimizer_state(),
             "steps": self.steps,
             "rng": {"torch": torch.get_rng_state()},
             **({"router_bias": self.router_bias.state_dict()} if self.router_bias is not None else {}),
         }
 
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if self.parallel == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            gathered: Any = get_model_state_dict(self.model, options=full)
+            return dict(gathered)
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.parallel == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            by_name: Any = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+            if not by_name:  # ranks other than 0
+                return {"state": {}, "param_groups": []}
+            index = {name: i for i, name in enumerate(self._param_names)}
+            return {
+                "state": {str(index[name]): dict(st) for name, st in by_name["state"].items()},
+                "param_groups": [
+                    {**group, "params": [index[name] for name in group["params"]]}
+                    for group in by_name["param_groups"]
+                ],
+            }
+        opt = self.optimizer.state_dict()
+        return {
+            "state": {str(i): dict(st) for i, st in opt["state"].items()},
+            "param_groups": opt["param_groups"],
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` into an engine built from the same checkpoint and config."""
+        """Restore a :meth:`state_dict` into an engine built from the same checkpoint and config, with
+        any number of processes (each rank loads the whole state; collective under FSDP2)."""
         if state.get("version") != STATE_VERSION:
             raise CheckpointError(f"engine state version {state.get('version')!r} is not {STATE_VERSION}")
-        try:
-            self.model.load_state_dict(state["model"], strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"checkpoint does not fit {type(self.model).__name__}: {err}") from None
         opt = state["optimizer"]
-        self.optimizer.load_state_dict(
-            {"state": {int(i): s for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
-        )
+        if self.parallel == "fsdp2":
+            self._load_sharded(state["model"], opt)
+        else:
+            try:
+                self.model.load_state_dict(state["model"], strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"checkpoint does not fit {type(self.model).__name__}: {err}") from None
+            self.optimizer.load_state_dict(
+                {"state": {int(i): s for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
+            )
         if (self.router_bias is not None) != ("router_bias" in state):
             raise CheckpointError(
                 "the checkpoint's router bias does not match engine.bias_update_rate "
@@ -482,15 +729,47 @@ class HFEngine:
         self.steps = int(state["steps"])
         torch.set_rng_state(state["rng"]["torch"].to(torch.uint8))
 
+    def _load_sharded(self, model_state: dict[str, Any], opt: dict[str, Any]) -> None:
+        """FSDP2: every rank keeps its shards of the whole model and optimizer state."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)
+        try:
+            set_model_state_dict(self.model, model_state, options=full)
+            names = self._param_names
+            by_name: dict[str, Any] = {
+                "state": {names[int(i)]: st for i, st in opt["state"].items()},
+                "param_groups": [
+                    {**group, "params": [names[int(i)] for i in group["params"]]}
+                    for group in opt["param_groups"]
+                ],
+            }
+        except (RuntimeError, KeyError, IndexError) as err:
+            raise CheckpointError(f"checkpoint does not fit {type(self.model).__name__}: {err}") from None
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=full)
+
     def save_hf(self, path: str | Path) -> Path:
         """Write the model as an HF checkpoint folder (safetensors) atomically, with the source's
-        tokenizer files; vanilla ``transformers`` loads it."""
+        tokenizer files; vanilla ``transformers`` loads it. With several processes rank 0 writes it
+        (under FSDP2 from the gathered shards) and every rank returns once it is in place."""
         final = Path(path)
-        with atomic_dir(final) as tmp:
-            self.model.save_pretrained(str(tmp))
-            if self.router_bias is not None:
-                router_health.save_router_bias(self.router_bias, tmp)
-            for name in _SIDE_FILES:
-                if (self.source / name).is_file():
-                    shutil.copy2(self.source / name, tmp / name)
+        state = self._model_state() if self.parallel == "fsdp2" else None  # collective
+        if state:  # tied parameters (embeddings) share one gathered tensor, so they are written once
+            first: dict[int, str] = {}
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                if name in state:
+                    state[name] = state[first.setdefault(id(param), name)]
+        if self.dist.is_main:
+            with atomic_dir(final) as tmp:
+                self.model.save_pretrained(str(tmp), **({"state_dict": state} if state is not None else {}))
+                if self.router_bias is not None:
+                    router_health.save_router_bias(self.router_bias, tmp)
+                for name in _SIDE_FILES:
+                    if (self.source / name).is_file():
+                        shutil.copy2(self.source / name, tmp / name)
+        distributed.barrier(self.dist)
         return final

@@ -4,6 +4,11 @@ A checkpoint is a folder ``step_NNNNNN/`` written atomically (:func:`moe_adapt.f
 ``tensors.safetensors`` holds every tensor of the trainer state and ``state.json`` the rest, with
 ``{"__tensor__": "<key>"}`` where a tensor was. Nothing is pickled, so loading a checkpoint never
 runs code.
+
+With several processes every rank has the same callbacks (so each resumes from rank 0's checkpoint
+without complaint) but only rank 0 writes: :class:`CheckpointCallback` takes a ``dist`` context, and
+callbacks that only rank 0 should run at all (the metrics file, wandb, the progress bar) are swapped
+for a :class:`Placeholder` on the other ranks by :func:`main_only`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_dir, atomic_write_json
+from moe_adapt.train import distributed
+from moe_adapt.train.distributed import DistContext
 
 if TYPE_CHECKING:
     from moe_adapt.train.trainer import Trainer
@@ -148,25 +155,40 @@ class Callback:
 
 class CheckpointCallback(Callback):
     """Every ``every`` steps, write the whole trainer state to ``root/step_NNNNNN/``; keep the last
-    ``keep_last`` (None keeps all). ``save_final`` also writes the last step of training."""
+    ``keep_last`` (None keeps all). ``save_final`` also writes the last step of training.
+
+    With several processes (``dist``, default :func:`moe_adapt.train.distributed.current`) every rank
+    builds the state (collective for a sharded engine) and rank 0 writes and prunes.
+    """
 
     name = "checkpoint"
     order = 100  # after every other callback, so their state at this step is saved
 
     def __init__(
-        self, root: str | Path, every: int, keep_last: int | None = 3, save_final: bool = True
+        self,
+        root: str | Path,
+        every: int,
+        keep_last: int | None = 3,
+        save_final: bool = True,
+        *,
+        dist: DistContext | None = None,
     ) -> None:
         if every < 1:
             raise MoEAdaptConfigError(f"checkpoint.every={every!r} is invalid: must be >= 1")
         if keep_last is not None and keep_last < 1:
             raise MoEAdaptConfigError(f"checkpoint.keep_last={keep_last!r} is invalid: must be >= 1, or null")
         self.root, self.every, self.keep_last, self.save_final = Path(root), every, keep_last, save_final
+        self.dist = dist or distributed.current()
         self.last_saved: int | None = None
 
     def save(self, trainer: Trainer) -> Path:
-        """Write a checkpoint of the trainer's current state and prune old ones."""
-        path = save_checkpoint(self.root / f"step_{trainer.step:06d}", trainer.state_dict())
+        """Write a checkpoint of the trainer's current state and prune old ones (rank 0 only)."""
+        path = self.root / f"step_{trainer.step:06d}"
+        state = trainer.state_dict()
         self.last_saved = trainer.step
+        if not self.dist.is_main:
+            return path
+        save_checkpoint(path, state)
         log.info("checkpoint: step %d -> %s", trainer.step, path)
         if self.keep_last is not None:
             for old in list_checkpoints(self.root)[: -self.keep_last]:
@@ -255,3 +277,29 @@ class NaNGuardCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+
+
+class Placeholder(Callback):
+    """Stands in for a callback that only rank 0 runs: the same name and order, no action; it keeps the
+    state it is given, so every rank resumes from rank 0's checkpoint without a warning."""
+
+    def __init__(self, name: str, order: int) -> None:
+        self.name, self.order = name, order
+        self.state: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def main_only(callbacks: list[Callback], dist: DistContext | None = None) -> list[Callback]:
+    """``callbacks`` on rank 0 (or with one process); a :class:`Placeholder` for each on the other ranks.
+
+    For callbacks that write files or talk to services and keep no state the training depends on
+    (the metrics file, wandb, the progress display).
+    """
+    if (dist or distributed.current()).is_main:
+        return list(callbacks)
+    return [Placeholder(cb.name, cb.order) for cb in callbacks]

@@ -33,8 +33,8 @@ class CptConfig:
     """Held-out shards for the per-language eval hook (null: no eval hook)."""
 
     engine: str = "auto"
-    """hf (transformers; CPU, one process), megatron (not yet available) or auto (hf until the
-    megatron engine lands)."""
+    """hf (transformers; CPU or GPU), megatron (megatron-core; CUDA, expert parallel) or auto (megatron
+    with CUDA and a Mixtral / Qwen-MoE checkpoint, hf otherwise)."""
 
     max_steps: int = 100
     """Optimizer steps."""

@@ -6,6 +6,12 @@ Outputs in the stage folder: ``model/`` (HF checkpoint), ``metrics.jsonl`` (one 
 
 Checkpoints live in ``<run_dir>/.work/cpt`` while the stage runs: after a crash the same command
 resumes from the latest one and, on CPU, reproduces the uninterrupted run's losses bit for bit.
+
+Under torchrun every rank runs this function: the engine spreads each global batch over the ranks
+(``engine.parallel``), every rank resumes from the checkpoint rank 0 found, evaluates the held-out
+sample and takes the same decisions; only rank 0 writes (checkpoints, metrics, held-out log, model,
+summary). The runner gives the other ranks a scratch folder as ``out`` and waits for rank 0 to rename
+the stage folder.
 """
 
 from __future__ import annotations
@@ -20,26 +26,40 @@ import torch
 
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json
+from moe_adapt.train import distributed
 from moe_adapt.train.callbacks import (
     Callback,
     CheckpointCallback,
     MetricsCallback,
     NaNGuardCallback,
     latest_checkpoint,
+    main_only,
 )
 from moe_adapt.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
+def _eval_model(engine: Any) -> Any:
+    """The module the held-out loss is computed with: the engine's ``eval_model`` (under FSDP2 a
+    whole-forward wrapper, see :attr:`moe_adapt.engines.hf.HFEngine.eval_model`), else its ``model``."""
+    return getattr(engine, "eval_model", engine.model)
+
+
 class HeldoutLossCallback(Callback):
-    """Per-language loss on a fixed held-out sample every ``every`` steps (and at the end)."""
+    """Per-language loss on a fixed held-out sample every ``every`` steps (and at the end).
+
+    With several processes every rank evaluates (a sharded model needs all ranks in its forward) and
+    only the one with ``write`` (rank 0) appends to ``path``.
+    """
 
     name = "heldout"
     order = 50
 
-    def __init__(self, docs: dict[str, list[Any]], path: Path, every: int, window: int) -> None:
-        self.docs, self.path, self.every, self.window = docs, path, every, window
+    def __init__(
+        self, docs: dict[str, list[Any]], path: Path, every: int, window: int, *, write: bool = True
+    ) -> None:
+        self.docs, self.path, self.every, self.window, self.write = docs, path, every, window, write
         self.history: list[dict[str, Any]] = []
 
     def evaluate(self, model: Any, step: int) -> dict[str, Any]:
@@ -53,6 +73,8 @@ class HeldoutLossCallback(Callback):
             model.train(was_training)
         record = {"step": step, **{f"loss_{lang}": round(r.mean_loss, 6) for lang, r in result.items()}}
         self.history.append(record)
+        if not self.write:
+            return record
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         log.info(
@@ -64,33 +86,30 @@ class HeldoutLossCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if self.every and step % self.every == 0 and step != trainer.max_steps:
-            self.evaluate(trainer.engine.model, step)  # type: ignore[attr-defined]
+            self.evaluate(_eval_model(trainer.engine), step)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if not self.history or self.history[-1]["step"] != trainer.step:
-            self.evaluate(trainer.engine.model, trainer.step)  # type: ignore[attr-defined]
+            self.evaluate(_eval_model(trainer.engine), trainer.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
+        if not self.write:
+            return
         # the file may hold lines from after the checkpoint: rewrite it from the restored history
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
 
 
 def run(cfg: Any, out: Path) -> dict[str, Any]:
     """Train ``cfg.cpt.init_from`` on ``cfg.cpt.shards`` with the mixture/curriculum/engine groups."""
-    from moe_adapt.engines.hf import HFEngine
+    from moe_adapt.engines import build_engine
     from moe_adapt.train.progress import stage_logging_callbacks
     from moe_adapt.train.sampler import MixtureSampler, load_manifest
 
     c = cfg.cpt
-    if c.engine == "megatron":
-        raise MoEAdaptConfigError(
-            "cpt.engine=megatron is not available yet: the megatron engine's model "
-            "and weight mapping exist, its training step does not; use cpt.engine=hf"
-        )
     if not c.init_from or not Path(c.init_from, "config.json").is_file():
         raise MoEAdaptConfigError(
             f"cpt.init_from={c.init_from!r} is not an HF checkpoint folder "
@@ -98,11 +117,18 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
         )
     if not c.shards or not Path(c.shards, "manifest.json").is_file():
         raise MoEAdaptConfigError(f"cpt.shards={c.shards!r} has no manifest.json (run the data stage first)")
+    ctx = distributed.current()
+    if c.batch_size % ctx.world_size:
+        raise MoEAdaptConfigError(
+            f"cpt.batch_size={c.batch_size} is invalid: with {ctx.world_size} processes it must be a "
+            f"multiple of {ctx.world_size} (each process trains on an equal share of every batch)"
+        )
     work = Path(cfg.run_dir) / ".work" / "cpt"
-    work.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     sampler = MixtureSampler(c.shards, cfg.mixture, cfg.curriculum, cfg.seed, global_batch_size=c.batch_size)
-    engine = HFEngine(c.init_from, cfg.engine, lr_multiplier=sampler.curriculum.lr_factor)
+    engine = build_engine(c.engine, c.init_from, cfg.engine, lr_multiplier=sampler.curriculum.lr_factor)
     shard_vocab = int(load_manifest(c.shards).get("vocab_size", 0))
     if shard_vocab > engine.vocab_size:
         raise MoEAdaptConfigError(
@@ -110,31 +136,32 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
             f"cpt.init_from has a vocabulary of {engine.vocab_size}: use the model's tokenizer"
         )
     callbacks: list[Callback] = [
-        MetricsCallback(work / "metrics.jsonl"),
+        *main_only([MetricsCallback(work / "metrics.jsonl"), *stage_logging_callbacks(cfg, "cpt")], ctx),
         NaNGuardCallback(c.max_bad_steps),
-        CheckpointCallback(work / "checkpoints", c.checkpoint_every, c.keep_last),
-        *stage_logging_callbacks(cfg, "cpt"),
+        CheckpointCallback(work / "checkpoints", c.checkpoint_every, c.keep_last, dist=ctx),
     ]
     heldout_cb = None
     if c.heldout:
         from moe_adapt.eval.heldout import load_heldout
 
         held = load_heldout(c.heldout, max_docs=c.eval_docs, seed=cfg.seed, key="cpt.heldout")
-        heldout_cb = HeldoutLossCallback(held.docs, work / "heldout.jsonl", c.eval_every, cfg.mixture.seq_len)
+        heldout_cb = HeldoutLossCallback(
+            held.docs, work / "heldout.jsonl", c.eval_every, cfg.mixture.seq_len, write=ctx.is_main
+        )
         callbacks.append(heldout_cb)
     trainer = Trainer(engine, sampler, callbacks, max_steps=c.max_steps, batch_size=c.batch_size)
-    latest = latest_checkpoint(work / "checkpoints")
+    # every rank resumes from the checkpoint rank 0 sees (the run directory must be on a shared disk)
+    found = latest_checkpoint(work / "checkpoints")
+    latest = distributed.broadcast_from_main(str(found) if found is not None else None, ctx)
     if latest is not None:
         log.info("cpt: resuming from %s", latest)
         trainer.resume(latest)
     elif heldout_cb is not None:
-        (work / "heldout.jsonl").unlink(missing_ok=True)
-        heldout_cb.evaluate(engine.model, 0)
+        if ctx.is_main:
+            (work / "heldout.jsonl").unlink(missing_ok=True)
+        heldout_cb.evaluate(_eval_model(engine), 0)
     trainer.fit()
-    engine.save_hf(out / "model")
-    for name in ("metrics.jsonl", "heldout.jsonl"):
-        if (work / name).is_file():
-            shutil.copy2(work / name, out / name)
+    engine.save_hf(out / "model")  # rank 0 writes it; every rank returns once it is there
     summary: dict[str, Any] = {
         "model": "model",
         "steps": trainer.step,
@@ -144,6 +171,11 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
         first, last = heldout_cb.history[0], heldout_cb.history[-1]
         summary["heldout_before"], summary["heldout_after"] = first, last
         summary["heldout_delta"] = {k: round(last[k] - first[k], 6) for k in last if k.startswith("loss_")}
+    if not ctx.is_main:
+        return summary
+    for name in ("metrics.jsonl", "heldout.jsonl"):
+        if (work / name).is_file():
+            shutil.copy2(work / name, out / name)
     atomic_write_json(out / "summary.json", summary)
     shutil.rmtree(work, ignore_errors=True)
     if not any(work.parent.iterdir()):

@@ -754,6 +754,12 @@ class MegatronEngine:
             bias.load_state_dict({"expert_bias_LE": self.expert_bias_LE.cpu()})
         return hf_model, bias
 
+    @property
+    def eval_model(self) -> Any:
+        """What evaluation callbacks run: :meth:`hf_model` (the hf engine's property of the same name
+        gives its own model)."""
+        return self.hf_model()
+
     def hf_model(self) -> Any:
         """A transformers model holding a copy of the current weights, on this engine's device, in eval
         mode, routing with the selection biases when there are any (what ``load_causal_lm`` of the
