@@ -229,6 +229,31 @@ def _decoder_layers(model: Any) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def batch_tokens(
+    tokens_BT1: torch.Tensor | np.ndarray, vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """``tokens_BT1`` as a long tensor on ``device``, checked: ``[batch, seq_len + 1]`` ids below
+    ``vocab_size`` (both engines read batches through this)."""
+    tokens = torch.as_tensor(tokens_BT1).to(device=device, dtype=torch.long)
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise MoEAdaptError(
+            f"tokens must be [batch, seq_len + 1] with seq_len >= 1, got {tuple(tokens.shape)}"
+        )
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise MoEAdaptError(
+            f"token ids span [{lo}, {hi}] but the model's vocab_size is {vocab_size}: "
+            "the shards were tokenized with another tokenizer"
+        )
+    return tokens
+
+
+def batch_field(batch: Any, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Optional field ``name`` of a batch (see :class:`moe_adapt.train.trainer.Batch`) as a tensor."""
+    value = getattr(batch, name, None)
+    return None if value is None else torch.as_tensor(value).to(device=device, dtype=dtype)
+
+
 def _moe_shape(config: Any) -> tuple[int, int] | None:
     """``(num_experts, top_k)`` of an MoE config, None for a dense model."""
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
@@ -386,22 +411,10 @@ class HFEngine:
 
     # -- forward -------------------------------------------------------------------------------
     def _tokens(self, tokens_BT1: torch.Tensor | np.ndarray) -> torch.Tensor:
-        tokens = torch.as_tensor(tokens_BT1).to(device=self.device, dtype=torch.long)
-        if tokens.dim() != 2 or tokens.shape[1] < 2:
-            raise MoEAdaptError(
-                f"tokens must be [batch, seq_len + 1] with seq_len >= 1, got {tuple(tokens.shape)}"
-            )
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise MoEAdaptError(
-                f"token ids span [{lo}, {hi}] but the model's vocab_size is {self.vocab_size}: "
-                "the shards were tokenized with another tokenizer"
-            )
-        return tokens
+        return batch_tokens(tokens_BT1, self.vocab_size, self.device)
 
     def _field(self, batch: Any, name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        value = getattr(batch, name, None)
-        return None if value is None else torch.as_tensor(value).to(device=self.device, dtype=dtype)
+        return batch_field(batch, name, dtype, self.device)
 
     def forward_loss(self, batch: Any) -> dict[str, torch.Tensor]:
         """Loss terms of one batch; ``loss`` is their weighted sum.

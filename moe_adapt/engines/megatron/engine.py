@@ -88,7 +88,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_adapt.engines.hf import _SIDE_FILES, DTYPES, HFEngineConfig, _load_causal_lm, load_causal_lm, lr_at
+from moe_adapt.engines.hf import (
+    _SIDE_FILES,
+    DTYPES,
+    HFEngineConfig,
+    _load_causal_lm,
+    batch_field,
+    batch_tokens,
+    load_causal_lm,
+    lr_at,
+)
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
 from moe_adapt.engines.megatron.mapping import hf_to_megatron, megatron_to_hf
 from moe_adapt.engines.megatron.model import (
@@ -428,22 +437,10 @@ class MegatronEngine:
 
     # -- forward -------------------------------------------------------------------------------
     def _tokens(self, tokens_BT1: torch.Tensor | np.ndarray) -> torch.Tensor:
-        tokens = torch.as_tensor(tokens_BT1).to(device=self.device, dtype=torch.long)
-        if tokens.dim() != 2 or tokens.shape[1] < 2:
-            raise MoEAdaptError(
-                f"tokens must be [batch, seq_len + 1] with seq_len >= 1, got {tuple(tokens.shape)}"
-            )
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise MoEAdaptError(
-                f"token ids span [{lo}, {hi}] but the model's vocab_size is {self.vocab_size}: "
-                "the shards were tokenized with another tokenizer"
-            )
-        return tokens
+        return batch_tokens(tokens_BT1, self.vocab_size, self.device)
 
     def _field(self, batch: Any, name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        value = getattr(batch, name, None)
-        return None if value is None else torch.as_tensor(value).to(device=self.device, dtype=dtype)
+        return batch_field(batch, name, dtype, self.device)
 
     def forward_loss(self, batch: Any) -> dict[str, torch.Tensor]:
         """Loss terms of one batch; ``loss`` is their weighted sum (as :meth:`HFEngine.forward_loss`).
