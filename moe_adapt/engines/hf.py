@@ -175,6 +175,25 @@ def lr_at(cfg: HFEngineConfig, step: int) -> float:
     return cfg.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def scheduled_lr(cfg: HFEngineConfig, step: int, multiplier: Callable[[int], float] | None) -> float:
+    """:func:`lr_at` times ``multiplier(step)`` (e.g. a curriculum's re-warm factor), for both engines."""
+    return lr_at(cfg, step) * (multiplier(step) if multiplier is not None else 1.0)
+
+
+def build_adamw(
+    decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: HFEngineConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on ``decay`` (matrices) only, the schedule's first LR and cfg's betas/eps;
+    both engines build their optimizer here, so they update the same way."""
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr_at(cfg, 0),
+        betas=cfg.betas,
+        eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
     """A transformers causal LM from an HF checkpoint folder (safetensors only, no remote code), with
     the router biases of aux-loss-free balancing re-installed when the folder has ``router_bias.json``."""
@@ -342,16 +361,7 @@ class HFEngine:
         no_decay = [p for p in self._params if p.dim() < 2]
         # parameter names in the optimizer's order: its state is keyed by position in this list
         self._param_names = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=lr_at(self.cfg, 0),
-            betas=self.cfg.betas,
-            eps=self.cfg.eps,
-            fused=self.device.type == "cuda",
-        )
+        self.optimizer = build_adamw(decay, no_decay, self.cfg, self.device)
         self._anchor: list[torch.Tensor] | None = None
         if self.cfg.l2_anchor_coef > 0:
             self._anchor = [p.detach().clone() for p in self._params]
@@ -570,8 +580,7 @@ class HFEngine:
     # -- step ----------------------------------------------------------------------------------
     def current_lr(self) -> float:
         """Learning rate the next step uses (schedule times ``lr_multiplier``)."""
-        factor = self.lr_multiplier(self.steps) if self.lr_multiplier is not None else 1.0
-        return lr_at(self.cfg, self.steps) * factor
+        return scheduled_lr(self.cfg, self.steps, self.lr_multiplier)
 
     def step(self, batch: Any) -> dict[str, float]:
         """Forward, backward, clip and apply one optimizer step on ``batch`` (see :meth:`forward_loss`);

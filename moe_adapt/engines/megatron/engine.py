@@ -95,8 +95,9 @@ from moe_adapt.engines.hf import (
     _load_causal_lm,
     batch_field,
     batch_tokens,
+    build_adamw,
     load_causal_lm,
-    lr_at,
+    scheduled_lr,
 )
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
 from moe_adapt.engines.megatron.mapping import hf_to_megatron, megatron_to_hf
@@ -357,15 +358,11 @@ class MegatronEngine:
         """megatron's DDP wrapper: forward goes through it; it reduces gradients into ``main_grad``."""
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._expert = [not getattr(p, "allreduce", True) for p in self._params]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in self._params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
-                {"params": [p for p in self._params if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=lr_at(self.cfg, 0),
-            betas=self.cfg.betas,
-            eps=self.cfg.eps,
-            fused=self.device.type == "cuda",
+        self.optimizer = build_adamw(
+            [p for p in self._params if p.dim() >= 2],
+            [p for p in self._params if p.dim() < 2],
+            self.cfg,
+            self.device,
         )
         self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
         self._load_LE: torch.Tensor | None = None
@@ -527,8 +524,7 @@ class MegatronEngine:
     # -- step ----------------------------------------------------------------------------------
     def current_lr(self) -> float:
         """Learning rate the next step uses (schedule times ``lr_multiplier``)."""
-        factor = self.lr_multiplier(self.steps) if self.lr_multiplier is not None else 1.0
-        return lr_at(self.cfg, self.steps) * factor
+        return scheduled_lr(self.cfg, self.steps, self.lr_multiplier)
 
     def _world(self) -> int:
         return dist.get_world_size() if dist.is_initialized() else 1
