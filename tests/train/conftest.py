@@ -78,3 +78,26 @@ def bilingual(docs: int = 400, buckets: int = 3) -> list[dict[str, Any]]:
         for src, lang, role in (("news_ar", "ar", "target"), ("wiki_en", "en", "english"))
         for b in range(buckets)
     ]
+
+
+def save_tiny_qwen3_moe(path: Path, vocab_size: int, *, tie_word_embeddings: bool) -> Path:
+    """A tiny Qwen3-MoE checkpoint (hidden 64, 2 layers, 8 experts, top-2), seed 0."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(str(path))
+    return path

@@ -25,7 +25,7 @@ from moe_adapt.train.callbacks import (
     load_checkpoint,
 )
 from moe_adapt.train.trainer import Trainer
-from tests.train.conftest import bilingual
+from tests.train.conftest import bilingual, save_tiny_qwen3_moe
 
 MakeShards = Callable[..., Path]
 VOCAB = 101
@@ -47,25 +47,7 @@ def deterministic() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen3-MoE checkpoint (hidden 64, 2 layers, 8 experts, top-2, vocab 101)."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    cfg = Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_moe")
-    Qwen3MoeForCausalLM(cfg).save_pretrained(str(path))
-    return path
+    return save_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny_moe"), VOCAB, tie_word_embeddings=False)
 
 
 class ModVocab:
