@@ -9,6 +9,14 @@ With several processes every rank has the same callbacks (so each resumes from r
 without complaint) but only rank 0 writes: :class:`CheckpointCallback` takes a ``dist`` context, and
 callbacks that only rank 0 should run at all (the metrics file, wandb, the progress bar) are swapped
 for a :class:`Placeholder` on the other ranks by :func:`main_only`.
+
+An engine that saves sharded (:class:`~moe_adapt.train.trainer.ShardedEngine`, the megatron engine)
+adds a folder ``engine/`` to the checkpoint, which every rank writes together (megatron-core's
+``dist_checkpointing``: ``torch.distributed.checkpoint`` files, whose ``.metadata`` is pickled; a run
+resumes only checkpoints it wrote in its own work directory). The two files above then hold the
+rest of the trainer state, with ``"engine_dir": "engine"``. The step folder is assembled under a
+hidden temporary name and renamed by rank 0 once every rank has written, so it appears complete
+or not at all.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -37,8 +46,11 @@ log = logging.getLogger(__name__)
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
+ENGINE_DIR = "engine"
+"""Folder of a checkpoint that a sharded engine's ranks write together."""
 _TENSOR_TAG = "__tensor__"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_SHARED_TMP = re.compile(r"^\.step_(\d{6,})\.tmp-shared$")
 
 
 # -- checkpoint files ---------------------------------------------------------------------------
@@ -87,12 +99,28 @@ def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` as ``tensors.safetensors`` + ``state.json`` into folder ``path``, atomically."""
-    skeleton, tensors = split_tensors(state)
     final = Path(path)
     with atomic_dir(final) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE))
-        atomic_write_json(tmp / STATE_FILE, skeleton)
+        _write_state_files(tmp, state)
     return final
+
+
+def _write_state_files(folder: Path, state: dict[str, Any]) -> None:
+    """``tensors.safetensors`` + ``state.json`` of ``state`` into the existing ``folder``."""
+    skeleton, tensors = split_tensors(state)
+    save_file(tensors, str(folder / TENSORS_FILE))
+    atomic_write_json(folder / STATE_FILE, skeleton)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final``, replacing an older ``final`` (as
+    :func:`moe_adapt.fs.atomic_dir` does at its end)."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -158,7 +186,12 @@ class CheckpointCallback(Callback):
     ``keep_last`` (None keeps all). ``save_final`` also writes the last step of training.
 
     With several processes (``dist``, default :func:`moe_adapt.train.distributed.current`) every rank
-    builds the state (collective for a sharded engine) and rank 0 writes and prunes.
+    builds the state (collective for a sharded engine) and rank 0 writes and prunes. An engine that
+    saves sharded (:class:`~moe_adapt.train.trainer.ShardedEngine`) is written by every rank into
+    ``engine/`` of a hidden temporary folder ``.step_NNNNNN.tmp-shared`` that rank 0 made; after a
+    barrier rank 0 adds the trainer's files, renames the folder to ``step_NNNNNN`` and prunes, and
+    the ranks meet again. A crash before the rename leaves only the hidden folder, which
+    :func:`latest_checkpoint` ignores and the next save removes.
     """
 
     name = "checkpoint"
@@ -182,18 +215,53 @@ class CheckpointCallback(Callback):
         self.last_saved: int | None = None
 
     def save(self, trainer: Trainer) -> Path:
-        """Write a checkpoint of the trainer's current state and prune old ones (rank 0 only)."""
+        """Write a checkpoint of the trainer's current state and prune old ones (rank 0 writes the
+        trainer's files; a sharded engine's part is written by every rank)."""
         path = self.root / f"step_{trainer.step:06d}"
-        state = trainer.state_dict()
         self.last_saved = trainer.step
+        if trainer.sharded_engine:
+            return self._save_sharded(trainer, path)
+        state = trainer.state_dict()
         if not self.dist.is_main:
             return path
         save_checkpoint(path, state)
         log.info("checkpoint: step %d -> %s", trainer.step, path)
+        self._prune()
+        return path
+
+    def _save_sharded(self, trainer: Trainer, path: Path) -> Path:
+        """Collective: every rank writes the engine's part into a shared temporary folder, rank 0 the
+        rest, then renames it into place."""
+        tmp = self.root / f".{path.name}.tmp-shared"
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
+            tmp.mkdir(parents=True)
+        distributed.barrier(self.dist)
+        try:
+            state = trainer.state_dict(engine_dir=tmp / ENGINE_DIR)
+            distributed.barrier(self.dist)  # every rank's files are written
+            if self.dist.is_main:
+                _write_state_files(tmp, state)
+                _replace_dir(tmp, path)
+                log.info("checkpoint: step %d -> %s", trainer.step, path)
+                self._prune()
+        except BaseException:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        distributed.barrier(self.dist)  # the step folder is in place before any rank goes on
+        return path
+
+    def _prune(self) -> None:
+        """Remove all but the newest ``keep_last`` checkpoints, and hidden folders of crashed sharded
+        saves (rank 0)."""
         if self.keep_last is not None:
             for old in list_checkpoints(self.root)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        return path
+        for stale in self.root.iterdir():
+            if stale.is_dir() and _SHARED_TMP.match(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if step % self.every == 0:

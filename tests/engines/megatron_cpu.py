@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a handful of places (streams, events, the RNG tracker, a literal
 ``device="cuda"`` in the causal mask, CPU split sizes in the alltoall dispatcher, a missing
 ``te_general_gemm`` when TransformerEngine is absent, the CUDA-only ``grouped_gemm`` package
-behind the legacy ``GroupedMLP``) and gloo where NCCL is assumed (allgather of unequal parts).
+behind the legacy ``GroupedMLP``) and gloo where NCCL is assumed (allgather of unequal parts); and
+it hands dist_checkpointing's synchronous save an in-process results queue (speed only).
 :class:`CpuMegatron` patches exactly those places, remembers what it replaced and puts everything
 back on :meth:`CpuMegatron.restore`.
 It belongs to the tests: the product never imports it (see /work/shared/facts.md).
@@ -222,6 +223,14 @@ class CpuMegatron:
 
         self._set(dist, "all_gather", _uneven_all_gather(dist.all_gather))
         self._set(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        import queue
+
+        import megatron.core.dist_checkpointing.strategies.filesystem_async as filesystem_async
+
+        # dist_checkpointing's synchronous save passes its write results to the caller through a
+        # multiprocessing Manager queue, whose server process imports torch on the first save (2-4 s
+        # per process on 2 cores). The save runs in the calling process: an in-process queue will do.
+        self._set(filesystem_async, "_results_queue", queue.Queue())
         self._mode = _CudaToCpu()
         self._mode.__enter__()
 

@@ -40,6 +40,11 @@ How each HF behaviour is matched
       the family does), the rule of the hf engine's router hook; ``b`` moves by the same sign step
       after every applied step, is saved in ``state_dict`` and exported as ``router_bias.json``.
       (megatron's own expert bias only works with sigmoid scores, so it is not used.)
+    * Token-level distillation (``kd``): the same terms as the hf engine, from the same function
+      (:func:`moe_adapt.engines.hf.token_kd_terms`) on megatron's logits: an online HF teacher
+      (every rank runs its own copy on its own rows) or the batch's stored top-k; SelecTKD's
+      confidence mask and the per-language selected share (``kd_selected/<lang>``, weighted by each
+      rank's positions of that language) included.
 
 Parallelism
     megatron's ``parallel_state`` must be initialised by the caller before the engine is built
@@ -48,24 +53,38 @@ Parallelism
     Gradients go through megatron's ``DistributedDataParallel`` wrapper, which keeps megatron's
     convention: dense gradients are averaged over the data-parallel group, expert gradients are
     scaled by 1/dp and summed over the expert-data-parallel group (experts are never all-reduced
-    across EP ranks). Every rank passes its own batch; the step follows the gradient of the mean of
-    the ranks' losses, and the reported metrics are averaged over the ranks (so ranks fed the same
-    batch reproduce the one-process step). The gradient norm for clipping sums dense norms once
-    and expert norms over the EP group. Tensor, pipeline and context parallel are refused (the
-    mapping does not slice for them).
+    across EP ranks), so the step follows the gradient of the mean of the ranks' losses. As in the
+    hf engine, every rank receives the same global batch and trains on its own rows; the loss each
+    rank back-propagates is its token-weighted share of the global batch's loss, and the
+    load-balancing loss counts expert assignments over the global batch, so a step on W ranks
+    (data and expert parallel) equals a step on one, and every metric is the global batch's. The
+    gradient norm for clipping sums dense norms once and expert norms over the EP group. Tensor,
+    pipeline and context parallel are refused in the engine (the mapping slices for TP; the engine
+    does not yet reduce sequence-parallel gradients or gather vocabulary-parallel logits).
 
 Refused (a :class:`~moe_adapt.errors.MoEAdaptError` naming the setting)
-    Token-level distillation (``kd``, ``teacher``, or a batch carrying teacher top-k); tensor,
-    pipeline, context or expert-tensor parallel > 1; a device other than CUDA. Without CUDA
+    Tensor, pipeline, context or expert-tensor parallel > 1; a device other than CUDA. Without CUDA
     megatron-core 0.16 does not run (it calls ``torch.cuda`` for streams, events and its RNG
     tracker), so on a CPU-only machine the constructor raises one clear error. The tests run the
     engine on CPU through a test-only shim (``tests/engines/megatron_cpu.py``) that product code
     never imports.
 
+Checkpoints (megatron-core ``dist_checkpointing``, :mod:`.checkpoint`)
+    The trainer saves with :meth:`MegatronEngine.save_sharded`: every rank writes its part of the
+    model and of the AdamW moments (``exp_avg``, ``exp_avg_sq``, sharded like their parameters with
+    megatron's optimizer helpers) into one ``torch_dist`` folder, each tensor once under its global
+    name and shape (the experts of all EP ranks form one ``[E, ...]`` tensor). The rest (schedule
+    position, AdamW's common step and hyperparameters, every rank's RNG state, router biases,
+    version, the model's layout) is small and goes into rank 0's safetensors + JSON beside it.
+    :meth:`MegatronEngine.load_sharded` reads back the slices this rank holds, so a checkpoint
+    resumes exactly on one process and under EP, and at another EP size (resharding: EP=2 -> EP=1
+    and back give the same weights and moments). ``torch.distributed.checkpoint`` pickles its
+    ``.metadata`` file: only checkpoints this run wrote, in its own work directory, are resumed;
+    weights for users stay safetensors (:meth:`MegatronEngine.save_hf`). :meth:`state_dict` is this
+    rank's in-memory state (same layout only).
+
 Not implemented yet
-    megatron's DistributedOptimizer and dist_checkpointing: :meth:`MegatronEngine.state_dict` holds
-    this rank's tensors, so exact resume is for one process (under EP each rank's state holds its own
-    experts and would have to be saved per rank). Grouped-GEMM experts and TransformerEngine layers:
+    megatron's DistributedOptimizer. Grouped-GEMM experts and TransformerEngine layers:
     :mod:`.model` builds the local spec (``SequentialMLP``, unfused attention that materialises
     ``[B, heads, T, T]`` scores), which is what the weight mapping covers.
 
@@ -89,16 +108,18 @@ import torch
 import torch.distributed as dist
 
 from moe_adapt.engines.hf import (
-    _SIDE_FILES,
     DTYPES,
+    SIDE_FILES,
     HFEngineConfig,
-    _load_causal_lm,
     batch_field,
     batch_tokens,
     build_adamw,
     load_causal_lm,
+    load_teacher,
     scheduled_lr,
+    token_kd_terms,
 )
+from moe_adapt.engines.megatron import checkpoint as dist_ckpt
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
 from moe_adapt.engines.megatron.mapping import hf_to_megatron, megatron_to_hf
 from moe_adapt.engines.megatron.model import (
@@ -109,7 +130,7 @@ from moe_adapt.engines.megatron.model import (
 )
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_dir
-from moe_adapt.train import objectives, router_health
+from moe_adapt.train import distributed, objectives, router_health
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +216,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     )
 
 
-def _refuse_unsupported(kd: Any, teacher: Any) -> None:
-    if kd is not None or teacher is not None:
-        raise MoEAdaptError(
-            "token-level distillation (kd / teacher) is not implemented in the megatron engine; "
-            "train the distill phases with engine=hf"
-        )
-
-
 def _check_parallel_state() -> tuple[int, int]:
     """``(ep_rank, ep_size)``; refuses a missing or unsupported megatron ``parallel_state``."""
     from megatron.core import parallel_state as ps
@@ -276,7 +289,9 @@ class MegatronEngine:
         cfg: optimizer, schedule and loss settings (the hf engine's dataclass).
         device: ``cuda`` (default when available); ``cpu`` only with the test shim.
         lr_multiplier: scales the scheduled LR of each step (a pure function of the step).
-        kd, teacher: token-level distillation; refused (not implemented here).
+        kd, teacher: token-level distillation (as the hf engine): with ``kd`` the LM term becomes
+            :func:`~moe_adapt.train.objectives.token_kd_loss` against ``teacher`` (an HF checkpoint
+            folder or model, run online on every rank) or, without one, the batch's stored top-k.
         dispatcher: megatron token dispatcher, ``alltoall`` (default; expert parallel) or ``allgather``.
     """
 
@@ -297,12 +312,18 @@ class MegatronEngine:
         self.cfg = cfg or HFEngineConfig()
         self.source = Path(checkpoint)
         self.device = _resolve_device(device)
-        _refuse_unsupported(kd, teacher)
         self.ep_rank, self.ep_size = _check_parallel_state()
+        self._dp = distributed.DistContext(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            backend=dist.get_backend(),
+            device=self.device,
+        )
+        """The data-parallel ranks (every process: tensor, pipeline and context parallel are 1)."""
         self.lr_multiplier = lr_multiplier
         dtype = DTYPES[self.cfg.dtype]
 
-        hf_model = _load_causal_lm(self.source, dtype)
+        hf_model = load_causal_lm(self.source, dtype, router_bias=False)
         self.hf_config: Any = hf_model.config
         """The source's transformers config (used again by :meth:`save_hf`)."""
         arch = read_hf_arch(self.hf_config)
@@ -375,6 +396,16 @@ class MegatronEngine:
             assert self.cfg.reference is not None  # checked by the config
             self.reference = load_causal_lm(self.cfg.reference, dtype).to(self.device).eval()
             self.reference.requires_grad_(False)
+        self.kd = kd
+        """Token-level distillation settings; None trains on plain next-token cross-entropy."""
+        self.teacher: Any = None
+        """The frozen online teacher for token KD (None: top-k log-probabilities come with each batch)."""
+        if teacher is not None:
+            if kd is None:
+                raise MoEAdaptError("a teacher model was given without KD settings")
+            self.teacher = load_teacher(teacher, dtype, self.device, self.vocab_size)
+        self._lang_counted: dict[str, float] = {}  # per language: KD positions (weights kd_selected/<lang>)
+        self._counted = (0.0, 0.0)  # label positions that count: this rank's and the global batch's
 
     def _initial_router_bias(self, hf_model: Any, num_layers: int, num_experts: int) -> torch.Tensor | None:
         """The selection biases to route with: saved beside the checkpoint (``router_bias.json``, read
@@ -444,15 +475,16 @@ class MegatronEngine:
 
         ``batch`` is ``tokens_BT1`` (inputs ``[:, :-1]``, labels ``[:, 1:]``) or an object with that as
         ``.tokens`` and optionally ``loss_mask`` ``[B, T]`` and ``position_ids`` ``[B, T]`` (restarting at
-        0 where a packed example starts). Keys: ``loss``, ``lm_loss``, ``aux_loss``, ``z_loss``, and
-        ``l2_anchor`` / ``kl_anchor`` when enabled. Under expert parallel every rank must call it
-        (the experts exchange tokens).
+        0 where a packed example starts), ``lang_ids``/``langs`` and the teacher's ``topk_ids``/
+        ``topk_logp`` for offline KD. Keys: ``loss``, ``lm_loss``, ``aux_loss``, ``z_loss``; with KD
+        ``kd_loss``, ``kd_ce``, ``kd_kl``, ``kd_selected`` and ``kd_selected/<lang>``; ``l2_anchor`` /
+        ``kl_anchor`` when enabled.
+
+        With several processes ``batch`` is this rank's rows and the call is collective (the experts
+        exchange tokens); ``loss`` is then this rank's share of the global batch's loss (what it
+        back-propagates), the other terms are this rank's own values (:meth:`step` reports the
+        global ones).
         """
-        if getattr(batch, "topk_ids", None) is not None:
-            raise MoEAdaptError(
-                "the batch carries teacher top-k log-probabilities (token KD), which the megatron engine "
-                "does not implement; use engine=hf"
-            )
         tokens_BT1 = self._tokens(getattr(batch, "tokens", batch))
         inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
         mask_BT = self._field(batch, "loss_mask", torch.bool)
@@ -482,25 +514,43 @@ class MegatronEngine:
             raise MoEAdaptError(
                 f"captured {len(router_LTE)} router outputs for {self._num_routers} MoE layers in one forward"
             )
+        counted = (labels_BT != -100).sum().to(torch.float64).reshape(1)
+        self._counted = (float(counted), float(distributed.all_reduce_sum(counted.clone(), self._dp)))
         terms: dict[str, torch.Tensor] = {"lm_loss": objectives.lm_cross_entropy(logits_BTV, labels_BT)}
+        loss = terms["lm_loss"]
+        hf_inputs: dict[str, Any] = {"input_ids": inputs_BT, "use_cache": False}  # teacher / reference
+        if position_ids_BT is not None:
+            hf_inputs["position_ids"] = position_ids_BT
+        self._lang_counted = {}
+        if self.kd is not None:
+            kd_terms, self._lang_counted = token_kd_terms(
+                batch,
+                logits_BTV,
+                labels_BT,
+                self.kd,
+                teacher=self.teacher,
+                teacher_inputs=hf_inputs,
+                device=self.device,
+            )
+            terms.update(kd_terms)
+            loss = kd_terms["kd_loss"]
+        if self._dp.is_distributed:
+            loss = distributed.share_of_global(loss, logits_BTV, *self._counted, self._dp)
         self._load_LE = router_health.expert_load(router_LTE, self.moe[1], self.expert_bias_LE)
         self._routed_tokens = router_LTE[0].shape[0]
-        terms["aux_loss"] = objectives.load_balancing_loss(router_LTE, self.moe[1])
-        terms["z_loss"] = objectives.router_z_loss(router_LTE)
-        loss = (
-            terms["lm_loss"]
-            + self.cfg.aux_loss_coef * terms["aux_loss"]
-            + self.cfg.z_loss_coef * terms["z_loss"]
+        terms["aux_loss"] = (
+            distributed.global_load_balancing_loss(router_LTE, self.moe[1], self._dp)
+            if self._dp.is_distributed
+            else objectives.load_balancing_loss(router_LTE, self.moe[1])
         )
+        terms["z_loss"] = objectives.router_z_loss(router_LTE)
+        loss = loss + self.cfg.aux_loss_coef * terms["aux_loss"] + self.cfg.z_loss_coef * terms["z_loss"]
         if self._anchor is not None:
             terms["l2_anchor"] = self._l2_anchor()
             loss = loss + self.cfg.l2_anchor_coef * terms["l2_anchor"]
         if self.reference is not None:
-            ref_kwargs: dict[str, Any] = {"input_ids": inputs_BT, "use_cache": False}
-            if position_ids_BT is not None:
-                ref_kwargs["position_ids"] = position_ids_BT
             with torch.no_grad():
-                ref_logits_BTV = self.reference(**ref_kwargs).logits
+                ref_logits_BTV = self.reference(**hf_inputs).logits
             terms["kl_anchor"] = objectives.kl_anchor_loss(logits_BTV, ref_logits_BTV)
             loss = loss + self.cfg.kl_anchor_coef * terms["kl_anchor"]
         terms["loss"] = loss
@@ -551,43 +601,34 @@ class MegatronEngine:
         dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
         return (dense_sq + expert_sq).sqrt()
 
-    def _dp_reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Metrics over the data-parallel ranks (each trained on its own batch): ``tokens`` summed, the
-        rest averaged."""
-        if self._world() == 1:
-            return metrics
-        from megatron.core import parallel_state
-
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        group = parallel_state.get_data_parallel_group()
-        dist.all_reduce(values, group=group)
-        totals = dict(zip(keys, values.tolist(), strict=True))
-        ranks = dist.get_world_size(group)
-        return {k: v if k == "tokens" else v / ranks for k, v in totals.items()}
-
     def step(self, batch: Any) -> dict[str, float]:
         """Forward, backward, gradient reduction, clip and one AdamW step on ``batch``; float metrics.
 
         Metrics (as the hf engine): every loss term, ``grad_norm`` (before clipping), ``lr``,
         ``tokens`` (label positions that count), ``skipped`` (1.0 when the loss or gradient norm was
         not finite on some rank and the update was dropped everywhere) and the ``moe/*`` load
-        metrics. With several data-parallel ranks the loss terms are averaged over the ranks,
-        ``tokens`` and the expert loads are summed, and ``grad_norm`` is the global norm. Collective
-        under data/expert parallel: every rank calls it with its own batch.
+        metrics.
+
+        With several data-parallel ranks ``batch`` is the global batch (the same on every rank, as
+        the hf engine takes it): each rank trains on its contiguous slice of rows
+        (:func:`~moe_adapt.train.distributed.rows_of`), and every metric is the global batch's,
+        identical on every rank. Collective: every rank calls it.
         """
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
-        terms = self.forward_loss(batch)
+        local = distributed.rows_of(batch, self._dp)
+        terms = self.forward_loss(local)
         metrics = {k: float(v.detach()) for k, v in terms.items()}
-        mask = getattr(batch, "loss_mask", None)
-        tokens = (
-            torch.as_tensor(getattr(batch, "tokens", batch))[:, 1:].numel() if mask is None else mask.sum()
-        )
-        metrics["tokens"] = float(tokens)
+        if self._dp.is_distributed:  # the global batch's terms, on every rank
+            langs = getattr(local, "langs", None) or ()
+            keys = sorted({*metrics, *(f"kd_selected/{lang}" for lang in langs)})
+            weights = distributed.metric_weights(terms, self._counted[0], self._lang_counted)
+            means, _ = distributed.weighted_mean(metrics, weights, keys, self._dp)
+            metrics = {k: means.get(k, float("nan")) for k in metrics} | means
+        metrics["tokens"] = self._counted[1]
         skipped = not self._all_finite(metrics["loss"])
         grad_norm = float("nan")
         if not skipped:
@@ -605,7 +646,6 @@ class MegatronEngine:
                 torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.grad_clip, norm, foreach=False)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = self._dp_reduce(metrics)
         if self._load_LE is not None:
             load_LE, self._load_LE = self._load_LE, None
             dropped_L = router_health.dropped_tokens(
@@ -635,11 +675,14 @@ class MegatronEngine:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Model (megatron names), optimizer, schedule position and RNG: tensors and JSON values.
+        """This rank's whole engine state, in memory: model (megatron names), optimizer, schedule
+        position and RNG, as tensors and JSON values.
 
         Tensors are cloned (safetensors refuses shared memory); the optimizer's per-parameter state
         is keyed by the parameter index as a string. Under expert parallel the model and optimizer
-        hold this rank's experts only.
+        hold this rank's experts only, so the state fits the same EP rank and size only. Training
+        checkpoints do not use it: the trainer saves with :meth:`save_sharded`, which every rank
+        writes together and any EP size resumes.
         """
         opt = self.optimizer.state_dict()
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -656,28 +699,25 @@ class MegatronEngine:
             },
             "steps": self.steps,
             "rng": rng,
-            **(
-                {"router_bias": {"expert_bias_LE": self.expert_bias_LE.detach().cpu().clone()}}
-                if self.expert_bias_LE is not None
-                else {}
-            ),
+            **self._router_bias_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` into an engine built from the same checkpoint, config and layout."""
-        if state.get("version") != STATE_VERSION:
-            raise CheckpointError(f"engine state version {state.get('version')!r} is not {STATE_VERSION}")
-        if state.get("engine") != ENGINE_NAME:
-            raise CheckpointError(
-                "this training checkpoint was not written by the megatron engine: resume it with the "
-                "engine that wrote it (engine=hf)"
-            )
+        """Restore a :meth:`state_dict` into an engine built from the same checkpoint, config and layout
+        (the same EP rank and size). A training checkpoint is restored with :meth:`load_sharded`."""
+        self._check_state(state)
         layout = {"rank": self.ep_rank, "size": self.ep_size}
         if state.get("expert_parallel") != layout:
             raise CheckpointError(
                 f"this checkpoint holds expert-parallel rank/size {state.get('expert_parallel')}, this "
                 f"process is {layout}: resume with the same expert_parallel size"
             )
+        if "model" not in state:
+            raise CheckpointError(
+                "this engine state holds no model: it is the small part of a sharded checkpoint "
+                "(MegatronEngine.save_sharded); restore it with load_sharded (Trainer.resume does)"
+            )
+        self._check_router_bias(state)
         try:
             load_megatron_state(self.model, state["model"])
         except MoEAdaptError as err:
@@ -686,6 +726,87 @@ class MegatronEngine:
         self.optimizer.load_state_dict(
             {"state": {int(i): s for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
         )
+        self._load_router_bias(state)
+        self.steps = int(state["steps"])
+        torch.set_rng_state(state["rng"]["torch"].to(torch.uint8))
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].to(torch.uint8), self.device)
+
+    def save_sharded(self, path: str | Path) -> dict[str, Any]:
+        """Write the model and the AdamW moments into folder ``path`` with megatron-core's
+        ``dist_checkpointing``; return the rest of the engine state for the trainer's checkpoint.
+
+        Collective: every rank calls it with the same ``path``, a folder all ranks see (made if
+        missing; :class:`~moe_adapt.train.callbacks.CheckpointCallback` passes a fresh temporary
+        folder and renames the step folder once everything is written). Each rank writes its own
+        experts under their global indices and the dense tensors are written once, so the folder
+        holds the whole model and optimizer whatever the EP size (:mod:`.checkpoint`).
+
+        The returned state (tensors and JSON values, the same on every rank; the trainer's rank 0
+        writes it as safetensors + JSON) holds ``version``, ``engine``, ``expert_parallel`` (the EP
+        size that saved), ``sharded`` (format, the model's global layout, AdamW's common step and
+        hyperparameters), ``steps``, ``rng`` (every rank's RNG state, ``[ranks, N]``) and the router
+        biases with aux-loss-free balancing.
+        """
+        meta = dist_ckpt.save_sharded(Path(path), self.model, self.optimizer)
+        return {
+            "version": STATE_VERSION,
+            "engine": ENGINE_NAME,
+            "expert_parallel": {"size": self.ep_size},
+            "sharded": meta,
+            "steps": self.steps,
+            "rng": dist_ckpt.gather_rng(self.device),
+            **self._router_bias_state(),
+        }
+
+    def load_sharded(self, path: str | Path, state: dict[str, Any]) -> None:
+        """Restore what :meth:`save_sharded` wrote to ``path`` and returned (``state``), at any EP size.
+
+        Collective. The engine must be built from the run's checkpoint and config; the expert
+        parallel size may differ from the one that saved (each rank reads the experts it holds now:
+        a checkpoint saved at EP=2 resumes at EP=1 and the other way round, with the same weights and
+        AdamW moments). RNG: each rank takes the state its rank saved, or rank ``rank % saved_ranks``'s
+        when the number of processes changed (training draws no random numbers: no dropout, no
+        router jitter). megatron's model-parallel RNG tracker is not saved for the same reason.
+
+        Raises:
+            CheckpointError: naming the folder, when it is missing or not a dist_checkpointing
+                folder, when ``state`` was written by another engine or by :meth:`state_dict`, or
+                when the checkpoint holds another model (layout, dtype) or router-bias setting.
+        """
+        folder = Path(path)
+        self._check_state(state)
+        if "sharded" not in state:
+            raise CheckpointError(
+                f"{folder}: this engine state has no sharded part (it is a MegatronEngine.state_dict); "
+                "restore it with load_state_dict"
+            )
+        self._check_router_bias(state)
+        saved_ep = state.get("expert_parallel", {}).get("size")
+        if saved_ep != self.ep_size:
+            log.info(
+                "resharding %s: saved at expert_parallel=%s, loading at %d", folder, saved_ep, self.ep_size
+            )
+        dist_ckpt.load_sharded(folder, self.model, self.optimizer, state["sharded"])
+        self._load_router_bias(state)
+        self.steps = int(state["steps"])
+        dist_ckpt.restore_rng(state["rng"], self.device)
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"engine state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("engine") != ENGINE_NAME:
+            raise CheckpointError(
+                "this training checkpoint was not written by the megatron engine: resume it with the "
+                "engine that wrote it (engine=hf)"
+            )
+
+    def _router_bias_state(self) -> dict[str, Any]:
+        if self.expert_bias_LE is None:
+            return {}
+        return {"router_bias": {"expert_bias_LE": self.expert_bias_LE.detach().cpu().clone()}}
+
+    def _check_router_bias(self, state: dict[str, Any]) -> None:
         if (self.expert_bias_LE is not None) != ("router_bias" in state):
             raise CheckpointError(
                 "the checkpoint's router bias does not match engine.bias_update_rate "
@@ -697,11 +818,10 @@ class MegatronEngine:
                 raise CheckpointError(
                     f"router bias {tuple(saved_LE.shape)} does not fit {tuple(self.expert_bias_LE.shape)}"
                 )
-            self.expert_bias_LE.copy_(saved_LE.to(self.expert_bias_LE))
-        self.steps = int(state["steps"])
-        torch.set_rng_state(state["rng"]["torch"].to(torch.uint8))
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].to(torch.uint8), self.device)
+
+    def _load_router_bias(self, state: dict[str, Any]) -> None:
+        if self.expert_bias_LE is not None:
+            self.expert_bias_LE.copy_(state["router_bias"]["expert_bias_LE"].to(self.expert_bias_LE))
 
     def _full_model_tensors(self) -> dict[str, torch.Tensor]:
         """The whole model's megatron state on every EP rank (experts gathered, numbered globally)."""
@@ -776,7 +896,7 @@ class MegatronEngine:
                 hf_model.save_pretrained(str(tmp))
                 if bias is not None:
                     router_health.save_router_bias(bias, tmp)
-                for name in (*_SIDE_FILES, "generation_config.json"):
+                for name in (*SIDE_FILES, "generation_config.json"):
                     if (self.source / name).is_file():
                         shutil.copy2(self.source / name, tmp / name)
         if dist.is_initialized() and self._world() > 1:
