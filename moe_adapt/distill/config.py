@@ -191,8 +191,8 @@ class DistillConfig:
     """Phases in order; see moe_adapt.distill.config.PHASES."""
 
     engine: str = "auto"
-    """Training engine: hf, megatron (CUDA; no token KD) or auto (megatron with CUDA for a Mixtral /
-    Qwen-MoE student in the sft and seq_kd phases, hf otherwise and for token KD)."""
+    """Training engine: hf, megatron (CUDA) or auto (megatron with CUDA for a Mixtral / Qwen-MoE
+    student, hf otherwise)."""
 
     chat_template: str | None = None
     """Jinja chat template for tokenizers that have none (null: the tokenizer's own; error if absent)."""

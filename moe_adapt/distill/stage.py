@@ -54,12 +54,6 @@ def _checkpoint_dir(path: str | None, key: str) -> str:
 
 def _check_inputs(d: DistillConfig) -> None:
     phases = set(d.phases)
-    kd_phases = [p for p in ("token_kd", "select_kd") if p in phases]
-    if d.engine == "megatron" and kd_phases:
-        raise MoEAdaptConfigError(
-            f"distill.engine=megatron cannot run phase {kd_phases[0]}: the megatron engine has no "
-            "token-level KD; use distill.engine=auto (KD phases then run on hf) or hf"
-        )
     online = [p for p in ("token_kd", "select_kd") if p in phases and getattr(d, p).teacher == "online"]
     if "generate" in phases or online or (d.eval_prompts and d.eval.teacher):
         _checkpoint_dir(d.teacher, "distill.teacher")

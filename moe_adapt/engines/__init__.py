@@ -5,20 +5,23 @@ megatron-core is imported only inside :mod:`moe_adapt.engines.megatron` (style r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from moe_adapt.errors import MoEAdaptConfigError
 
+log = logging.getLogger(__name__)
+
 ENGINES = ("auto", "hf", "megatron")
 
 
-def resolve_engine_name(engine_name: str, checkpoint: str | Path, *, kd: Any = None) -> str:
+def resolve_engine_name(engine_name: str, checkpoint: str | Path) -> str:
     """``hf`` or ``megatron`` for ``engine=auto|hf|megatron``.
 
     ``auto`` picks ``megatron`` only where it can run and train the job: CUDA is present, megatron-core
-    imports, the checkpoint is an architecture the weight mapping covers (Mixtral, Qwen2-MoE,
-    Qwen3-MoE) and no token-level KD is asked for (the megatron engine refuses it); ``hf`` otherwise.
+    imports and the checkpoint is an architecture the weight mapping covers (Mixtral, Qwen2-MoE,
+    Qwen3-MoE); ``hf`` otherwise.
     """
     import torch
 
@@ -37,7 +40,7 @@ def resolve_engine_name(engine_name: str, checkpoint: str | Path, *, kd: Any = N
         return "hf"
     if engine_name != "auto":
         return engine_name
-    if not torch.cuda.is_available() or kd is not None:
+    if not torch.cuda.is_available():
         return "hf"
     try:
         import megatron.core  # noqa: F401
@@ -51,24 +54,29 @@ def resolve_engine_name(engine_name: str, checkpoint: str | Path, *, kd: Any = N
     return "megatron"
 
 
-def build_engine(
-    engine_name: str, checkpoint: str | Path, cfg: Any = None, *, expert_parallel: int = 1, **kw: Any
-) -> Any:
+def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw: Any) -> Any:
     """The training engine ``engine_name`` (hf | megatron | auto) built from an HF checkpoint folder.
 
     ``kw`` goes to the engine (``device``, ``lr_multiplier``, ``kd``, ``teacher``). For ``megatron``,
     torch.distributed and megatron's parallel_state are started first when they are not running (one
-    process, or torchrun's environment) with ``expert_parallel`` expert-parallel ranks.
+    process, or torchrun's environment) with ``cfg.expert_parallel`` expert-parallel ranks.
     """
     import torch
 
-    name = resolve_engine_name(engine_name, checkpoint, kd=kw.get("kd"))
+    expert_parallel = getattr(cfg, "expert_parallel", 1)
+    name = resolve_engine_name(engine_name, checkpoint)
     if name == "hf":
         from moe_adapt.engines.hf import HFEngine
 
-        if expert_parallel != 1:
+        if expert_parallel != 1 and engine_name == "hf":
             raise MoEAdaptConfigError(
-                f"expert_parallel={expert_parallel} is invalid with engine=hf: experts are not sharded there"
+                f"engine.expert_parallel={expert_parallel} is invalid with the hf engine: experts are not "
+                "sharded there (use engine megatron, or 1)"
+            )
+        if expert_parallel != 1:  # auto chose hf (no CUDA, or a one-process stage): same maths, no EP
+            log.warning(
+                "engine.expert_parallel=%d: this stage trains on the hf engine, which does not shard experts",
+                expert_parallel,
             )
         kw.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         return HFEngine(checkpoint, cfg, **kw)

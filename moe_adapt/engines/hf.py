@@ -54,7 +54,7 @@ STATE_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 # files of an HF checkpoint folder that are not weights or model config: copied by save_hf
-_SIDE_FILES = (
+SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -136,6 +136,11 @@ class HFEngineConfig:
     processes, one FSDP unit per decoder layer: models that do not fit one device), none (one process)
     or auto (ddp with several processes, none with one). With one process every value trains as none."""
 
+    expert_parallel: int = 1
+    """megatron engine only: processes that split each MoE layer's experts (expert parallel, alltoall
+    dispatcher); the number of processes must be a multiple of it and the experts divide over it. The
+    hf engine does not shard experts: 1 there."""
+
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             _fail("lr", self.lr, "must be a finite number > 0")
@@ -152,6 +157,8 @@ class HFEngineConfig:
                 _fail(key, getattr(self, key), "must be >= 0")
         if self.kl_anchor_coef > 0 and not self.reference:
             _fail("reference", self.reference, "set a reference checkpoint folder when kl_anchor_coef > 0")
+        if self.expert_parallel < 1:
+            _fail("expert_parallel", self.expert_parallel, "must be >= 1")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
         if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):
@@ -194,15 +201,12 @@ def build_adamw(
     )
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    """A transformers causal LM from an HF checkpoint folder (safetensors only, no remote code), with
-    the router biases of aux-loss-free balancing re-installed when the folder has ``router_bias.json``."""
-    model = _load_causal_lm(path, dtype)
-    router_health.load_router_bias(model, path)
-    return model
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, *, router_bias: bool = True) -> Any:
+    """A transformers causal LM from an HF checkpoint folder (safetensors only, no remote code).
 
-
-def _load_causal_lm(path: str | Path, dtype: torch.dtype) -> Any:
+    With ``router_bias`` the router biases of aux-loss-free balancing are re-installed when the folder
+    has ``router_bias.json`` (the engines read that file themselves and pass False).
+    """
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)
@@ -212,9 +216,89 @@ def _load_causal_lm(path: str | Path, dtype: torch.dtype) -> Any:
         raise CheckpointError(
             f"{folder} holds no .safetensors weights (only safetensors checkpoints are read)"
         )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
+    if router_bias:
+        router_health.load_router_bias(model, path)
+    return model
+
+
+def load_teacher(teacher: str | Path | Any, dtype: torch.dtype, device: torch.device, vocab_size: int) -> Any:
+    """The frozen online teacher for token KD, on ``device``: an HF checkpoint folder (read with
+    :func:`load_causal_lm`) or a loaded model. It must share the student's ``vocab_size``."""
+    model = load_causal_lm(teacher, dtype) if isinstance(teacher, str | Path) else teacher
+    model = model.to(device)
+    model.eval().requires_grad_(False)
+    teacher_vocab = int(model.config.vocab_size)
+    if teacher_vocab != vocab_size:
+        raise MoEAdaptError(
+            f"token KD needs the teacher and the student to share a tokenizer: the teacher has "
+            f"{teacher_vocab} vocabulary entries, the student {vocab_size}"
+        )
+    return model
+
+
+def token_kd_terms(
+    batch: Any,
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    kd: objectives.KDSettings,
+    *,
+    teacher: Any = None,
+    teacher_inputs: dict[str, Any] | None = None,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Token-KD terms of one batch, for either engine: ``kd_loss`` (what replaces the LM term),
+    ``kd_ce``, ``kd_kl``, ``kd_selected`` and ``kd_selected/<lang>``; and, per language of the batch,
+    how many label positions counted (the weights of ``kd_selected/<lang>`` across ranks).
+
+    The teacher's distribution comes from ``teacher`` (an HF causal LM called with ``teacher_inputs``,
+    no gradient) or, without one, from the batch's stored ``topk_ids``/``topk_logp``. ``labels_BT`` is
+    -100 where nothing counts.
+    """
+    num_pos, vocab = labels_BT.numel(), logits_BTV.shape[-1]
+    target: torch.Tensor | objectives.TeacherTopK
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(**(teacher_inputs or {})).logits.reshape(num_pos, -1)
+    else:
+        ids = batch_field(batch, "topk_ids", torch.long, device)
+        logp = batch_field(batch, "topk_logp", torch.float32, device)
+        if ids is None or logp is None:
+            raise MoEAdaptError(
+                "token KD without an online teacher needs the teacher's stored top-k log-probabilities "
+                "in every batch (generate them with distill.generate.store_topk > 0)"
+            )
+        target = objectives.TeacherTopK(ids.reshape(num_pos, -1), logp.reshape(num_pos, -1))
+    mask_N = (labels_BT != -100).reshape(-1)
+    out = objectives.token_kd_loss(
+        logits_BTV.reshape(num_pos, vocab),
+        labels_BT.reshape(-1),
+        mask_N,
+        target,
+        alpha=kd.alpha,
+        temperature=kd.temperature,
+        direction=kd.direction,
+        theta=kd.theta,
+    )
+    selected_N = out["selected_N"].float()
+    terms = {
+        "kd_loss": out["loss"],
+        "kd_ce": out["ce"],
+        "kd_kl": out["kl"],
+        "kd_selected": selected_N.sum() / mask_N.sum().clamp(min=1),
+    }
+    counted: dict[str, float] = {}
+    lang_ids = batch_field(batch, "lang_ids", torch.long, device)
+    for i, lang in enumerate(getattr(batch, "langs", None) or ()):
+        if lang_ids is None:
+            break
+        in_lang_N = mask_N & (lang_ids.reshape(-1) == i)
+        counted[lang] = float(in_lang_N.sum())
+        if bool(in_lang_N.any()):
+            terms[f"kd_selected/{lang}"] = (selected_N * in_lang_N).sum() / in_lang_N.sum()
+    return terms, counted
 
 
 def resolve_parallel(parallel: str, ctx: DistContext) -> str:
@@ -328,7 +412,7 @@ class HFEngine:
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current device
             self.device = torch.device("cuda", torch.cuda.current_device())
         dtype = DTYPES[self.cfg.dtype]
-        self.model: Any = _load_causal_lm(self.source, dtype)
+        self.model: Any = load_causal_lm(self.source, dtype, router_bias=False)
         """The transformers ``PreTrainedModel`` being trained (not the DDP wrapper; under FSDP2 its
         parameters are sharded DTensors)."""
         if self.parallel != "fsdp2":  # fully_shard moves each rank's shards to the device itself
@@ -377,16 +461,7 @@ class HFEngine:
         if teacher is not None:
             if kd is None:
                 raise MoEAdaptError("a teacher model was given without KD settings")
-            self.teacher = (
-                load_causal_lm(teacher, dtype) if isinstance(teacher, str | Path) else teacher
-            ).to(self.device)
-            self.teacher.eval().requires_grad_(False)
-            teacher_vocab = int(self.teacher.config.vocab_size)
-            if teacher_vocab != self.vocab_size:
-                raise MoEAdaptError(
-                    f"token KD needs the teacher and the student to share a tokenizer: the teacher has "
-                    f"{teacher_vocab} vocabulary entries, the student {self.vocab_size}"
-                )
+            self.teacher = load_teacher(teacher, dtype, self.device, self.vocab_size)
 
     def _wrap(self) -> Any:
         """DDP around the model, or FSDP2's ``fully_shard`` on each decoder layer and the root (in
@@ -462,11 +537,19 @@ class HFEngine:
         terms: dict[str, torch.Tensor] = {"lm_loss": objectives.lm_cross_entropy(logits_BTV, labels_BT)}
         loss = terms["lm_loss"]
         if self.kd is not None:
-            kd_terms = self._kd_terms(batch, kwargs, logits_BTV, labels_BT)
+            kd_terms, self._lang_counted = token_kd_terms(
+                batch,
+                logits_BTV,
+                labels_BT,
+                self.kd,
+                teacher=self.teacher,
+                teacher_inputs={k: v for k, v in kwargs.items() if k != "output_router_logits"},
+                device=self.device,
+            )
             terms.update(kd_terms)
             loss = kd_terms["kd_loss"]
         if shared:
-            loss = self._share_of_global(loss, logits_BTV)
+            loss = distributed.share_of_global(loss, logits_BTV, *self._counted, self.dist)
         if self.moe is not None:
             router_LTE = [x for x in (getattr(out, "router_logits", None) or ()) if x is not None]
             if not router_LTE:
@@ -499,17 +582,6 @@ class HFEngine:
         terms["loss"] = loss
         return terms
 
-    def _share_of_global(self, main: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the global batch's token-mean loss ``main``, scaled so that the mean over
-        ranks (what DDP/FSDP average) is the global mean: ``main · n_r · W / N`` for ``n_r`` counted
-        positions here and ``N`` in the global batch. Ranks' counts differ with loss masks."""
-        counted, total = self._counted
-        if total == 0:  # nothing counts anywhere: as with one process (an LM loss of NaN is skipped)
-            return main
-        if counted == 0:  # nothing counts here: add nothing, but keep every parameter in the graph
-            return logits_BTV.sum() * 0.0
-        return main * (counted * self.dist.world_size / total)
-
     def _sharded_l2_anchor(self) -> torch.Tensor:
         """``Σ ||θ − θ0||²`` over FSDP2-sharded parameters: local shards, summed over ranks (no grad)."""
         with torch.no_grad():
@@ -519,63 +591,6 @@ class HFEngine:
             for theta, theta0 in zip(shards[:half], shards[half:], strict=True):
                 local += (theta.to_local().double() - theta0.to_local().double()).pow(2).sum()
             return distributed.all_reduce_sum(local, self.dist).float().reshape(())
-
-    def _metric_weights(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-        """How many positions each term of the last forward averaged over (1: the same on every rank)."""
-        weights = dict.fromkeys(terms, 1.0)
-        for key in ("lm_loss", "kd_loss", "kd_ce", "kd_kl", "kd_selected"):
-            if key in terms:
-                weights[key] = self._counted[0]
-        weights.update({f"kd_selected/{lang}": n for lang, n in self._lang_counted.items()})
-        return weights
-
-    def _kd_terms(
-        self, batch: Any, kwargs: dict[str, Any], logits_BTV: torch.Tensor, labels_BT: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Token-KD terms: the teacher online (``self.teacher``) or from the batch's top-k."""
-        assert self.kd is not None
-        num_pos, vocab = labels_BT.numel(), logits_BTV.shape[-1]
-        teacher: torch.Tensor | objectives.TeacherTopK
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_kwargs = {k: v for k, v in kwargs.items() if k != "output_router_logits"}
-                teacher = self.teacher(**teacher_kwargs).logits.reshape(num_pos, -1)
-        else:
-            ids = self._field(batch, "topk_ids", torch.long)
-            logp = self._field(batch, "topk_logp", torch.float32)
-            if ids is None or logp is None:
-                raise MoEAdaptError(
-                    "token KD without an online teacher needs the teacher's stored top-k log-probabilities "
-                    "in every batch (generate them with distill.generate.store_topk > 0)"
-                )
-            teacher = objectives.TeacherTopK(ids.reshape(num_pos, -1), logp.reshape(num_pos, -1))
-        mask_N = (labels_BT != -100).reshape(-1)
-        out = objectives.token_kd_loss(
-            logits_BTV.reshape(num_pos, vocab),
-            labels_BT.reshape(-1),
-            mask_N,
-            teacher,
-            alpha=self.kd.alpha,
-            temperature=self.kd.temperature,
-            direction=self.kd.direction,
-            theta=self.kd.theta,
-        )
-        selected_N = out["selected_N"].float()
-        terms = {
-            "kd_loss": out["loss"],
-            "kd_ce": out["ce"],
-            "kd_kl": out["kl"],
-            "kd_selected": selected_N.sum() / mask_N.sum().clamp(min=1),
-        }
-        lang_ids = self._field(batch, "lang_ids", torch.long)
-        for i, lang in enumerate(getattr(batch, "langs", None) or ()):
-            if lang_ids is None:
-                break
-            in_lang_N = mask_N & (lang_ids.reshape(-1) == i)
-            self._lang_counted[lang] = float(in_lang_N.sum())
-            if bool(in_lang_N.any()):
-                terms[f"kd_selected/{lang}"] = (selected_N * in_lang_N).sum() / in_lang_N.sum()
-        return terms
 
     # -- step ----------------------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -661,7 +676,11 @@ class HFEngine:
         if self._load_LE is not None:
             extra.append(self._load_LE.detach().reshape(-1).to(device="cpu", dtype=torch.float64))
         means, summed = distributed.weighted_mean(
-            values, self._metric_weights(terms), keys, self.dist, extra=torch.cat(extra)
+            values,
+            distributed.metric_weights(terms, self._counted[0], self._lang_counted),
+            keys,
+            self.dist,
+            extra=torch.cat(extra),
         )
         assert summed is not None
         if self._load_LE is not None:  # the global batch's expert load
@@ -790,7 +809,7 @@ class HFEngine:
                 self.model.save_pretrained(str(tmp), **({"state_dict": state} if state is not None else {}))
                 if self.router_bias is not None:
                     router_health.save_router_bias(self.router_bias, tmp)
-                for name in _SIDE_FILES:
+                for name in SIDE_FILES:
                     if (self.source / name).is_file():
                         shutil.copy2(self.source / name, tmp / name)
         distributed.barrier(self.dist)

@@ -400,6 +400,36 @@ def rows_of(batch: T, ctx: DistContext | None = None) -> T:
     return out
 
 
+def share_of_global(
+    main: torch.Tensor, anchor: torch.Tensor, counted: float, total: float, ctx: DistContext | None = None
+) -> torch.Tensor:
+    """This rank's share of the global batch's token-mean loss ``main``, scaled so that the mean over
+    ranks (what DDP, FSDP and megatron's DDP average) is the global mean: ``main · n_r · W / N`` for
+    ``n_r = counted`` positions here and ``N = total`` in the global batch (ranks' counts differ with
+    loss masks). Where nothing counts here it is ``anchor.sum() · 0``: every parameter stays in the
+    graph and nothing is added."""
+    ctx = ctx or current()
+    if total == 0:  # nothing counts anywhere: as with one process (an LM loss of NaN is skipped)
+        return main
+    if counted == 0:
+        return anchor.sum() * 0.0
+    return main * (counted * ctx.world_size / total)
+
+
+def metric_weights(
+    terms: Mapping[str, torch.Tensor], counted: float, lang_counted: Mapping[str, float]
+) -> dict[str, float]:
+    """The weights of :func:`weighted_mean` for an engine's loss terms: the token-mean terms (LM and
+    KD) by the positions that counted on this rank, ``kd_selected/<lang>`` by that language's
+    positions, every other term 1 (the same token count on every rank)."""
+    weights = dict.fromkeys(terms, 1.0)
+    for key in ("lm_loss", "kd_loss", "kd_ce", "kd_kl", "kd_selected"):
+        if key in terms:
+            weights[key] = counted
+    weights.update({f"kd_selected/{lang}": n for lang, n in lang_counted.items()})
+    return weights
+
+
 def global_load_balancing_loss(
     router_logits_LTE: Sequence[torch.Tensor], top_k: int, ctx: DistContext | None = None
 ) -> torch.Tensor:

@@ -154,6 +154,48 @@ def test_anchor_terms_match_the_hf_engine(megatron_cpu: None, checkpoints: dict[
     assert mc_metrics["l2_anchor"] > 0 and mc_metrics["kl_anchor"] > 0
 
 
+def _kd_batch(seed: int, rows: int = 2, topk: bool = False) -> Batch:
+    """Rows of two languages (row r is language r % 2, the last row half of each) with a loss mask and,
+    with ``topk``, a teacher's stored top-4 log-probabilities."""
+    tokens = _tokens(seed, batch=rows).numpy()
+    lang_ids = np.stack([np.full(16, r % 2) for r in range(rows)])
+    lang_ids[-1, 8:] = 1 - lang_ids[-1, 8]
+    mask = np.ones((rows, 16), dtype=bool)
+    mask[:, :2] = False
+    extra: dict[str, Any] = {}
+    if topk:
+        gen = torch.Generator().manual_seed(seed)
+        logits_BTV = torch.randn(rows, 16, VOCAB, generator=gen) * 3
+        logp_BTK, ids_BTK = logits_BTV.log_softmax(-1).topk(4, dim=-1)
+        extra = {"topk_ids": ids_BTK.numpy(), "topk_logp": logp_BTK.numpy()}
+    return Batch(tokens=tokens, loss_mask=mask, lang_ids=lang_ids, langs=("ar", "en"), **extra)
+
+
+THETA = {"online": 0.021, "topk": 0.3}  # tiny random teachers are nearly uniform over 101 tokens
+
+
+@pytest.mark.parametrize("teacher", ["online", "topk"])
+def test_token_kd_matches_the_hf_engine(
+    megatron_cpu: None, checkpoints: dict[str, Path], teacher: str
+) -> None:
+    """Token KD (SelecTKD mask, per-language selected share) gives the hf engine's terms and step."""
+    path, cfg = checkpoints["qwen3_moe"], HFEngineConfig(**CFG)
+    kd = objectives.KDSettings(alpha=0.3, temperature=2.0, theta=THETA[teacher])
+    online = checkpoints["qwen2_moe"] if teacher == "online" else None  # same 101-token vocabulary
+    mc = MegatronEngine(path, cfg, kd=kd, teacher=online)
+    hf = HFEngine(path, cfg, kd=kd, teacher=online)
+    batch = _kd_batch(5, topk=teacher == "topk")
+    mc_terms, hf_terms = mc.forward_loss(batch), hf.forward_loss(batch)
+    assert mc_terms.keys() == hf_terms.keys()
+    assert {"kd_loss", "kd_kl", "kd_selected/ar", "kd_selected/en"} <= mc_terms.keys()
+    for key, value in hf_terms.items():
+        assert _rel(mc_terms[key].detach(), value.detach()) < REL, (key, mc_terms[key], value)
+    assert 0 < float(mc_terms["kd_selected"]) < 1  # the mask keeps some positions, not all
+    mc_metrics, hf_metrics = mc.step(batch), hf.step(batch)
+    for key, value in hf_metrics.items():
+        assert mc_metrics[key] == pytest.approx(value, rel=REL, abs=1e-7), key
+
+
 def test_resume_is_bit_exact(
     megatron_cpu: None, deterministic: None, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -261,26 +303,33 @@ def test_export_round_trip_is_exact(
 
 # -- expert parallel ------------------------------------------------------------------------------
 EP = 2
-LM_ONLY = dict(CFG, aux_loss_coef=0.0, z_loss_coef=0.0)  # the LM term is a mean over tokens: it splits
 
 
-def _ep_worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
+def _ep_worker(rank: int, port: int, checkpoint: str, teacher: str, out_dir: str) -> None:
     from tests.engines.megatron_cpu import megatron_on_cpu
 
     torch.set_num_threads(1)
     out = Path(out_dir)
     with megatron_on_cpu(rank=rank, world_size=EP, port=port, expert_parallel=EP):
-        # every rank gets the same batch: the one-process step, reproduced
+        # every rank gets the global batch and trains on its half of the rows
         engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG))
         assert engine.ep_size == EP and len(engine.model.decoder.layers[1].mlp.experts.local_experts) == 4
-        terms = {k: float(v.detach()) for k, v in engine.forward_loss(_tokens(1)).items()}
-        same = engine.step(_packed_batch(3))
-        engine.save_hf(out / "same")
-        # each rank gets its half of a batch: the one-process step on the whole batch
-        engine = MegatronEngine(checkpoint, HFEngineConfig(**LM_ONLY))
-        split = engine.step(_tokens(4, batch=4)[2 * rank : 2 * rank + 2])
-        engine.save_hf(out / "split")
-    (out / f"rank{rank}.json").write_text(json.dumps({"terms": terms, "same": same, "split": split}))
+        packed = engine.step(_packed_batch(3))  # masked: the ranks count different positions
+        engine.save_hf(out / "packed")
+        # token KD: rank 0's rows are Arabic only, so kd_selected/en comes from rank 1 alone
+        engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG), kd=KD, teacher=teacher)
+        kd = engine.step(_kd_rows())
+    (out / f"rank{rank}.json").write_text(json.dumps({"packed": packed, "kd": kd}))
+
+
+KD = objectives.KDSettings(alpha=0.3, theta=THETA["online"])
+
+
+def _kd_rows() -> Batch:
+    """Four rows: Arabic, Arabic, English, half and half."""
+    batch = _kd_batch(6, rows=4)
+    batch.lang_ids = np.stack([np.zeros(16), np.zeros(16), np.ones(16), np.r_[np.zeros(8), np.ones(8)]])
+    return batch
 
 
 def _spawn(fn: Any, args: tuple[Any, ...], nprocs: int, timeout_s: float = 120.0) -> None:
@@ -298,32 +347,30 @@ def _spawn(fn: Any, args: tuple[Any, ...], nprocs: int, timeout_s: float = 120.0
 def test_expert_parallel_2_matches_1(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Two EP ranks on the global batch take the one-process step: the same metrics (token-weighted
+    losses, global load-balancing loss, expert loads, per-language KD shares) and weights."""
     from tests.engines.megatron_cpu import free_port
 
     path = checkpoints["qwen2_moe"]  # routed experts + a gated shared expert
     engine = MegatronEngine(path, HFEngineConfig(**CFG))
-    terms = {k: float(v.detach()) for k, v in engine.forward_loss(_tokens(1)).items()}
-    same = engine.step(_packed_batch(3))
-    engine.save_hf(tmp_path / "ep1_same")
-    engine = MegatronEngine(path, HFEngineConfig(**LM_ONLY))
-    split = engine.step(_tokens(4, batch=4))
-    engine.save_hf(tmp_path / "ep1_split")
+    packed = engine.step(_packed_batch(3))
+    engine.save_hf(tmp_path / "ep1_packed")
+    teacher = checkpoints["qwen3_moe"]  # same vocabulary, other weights
+    engine = MegatronEngine(path, HFEngineConfig(**CFG), kd=KD, teacher=teacher)
+    kd = engine.step(_kd_rows())
+    assert 0 < kd["kd_selected/ar"] < 1 and 0 < kd["kd_selected/en"] < 1 and kd["kd_kl"] > 1e-4
 
-    _spawn(_ep_worker, (free_port(), str(path), str(tmp_path)), EP)
+    _spawn(_ep_worker, (free_port(), str(path), str(teacher), str(tmp_path)), EP)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(EP)]
     for got in ranks:
-        for key, value in terms.items():
-            assert got["terms"][key] == pytest.approx(value, rel=1e-6), key
+        assert got["packed"].keys() == packed.keys() and got["kd"].keys() == kd.keys()
         # grad_norm checks the gradient scaling (Adam's first step would hide a factor on the gradients)
-        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "moe/max_load", "moe/load_cv"):
-            assert got["same"][key] == pytest.approx(same[key], rel=1e-6), key
-        assert got["same"]["tokens"] == EP * same["tokens"]  # every rank's batch counts
-        for key in ("loss", "grad_norm", "tokens", "moe/max_load", "moe/idle_experts"):
-            assert got["split"][key] == pytest.approx(split[key], rel=1e-6), key
-    for name in ("same", "split"):
-        ep1, ep2 = _hf_weights(tmp_path / f"ep1_{name}"), _hf_weights(tmp_path / name)
-        for key, tensor in ep1.items():
-            torch.testing.assert_close(ep2[key], tensor, rtol=0, atol=WEIGHT_ATOL, msg=f"{name}: {key}")
+        for name, want in (("packed", packed), ("kd", kd)):
+            for key, value in want.items():
+                assert got[name][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+    ep1, ep2 = _hf_weights(tmp_path / "ep1_packed"), _hf_weights(tmp_path / "packed")
+    for key, tensor in ep1.items():
+        torch.testing.assert_close(ep2[key], tensor, rtol=0, atol=WEIGHT_ATOL, msg=key)
 
 
 # -- skips and errors -----------------------------------------------------------------------------
@@ -360,8 +407,8 @@ def test_refuses_what_it_does_not_support(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     path = checkpoints["qwen3_moe"]
-    with pytest.raises(MoEAdaptError, match="distillation"):
-        MegatronEngine(path, HFEngineConfig(), kd=objectives.KDSettings())
+    with pytest.raises(MoEAdaptError, match="without KD settings"):
+        MegatronEngine(path, HFEngineConfig(), teacher=path)
     with pytest.raises(MoEAdaptConfigError, match="device='cuda' is invalid"):
         MegatronEngine(path, HFEngineConfig(), device="cuda")  # torch.cuda is the shim's CPU stand-in
     with pytest.raises(MoEAdaptError, match="no config.json"):
