@@ -141,6 +141,14 @@ class HFEngineConfig:
     dispatcher); the number of processes must be a multiple of it and the experts divide over it. The
     hf engine does not shard experts: 1 there."""
 
+    distributed_optimizer: bool = False
+    """megatron engine only: megatron-core's DistributedOptimizer (ZeRO-1). The optimizer state (fp32
+    main parameters and Adam moments) is sharded over the data-parallel ranks; gradients are
+    reduce-scattered and the updated parameters all-gathered. Same metrics and skip rule as false
+    (torch AdamW on every rank), and in float32 the same update (bfloat16/float16 parameters get fp32
+    master copies). Its checkpoints resume at the same expert_parallel. The hf engine refuses true: it
+    shards with parallel=fsdp2."""
+
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             _fail("lr", self.lr, "must be a finite number > 0")
@@ -169,6 +177,8 @@ class HFEngineConfig:
             _fail("capacity_factor", self.capacity_factor, "must be a finite number > 0, or null (dropless)")
         if self.parallel not in PARALLEL:
             _fail("parallel", self.parallel, f"choose one of {', '.join(PARALLEL)}")
+        if not isinstance(self.distributed_optimizer, bool):
+            _fail("distributed_optimizer", self.distributed_optimizer, "must be true or false")
 
 
 def lr_at(cfg: HFEngineConfig, step: int) -> float:
@@ -401,6 +411,13 @@ class HFEngine:
         dist: DistContext | None = None,
     ) -> None:
         self.cfg = cfg or HFEngineConfig()
+        if self.cfg.distributed_optimizer:
+            _fail(
+                "distributed_optimizer",
+                True,
+                "megatron's DistributedOptimizer belongs to the megatron engine (engine=megatron); the hf "
+                "engine shards optimizer state with engine.parallel=fsdp2",
+            )
         self.dist = dist or distributed.current()
         """The processes training together (:func:`moe_adapt.train.distributed.current` by default)."""
         self.parallel = resolve_parallel(self.cfg.parallel, self.dist)

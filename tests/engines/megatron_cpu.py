@@ -3,8 +3,10 @@
 megatron-core assumes CUDA in a handful of places (streams, events, the RNG tracker, a literal
 ``device="cuda"`` in the causal mask, CPU split sizes in the alltoall dispatcher, a missing
 ``te_general_gemm`` when TransformerEngine is absent, the CUDA-only ``grouped_gemm`` package
-behind the legacy ``GroupedMLP``) and gloo where NCCL is assumed (allgather of unequal parts); and
-it hands dist_checkpointing's synchronous save an in-process results queue (speed only).
+behind the legacy ``GroupedMLP``, CUDA type names: the ``DistributedOptimizer`` sorts parameters by
+``param.type()`` and the gradient clipping asserts ``'torch.cuda.FloatTensor'``) and gloo where NCCL
+is assumed (allgather of unequal parts); and it hands dist_checkpointing's synchronous save an
+in-process results queue (speed only).
 :class:`CpuMegatron` patches exactly those places, remembers what it replaced and puts everything
 back on :meth:`CpuMegatron.restore`.
 It belongs to the tests: the product never imports it (see /work/shared/facts.md).
@@ -129,6 +131,31 @@ def _uneven_all_gather(original: Callable[..., Any]) -> Callable[..., Any]:
     return all_gather
 
 
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _type_names_cuda(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``Tensor.type`` whose query form (no argument) names CPU float tensors by their CUDA type.
+
+    megatron-core 0.16.1's DistributedOptimizer groups parameters by the ``param.type()`` string
+    (``torch.cuda.FloatTensor``, ``...HalfTensor``, ``...BFloat16Tensor``; anything else is a TypeError)
+    and ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``. Only the
+    query is changed: ``t.type(dtype)`` conversions go to the original.
+    """
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        if dtype is None and not kwargs:
+            name = original(self)
+            return _CUDA_TYPE_NAMES.get(name, name) if self.device.type == "cpu" else name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type_
+
+
 class _GroupedGemmOps:
     """The ``grouped_gemm.ops`` namespace megatron's GroupedMLP calls."""
 
@@ -171,7 +198,7 @@ class CpuMegatron:
         self._install()
 
     def _set(self, owner: Any, name: str, value: Any) -> None:
-        had = hasattr(owner, name)
+        had = name in vars(owner)  # an inherited method (Tensor.type) is restored by deleting the patch
         self._saved.append((owner, name, getattr(owner, name, None), had))
         setattr(owner, name, value)
 
@@ -223,6 +250,7 @@ class CpuMegatron:
 
         self._set(dist, "all_gather", _uneven_all_gather(dist.all_gather))
         self._set(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        self._set(torch.Tensor, "type", _type_names_cuda(torch.Tensor.type))
         import queue
 
         import megatron.core.dist_checkpointing.strategies.filesystem_async as filesystem_async

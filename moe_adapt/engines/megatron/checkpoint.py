@@ -17,6 +17,20 @@ parameter (the engine steps all of them or none); like megatron's optimizers the
 once, in the small JSON part with the param-group hyperparameters (:func:`save_sharded` returns
 that part; the trainer's rank 0 writes it beside the folder).
 
+With ``engine.distributed_optimizer`` the optimizer is megatron's ``DistributedOptimizer`` (each
+data-parallel rank holds a flat shard of the fp32 main parameters and Adam moments): its own
+``sharded_state_dict`` in the ``dp_reshardable`` format writes those shards, keyed by its gradient
+buckets (:func:`save_sharded` and :func:`load_sharded` pick the path from the optimizer's type). That
+format follows the buckets, so such a checkpoint resumes at the expert-parallel size that saved it
+(the model part still reshards; ``fully_reshardable`` and ``fully_sharded_model_space``, which would
+reshard over EP too, fail in megatron-core 0.16.1). Each kind
+of optimizer refuses the other's checkpoint, naming ``engine.distributed_optimizer``. Three steps work
+around megatron-core 0.16.1 with torch's AdamW inside (no TransformerEngine/Apex):
+:func:`_init_adam_state` before building the state dict (``DistributedOptimizer.state_dict`` wants a
+``step`` for every parameter), loading under ``no_grad`` (its loader copies into parameter views in
+place), and :func:`_restore_adam_steps` after (its loader leaves one shared ``step`` tensor holding
+the template's 0; the true step is in the param groups).
+
 What is left out: megatron's ``_extra_state`` entries (TransformerEngine/FP8 metadata, ``None`` with
 the local layer spec; they would be pickled objects). The ``layout`` of the returned part, ``{key:
 [*global_shape, dtype]}`` of the model, lets :func:`load_sharded` refuse a checkpoint of another
@@ -52,6 +66,8 @@ FORMAT = "megatron-core dist_checkpointing (torch_dist)"
 """What :func:`save_sharded` writes; recorded in the returned part and checked on load."""
 _BACKEND = ("torch_dist", 1)
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+DISTRIBUTED_SHARDING = "dp_reshardable"
+"""The ``DistributedOptimizer`` checkpoint format :func:`save_sharded` writes (megatron's name)."""
 
 
 # -- sharded state dicts ----------------------------------------------------------------------------
@@ -128,12 +144,13 @@ def optimizer_sharded_state(
 
 
 # -- save / load -----------------------------------------------------------------------------------
-def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def save_sharded(path: Path, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """Write ``model`` and the AdamW moments into folder ``path`` (made if missing), every rank its part.
 
     Collective: every rank of the default process group calls it with the same ``path`` (a folder
     all ranks see). Returns the small part every loader needs (format, model layout, AdamW step and
-    param-group hyperparameters): JSON values, the same on every rank.
+    param-group hyperparameters): JSON values, the same on every rank. ``optimizer`` is a
+    ``torch.optim.AdamW`` or megatron's (chained) ``DistributedOptimizer``.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -141,6 +158,21 @@ def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     path.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # the folder exists (and is empty) before any rank writes into it
     model_sharded = model_sharded_state(model)
+    if _is_distributed(optimizer):
+        _init_adam_state(optimizer)
+        step = _distributed_step(optimizer)
+        sharded_state = {
+            "model": model_sharded,
+            "optimizer": optimizer.sharded_state_dict(model_sharded, metadata=_distributed_metadata()),
+        }
+        dist_checkpointing.save(
+            sharded_state, str(path), sharded_strategy=get_default_save_sharded_strategy(*_BACKEND)
+        )
+        return {
+            "format": FORMAT,
+            "layout": model_layout(model_sharded),
+            "optimizer": {"distributed": _distributed_layout(), "step": step},
+        }
     step = _common_step(optimizer)
     sharded: dict[str, Any] = {"model": model_sharded}
     if step is not None:
@@ -200,14 +232,14 @@ def _check_layout(path: Path, saved: Mapping[str, Any], here: Mapping[str, Any])
     )
 
 
-def load_sharded(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: Mapping[str, Any]
-) -> None:
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any, meta: Mapping[str, Any]) -> None:
     """Read ``model`` and the AdamW state back from ``path`` (any EP size), given :func:`save_sharded`'s
     returned part ``meta``.
 
     Collective. The checks run on every rank before any reads (same files, same answer), so a bad
-    folder raises a :class:`CheckpointError` naming it on every rank.
+    folder raises a :class:`CheckpointError` naming it on every rank; so does a checkpoint of the other
+    optimizer kind (``engine.distributed_optimizer``) or, with the distributed optimizer, of another
+    expert-parallel size.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
@@ -215,8 +247,12 @@ def load_sharded(
     from torch.distributed.checkpoint.api import CheckpointException
 
     _check_folder(path, meta)
+    _check_optimizer_kind(path, meta, _is_distributed(optimizer))
     model_sharded = model_sharded_state(model)
     _check_layout(path, meta.get("layout", {}), model_layout(model_sharded))
+    if _is_distributed(optimizer):
+        _load_distributed(path, model, optimizer, model_sharded, meta["optimizer"]["distributed"])
+        return
     opt_meta = meta["optimizer"]
     groups = opt_meta["param_groups"]
     if len(groups) != len(optimizer.param_groups):
@@ -256,6 +292,142 @@ def load_sharded(
             ],
         }
     )
+
+
+# -- megatron's DistributedOptimizer ------------------------------------------------------------------
+def _is_distributed(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is megatron's (chained) optimizer rather than a torch one."""
+    return not isinstance(optimizer, torch.optim.Optimizer)
+
+
+def _distributed_metadata() -> dict[str, Any]:
+    return {"distrib_optim_sharding_type": DISTRIBUTED_SHARDING}
+
+
+def _distributed_layout() -> dict[str, Any]:
+    """What a distributed-optimizer checkpoint's loader must match: the format and the EP size."""
+    from megatron.core import parallel_state
+
+    return {
+        "sharding": DISTRIBUTED_SHARDING,
+        "expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
+    }
+
+
+def _torch_adams(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch Adam(W) optimizers inside megatron's chained optimizer (none with TE/Apex FusedAdam,
+    which keep ``step`` in their param groups and need none of the workarounds)."""
+    inner = [sub.optimizer for sub in optimizer.chained_optimizers]
+    return [opt for opt in inner if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)]
+
+
+def _init_adam_state(optimizer: Any) -> None:
+    """Give every parameter without state torch AdamW's initial state (step 0, zero moments).
+
+    ``DistributedOptimizer.state_dict`` (under ``sharded_state_dict``, also when building the template
+    a load fills) asserts one common ``step`` over the state; a fresh optimizer has none. AdamW makes
+    exactly this state on its first step, so the next update is unchanged.
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    for key in _MOMENTS:
+                        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _distributed_step(optimizer: Any) -> float | None:
+    """The common AdamW step of megatron's torch optimizers (None with TE/Apex: kept by megatron)."""
+    steps = {float(s["step"]) for adam in _torch_adams(optimizer) for s in adam.state.values() if s}
+    if len(steps) > 1:
+        raise MoEAdaptError(f"the distributed optimizer's parameters are at different steps {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Give every parameter its own ``step`` tensor with the loaded step.
+
+    megatron-core 0.16.1's ``DistributedOptimizer.load_state_dict`` puts one ``step`` tensor object into
+    every parameter's state (torch AdamW would then add 1 to it once per parameter per update), and
+    the ``dp_reshardable`` loader copies the template's step (0) into it. The saved step is in each
+    param group (``step``, from the checkpoint's param groups): use it and drop the key.
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            step = group.pop("step", None)
+            if step is None:
+                raise CheckpointError("the distributed optimizer's checkpoint holds no AdamW step")
+            for param in group["params"]:
+                if param in adam.state:
+                    adam.state[param]["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _check_optimizer_kind(path: Path, meta: Mapping[str, Any], distributed: bool) -> None:
+    saved = "distributed" in meta.get("optimizer", {})
+    if saved != distributed:
+        name = {True: "true (megatron's DistributedOptimizer)", False: "false (torch AdamW)"}
+        raise CheckpointError(
+            f"{path} was written with engine.distributed_optimizer={name[saved]}, this engine has "
+            f"engine.distributed_optimizer={name[distributed]}: the optimizer state is stored differently; "
+            f"resume with engine.distributed_optimizer={str(saved).lower()}"
+        )
+    if distributed:
+        saved_layout, here = meta["optimizer"]["distributed"], _distributed_layout()
+        if saved_layout.get("sharding") != here["sharding"]:
+            raise CheckpointError(
+                f"{path}: the distributed optimizer's state is in format {saved_layout.get('sharding')!r}; "
+                f"this engine reads {here['sharding']!r}"
+            )
+        if saved_layout.get("expert_parallel") != here["expert_parallel"]:
+            raise CheckpointError(
+                f"{path} was saved at engine.expert_parallel={saved_layout.get('expert_parallel')}, this "
+                f"run has {here['expert_parallel']}: the distributed optimizer's state (megatron's "
+                f"{DISTRIBUTED_SHARDING} format) reshards over data-parallel ranks only; resume with "
+                f"engine.expert_parallel={saved_layout.get('expert_parallel')}"
+            )
+
+
+def _load_distributed(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Any,
+    model_sharded: dict[str, Any],
+    saved: Mapping[str, Any],
+) -> None:
+    """Read the model and megatron's DistributedOptimizer state (its shards on this rank) from ``path``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with torch.no_grad():  # the loaders copy into views of parameters that require grad
+        _init_adam_state(optimizer)
+        template = {
+            "model": model_sharded,
+            "optimizer": optimizer.sharded_state_dict(
+                model_sharded, is_loading=True, metadata=_distributed_metadata()
+            ),
+        }
+        try:
+            loaded = dist_checkpointing.load(
+                template, str(path), sharded_strategy=TorchDistLoadShardedStrategy()
+            )
+        except (CheckpointingException, CheckpointException, RuntimeError, ValueError, OSError) as err:
+            raise CheckpointError(f"cannot read the sharded checkpoint {path}: {err}") from None
+        try:
+            load_megatron_state(model, loaded["model"])
+        except MoEAdaptError as err:
+            raise CheckpointError(f"{path} does not fit the megatron model: {err}") from None
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+        except (AssertionError, KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"{path}: the distributed optimizer's state does not fit this optimizer "
+                f"(saved at {dict(saved)}): {err!r}"
+            ) from None
+    _restore_adam_steps(optimizer)
 
 
 # -- RNG --------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ How each HF behaviour is matched
       tensors do not: megatron's fused qkv and gate/up matrices are still matrices, its biases
       and norms still vectors), the same LR schedule (:func:`moe_adapt.engines.hf.lr_at` times
       ``lr_multiplier``), global-norm clipping and non-finite skip. AdamW is elementwise, so fusing
-      q/k/v or gate/up into one megatron tensor changes nothing.
+      q/k/v or gate/up into one megatron tensor changes nothing. With ``engine.distributed_optimizer``
+      megatron's own optimizer instead (see "Distributed optimizer" below), to the same update in
+      float32.
     * Expert load metrics (``moe/*``) from the captured logits with
       :mod:`moe_adapt.train.router_health`, like the hf engine (dropless; ``capacity_factor`` only
       counts what a capacity-limited router would drop).
@@ -83,8 +85,32 @@ Checkpoints (megatron-core ``dist_checkpointing``, :mod:`.checkpoint`)
     weights for users stay safetensors (:meth:`MegatronEngine.save_hf`). :meth:`state_dict` is this
     rank's in-memory state (same layout only).
 
+Distributed optimizer (``engine.distributed_optimizer``, ZeRO-1)
+    megatron's DDP runs with ``use_distributed_optimizer`` and the optimizer is megatron-core's
+    ``DistributedOptimizer`` (``get_megatron_optimizer``: Adam with decoupled weight decay, one for
+    the dense parameters and, under EP, one for the experts, chained): each data-parallel rank keeps
+    the fp32 main parameters and Adam moments of its shard of the gradient buffer; gradients are
+    reduce-scattered and the updated parameters all-gathered after each step. The update is the
+    torch-AdamW path's: every step the engine sets each param group's ``lr`` (the schedule) and
+    ``weight_decay`` (``engine.weight_decay`` times megatron's ``wd_mult``, 0 for norms and biases,
+    the same 1-d rule), and takes the step apart (``prepare_grads``, ``get_grad_norm`` over every
+    rank's shard, clipping by that global norm, ``step_with_ready_grads``) so a non-finite loss or
+    norm on any rank skips the update everywhere, as without it; the metrics are the same. The L2
+    anchor and aux-loss-free balancing (both tested), token KD and the KL anchor act on the loss and
+    the all-gathered parameters, so they need nothing else. Checkpoints use megatron's
+    ``dp_reshardable`` optimizer format through :meth:`save_sharded` / :meth:`load_sharded` (exact
+    resume; at the EP size that saved, while the number of data-parallel ranks may change; each
+    optimizer kind refuses the other's checkpoint); :meth:`state_dict` and :meth:`load_state_dict`
+    refuse. With bfloat16 or float16 parameters the update differs from the torch-AdamW path's on
+    purpose: megatron keeps fp32 master copies (fp16 gets a constant loss scale of 1, i.e. none).
+    Tested on CPU only, over gloo through the tests' shim (which also makes ``Tensor.type()`` name
+    CPU tensors as CUDA types for megatron's checks), with torch's AdamW inside: DP=2 and EP=2
+    against the one-process torch-AdamW engine, the skip and the resume. No GPU run yet (there, with
+    TransformerEngine or Apex installed, megatron uses their FusedAdam, which keeps the step in its
+    param groups; the checkpoint workarounds then do nothing).
+
 Not implemented yet
-    megatron's DistributedOptimizer. Grouped-GEMM experts and TransformerEngine layers:
+    Grouped-GEMM experts and TransformerEngine layers:
     :mod:`.model` builds the local spec (``SequentialMLP``, unfused attention that materialises
     ``[B, heads, T, T]`` scores), which is what the weight mapping covers.
 
@@ -276,6 +302,38 @@ class _RotaryPositions:
         return table_PD[self.position_ids_BT.t()][:, :, None, :]
 
 
+# -- the distributed optimizer ----------------------------------------------------------------------
+def _distributed_optimizer(ddp: Any, cfg: HFEngineConfig, dtype: torch.dtype) -> Any:
+    """megatron's ``DistributedOptimizer`` (Adam with decoupled weight decay) over ``ddp``'s buffers:
+    cfg's betas, eps, weight decay and clip; one ``DistributedOptimizer`` for the dense parameters and
+    one for the experts under EP, chained.
+
+    Its parameter groups put norms and biases (1-d tensors) at ``wd_mult`` 0, the torch-AdamW path's
+    rule; :meth:`MegatronEngine.step` sets each group's ``lr`` and ``weight_decay`` (wd × ``wd_mult``)
+    every step, the job of megatron's LR scheduler, which the engine does not use. fp16 parameters get
+    a constant loss scale of 1 (the loss is never scaled; megatron's dynamic scaler would divide the
+    gradients by its scale).
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=scheduled_lr(cfg, 0, None),
+        min_lr=0.0,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1],
+        adam_eps=cfg.eps,
+        clip_grad=cfg.grad_clip or 0.0,
+        use_distributed_optimizer=True,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        loss_scale=1.0 if dtype == torch.float16 else None,
+    )
+    return get_megatron_optimizer(config, [ddp])
+
+
 # -- the engine -----------------------------------------------------------------------------------
 class MegatronEngine:
     """Trains an HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) as a megatron-core ``GPTModel``.
@@ -372,19 +430,27 @@ class MegatronEngine:
             DistributedDataParallelConfig(
                 grad_reduce_in_fp32=False,  # gradients in the parameters' dtype, as torch AdamW wants
                 overlap_grad_reduce=self.device.type == "cuda",
-                use_distributed_optimizer=False,
+                use_distributed_optimizer=self.cfg.distributed_optimizer,
             ),
             self.model,
         )
-        """megatron's DDP wrapper: forward goes through it; it reduces gradients into ``main_grad``."""
+        """megatron's DDP wrapper: forward goes through it; it reduces gradients into ``main_grad``
+        (reduce-scatters them with the distributed optimizer, which all-gathers the parameters after
+        each update)."""
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._expert = [not getattr(p, "allreduce", True) for p in self._params]
-        self.optimizer = build_adamw(
-            [p for p in self._params if p.dim() >= 2],
-            [p for p in self._params if p.dim() < 2],
-            self.cfg,
-            self.device,
-        )
+        self.optimizer: Any
+        """``torch.optim.AdamW``, or with ``cfg.distributed_optimizer`` megatron's ``ChainedOptimizer``
+        of ``DistributedOptimizer`` (dense parameters; and expert parameters under EP)."""
+        if self.cfg.distributed_optimizer:
+            self.optimizer = _distributed_optimizer(self.ddp, self.cfg, dtype)
+        else:
+            self.optimizer = build_adamw(
+                [p for p in self._params if p.dim() >= 2],
+                [p for p in self._params if p.dim() < 2],
+                self.cfg,
+                self.device,
+            )
         self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
         self._load_LE: torch.Tensor | None = None
         self._routed_tokens = 0
@@ -601,6 +667,23 @@ class MegatronEngine:
         dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
         return (dense_sq + expert_sq).sqrt()
 
+    def _distributed_update(self, grad_norm: float) -> None:
+        """Clip the distributed optimizer's fp32 main gradients by the global norm and step.
+
+        What megatron's ``ChainedOptimizer.step`` does after ``prepare_grads``, taken apart so that the
+        engine decides the skip (a non-finite norm) as on the torch-AdamW path: without a loss scaler
+        megatron would apply non-finite gradients. ``step_with_ready_grads`` updates this rank's shard
+        and all-gathers the parameters.
+        """
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        if self.cfg.grad_clip is not None:
+            for optimizer in self.optimizer.chained_optimizers:
+                params = optimizer.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, max_norm=self.cfg.grad_clip, total_norm=grad_norm)
+        self.optimizer.step_with_ready_grads()
+
     def step(self, batch: Any) -> dict[str, float]:
         """Forward, backward, gradient reduction, clip and one AdamW step on ``batch``; float metrics.
 
@@ -617,6 +700,8 @@ class MegatronEngine:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if self.cfg.distributed_optimizer:  # megatron marks norms and biases with wd_mult 0
+                group["weight_decay"] = self.cfg.weight_decay * group["wd_mult"]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
         local = distributed.rows_of(batch, self._dp)
@@ -634,13 +719,19 @@ class MegatronEngine:
         if not skipped:
             terms["loss"].backward()
             self.ddp.finish_grad_sync()
-            for param in self._params:
-                param.grad = param.main_grad
-            norm = self._grad_norm()
-            grad_norm = float(norm)
+            if self.cfg.distributed_optimizer:
+                self.optimizer.prepare_grads()  # this rank's shard of main_grad -> the fp32 main params
+                grad_norm = float(self.optimizer.get_grad_norm())  # over every rank's shard
+            else:
+                for param in self._params:
+                    param.grad = param.main_grad
+                norm = self._grad_norm()
+                grad_norm = float(norm)
             skipped = not math.isfinite(grad_norm)  # the same on every rank: the norm is global
         if skipped:
             log.warning("step %d: non-finite loss or gradient norm; update skipped", self.steps)
+        elif self.cfg.distributed_optimizer:
+            self._distributed_update(grad_norm)
         else:
             if self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.grad_clip, norm, foreach=False)
@@ -683,7 +774,12 @@ class MegatronEngine:
         hold this rank's experts only, so the state fits the same EP rank and size only. Training
         checkpoints do not use it: the trainer saves with :meth:`save_sharded`, which every rank
         writes together and any EP size resumes.
+
+        Raises:
+            MoEAdaptError: with ``engine.distributed_optimizer`` (each rank holds a shard of the
+                optimizer state in megatron's own layout): save with :meth:`save_sharded`.
         """
+        self._refuse_in_memory_state("state_dict")
         opt = self.optimizer.state_dict()
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -704,7 +800,9 @@ class MegatronEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` into an engine built from the same checkpoint, config and layout
-        (the same EP rank and size). A training checkpoint is restored with :meth:`load_sharded`."""
+        (the same EP rank and size). A training checkpoint is restored with :meth:`load_sharded`.
+        Refused with ``engine.distributed_optimizer`` (as :meth:`state_dict`)."""
+        self._refuse_in_memory_state("load_state_dict")
         self._check_state(state)
         layout = {"rank": self.ep_rank, "size": self.ep_size}
         if state.get("expert_parallel") != layout:
@@ -732,6 +830,14 @@ class MegatronEngine:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].to(torch.uint8), self.device)
 
+    def _refuse_in_memory_state(self, method: str) -> None:
+        if self.cfg.distributed_optimizer:
+            raise MoEAdaptError(
+                f"MegatronEngine.{method} is not available with engine.distributed_optimizer=true (every "
+                "rank holds a shard of the optimizer state in megatron's layout): checkpoint with "
+                "save_sharded / load_sharded, as the trainer does"
+            )
+
     def save_sharded(self, path: str | Path) -> dict[str, Any]:
         """Write the model and the AdamW moments into folder ``path`` with megatron-core's
         ``dist_checkpointing``; return the rest of the engine state for the trainer's checkpoint.
@@ -740,7 +846,9 @@ class MegatronEngine:
         missing; :class:`~moe_adapt.train.callbacks.CheckpointCallback` passes a fresh temporary
         folder and renames the step folder once everything is written). Each rank writes its own
         experts under their global indices and the dense tensors are written once, so the folder
-        holds the whole model and optimizer whatever the EP size (:mod:`.checkpoint`).
+        holds the whole model and optimizer whatever the EP size (:mod:`.checkpoint`). With
+        ``engine.distributed_optimizer`` each rank writes its shard of megatron's optimizer state
+        (``dp_reshardable``) instead of the AdamW moments.
 
         The returned state (tensors and JSON values, the same on every rank; the trainer's rank 0
         writes it as safetensors + JSON) holds ``version``, ``engine``, ``expert_parallel`` (the EP
@@ -765,14 +873,17 @@ class MegatronEngine:
         Collective. The engine must be built from the run's checkpoint and config; the expert
         parallel size may differ from the one that saved (each rank reads the experts it holds now:
         a checkpoint saved at EP=2 resumes at EP=1 and the other way round, with the same weights and
-        AdamW moments). RNG: each rank takes the state its rank saved, or rank ``rank % saved_ranks``'s
-        when the number of processes changed (training draws no random numbers: no dropout, no
-        router jitter). megatron's model-parallel RNG tracker is not saved for the same reason.
+        AdamW moments; with ``engine.distributed_optimizer`` the EP size must be the saving one, the
+        number of data-parallel ranks may change). RNG: each rank takes the state its rank saved, or
+        rank ``rank % saved_ranks``'s when the number of processes changed (training draws no random
+        numbers: no dropout, no router jitter). megatron's model-parallel RNG tracker is not saved
+        for the same reason.
 
         Raises:
             CheckpointError: naming the folder, when it is missing or not a dist_checkpointing
                 folder, when ``state`` was written by another engine or by :meth:`state_dict`, or
-                when the checkpoint holds another model (layout, dtype) or router-bias setting.
+                when the checkpoint holds another model (layout, dtype), router-bias setting or
+                optimizer kind (``engine.distributed_optimizer``; with it, another EP size).
         """
         folder = Path(path)
         self._check_state(state)
