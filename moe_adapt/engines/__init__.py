@@ -5,6 +5,7 @@ megatron-core is imported only inside :mod:`moe_adapt.engines.megatron` (style r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,16 @@ def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw
                 f"engine.expert_parallel={expert_parallel} is invalid with the hf engine: experts are not "
                 "sharded there (use engine megatron, or 1)"
             )
-        if expert_parallel != 1:  # auto chose hf (no CUDA, or a one-process stage): same maths, no EP
+        megatron_only = {"expert_parallel": 1, "distributed_optimizer": False}
+        changed = {k: getattr(cfg, k) for k, off in megatron_only.items() if getattr(cfg, k, off) != off}
+        if changed and engine_name != "hf":
+            # auto chose hf (no CUDA, or a stage that runs on one process): the same training without
+            # the megatron-only layout settings
             log.warning(
-                "engine.expert_parallel=%d: this stage trains on the hf engine, which does not shard experts",
-                expert_parallel,
+                "this stage trains on the hf engine, which ignores the megatron-only %s",
+                ", ".join(f"engine.{k}={v}" for k, v in changed.items()),
             )
+            cfg = dataclasses.replace(cfg, **{k: megatron_only[k] for k in changed})
         kw.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         return HFEngine(checkpoint, cfg, **kw)
     from moe_adapt.engines.megatron import MegatronEngine, init_parallel
