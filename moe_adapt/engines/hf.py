@@ -149,6 +149,12 @@ class HFEngineConfig:
     master copies). Its checkpoints resume at the same expert_parallel. The hf engine refuses true: it
     shards with parallel=fsdp2."""
 
+    grouped_gemm: bool = False
+    """megatron engine only: build each MoE layer's experts as megatron-core's GroupedMLP (one grouped
+    GEMM per projection over all local experts) instead of SequentialMLP (a loop over the experts).
+    Needs dtype=bfloat16 and the grouped_gemm package (CUDA). The hf engine's experts already run
+    transformers' grouped_mm; it ignores this setting."""
+
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             _fail("lr", self.lr, "must be a finite number > 0")
@@ -177,6 +183,8 @@ class HFEngineConfig:
             _fail("capacity_factor", self.capacity_factor, "must be a finite number > 0, or null (dropless)")
         if self.parallel not in PARALLEL:
             _fail("parallel", self.parallel, f"choose one of {', '.join(PARALLEL)}")
+        if not isinstance(self.grouped_gemm, bool):
+            _fail("grouped_gemm", self.grouped_gemm, "must be true or false")
         if not isinstance(self.distributed_optimizer, bool):
             _fail("distributed_optimizer", self.distributed_optimizer, "must be true or false")
 

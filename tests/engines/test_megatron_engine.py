@@ -196,6 +196,34 @@ def test_token_kd_matches_the_hf_engine(
         assert mc_metrics[key] == pytest.approx(value, rel=REL, abs=1e-7), key
 
 
+def test_grouped_gemm_experts(megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """engine.grouped_gemm builds GroupedMLP experts (bfloat16): the checkpoint's weights exactly, the
+    sequential experts' losses up to bf16 rounding, and an exact resume from a sharded checkpoint."""
+    path = checkpoints["mixtral"]
+    bf16 = dict(CFG, dtype="bfloat16")
+    grouped = MegatronEngine(path, HFEngineConfig(**bf16, grouped_gemm=True))
+    sequential = MegatronEngine(path, HFEngineConfig(**bf16))
+    assert type(grouped.model.decoder.layers[0].mlp.experts).__name__ == "GroupedMLP"
+    grouped.save_hf(tmp_path / "as_loaded")
+    exported = _hf_weights(tmp_path / "as_loaded")
+    for key, tensor in _hf_weights(path).items():
+        assert torch.equal(exported[key], tensor.to(torch.bfloat16).float()), key
+    for batch in (_tokens(1), _packed_batch(2)):
+        g_terms, s_terms = grouped.forward_loss(batch), sequential.forward_loss(batch)
+        for key, value in s_terms.items():
+            assert _rel(g_terms[key].detach().float(), value.detach().float()) < 1e-2, key
+    grouped.step(_packed_batch(3))
+    state = grouped.save_sharded(tmp_path / "sharded")
+    want = grouped.step(_packed_batch(4))
+    resumed = MegatronEngine(path, HFEngineConfig(**bf16, grouped_gemm=True))
+    resumed.load_sharded(tmp_path / "sharded", state)
+    assert resumed.step(_packed_batch(4)) == want
+    with pytest.raises(
+        MoEAdaptConfigError, match="engine.grouped_gemm=True is invalid with engine.dtype=float32"
+    ):
+        MegatronEngine(path, HFEngineConfig(**CFG, grouped_gemm=True))
+
+
 def test_resume_is_bit_exact(
     megatron_cpu: None, deterministic: None, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -319,10 +347,15 @@ def _ep_worker(rank: int, port: int, checkpoint: str, teacher: str, out_dir: str
         # token KD: rank 0's rows are Arabic only, so kd_selected/en comes from rank 1 alone
         engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG), kd=KD, teacher=teacher)
         kd = engine.step(_kd_rows())
-    (out / f"rank{rank}.json").write_text(json.dumps({"packed": packed, "kd": kd}))
+        # grouped-GEMM experts (bf16): the export gathers them from their grouped layout
+        engine = MegatronEngine(checkpoint, HFEngineConfig(**GROUPED))
+        grouped = engine.step(_packed_batch(3))
+        engine.save_hf(out / "grouped")
+    (out / f"rank{rank}.json").write_text(json.dumps({"packed": packed, "kd": kd, "grouped": grouped}))
 
 
 KD = objectives.KDSettings(alpha=0.3, theta=THETA["online"])
+GROUPED = dict(CFG, dtype="bfloat16", grouped_gemm=True)
 
 
 def _kd_rows() -> Batch:
@@ -359,6 +392,9 @@ def test_expert_parallel_2_matches_1(
     engine = MegatronEngine(path, HFEngineConfig(**CFG), kd=KD, teacher=teacher)
     kd = engine.step(_kd_rows())
     assert 0 < kd["kd_selected/ar"] < 1 and 0 < kd["kd_selected/en"] < 1 and kd["kd_kl"] > 1e-4
+    engine = MegatronEngine(path, HFEngineConfig(**GROUPED))
+    grouped = engine.step(_packed_batch(3))
+    engine.save_hf(tmp_path / "ep1_grouped")
 
     _spawn(_ep_worker, (free_port(), str(path), str(teacher), str(tmp_path)), EP)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(EP)]
@@ -368,9 +404,15 @@ def test_expert_parallel_2_matches_1(
         for name, want in (("packed", packed), ("kd", kd)):
             for key, value in want.items():
                 assert got[name][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm"):  # bf16: other summation orders
+            assert got["grouped"][key] == pytest.approx(grouped[key], rel=1e-2), ("grouped", key)
     ep1, ep2 = _hf_weights(tmp_path / "ep1_packed"), _hf_weights(tmp_path / "packed")
     for key, tensor in ep1.items():
         torch.testing.assert_close(ep2[key], tensor, rtol=0, atol=WEIGHT_ATOL, msg=key)
+    # a misplaced expert would be off by the weights' own scale (~0.02), a bf16 step by ~1e-4
+    ep1, ep2 = _hf_weights(tmp_path / "ep1_grouped"), _hf_weights(tmp_path / "grouped")
+    for key, tensor in ep1.items():
+        torch.testing.assert_close(ep2[key], tensor, rtol=0, atol=1e-3, msg=key)
 
 
 # -- skips and errors -----------------------------------------------------------------------------

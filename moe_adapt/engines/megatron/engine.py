@@ -109,10 +109,18 @@ Distributed optimizer (``engine.distributed_optimizer``, ZeRO-1)
     TransformerEngine or Apex installed, megatron uses their FusedAdam, which keeps the step in its
     param groups; the checkpoint workarounds then do nothing).
 
+Experts
+    :mod:`.model` builds the TransformerEngine-free local spec: ``SequentialMLP`` experts (a loop over
+    the local experts), or with ``engine.grouped_gemm`` megatron's legacy ``GroupedMLP`` (one grouped
+    GEMM per projection; bfloat16 and the ``grouped_gemm`` package, which builds on CUDA only). The
+    weights are mapped into either layout and gathered back from it for ``save_hf``; checkpoints keep
+    the layout they were written with. Tested on CPU through the shim's stand-in for
+    ``grouped_gemm.ops.gmm`` (``torch._grouped_mm``); no GPU run.
+
 Not implemented yet
-    Grouped-GEMM experts and TransformerEngine layers:
-    :mod:`.model` builds the local spec (``SequentialMLP``, unfused attention that materialises
-    ``[B, heads, T, T]`` scores), which is what the weight mapping covers.
+    TransformerEngine layers (the TE spec; the mapping covers the ``te_grouped`` expert layout) and
+    fused attention: the local spec's attention materialises ``[B, heads, T, T]`` scores. Tensor,
+    pipeline and context parallel in the engine.
 
 Shape legend: ``B`` sequences, ``T`` input positions (seq_len), ``T1`` = T + 1 packed tokens, ``V``
 vocabulary, ``E`` experts, ``L`` MoE layers, ``D`` rotary dimension, ``P`` positions in the table.
@@ -147,10 +155,11 @@ from moe_adapt.engines.hf import (
 )
 from moe_adapt.engines.megatron import checkpoint as dist_ckpt
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
-from moe_adapt.engines.megatron.mapping import hf_to_megatron, megatron_to_hf
+from moe_adapt.engines.megatron.mapping import hf_to_megatron, megatron_to_hf, unpack_experts
 from moe_adapt.engines.megatron.model import (
     Dispatcher,
     build_gpt_model,
+    expert_layout,
     load_megatron_state,
     transformer_config_from_hf,
 )
@@ -370,6 +379,12 @@ class MegatronEngine:
         self.cfg = cfg or HFEngineConfig()
         self.source = Path(checkpoint)
         self.device = _resolve_device(device)
+        if self.cfg.grouped_gemm and self.cfg.dtype != "bfloat16":
+            raise MoEAdaptConfigError(
+                f"engine.grouped_gemm=True is invalid with engine.dtype={self.cfg.dtype}: megatron-core's "
+                "grouped-GEMM experts (GroupedMLP) run in bfloat16 only; set engine.dtype=bfloat16 or "
+                "engine.grouped_gemm=false"
+            )
         self.ep_rank, self.ep_size = _check_parallel_state()
         self._dp = distributed.DistContext(
             rank=dist.get_rank(),
@@ -385,6 +400,7 @@ class MegatronEngine:
         self.hf_config: Any = hf_model.config
         """The source's transformers config (used again by :meth:`save_hf`)."""
         arch = read_hf_arch(self.hf_config)
+        self._arch = arch
         self.vocab_size = arch.vocab_size
         self.moe = (arch.num_experts, arch.top_k)
         self.tied_embeddings = arch.tie_word_embeddings
@@ -400,13 +416,18 @@ class MegatronEngine:
             moe_z_loss_coeff=None,  # and objectives.router_z_loss
             use_cpu_initialization=self.device.type == "cpu",
             perform_initialization=False,  # every weight comes from the checkpoint
+            grouped_gemm=self.cfg.grouped_gemm,
         )
         model = build_gpt_model(self.hf_config, config=self.transformer_config, parallel_output=True)
         for param in model.parameters():  # megatron's torch norms are made in fp32 whatever params_dtype
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
         mapped = hf_to_megatron(
-            hf_model.state_dict(), self.hf_config, ep_rank=self.ep_rank, ep_size=self.ep_size
+            hf_model.state_dict(),
+            self.hf_config,
+            ep_rank=self.ep_rank,
+            ep_size=self.ep_size,
+            expert_layout=expert_layout(self.transformer_config),
         )
         load_megatron_state(model, mapped)
         del hf_model, mapped
@@ -935,8 +956,9 @@ class MegatronEngine:
             self.expert_bias_LE.copy_(state["router_bias"]["expert_bias_LE"].to(self.expert_bias_LE))
 
     def _full_model_tensors(self) -> dict[str, torch.Tensor]:
-        """The whole model's megatron state on every EP rank (experts gathered, numbered globally)."""
-        local = self._model_tensors()
+        """The whole model's megatron state on every EP rank (experts gathered, numbered globally, in
+        the sequential layout)."""
+        local = unpack_experts(self._model_tensors(), self._arch, self.moe[0] // self.ep_size)
         if self.ep_size == 1:
             return local
         from megatron.core import parallel_state

@@ -295,7 +295,7 @@ def _pack_experts(sd: StateDict, arch: HFMoEArch, layout: str, num_local: int) -
     return sd
 
 
-def _unpack_experts(sd: Mapping[str, Any], arch: HFMoEArch, num_local: int) -> StateDict:
+def unpack_experts(sd: Mapping[str, Any], arch: HFMoEArch, num_local: int) -> StateDict:
     """One rank's state dict with every MoE layer's experts in the sequential layout (detected per layer)."""
     out: StateDict = {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
     h = arch.hidden_size
@@ -452,7 +452,7 @@ def gather_megatron_shards(
     for shard, sd in shards:
         if shard.tp_rank in dense and (shard.ep_rank, shard.etp_rank) in experts:
             continue
-        local = _unpack_experts(sd, arch, num_local)
+        local = unpack_experts(sd, arch, num_local)
         dense.setdefault(shard.tp_rank, local)
         experts.setdefault((shard.ep_rank, shard.etp_rank), local)
     missing = [f"tp_rank={r}" for r in range(tp_size) if r not in dense] + [
