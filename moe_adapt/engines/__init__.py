@@ -60,7 +60,8 @@ def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw
 
     ``kw`` goes to the engine (``device``, ``lr_multiplier``, ``kd``, ``teacher``). For ``megatron``,
     torch.distributed and megatron's parallel_state are started first when they are not running (one
-    process, or torchrun's environment) with ``cfg.expert_parallel`` expert-parallel ranks.
+    process, or torchrun's environment) with ``cfg.expert_parallel`` expert-parallel and
+    ``cfg.tensor_parallel`` tensor-parallel ranks.
     """
     import torch
 
@@ -69,12 +70,14 @@ def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw
     if name == "hf":
         from moe_adapt.engines.hf import HFEngine
 
-        if expert_parallel != 1 and engine_name == "hf":
-            raise MoEAdaptConfigError(
-                f"engine.expert_parallel={expert_parallel} is invalid with the hf engine: experts are not "
-                "sharded there (use engine megatron, or 1)"
-            )
-        megatron_only = {"expert_parallel": 1, "distributed_optimizer": False}
+        if engine_name == "hf":
+            for key in ("expert_parallel", "tensor_parallel"):
+                if getattr(cfg, key, 1) != 1:
+                    raise MoEAdaptConfigError(
+                        f"engine.{key}={getattr(cfg, key)} is invalid with the hf engine: it does not shard "
+                        "that way (use the megatron engine, or 1; engine.parallel=fsdp2 shards the hf engine)"
+                    )
+        megatron_only = {"expert_parallel": 1, "tensor_parallel": 1, "distributed_optimizer": False}
         changed = {k: getattr(cfg, k) for k, off in megatron_only.items() if getattr(cfg, k, off) != off}
         if changed and engine_name != "hf":
             # auto chose hf (no CUDA, or a stage that runs on one process): the same training without
@@ -88,5 +91,5 @@ def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw
         return HFEngine(checkpoint, cfg, **kw)
     from moe_adapt.engines.megatron import MegatronEngine, init_parallel
 
-    init_parallel(expert_parallel=expert_parallel)
+    init_parallel(expert_parallel=expert_parallel, tensor_parallel=getattr(cfg, "tensor_parallel", 1))
     return MegatronEngine(checkpoint, cfg, **kw)

@@ -141,6 +141,13 @@ class HFEngineConfig:
     dispatcher); the number of processes must be a multiple of it and the experts divide over it. The
     hf engine does not shard experts: 1 there."""
 
+    tensor_parallel: int = 1
+    """megatron engine only: processes that split every attention, dense-MLP and embedding matrix
+    (megatron's tensor parallel, with sequence parallel; experts stay whole, expert tensor parallel 1).
+    The number of processes must be a multiple of it; it must divide the attention key/value heads,
+    the vocabulary and the dense FFN size, and mixture.seq_len. Not combined with l2_anchor_coef.
+    The hf engine does not shard this way: 1 there."""
+
     distributed_optimizer: bool = False
     """megatron engine only: megatron-core's DistributedOptimizer (ZeRO-1). The optimizer state (fp32
     main parameters and Adam moments) is sharded over the data-parallel ranks; gradients are
@@ -173,6 +180,8 @@ class HFEngineConfig:
             _fail("reference", self.reference, "set a reference checkpoint folder when kl_anchor_coef > 0")
         if self.expert_parallel < 1:
             _fail("expert_parallel", self.expert_parallel, "must be >= 1")
+        if self.tensor_parallel < 1:
+            _fail("tensor_parallel", self.tensor_parallel, "must be >= 1")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
         if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):

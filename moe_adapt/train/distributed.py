@@ -73,6 +73,11 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """The device this process trains on."""
 
+    group: Any = None
+    """The process group of these ranks for this module's collectives (``rank`` and ``world_size``
+    are within it); None: the default group of all processes. The megatron engine uses one for its
+    data-parallel ranks when tensor parallel makes them fewer than the processes."""
+
     @property
     def is_main(self) -> bool:
         """Rank 0: the only process that writes files."""
@@ -261,7 +266,7 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext | None = None) -> torc
     """Sum ``values`` over ranks, in place (and returned); a no-op with one process."""
     ctx = ctx or current()
     if ctx.is_distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=ctx.group)
     return values
 
 
@@ -292,7 +297,7 @@ def weighted_mean(
     if extra is not None:
         flat[2 * n :] = extra.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
     flat = flat.to(ctx.device)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
     flat = flat.cpu()
     out = {key: float(flat[i] / flat[n + i]) for i, key in enumerate(keys) if float(flat[n + i]) > 0}
     total = None if extra is None else flat[2 * n :].reshape(extra.shape).to(extra.dtype)

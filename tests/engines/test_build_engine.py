@@ -38,6 +38,8 @@ def test_auto_without_cuda_trains_on_hf_without_megatron_only_settings(
 def test_explicit_hf_refuses_megatron_only_settings(checkpoint: Path) -> None:
     with pytest.raises(MoEAdaptConfigError, match="engine.expert_parallel=2 is invalid with the hf engine"):
         build_engine("hf", checkpoint, HFEngineConfig(expert_parallel=2))
+    with pytest.raises(MoEAdaptConfigError, match="engine.tensor_parallel=2 is invalid with the hf engine"):
+        build_engine("hf", checkpoint, HFEngineConfig(tensor_parallel=2))
     with pytest.raises(MoEAdaptConfigError, match="engine.distributed_optimizer=True is invalid"):
         build_engine("hf", checkpoint, HFEngineConfig(distributed_optimizer=True))
     with pytest.raises(MoEAdaptConfigError, match="engine='tpu' is invalid"):

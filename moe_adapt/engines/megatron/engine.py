@@ -60,12 +60,23 @@ Parallelism
     rank back-propagates is its token-weighted share of the global batch's loss, and the
     load-balancing loss counts expert assignments over the global batch, so a step on W ranks
     (data and expert parallel) equals a step on one, and every metric is the global batch's. The
-    gradient norm for clipping sums dense norms once and expert norms over the EP group. Tensor,
-    pipeline and context parallel are refused in the engine (the mapping slices for TP; the engine
-    does not yet reduce sequence-parallel gradients or gather vocabulary-parallel logits).
+    gradient norm for clipping sums dense norms once and expert norms over the EP group.
+
+    Tensor parallel (TP, ``engine.tensor_parallel``) runs with sequence parallel and expert tensor
+    parallel 1. The data-parallel ranks are then the TP groups: the ranks of one group share their
+    rows. The logits are gathered over the vocabulary (so every loss term, KD and the KL anchor
+    included, is computed on whole rows; its gradient is split back to each slice). Each TP rank
+    routes its sequence part, so the router terms are counted over every process and weighted 1/tp
+    (their gradients are summed over the group); ``finalize_model_grads`` sums the gradients of the
+    sequence-parallel replicas (norms, routers, shared-expert gates, and without EP the experts,
+    which every TP rank holds whole). The tensor-parallel marks megatron would set while
+    initialising weights are set by the engine (:func:`_mark_tensor_parallel`), and the gradient
+    norm sums slices over the TP group and counts replicas once. Exports gather the slices with the
+    mapping. The L2 anchor is refused with TP > 1. Pipeline and context parallel are refused.
 
 Refused (a :class:`~moe_adapt.errors.MoEAdaptError` naming the setting)
-    Tensor, pipeline, context or expert-tensor parallel > 1; a device other than CUDA. Without CUDA
+    Pipeline, context or expert-tensor parallel > 1; the L2 anchor with tensor parallel; sequences
+    whose length tensor parallel does not divide; a device other than CUDA. Without CUDA
     megatron-core 0.16 does not run (it calls ``torch.cuda`` for streams, events and its RNG
     tracker), so on a CPU-only machine the constructor raises one clear error. The tests run the
     engine on CPU through a test-only shim (``tests/engines/megatron_cpu.py``) that product code
@@ -119,8 +130,8 @@ Experts
 
 Not implemented yet
     TransformerEngine layers (the TE spec; the mapping covers the ``te_grouped`` expert layout) and
-    fused attention: the local spec's attention materialises ``[B, heads, T, T]`` scores. Tensor,
-    pipeline and context parallel in the engine.
+    fused attention: the local spec's attention materialises ``[B, heads, T, T]`` scores. Pipeline
+    and context parallel.
 
 Shape legend: ``B`` sequences, ``T`` input positions (seq_len), ``T1`` = T + 1 packed tokens, ``V``
 vocabulary, ``E`` experts, ``L`` MoE layers, ``D`` rotary dimension, ``P`` positions in the table.
@@ -128,6 +139,7 @@ vocabulary, ``E`` experts, ``L`` MoE layers, ``D`` rotary dimension, ``P`` posit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -155,10 +167,17 @@ from moe_adapt.engines.hf import (
 )
 from moe_adapt.engines.megatron import checkpoint as dist_ckpt
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
-from moe_adapt.engines.megatron.mapping import hf_to_megatron, megatron_to_hf, unpack_experts
+from moe_adapt.engines.megatron.mapping import (
+    MegatronShard,
+    gather_megatron_shards,
+    hf_to_megatron,
+    megatron_to_hf,
+    unpack_experts,
+)
 from moe_adapt.engines.megatron.model import (
     Dispatcher,
     build_gpt_model,
+    current_shard,
     expert_layout,
     load_megatron_state,
     transformer_config_from_hf,
@@ -177,18 +196,20 @@ _EXPERT_KEY = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
 
 
 # -- process groups -------------------------------------------------------------------------------
-def init_parallel(*, expert_parallel: int = 1, seed: int = 1234) -> bool:
+def init_parallel(*, expert_parallel: int = 1, tensor_parallel: int = 1, seed: int = 1234) -> bool:
     """Start ``torch.distributed`` and megatron's ``parallel_state`` unless they are running.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) the process group comes from its environment;
     otherwise a one-process group is made in memory (no port). The backend is nccl with CUDA and
     gloo without (CPU only works with the test shim). Then megatron's model-parallel groups are
     built with ``expert_parallel`` EP ranks (tensor/pipeline/context parallel 1) and its RNG
-    tracker is seeded. Returns True when this call initialised anything.
+    tracker is seeded. With ``tensor_parallel`` > 1 the TP groups are made too (expert tensor
+    parallel stays 1: every expert whole on its rank). Returns True when this call initialised
+    anything.
 
     Raises:
         MoEAdaptError: no CUDA (the same error as :class:`MegatronEngine`), before anything starts.
-        MoEAdaptConfigError: ``parallel_state`` is already initialised with another EP size.
+        MoEAdaptConfigError: ``parallel_state`` is already initialised with another EP or TP size.
     """
     _resolve_device(None)
     from megatron.core import parallel_state
@@ -207,14 +228,24 @@ def init_parallel(*, expert_parallel: int = 1, seed: int = 1234) -> bool:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         started = True
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            expert_model_parallel_size=expert_parallel,
+            expert_tensor_parallel_size=1,
+        )
         model_parallel_cuda_manual_seed(seed)
         started = True
-    elif parallel_state.get_expert_model_parallel_world_size() != expert_parallel:
-        raise MoEAdaptConfigError(
-            f"expert_parallel={expert_parallel} is invalid: megatron's parallel_state is already "
-            f"initialised with {parallel_state.get_expert_model_parallel_world_size()} expert-parallel ranks"
+    else:
+        running = (
+            parallel_state.get_expert_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
         )
+        if running != (expert_parallel, tensor_parallel):
+            raise MoEAdaptConfigError(
+                f"expert_parallel={expert_parallel}, tensor_parallel={tensor_parallel} is invalid: "
+                f"megatron's parallel_state is already initialised with {running[0]} expert-parallel and "
+                f"{running[1]} tensor-parallel ranks"
+            )
     return started
 
 
@@ -251,8 +282,8 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     )
 
 
-def _check_parallel_state() -> tuple[int, int]:
-    """``(ep_rank, ep_size)``; refuses a missing or unsupported megatron ``parallel_state``."""
+def _check_parallel_state() -> tuple[int, int, int, int]:
+    """``(ep_rank, ep_size, tp_rank, tp_size)``; refuses a missing or unsupported ``parallel_state``."""
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized() or not ps.model_parallel_is_initialized():
@@ -261,7 +292,6 @@ def _check_parallel_state() -> tuple[int, int]:
             "moe_adapt.engines.megatron.engine.init_parallel(expert_parallel=...) first"
         )
     sizes = {
-        "tensor": ps.get_tensor_model_parallel_world_size(),
         "pipeline": ps.get_pipeline_model_parallel_world_size(),
         "context": ps.get_context_parallel_world_size(),
         "expert tensor": ps.get_expert_tensor_parallel_world_size(),
@@ -269,11 +299,46 @@ def _check_parallel_state() -> tuple[int, int]:
     unsupported = {k: v for k, v in sizes.items() if v != 1}
     if unsupported:
         raise MoEAdaptConfigError(
-            "the megatron engine supports data and expert parallel only; parallel_state has "
+            "the megatron engine supports data, tensor and expert parallel only; parallel_state has "
             + ", ".join(f"{k} parallel = {v}" for k, v in unsupported.items())
-            + " (the HF weight mapping does not slice for them): initialise with size 1"
+            + ": initialise with size 1"
         )
-    return ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+    return (
+        ps.get_expert_model_parallel_rank(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+    )
+
+
+def _mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """Give the tensor-parallel weights megatron's ``tensor_model_parallel`` marks.
+
+    megatron sets them while it initialises a weight, which the engine skips (every weight comes from
+    the checkpoint); without them its helpers (``param_is_not_tensor_parallel_duplicate``, the
+    distributed optimizer's gradient norm) would count each slice as a replica. Column-parallel
+    weights and biases and vocabulary-parallel embeddings are split on dim 0, row-parallel weights on
+    dim 1; experts (expert tensor parallel 1) stay whole.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if getattr(module, "is_expert", False):
+            continue
+        if isinstance(module, ColumnParallelLinear | VocabParallelEmbedding):
+            tensors = [(module.weight, 0), (getattr(module, "bias", None), 0)]
+        elif isinstance(module, RowParallelLinear):
+            tensors = [(module.weight, 1)]
+        else:
+            continue
+        for tensor, dim in tensors:
+            if tensor is not None and not hasattr(tensor, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(tensor, True, dim, 1)
 
 
 # -- packed sequences -----------------------------------------------------------------------------
@@ -385,14 +450,36 @@ class MegatronEngine:
                 "grouped-GEMM experts (GroupedMLP) run in bfloat16 only; set engine.dtype=bfloat16 or "
                 "engine.grouped_gemm=false"
             )
-        self.ep_rank, self.ep_size = _check_parallel_state()
-        self._dp = distributed.DistContext(
+        self.ep_rank, self.ep_size, self.tp_rank, self.tp_size = _check_parallel_state()
+        if self.tp_size > 1 and self.cfg.l2_anchor_coef > 0:
+            raise MoEAdaptConfigError(
+                f"engine.l2_anchor_coef={self.cfg.l2_anchor_coef} is invalid with "
+                f"engine.tensor_parallel={self.tp_size}: the L2 anchor is not implemented for "
+                "tensor-parallel shards (use the KL anchor or replay, or tensor_parallel=1)"
+            )
+        from megatron.core import parallel_state as ps
+
+        self._everyone = distributed.DistContext(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
             backend=dist.get_backend(),
             device=self.device,
         )
-        """The data-parallel ranks (every process: tensor, pipeline and context parallel are 1)."""
+        """Every process: each routes different tokens (its rows, and under tensor parallel its
+        sequence-parallel part of them); the load-balancing loss and the metrics reduce over them."""
+        self._dp = (
+            self._everyone
+            if self.tp_size == 1
+            else distributed.DistContext(
+                rank=ps.get_data_parallel_rank(),
+                world_size=ps.get_data_parallel_world_size(),
+                backend=dist.get_backend(),
+                device=self.device,
+                group=ps.get_data_parallel_group(),
+            )
+        )
+        """The data-parallel ranks: each trains on its own rows of the global batch (the
+        tensor-parallel ranks of one group share theirs)."""
         self.lr_multiplier = lr_multiplier
         dtype = DTYPES[self.cfg.dtype]
 
@@ -417,20 +504,36 @@ class MegatronEngine:
             use_cpu_initialization=self.device.type == "cpu",
             perform_initialization=False,  # every weight comes from the checkpoint
             grouped_gemm=self.cfg.grouped_gemm,
+            tensor_parallel=self.tp_size,
         )
-        model = build_gpt_model(self.hf_config, config=self.transformer_config, parallel_output=True)
+        # under tensor parallel the logits are gathered over the vocabulary: the loss terms are written
+        # for whole rows of logits (their gradient is split back to each rank's slice)
+        model = build_gpt_model(
+            self.hf_config, config=self.transformer_config, parallel_output=self.tp_size == 1
+        )
         for param in model.parameters():  # megatron's torch norms are made in fp32 whatever params_dtype
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
+        self._shard = current_shard()
         mapped = hf_to_megatron(
             hf_model.state_dict(),
             self.hf_config,
-            ep_rank=self.ep_rank,
-            ep_size=self.ep_size,
+            **dataclasses.asdict(self._shard),
             expert_layout=expert_layout(self.transformer_config),
         )
         load_megatron_state(model, mapped)
         del hf_model, mapped
+        if self.tp_size > 1:
+            _mark_tensor_parallel(model)
+        if self.tp_size > 1 and self.ep_size == 1:
+            # Without expert parallel megatron treats the experts as dense parameters (all-reduced over
+            # data parallel), but with expert tensor parallel 1 every TP rank holds them whole and
+            # feeds them its own sequence part: like a sequence-parallel norm, their gradients must be
+            # summed over the TP group, which finalize_model_grads does for that mark. (With EP > 1
+            # megatron reduces them over the expert-data-parallel group, which holds the TP ranks.)
+            for name, param in model.named_parameters():
+                if ".mlp.experts." in name:
+                    param.sequence_parallel = True
         self.model: Any = model.to(self.device)
         """The megatron-core ``GPTModel`` being trained (this rank's experts only under EP)."""
         self.model.train()
@@ -493,6 +596,7 @@ class MegatronEngine:
             self.teacher = load_teacher(teacher, dtype, self.device, self.vocab_size)
         self._lang_counted: dict[str, float] = {}  # per language: KD positions (weights kd_selected/<lang>)
         self._counted = (0.0, 0.0)  # label positions that count: this rank's and the global batch's
+        self._loss_report_offset = 0.0
 
     def _initial_router_bias(self, hf_model: Any, num_layers: int, num_experts: int) -> torch.Tensor | None:
         """The selection biases to route with: saved beside the checkpoint (``router_bias.json``, read
@@ -589,6 +693,12 @@ class MegatronEngine:
             model_positions_BT = position_ids_BT
         else:
             model_positions_BT = torch.arange(inputs_BT.shape[1], device=self.device).expand_as(inputs_BT)
+        if inputs_BT.shape[1] % self.tp_size:
+            raise MoEAdaptError(
+                f"sequences of {inputs_BT.shape[1]} positions do not split over "
+                f"engine.tensor_parallel={self.tp_size} ranks (sequence parallel): make mixture.seq_len "
+                "a multiple of it"
+            )
         self._router_logits.clear()
         self._rotary.position_ids_BT = position_ids_BT
         try:
@@ -623,15 +733,20 @@ class MegatronEngine:
             loss = kd_terms["kd_loss"]
         if self._dp.is_distributed:
             loss = distributed.share_of_global(loss, logits_BTV, *self._counted, self._dp)
+        # each tensor-parallel rank routes its sequence part, and the router's gradient is summed over
+        # them (sequence parallel): 1/tp makes the sum the global batch's term
         self._load_LE = router_health.expert_load(router_LTE, self.moe[1], self.expert_bias_LE)
         self._routed_tokens = router_LTE[0].shape[0]
         terms["aux_loss"] = (
-            distributed.global_load_balancing_loss(router_LTE, self.moe[1], self._dp)
-            if self._dp.is_distributed
+            distributed.global_load_balancing_loss(router_LTE, self.moe[1], self._everyone)
+            if self._everyone.is_distributed
             else objectives.load_balancing_loss(router_LTE, self.moe[1])
         )
         terms["z_loss"] = objectives.router_z_loss(router_LTE)
-        loss = loss + self.cfg.aux_loss_coef * terms["aux_loss"] + self.cfg.z_loss_coef * terms["z_loss"]
+        router_loss = self.cfg.aux_loss_coef * terms["aux_loss"] + self.cfg.z_loss_coef * terms["z_loss"]
+        loss = loss + (router_loss if self.tp_size == 1 else router_loss / self.tp_size)
+        # what the reported loss lacks for the router terms' full weight (the mean over ranks)
+        self._loss_report_offset = float(router_loss.detach()) * (1 - 1 / self.tp_size)
         if self._anchor is not None:
             terms["l2_anchor"] = self._l2_anchor()
             loss = loss + self.cfg.l2_anchor_coef * terms["l2_anchor"]
@@ -676,16 +791,27 @@ class MegatronEngine:
         return bool(flag.item() > 0)
 
     def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the gradients: dense ones once, expert ones summed over the EP group."""
-        if self.ep_size == 1:
+        """Global L2 norm of the gradients: dense ones once (tensor-parallel slices summed over the TP
+        group, replicated tensors counted on TP rank 0), expert ones summed over the EP group."""
+        if self.ep_size == 1 and self.tp_size == 1:
             return torch.nn.utils.get_total_norm([p.grad for p in self._params], 2.0, foreach=False)
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
         dense = [p.grad for p, e in zip(self._params, self._expert, strict=True) if not e]
+        if self.tp_size > 1:
+            dense = [
+                p.grad
+                for p, e in zip(self._params, self._expert, strict=True)
+                if not e and param_is_not_tensor_parallel_duplicate(p)
+            ]
         expert = [p.grad for p, e in zip(self._params, self._expert, strict=True) if e]
         dense_sq = torch.nn.utils.get_total_norm(dense, 2.0, foreach=False).float() ** 2
         expert_sq = torch.nn.utils.get_total_norm(expert, 2.0, foreach=False).float() ** 2
-        from megatron.core import parallel_state
-
-        dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
+        if self.tp_size > 1:
+            dist.all_reduce(dense_sq, group=parallel_state.get_tensor_model_parallel_group())
+        if self.ep_size > 1:
+            dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
         return (dense_sq + expert_sq).sqrt()
 
     def _distributed_update(self, grad_norm: float) -> None:
@@ -728,18 +854,26 @@ class MegatronEngine:
         local = distributed.rows_of(batch, self._dp)
         terms = self.forward_loss(local)
         metrics = {k: float(v.detach()) for k, v in terms.items()}
-        if self._dp.is_distributed:  # the global batch's terms, on every rank
+        metrics["loss"] += self._loss_report_offset  # 0 without tensor parallel
+        if self._everyone.is_distributed:  # the global batch's terms, on every rank
+            # (tensor-parallel ranks repeat the LM/KD terms of their rows: a weighted mean is unmoved
+            # by repeats; the router terms are their sequence parts')
             langs = getattr(local, "langs", None) or ()
             keys = sorted({*metrics, *(f"kd_selected/{lang}" for lang in langs)})
             weights = distributed.metric_weights(terms, self._counted[0], self._lang_counted)
-            means, _ = distributed.weighted_mean(metrics, weights, keys, self._dp)
+            means, _ = distributed.weighted_mean(metrics, weights, keys, self._everyone)
             metrics = {k: means.get(k, float("nan")) for k in metrics} | means
         metrics["tokens"] = self._counted[1]
         skipped = not self._all_finite(metrics["loss"])
         grad_norm = float("nan")
         if not skipped:
             terms["loss"].backward()
-            self.ddp.finish_grad_sync()
+            if self.tp_size == 1:
+                self.ddp.finish_grad_sync()
+            else:  # also sums the sequence-parallel replicas' gradients (norms, routers) over TP
+                from megatron.core.distributed import finalize_model_grads
+
+                finalize_model_grads([self.ddp])
             if self.cfg.distributed_optimizer:
                 self.optimizer.prepare_grads()  # this rank's shard of main_grad -> the fp32 main params
                 grad_norm = float(self.optimizer.get_grad_norm())  # over every rank's shard
@@ -763,13 +897,10 @@ class MegatronEngine:
             dropped_L = router_health.dropped_tokens(
                 load_LE, self.cfg.capacity_factor, self._routed_tokens, self.moe[1]
             )
-            if self._world() > 1:
-                from megatron.core import parallel_state
-
-                group = parallel_state.get_data_parallel_group()
+            if self._world() > 1:  # every process routed different tokens
                 load_LE, dropped_L = load_LE.clone(), dropped_L.clone()
-                dist.all_reduce(load_LE, group=group)
-                dist.all_reduce(dropped_L, group=group)
+                dist.all_reduce(load_LE)
+                dist.all_reduce(dropped_L)
             metrics.update(router_health.load_metrics(load_LE, dropped_L))
             if self.expert_bias_LE is not None and self.cfg.bias_update_rate > 0 and not skipped:
                 self._update_router_bias(load_LE)
@@ -956,27 +1087,44 @@ class MegatronEngine:
             self.expert_bias_LE.copy_(state["router_bias"]["expert_bias_LE"].to(self.expert_bias_LE))
 
     def _full_model_tensors(self) -> dict[str, torch.Tensor]:
-        """The whole model's megatron state on every EP rank (experts gathered, numbered globally, in
-        the sequential layout)."""
+        """The whole model's megatron state on every rank (experts gathered over EP and numbered
+        globally, in the sequential layout; tensor-parallel slices gathered and merged)."""
         local = unpack_experts(self._model_tensors(), self._arch, self.moe[0] // self.ep_size)
-        if self.ep_size == 1:
+        if self.ep_size == 1 and self.tp_size == 1:
             return local
         from megatron.core import parallel_state
 
-        group = parallel_state.get_expert_model_parallel_group()
-        per_rank = self.moe[0] // self.ep_size
         full: dict[str, torch.Tensor] = {}
+        experts: dict[str, torch.Tensor] = {}
+        per_rank = self.moe[0] // self.ep_size
         for key in sorted(local):
             match = _EXPERT_KEY.match(key)
             if match is None:
                 full[key] = local[key]
                 continue
-            parts = [torch.empty_like(local[key]) for _ in range(self.ep_size)]
-            dist.all_gather(parts, local[key].contiguous(), group=group)
+            parts = [local[key]]
+            if self.ep_size > 1:
+                parts = [torch.empty_like(local[key]) for _ in range(self.ep_size)]
+                dist.all_gather(
+                    parts, local[key].contiguous(), group=parallel_state.get_expert_model_parallel_group()
+                )
             head, index, tail = match.group(1), int(match.group(2)), match.group(3)
             for rank, part in enumerate(parts):
-                full[f"{head}{rank * per_rank + index}{tail}"] = part
-        return full
+                experts[f"{head}{rank * per_rank + index}{tail}"] = part
+        if self.tp_size == 1:
+            return full | experts
+        group = parallel_state.get_tensor_model_parallel_group()
+        slices: list[dict[str, torch.Tensor]] = [{} for _ in range(self.tp_size)]
+        for key, tensor in full.items():  # every experts is whole on its rank (ETP = 1)
+            parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=group)
+            for rank, part in enumerate(parts):
+                slices[rank][key] = part
+        shards = [
+            (MegatronShard(tp_rank=rank, tp_size=self.tp_size), part | experts)
+            for rank, part in enumerate(slices)
+        ]
+        return gather_megatron_shards(shards, self.hf_config)
 
     def _hf_state(self) -> dict[str, torch.Tensor]:
         """The current weights in the HF in-memory layout, on the CPU, sharing nothing with training."""
