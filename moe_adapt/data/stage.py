@@ -83,7 +83,9 @@ class _Checkpoints:
         atomic_write_json(self.root / f"{name}.done.json", stats)
 
 
-def _heldout(doc: Doc, fraction: float) -> bool:
+def is_heldout(doc: Doc, fraction: float) -> bool:
+    """Whether ``doc`` goes to the held-out split: a stable hash of its id below ``fraction`` (the
+    same document is held out in every run, whatever the other documents)."""
     h = int.from_bytes(hashlib.blake2b(str(doc["id"]).encode(), digest_size=8).digest(), "little")
     return h / 2**64 < fraction
 
@@ -273,7 +275,7 @@ def _finish(
     per_group: Counter[tuple[str, str]] = Counter()
     for d in docs:
         group = (d["source"], d["lang"])
-        if per_group[group] < dcfg.heldout_max_docs and _heldout(d, dcfg.heldout_fraction):
+        if per_group[group] < dcfg.heldout_max_docs and is_heldout(d, dcfg.heldout_fraction):
             per_group[group] += 1
             held.append(d)
         else:

@@ -7,7 +7,8 @@ by the ``engine`` group (:mod:`moe_adapt.engines.hf`), anti-forgetting anchors b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 from moe_adapt.errors import invalid
@@ -57,6 +58,12 @@ class CptConfig:
     max_bad_steps: int = 3
     """Stop with an error after this many consecutive steps with a non-finite loss (each is skipped)."""
 
+    forgetting_bound: dict[str, float] = field(default_factory=dict)
+    """The stated bound on forgetting: per language, the largest rise of its held-out loss over the stage
+    (after minus before, in nats per token) the run claims, e.g. {en: 0.1}. summary.json reports for
+    each language whether it held (``forgetting``); a breach is logged as a warning, not an error.
+    Needs cpt.heldout. {}: no bound."""
+
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             _fail("engine", self.engine, f"choose one of {', '.join(ENGINES)}")
@@ -65,3 +72,17 @@ class CptConfig:
                 _fail(key, getattr(self, key), "must be >= 1")
         if self.eval_every < 0:
             _fail("eval_every", self.eval_every, "must be >= 0")
+        for lang, bound in self.forgetting_bound.items():
+            if not lang or not math.isfinite(bound) or bound < 0:
+                _fail(
+                    "forgetting_bound",
+                    dict(self.forgetting_bound),
+                    f"each entry is a language and the largest held-out loss rise allowed, a number >= 0 "
+                    f"(got {lang}: {bound})",
+                )
+        if self.forgetting_bound and not self.heldout:
+            _fail(
+                "forgetting_bound",
+                dict(self.forgetting_bound),
+                "a bound on forgetting is checked on the held-out loss: set cpt.heldout too",
+            )

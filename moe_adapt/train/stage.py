@@ -2,7 +2,9 @@
 
 Inputs: an HF MoE checkpoint (``cpt.init_from``) and the data stage's shards (``cpt.shards``).
 Outputs in the stage folder: ``model/`` (HF checkpoint), ``metrics.jsonl`` (one line per step),
-``heldout.jsonl`` (per-language held-out loss at each evaluation) and ``summary.json``.
+``heldout.jsonl`` (per-language held-out loss at each evaluation) and ``summary.json`` (held-out loss
+before/after per language and, with ``cpt.forgetting_bound``, whether each bounded language stayed
+within its bound: :func:`forgetting_report`).
 
 Checkpoints live in ``<run_dir>/.work/cpt`` while the stage runs: after a crash the same command
 resumes from the latest one and, on CPU, reproduces the uninterrupted run's losses bit for bit.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +106,49 @@ class HeldoutLossCallback(Callback):
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
 
 
+def forgetting_report(
+    before: Mapping[str, Any], after: Mapping[str, Any], bound: Mapping[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Whether each language of ``bound`` kept its held-out loss within its stated bound.
+
+    ``before``/``after`` are held-out records (``{"step": s, "loss_<lang>": loss, ...}``, the first and
+    the last of ``heldout.jsonl``); ``bound`` maps a language to the largest rise allowed (nats per
+    token). Per language: ``{"bound", "before", "after", "rise", "held"}`` with ``rise = after - before``
+    and ``held = rise <= bound``; a language the held-out set does not have gets ``held: None`` and a
+    ``note``.
+    """
+    report: dict[str, dict[str, Any]] = {}
+    for lang, limit in bound.items():
+        key = f"loss_{lang}"
+        if key not in before or key not in after:
+            report[lang] = {"bound": limit, "held": None, "note": f"the held-out set has no {lang} documents"}
+            continue
+        rise = float(after[key]) - float(before[key])
+        report[lang] = {
+            "bound": limit,
+            "before": before[key],
+            "after": after[key],
+            "rise": round(rise, 6),
+            "held": rise <= limit,
+        }
+    return report
+
+
+def _log_forgetting(report: Mapping[str, Mapping[str, Any]]) -> None:
+    for lang, r in report.items():
+        if r["held"] is None:
+            log.warning("cpt: forgetting bound for %s not checked: %s", lang, r["note"])
+            continue
+        line = (
+            f"cpt: forgetting {lang}: held-out loss {r['before']:.4f} -> {r['after']:.4f} "
+            f"({r['rise']:+.4f} nats/token), bound +{r['bound']:.4f}"
+        )
+        if r["held"]:
+            log.info("%s: held", line)
+        else:
+            log.warning("%s: EXCEEDED (cpt.forgetting_bound)", line)
+
+
 def run(cfg: Any, out: Path) -> dict[str, Any]:
     """Train ``cfg.cpt.init_from`` on ``cfg.cpt.shards`` with the mixture/curriculum/engine groups."""
     from moe_adapt.engines import build_engine
@@ -171,8 +217,11 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
         first, last = heldout_cb.history[0], heldout_cb.history[-1]
         summary["heldout_before"], summary["heldout_after"] = first, last
         summary["heldout_delta"] = {k: round(last[k] - first[k], 6) for k in last if k.startswith("loss_")}
+        if c.forgetting_bound:
+            summary["forgetting"] = forgetting_report(first, last, c.forgetting_bound)
     if not ctx.is_main:
         return summary
+    _log_forgetting(summary.get("forgetting", {}))
     for name in ("metrics.jsonl", "heldout.jsonl"):
         if (work / name).is_file():
             shutil.copy2(work / name, out / name)

@@ -12,10 +12,12 @@ from moe_adapt.config import compose, to_config
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.runner import run_pipeline
 from moe_adapt.train import callbacks
+from moe_adapt.train.stage import forgetting_report
 
 SMALL = [
     "init_dense.tokenizer_corpus=demo",
     "init_dense.vocab_size=512",
+    "init_dense.pretrain.steps=0",  # a random base: these tests check the plumbing, not forgetting
     "data.demo.max_docs=150",
     "data.demo.benchmark_items=10",
     "upcycle.num_experts=8",
@@ -54,9 +56,22 @@ def upcycled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cpt_trains_and_resumes_bit_exactly(upcycled, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     shutil.copytree(upcycled, straight)
-    summary = run(straight, "stages=[cpt]")["cpt"]
+    summary = run(
+        straight, "stages=[cpt]", "++cpt.forgetting_bound.en=100.0", "++cpt.forgetting_bound.he=0.1"
+    )["cpt"]
     assert summary["steps"] == 6 and (straight / "cpt" / "model" / "config.json").is_file()
     assert set(summary["heldout_delta"]) == {"loss_ar", "loss_en"}
+    before, after = summary["heldout_before"], summary["heldout_after"]
+    assert summary["forgetting"] == {
+        "en": {
+            "bound": 100.0,
+            "before": before["loss_en"],
+            "after": after["loss_en"],
+            "rise": summary["heldout_delta"]["loss_en"],
+            "held": True,
+        },
+        "he": {"bound": 0.1, "held": None, "note": "the held-out set has no he documents"},
+    }
     assert summary["heldout_delta"]["loss_ar"] < 0  # the target language is being learnt
     assert [
         r["step"] for r in map(json.loads, (straight / "cpt" / "heldout.jsonl").read_text().splitlines())
@@ -92,3 +107,41 @@ def test_cpt_trains_and_resumes_bit_exactly(upcycled, tmp_path, monkeypatch):
 def test_cpt_config_errors(upcycled, tmp_path, override, message):
     with pytest.raises(MoEAdaptError, match=message):
         run(upcycled if override != "cpt.max_steps=0" else tmp_path, "stages=[cpt]", override)
+
+
+def test_forgetting_report_checks_each_bounded_language():
+    before = {"step": 0, "loss_ar": 9.0, "loss_en": 4.0}
+    after = {"step": 90, "loss_ar": 3.0, "loss_en": 4.25}
+    report = forgetting_report(before, after, {"en": 0.3, "ar": 0.0})
+    assert report["en"] == {"bound": 0.3, "before": 4.0, "after": 4.25, "rise": 0.25, "held": True}
+    assert report["ar"] == {"bound": 0.0, "before": 9.0, "after": 3.0, "rise": -6.0, "held": True}
+    assert forgetting_report(before, after, {"en": 0.2})["en"]["held"] is False  # a rise of 0.25 > 0.2
+    assert forgetting_report(before, after, {"en": 0.25})["en"]["held"] is True  # the bound is inclusive
+    assert forgetting_report(before, after, {"he": 0.1})["he"]["held"] is None  # not measured
+    assert forgetting_report(before, after, {}) == {}
+
+
+def test_a_breached_bound_is_reported_and_warned_not_fatal(caplog):
+    from moe_adapt.train.stage import _log_forgetting
+
+    report = forgetting_report({"loss_en": 4.0}, {"loss_en": 4.5}, {"en": 0.1, "he": 0.1})
+    caplog.set_level("INFO")
+    _log_forgetting(report)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("forgetting en" in w and "+0.5000 nats/token" in w and "EXCEEDED" in w for w in warnings)
+    assert any("bound for he not checked" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["++cpt.forgetting_bound.en=-0.1"], r"cpt.forgetting_bound=\{'en': -0.1\} is invalid: each entry"),
+        (["++cpt.forgetting_bound.he=nan"], "cpt.forgetting_bound=.* is invalid: .*got he: nan"),
+        (["cpt.heldout=null"], "set cpt.heldout too"),  # the recipe states a bound for en
+    ],
+)
+def test_forgetting_bound_config_errors(tmp_path, overrides, message):
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    with pytest.raises(MoEAdaptConfigError, match=message):
+        to_config(compose(["+recipe=tiny", f"run_dir={tmp_path}", "stages=[cpt]", *overrides]))
