@@ -266,6 +266,27 @@ def load_teacher(teacher: str | Path | Any, dtype: torch.dtype, device: torch.de
     return model
 
 
+def frozen_models(
+    cfg: HFEngineConfig,
+    kd: objectives.KDSettings | None,
+    teacher: str | Path | Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    vocab_size: int,
+) -> tuple[Any, Any]:
+    """The frozen models an engine runs beside the one it trains: the KL anchor's reference (when
+    ``cfg.kl_anchor_coef > 0``) and token KD's online teacher (:func:`load_teacher`); None for
+    each that is not used."""
+    reference = None
+    if cfg.kl_anchor_coef > 0:
+        assert cfg.reference is not None  # checked by the config
+        reference = load_causal_lm(cfg.reference, dtype).to(device).eval()
+        reference.requires_grad_(False)
+    if teacher is not None and kd is None:
+        raise MoEAdaptError("a teacher model was given without KD settings")
+    return reference, (load_teacher(teacher, dtype, device, vocab_size) if teacher is not None else None)
+
+
 def token_kd_terms(
     batch: Any,
     logits_BTV: torch.Tensor,
@@ -483,19 +504,13 @@ class HFEngine:
         self._anchor: list[torch.Tensor] | None = None
         if self.cfg.l2_anchor_coef > 0:
             self._anchor = [p.detach().clone() for p in self._params]
-        self.reference: Any = None
-        if self.cfg.kl_anchor_coef > 0:
-            assert self.cfg.reference is not None  # checked by the config
-            self.reference = load_causal_lm(self.cfg.reference, dtype).to(self.device).eval()
-            self.reference.requires_grad_(False)
         self.kd = kd
         """Token-level distillation settings; None trains on plain next-token cross-entropy."""
-        self.teacher: Any = None
-        """The frozen online teacher for token KD (None: top-k log-probabilities come with each batch)."""
-        if teacher is not None:
-            if kd is None:
-                raise MoEAdaptError("a teacher model was given without KD settings")
-            self.teacher = load_teacher(teacher, dtype, self.device, self.vocab_size)
+        self.reference, self.teacher = frozen_models(
+            self.cfg, kd, teacher, dtype, self.device, self.vocab_size
+        )
+        """The KL anchor's reference model and token KD's online teacher (None: not used; without a
+        teacher the top-k log-probabilities come with each batch)."""
 
     def _wrap(self) -> Any:
         """DDP around the model, or FSDP2's ``fully_shard`` on each decoder layer and the root (in

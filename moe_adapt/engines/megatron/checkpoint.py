@@ -241,10 +241,6 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any, meta: Mappi
     optimizer kind (``engine.distributed_optimizer``) or, with the distributed optimizer, of another
     expert-parallel size.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-    from torch.distributed.checkpoint.api import CheckpointException
 
     _check_folder(path, meta)
     _check_optimizer_kind(path, meta, _is_distributed(optimizer))
@@ -266,17 +262,8 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any, meta: Mappi
     if step is not None:
         zeros = {i: {k: torch.zeros_like(p) for k in _MOMENTS} for i, p in enumerate(params)}
         sharded["optimizer"] = optimizer_sharded_state(optimizer, model_sharded, zeros)
-    try:
-        with torch.no_grad():
-            loaded = dist_checkpointing.load(
-                sharded, str(path), sharded_strategy=TorchDistLoadShardedStrategy()
-            )
-    except (CheckpointingException, CheckpointException, RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {err}") from None
-    try:
-        load_megatron_state(model, loaded["model"])
-    except MoEAdaptError as err:
-        raise CheckpointError(f"{path} does not fit the megatron model: {err}") from None
+    with torch.no_grad():
+        loaded = _read_into_model(path, sharded, model)
     state: dict[int, dict[str, Any]] = {}
     if step is not None:
         for i in range(len(params)):
@@ -292,6 +279,28 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any, meta: Mappi
             ],
         }
     )
+
+
+def _read_into_model(path: Path, template: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """``dist_checkpointing.load`` of ``template`` (``model`` and optionally ``optimizer`` entries)
+    from ``path`` with the torch_dist strategy; the model part is loaded into ``model``. Returns
+    what was read. Errors name the folder."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        loaded: dict[str, Any] = dist_checkpointing.load(
+            template, str(path), sharded_strategy=TorchDistLoadShardedStrategy()
+        )
+    except (CheckpointingException, CheckpointException, RuntimeError, ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {err}") from None
+    try:
+        load_megatron_state(model, loaded["model"])
+    except MoEAdaptError as err:
+        raise CheckpointError(f"{path} does not fit the megatron model: {err}") from None
+    return loaded
 
 
 # -- megatron's DistributedOptimizer ------------------------------------------------------------------
@@ -397,10 +406,6 @@ def _load_distributed(
     saved: Mapping[str, Any],
 ) -> None:
     """Read the model and megatron's DistributedOptimizer state (its shards on this rank) from ``path``."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-    from torch.distributed.checkpoint.api import CheckpointException
 
     with torch.no_grad():  # the loaders copy into views of parameters that require grad
         _init_adam_state(optimizer)
@@ -410,16 +415,7 @@ def _load_distributed(
                 model_sharded, is_loading=True, metadata=_distributed_metadata()
             ),
         }
-        try:
-            loaded = dist_checkpointing.load(
-                template, str(path), sharded_strategy=TorchDistLoadShardedStrategy()
-            )
-        except (CheckpointingException, CheckpointException, RuntimeError, ValueError, OSError) as err:
-            raise CheckpointError(f"cannot read the sharded checkpoint {path}: {err}") from None
-        try:
-            load_megatron_state(model, loaded["model"])
-        except MoEAdaptError as err:
-            raise CheckpointError(f"{path} does not fit the megatron model: {err}") from None
+        loaded = _read_into_model(path, template, model)
         try:
             optimizer.load_state_dict(loaded["optimizer"])
         except (AssertionError, KeyError, RuntimeError, ValueError) as err:

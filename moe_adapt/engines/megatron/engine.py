@@ -160,8 +160,8 @@ from moe_adapt.engines.hf import (
     batch_field,
     batch_tokens,
     build_adamw,
+    frozen_models,
     load_causal_lm,
-    load_teacher,
     scheduled_lr,
     token_kd_terms,
 )
@@ -581,19 +581,13 @@ class MegatronEngine:
         self._anchor: list[torch.Tensor] | None = None
         if self.cfg.l2_anchor_coef > 0:
             self._anchor = [p.detach().clone() for p in self._params]
-        self.reference: Any = None
-        if self.cfg.kl_anchor_coef > 0:
-            assert self.cfg.reference is not None  # checked by the config
-            self.reference = load_causal_lm(self.cfg.reference, dtype).to(self.device).eval()
-            self.reference.requires_grad_(False)
         self.kd = kd
         """Token-level distillation settings; None trains on plain next-token cross-entropy."""
-        self.teacher: Any = None
-        """The frozen online teacher for token KD (None: top-k log-probabilities come with each batch)."""
-        if teacher is not None:
-            if kd is None:
-                raise MoEAdaptError("a teacher model was given without KD settings")
-            self.teacher = load_teacher(teacher, dtype, self.device, self.vocab_size)
+        self.reference, self.teacher = frozen_models(
+            self.cfg, kd, teacher, dtype, self.device, self.vocab_size
+        )
+        """The KL anchor's reference model and token KD's online teacher (None: not used; without a
+        teacher the top-k log-probabilities come with each batch)."""
         self._lang_counted: dict[str, float] = {}  # per language: KD positions (weights kd_selected/<lang>)
         self._counted = (0.0, 0.0)  # label positions that count: this rank's and the global batch's
         self._loss_report_offset = 0.0
