@@ -20,6 +20,7 @@ pytest.importorskip("megatron.core")
 from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.train import objectives
 from moe_adapt.train.callbacks import load_checkpoint, save_checkpoint
 from moe_adapt.train.trainer import Batch
 
@@ -28,6 +29,9 @@ TP = 2
 # aux-loss-free biases on: the expert loads must be summed over the sequence-parallel parts
 CFG = dict(lr=1e-4, warmup_steps=0, aux_loss_coef=0.1, z_loss_coef=0.01, bias_update_rate=1e-3)
 KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "tokens", "moe/max_load", "moe/load_cv")
+# token KD against an online teacher and the KL anchor: computed on the gathered logits
+KD = objectives.KDSettings(alpha=0.3, theta=0.02)
+KD_CFG = dict(CFG, kl_anchor_coef=1.0)
 WEIGHT_ATOL = 1e-5  # 10% of lr (Adam's first steps move every weight by about lr)
 
 
@@ -52,7 +56,7 @@ def _steps(engine: MegatronEngine, root: Path, name: str) -> list[dict[str, floa
     return metrics
 
 
-def _worker(rank: int, port: int, checkpoint: str, root: str) -> None:
+def _worker(rank: int, port: int, checkpoint: str, teacher: str, root: str) -> None:
     from tests.engines.megatron_cpu import megatron_on_cpu
 
     torch.set_num_threads(1)
@@ -63,12 +67,16 @@ def _worker(rank: int, port: int, checkpoint: str, root: str) -> None:
         engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG, distributed_optimizer=True))
         zero1 = [engine.step(_batch(3)), engine.step(_batch(4))]
         engine.save_hf(Path(root) / "tp2_zero1_hf")
+        engine = MegatronEngine(
+            checkpoint, HFEngineConfig(**KD_CFG, reference=checkpoint), kd=KD, teacher=teacher
+        )
+        kd = [engine.step(_batch(3)), engine.step(_batch(4))]
         try:
             engine.step(Batch(tokens=np.zeros((2, 16), dtype=np.int64)))  # 15 positions
         except MoEAdaptError as err:
             error = str(err)
     (Path(root) / f"rank{rank}.json").write_text(
-        json.dumps({"metrics": metrics, "zero1": zero1, "error": error})
+        json.dumps({"metrics": metrics, "zero1": zero1, "kd": kd, "error": error})
     )
 
 
@@ -96,10 +104,17 @@ def test_tensor_parallel_2_matches_1(megatron_cpu: None, tmp_path: Path, family:
 
     checkpoint = tmp_path / family
     tiny_hf_model(family, vocab_size=VOCAB).save_pretrained(str(checkpoint))
+    teacher = tmp_path / "teacher"
+    tiny_hf_model("qwen3_moe", vocab_size=VOCAB).save_pretrained(str(teacher))
     one = MegatronEngine(checkpoint, HFEngineConfig(**CFG))
     want = _steps(one, tmp_path, "tp1")
+    one = MegatronEngine(
+        checkpoint, HFEngineConfig(**KD_CFG, reference=str(checkpoint)), kd=KD, teacher=teacher
+    )
+    kd = [one.step(_batch(3)), one.step(_batch(4))]
+    assert kd[1]["kl_anchor"] > 1e-6 and kd[1]["kd_kl"] > 1e-4 and 0 < kd[1]["kd_selected"] < 1
 
-    _spawn((free_port(), str(checkpoint), str(tmp_path)))
+    _spawn((free_port(), str(checkpoint), str(teacher), str(tmp_path)))
     for rank in range(TP):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for step, (g, w) in enumerate(zip(got["metrics"], want, strict=True), 1):
@@ -108,6 +123,9 @@ def test_tensor_parallel_2_matches_1(megatron_cpu: None, tmp_path: Path, family:
         for step, (g, w) in enumerate(zip(got["zero1"], want, strict=True), 1):  # distributed optimizer
             for key in KEYS:
                 assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), ("zero1", rank, step, key)
+        for step, (g, w) in enumerate(zip(got["kd"], kd, strict=True), 1):
+            for key in (*KEYS, "kd_loss", "kd_ce", "kd_kl", "kd_selected", "kl_anchor"):
+                assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-7), ("kd", rank, step, key)
         assert "make mixture.seq_len a multiple of it" in got["error"]
     tp1, tp2 = _hf_weights(tmp_path / "tp1_hf"), _hf_weights(tmp_path / "tp2_hf")
     assert (tmp_path / "tp2_hf" / "router_bias.json").read_text() == (
