@@ -50,7 +50,7 @@ How each HF behaviour is matched
 
 Parallelism
     megatron's ``parallel_state`` must be initialised by the caller before the engine is built
-    (:func:`init_parallel` does it: a one-process group when nothing is launched, or torchrun's
+    (:func:`.parallel.init_parallel` does it: a one-process group when nothing is launched, or torchrun's
     environment; nccl on CUDA, gloo on CPU). Expert parallel (EP) uses the alltoall dispatcher.
     Gradients go through megatron's ``DistributedDataParallel`` wrapper, which keeps megatron's
     convention: dense gradients are averaged over the data-parallel group, expert gradients are
@@ -70,7 +70,7 @@ Parallelism
     (their gradients are summed over the group); ``finalize_model_grads`` sums the gradients of the
     sequence-parallel replicas (norms, routers, shared-expert gates, and without EP the experts,
     which every TP rank holds whole). The tensor-parallel marks megatron would set while
-    initialising weights are set by the engine (:func:`_mark_tensor_parallel`), and the gradient
+    initialising weights are set by the engine (:func:`.parallel.mark_tensor_parallel`), and the gradient
     norm sums slices over the TP group and counts replicas once. Exports gather the slices with the
     mapping. The L2 anchor is refused with TP > 1. Pipeline and context parallel are refused.
 
@@ -142,7 +142,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -182,6 +181,12 @@ from moe_adapt.engines.megatron.model import (
     load_megatron_state,
     transformer_config_from_hf,
 )
+from moe_adapt.engines.megatron.parallel import (
+    check_parallel_state,
+    init_parallel,
+    mark_tensor_parallel,
+    resolve_device,
+)
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_dir
 from moe_adapt.train import distributed, objectives, router_health
@@ -193,152 +198,6 @@ __all__ = ["STATE_VERSION", "MegatronEngine", "init_parallel"]
 STATE_VERSION = 1
 ENGINE_NAME = "megatron"
 _EXPERT_KEY = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
-
-
-# -- process groups -------------------------------------------------------------------------------
-def init_parallel(*, expert_parallel: int = 1, tensor_parallel: int = 1, seed: int = 1234) -> bool:
-    """Start ``torch.distributed`` and megatron's ``parallel_state`` unless they are running.
-
-    Under torchrun (``RANK``/``WORLD_SIZE`` set) the process group comes from its environment;
-    otherwise a one-process group is made in memory (no port). The backend is nccl with CUDA and
-    gloo without (CPU only works with the test shim). Then megatron's model-parallel groups are
-    built with ``expert_parallel`` EP ranks (tensor/pipeline/context parallel 1) and its RNG
-    tracker is seeded. With ``tensor_parallel`` > 1 the TP groups are made too (expert tensor
-    parallel stays 1: every expert whole on its rank). Returns True when this call initialised
-    anything.
-
-    Raises:
-        MoEAdaptError: no CUDA (the same error as :class:`MegatronEngine`), before anything starts.
-        MoEAdaptConfigError: ``parallel_state`` is already initialised with another EP or TP size.
-    """
-    _resolve_device(None)
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    started = False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
-        else:
-            if torch.cuda.is_available():
-                torch.cuda.set_device(0)
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        started = True
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel,
-            expert_model_parallel_size=expert_parallel,
-            expert_tensor_parallel_size=1,
-        )
-        model_parallel_cuda_manual_seed(seed)
-        started = True
-    else:
-        running = (
-            parallel_state.get_expert_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_world_size(),
-        )
-        if running != (expert_parallel, tensor_parallel):
-            raise MoEAdaptConfigError(
-                f"expert_parallel={expert_parallel}, tensor_parallel={tensor_parallel} is invalid: "
-                f"megatron's parallel_state is already initialised with {running[0]} expert-parallel and "
-                f"{running[1]} tensor-parallel ranks"
-            )
-    return started
-
-
-def _cuda_stand_in() -> bool:
-    """Whether ``torch.cuda`` answers with the CPU: a CPU stand-in for megatron-core's CUDA calls is
-    installed (the tests' shim). Then the engine trains on the CPU."""
-    try:
-        current = torch.cuda.current_device()
-        torch.cuda.Stream()
-    except Exception:
-        return False
-    return isinstance(current, torch.device) and current.type == "cpu"
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to train on; raises the one no-CUDA error when megatron-core cannot run here."""
-    stand_in = _cuda_stand_in()
-    if device is None:
-        device = "cpu" if stand_in or not torch.cuda.is_available() else "cuda"
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available() and not stand_in:
-        return dev
-    if dev.type == "cpu" and stand_in:
-        return dev
-    if not torch.cuda.is_available() and not stand_in:
-        raise MoEAdaptError(
-            "the megatron engine needs CUDA: megatron-core 0.16 calls torch.cuda (streams, events, its "
-            "RNG tracker) and this machine has no usable GPU (torch.cuda.is_available() is False); use "
-            "engine=hf (engine=auto picks it without CUDA)"
-        )
-    raise MoEAdaptConfigError(
-        f"device={str(dev)!r} is invalid for the megatron engine here: use "
-        + ("'cpu' (torch.cuda is a CPU stand-in)" if stand_in else "'cuda'")
-    )
-
-
-def _check_parallel_state() -> tuple[int, int, int, int]:
-    """``(ep_rank, ep_size, tp_rank, tp_size)``; refuses a missing or unsupported ``parallel_state``."""
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
-        raise MoEAdaptError(
-            "the megatron engine needs torch.distributed and megatron's parallel_state initialised: call "
-            "moe_adapt.engines.megatron.engine.init_parallel(expert_parallel=...) first"
-        )
-    sizes = {
-        "pipeline": ps.get_pipeline_model_parallel_world_size(),
-        "context": ps.get_context_parallel_world_size(),
-        "expert tensor": ps.get_expert_tensor_parallel_world_size(),
-    }
-    unsupported = {k: v for k, v in sizes.items() if v != 1}
-    if unsupported:
-        raise MoEAdaptConfigError(
-            "the megatron engine supports data, tensor and expert parallel only; parallel_state has "
-            + ", ".join(f"{k} parallel = {v}" for k, v in unsupported.items())
-            + ": initialise with size 1"
-        )
-    return (
-        ps.get_expert_model_parallel_rank(),
-        ps.get_expert_model_parallel_world_size(),
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_tensor_model_parallel_world_size(),
-    )
-
-
-def _mark_tensor_parallel(model: torch.nn.Module) -> None:
-    """Give the tensor-parallel weights megatron's ``tensor_model_parallel`` marks.
-
-    megatron sets them while it initialises a weight, which the engine skips (every weight comes from
-    the checkpoint); without them its helpers (``param_is_not_tensor_parallel_duplicate``, the
-    distributed optimizer's gradient norm) would count each slice as a replica. Column-parallel
-    weights and biases and vocabulary-parallel embeddings are split on dim 0, row-parallel weights on
-    dim 1; experts (expert tensor parallel 1) stay whole.
-    """
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        set_tensor_model_parallel_attributes,
-    )
-
-    for module in model.modules():
-        if getattr(module, "is_expert", False):
-            continue
-        if isinstance(module, ColumnParallelLinear | VocabParallelEmbedding):
-            tensors = [(module.weight, 0), (getattr(module, "bias", None), 0)]
-        elif isinstance(module, RowParallelLinear):
-            tensors = [(module.weight, 1)]
-        else:
-            continue
-        for tensor, dim in tensors:
-            if tensor is not None and not hasattr(tensor, "tensor_model_parallel"):
-                set_tensor_model_parallel_attributes(tensor, True, dim, 1)
 
 
 # -- packed sequences -----------------------------------------------------------------------------
@@ -443,14 +302,14 @@ class MegatronEngine:
 
         self.cfg = cfg or HFEngineConfig()
         self.source = Path(checkpoint)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if self.cfg.grouped_gemm and self.cfg.dtype != "bfloat16":
             raise MoEAdaptConfigError(
                 f"engine.grouped_gemm=True is invalid with engine.dtype={self.cfg.dtype}: megatron-core's "
                 "grouped-GEMM experts (GroupedMLP) run in bfloat16 only; set engine.dtype=bfloat16 or "
                 "engine.grouped_gemm=false"
             )
-        self.ep_rank, self.ep_size, self.tp_rank, self.tp_size = _check_parallel_state()
+        self.ep_rank, self.ep_size, self.tp_rank, self.tp_size = check_parallel_state()
         if self.tp_size > 1 and self.cfg.l2_anchor_coef > 0:
             raise MoEAdaptConfigError(
                 f"engine.l2_anchor_coef={self.cfg.l2_anchor_coef} is invalid with "
@@ -524,7 +383,7 @@ class MegatronEngine:
         load_megatron_state(model, mapped)
         del hf_model, mapped
         if self.tp_size > 1:
-            _mark_tensor_parallel(model)
+            mark_tensor_parallel(model)
         if self.tp_size > 1 and self.ep_size == 1:
             # Without expert parallel megatron treats the experts as dense parameters (all-reduced over
             # data parallel), but with expert tensor parallel 1 every TP rank holds them whole and
