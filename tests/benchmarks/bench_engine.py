@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +60,23 @@ def bare_steps(path: Path, batches: list[torch.Tensor], cfg: HFEngineConfig, top
     return (time.perf_counter() - start) / (len(batches) - 2)
 
 
-def engine_steps(path: Path, batches: list[torch.Tensor], cfg: HFEngineConfig) -> float:
-    engine = HFEngine(path, cfg)
+def time_steps(engine: Any, batches: list[torch.Tensor], sync: bool = False) -> float:
+    """Seconds per ``engine.step`` over ``batches[2:]``, after two warm-up steps (``sync``: wait for
+    the GPU before reading the clock)."""
     for tokens in batches[:2]:
         engine.step(tokens)
+    if sync:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for tokens in batches[2:]:
         engine.step(tokens)
+    if sync:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / (len(batches) - 2)
+
+
+def engine_steps(path: Path, batches: list[torch.Tensor], cfg: HFEngineConfig) -> float:
+    return time_steps(HFEngine(path, cfg), batches)
 
 
 def main() -> None:

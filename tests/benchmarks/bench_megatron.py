@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from tests.benchmarks.bench_engine import time_steps
 
 
 def active_params(config: Qwen3MoeConfig) -> int:
@@ -50,19 +50,6 @@ def active_params(config: Qwen3MoeConfig) -> int:
 def flops_per_token(config: Qwen3MoeConfig, seq_len: int) -> float:
     attention = 6 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
     return 6.0 * active_params(config) + attention
-
-
-def time_steps(engine: Any, batches: list[torch.Tensor], sync: bool) -> float:
-    for tokens in batches[:2]:
-        engine.step(tokens)
-    if sync:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for tokens in batches[2:]:
-        engine.step(tokens)
-    if sync:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (len(batches) - 2)
 
 
 def main() -> None:
