@@ -12,7 +12,9 @@ A user error — a bad setting, a missing file — is printed on one line
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -107,9 +109,32 @@ def _quiet_other_ranks(args: list[str]) -> list[str]:
     ]
 
 
+def _exit_on_sigterm() -> None:
+    """Leave through ``SystemExit`` on SIGTERM, as on Ctrl-C.
+
+    torchrun stops the other processes with SIGTERM when one fails, and so does Slurm at the time
+    limit. Without this a process dies where it stands, and ``finally`` blocks never run: rank 1's
+    scratch folder and the hidden temporary folder of a checkpoint half written stay on disk.
+    Processes forked from this one (data workers) keep the default, so a pool can still stop them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    owner = os.getpid()
+
+    def leave(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked child: die as SIGTERM means by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def main() -> None:
     """Console entry point (``moe-adapt``)."""
     register()
+    _exit_on_sigterm()
     sys.argv = [sys.argv[0], *_quiet_other_ranks(sys.argv[1:])]
     # Hydra prints composition errors over several lines (or with a trace); give the user one line.
     import hydra._internal.utils as hydra_utils

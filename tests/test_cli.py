@@ -119,3 +119,39 @@ def test_installed_wheel_finds_recipes_from_another_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "run_name: tiny" in proc.stdout
+
+
+SIGTERM_PROGRAM = """
+import os, signal, sys, time
+from pathlib import Path
+from moe_adapt.__main__ import _exit_on_sigterm
+
+_exit_on_sigterm()
+out = Path(sys.argv[1])
+child = os.fork()
+if child == 0:  # a forked worker: SIGTERM still kills it outright, no cleanup runs
+    try:
+        time.sleep(60)
+    finally:
+        (out / "child_cleaned").touch()
+    os._exit(0)
+os.kill(child, signal.SIGTERM)
+_, status = os.waitpid(child, 0)
+(out / "child_status").write_text(str(os.waitstatus_to_exitcode(status)))
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+finally:
+    (out / "parent_cleaned").touch()
+"""
+
+
+def test_sigterm_runs_cleanup_in_the_main_process_only(tmp_path):
+    """torchrun and Slurm stop processes with SIGTERM: ``finally`` blocks (scratch folders, temporary
+    checkpoint folders) must run in the app's process, while forked workers die as before."""
+    program = tmp_path / "term.py"
+    program.write_text(SIGTERM_PROGRAM)
+    done = subprocess.run([sys.executable, str(program), str(tmp_path)], capture_output=True, timeout=60)
+    assert done.returncode == 128 + 15, done.stderr
+    assert (tmp_path / "parent_cleaned").exists()
+    assert (tmp_path / "child_status").read_text() == "-15" and not (tmp_path / "child_cleaned").exists()
