@@ -26,9 +26,13 @@ from moe_adapt.train.trainer import Batch
 
 VOCAB = 128  # tensor parallel splits the vocabulary evenly (conftest's 101 is prime)
 TP = 2
-# aux-loss-free biases on: the expert loads must be summed over the sequence-parallel parts
-CFG = dict(lr=1e-4, warmup_steps=0, aux_loss_coef=0.1, z_loss_coef=0.01, bias_update_rate=1e-3)
-KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "tokens", "moe/max_load", "moe/load_cv")
+# aux-loss-free biases on: the expert loads must be summed over the sequence-parallel parts; the L2
+# anchor: its value sums slices over TP, and its gradient must not be summed over the replicas
+CFG = dict(
+    lr=1e-4, warmup_steps=0, aux_loss_coef=0.1, z_loss_coef=0.01, bias_update_rate=1e-3, l2_anchor_coef=1.0
+)
+KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "l2_anchor", "grad_norm", "tokens", "moe/max_load",
+        "moe/load_cv")  # fmt: skip
 # token KD against an online teacher and the KL anchor: computed on the gathered logits
 KD = objectives.KDSettings(alpha=0.3, theta=0.02)
 KD_CFG = dict(CFG, kl_anchor_coef=1.0)
@@ -108,6 +112,7 @@ def test_tensor_parallel_2_matches_1(megatron_cpu: None, tmp_path: Path, family:
     tiny_hf_model("qwen3_moe", vocab_size=VOCAB).save_pretrained(str(teacher))
     one = MegatronEngine(checkpoint, HFEngineConfig(**CFG))
     want = _steps(one, tmp_path, "tp1")
+    assert want[1]["l2_anchor"] > 1e-6  # step 2 moved away from the anchor
     one = MegatronEngine(
         checkpoint, HFEngineConfig(**KD_CFG, reference=str(checkpoint)), kd=KD, teacher=teacher
     )

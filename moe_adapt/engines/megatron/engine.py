@@ -60,7 +60,11 @@ Parallelism
     rank back-propagates is its token-weighted share of the global batch's loss, and the
     load-balancing loss counts expert assignments over the global batch, so a step on W ranks
     (data and expert parallel) equals a step on one, and every metric is the global batch's. The
-    gradient norm for clipping sums dense norms once and expert norms over the EP group.
+    gradient norm for clipping sums dense norms once and expert norms over the EP group. The L2
+    anchor is the one term that is not back-propagated: its value is the whole model's
+    ``Σ ||θ − θ0||²`` (summed over the TP and EP groups as the norm is), and its gradient
+    ``2 (θ − θ0)`` is added to every parameter's reduced gradient, so that no layout's reduction
+    (an average, a sum over sequence-parallel replicas) rescales it.
 
     Tensor parallel (TP, ``engine.tensor_parallel``) runs with sequence parallel and expert tensor
     parallel 1. The data-parallel ranks are then the TP groups: the ranks of one group share their
@@ -72,11 +76,11 @@ Parallelism
     which every TP rank holds whole). The tensor-parallel marks megatron would set while
     initialising weights are set by the engine (:func:`.parallel.mark_tensor_parallel`), and the gradient
     norm sums slices over the TP group and counts replicas once. Exports gather the slices with the
-    mapping. The L2 anchor is refused with TP > 1. Pipeline and context parallel are refused.
+    mapping. Pipeline and context parallel are refused.
 
 Refused (a :class:`~moe_adapt.errors.MoEAdaptError` naming the setting)
-    Pipeline, context or expert-tensor parallel > 1; the L2 anchor with tensor parallel; sequences
-    whose length tensor parallel does not divide; a device other than CUDA. Without CUDA
+    Pipeline, context or expert-tensor parallel > 1; sequences whose length tensor parallel does
+    not divide; a device other than CUDA. Without CUDA
     megatron-core 0.16 does not run (it calls ``torch.cuda`` for streams, events and its RNG
     tracker), so on a CPU-only machine the constructor raises one clear error. The tests run the
     engine on CPU through a test-only shim (``tests/engines/megatron_cpu.py``) that product code
@@ -310,12 +314,6 @@ class MegatronEngine:
                 "engine.grouped_gemm=false"
             )
         self.ep_rank, self.ep_size, self.tp_rank, self.tp_size = check_parallel_state()
-        if self.tp_size > 1 and self.cfg.l2_anchor_coef > 0:
-            raise MoEAdaptConfigError(
-                f"engine.l2_anchor_coef={self.cfg.l2_anchor_coef} is invalid with "
-                f"engine.tensor_parallel={self.tp_size}: the L2 anchor is not implemented for "
-                "tensor-parallel shards (use the KL anchor or replay, or tensor_parallel=1)"
-            )
         from megatron.core import parallel_state as ps
 
         self._everyone = distributed.DistContext(
@@ -422,6 +420,7 @@ class MegatronEngine:
         each update)."""
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._expert = [not getattr(p, "allreduce", True) for p in self._params]
+        self._dense_once, self._experts = self._model_parts()
         self.optimizer: Any
         """``torch.optim.AdamW``, or with ``cfg.distributed_optimizer`` megatron's ``ChainedOptimizer``
         of ``DistributedOptimizer`` (dense parameters; and expert parameters under EP)."""
@@ -527,7 +526,8 @@ class MegatronEngine:
         With several processes ``batch`` is this rank's rows and the call is collective (the experts
         exchange tokens); ``loss`` is then this rank's share of the global batch's loss (what it
         back-propagates), the other terms are this rank's own values (:meth:`step` reports the
-        global ones).
+        global ones). ``l2_anchor`` is the whole model's value and carries no gradient: :meth:`step`
+        adds its gradient to the reduced gradients.
         """
         tokens_BT1 = self._tokens(getattr(batch, "tokens", batch))
         inputs_BT, labels_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
@@ -600,7 +600,7 @@ class MegatronEngine:
         loss = loss + (router_loss if self.tp_size == 1 else router_loss / self.tp_size)
         # what the reported loss lacks for the router terms' full weight (the mean over ranks)
         self._loss_report_offset = float(router_loss.detach()) * (1 - 1 / self.tp_size)
-        if self._anchor is not None:
+        if self._anchor is not None:  # no gradient here: step adds it to the reduced gradients
             terms["l2_anchor"] = self._l2_anchor()
             loss = loss + self.cfg.l2_anchor_coef * terms["l2_anchor"]
         if self.reference is not None:
@@ -611,20 +611,63 @@ class MegatronEngine:
         terms["loss"] = loss
         return terms
 
-    def _l2_anchor(self) -> torch.Tensor:
-        """``Σ ||θ − θ0||²`` with this rank's expert part weighted by the EP size.
+    def _model_parts(self) -> tuple[list[int], list[int]]:
+        """Indices into ``_params`` that, summed over the model-parallel groups, cover the model once.
 
-        The step follows the mean of the ranks' losses; each EP group holds every expert once, so
-        weighting the local expert sum by ``ep_size`` makes that mean the full model's anchor (and
-        with one process it is exactly :func:`objectives.l2_anchor_loss`).
+        Dense parameters: tensor-parallel slices on every TP rank, replicated tensors on TP rank 0
+        only (to be summed over the TP group); experts: every local one (to be summed over the EP
+        group, which holds each expert once).
+        """
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        dense = [
+            i
+            for i, (p, e) in enumerate(zip(self._params, self._expert, strict=True))
+            if not e and (self.tp_size == 1 or param_is_not_tensor_parallel_duplicate(p))
+        ]
+        return dense, [i for i, e in enumerate(self._expert) if e]
+
+    def _sum_over_model(self, dense: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """The whole model's value of a sum over parameters, from this rank's :meth:`_model_parts`
+        sums (collective under TP or EP)."""
+        from megatron.core import parallel_state
+
+        if self.tp_size > 1:
+            dist.all_reduce(dense, group=parallel_state.get_tensor_model_parallel_group())
+        if self.ep_size > 1:
+            dist.all_reduce(expert, group=parallel_state.get_expert_model_parallel_group())
+        return dense + expert
+
+    @torch.no_grad()
+    def _l2_anchor(self) -> torch.Tensor:
+        """``Σ ||θ − θ0||²`` over the whole model: the same value on every rank, without gradient.
+
+        Its gradient, ``2 (θ − θ0)`` per parameter, is added to the reduced gradients by
+        :meth:`_add_l2_anchor_grad`: added to each rank's loss instead, it would be scaled by however
+        the parallel layout reduces that parameter's gradient (summed over sequence-parallel
+        replicas, averaged over data-parallel ranks). With one process the value is exactly
+        :func:`objectives.l2_anchor_loss`.
         """
         assert self._anchor is not None
-        if self.ep_size == 1:
+        if self.ep_size == 1 and self.tp_size == 1:
             return objectives.l2_anchor_loss(self._params, self._anchor)
-        dense = [(p, a) for p, a, e in zip(self._params, self._anchor, self._expert, strict=True) if not e]
-        expert = [(p, a) for p, a, e in zip(self._params, self._anchor, self._expert, strict=True) if e]
-        total = objectives.l2_anchor_loss(*zip(*dense, strict=True))
-        return total + self.ep_size * objectives.l2_anchor_loss(*zip(*expert, strict=True))
+        params, anchor = self._params, self._anchor
+
+        def part(indices: list[int]) -> torch.Tensor:
+            if not indices:
+                return torch.zeros((), dtype=torch.float32, device=self.device)
+            return objectives.l2_anchor_loss([params[i] for i in indices], [anchor[i] for i in indices])
+
+        return self._sum_over_model(part(self._dense_once), part(self._experts))
+
+    def _add_l2_anchor_grad(self) -> None:
+        """``main_grad += coef · 2 (θ − θ0)`` on every local parameter, after the gradient reduction
+        (the gradient of the L2 anchor, whatever the parallel layout)."""
+        assert self._anchor is not None
+        scale = 2.0 * self.cfg.l2_anchor_coef
+        with torch.no_grad():
+            for param, anchor in zip(self._params, self._anchor, strict=True):
+                param.main_grad.add_(param.detach() - anchor, alpha=scale)
 
     # -- step ----------------------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -648,24 +691,12 @@ class MegatronEngine:
         group, replicated tensors counted on TP rank 0), expert ones summed over the EP group."""
         if self.ep_size == 1 and self.tp_size == 1:
             return torch.nn.utils.get_total_norm([p.grad for p in self._params], 2.0, foreach=False)
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        dense = [p.grad for p, e in zip(self._params, self._expert, strict=True) if not e]
-        if self.tp_size > 1:
-            dense = [
-                p.grad
-                for p, e in zip(self._params, self._expert, strict=True)
-                if not e and param_is_not_tensor_parallel_duplicate(p)
-            ]
-        expert = [p.grad for p, e in zip(self._params, self._expert, strict=True) if e]
-        dense_sq = torch.nn.utils.get_total_norm(dense, 2.0, foreach=False).float() ** 2
-        expert_sq = torch.nn.utils.get_total_norm(expert, 2.0, foreach=False).float() ** 2
-        if self.tp_size > 1:
-            dist.all_reduce(dense_sq, group=parallel_state.get_tensor_model_parallel_group())
-        if self.ep_size > 1:
-            dist.all_reduce(expert_sq, group=parallel_state.get_expert_model_parallel_group())
-        return (dense_sq + expert_sq).sqrt()
+        def sq(indices: list[int]) -> torch.Tensor:
+            grads = [self._params[i].grad for i in indices]
+            return torch.nn.utils.get_total_norm(grads, 2.0, foreach=False).float() ** 2
+
+        return self._sum_over_model(sq(self._dense_once), sq(self._experts)).sqrt()
 
     def _distributed_update(self, grad_norm: float) -> None:
         """Clip the distributed optimizer's fp32 main gradients by the global norm and step.
@@ -727,6 +758,8 @@ class MegatronEngine:
                 from megatron.core.distributed import finalize_model_grads
 
                 finalize_model_grads([self.ddp])
+            if self._anchor is not None:
+                self._add_l2_anchor_grad()
             if self.cfg.distributed_optimizer:
                 self.optimizer.prepare_grads()  # this rank's shard of main_grad -> the fp32 main params
                 grad_norm = float(self.optimizer.get_grad_norm())  # over every rank's shard
