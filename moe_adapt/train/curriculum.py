@@ -4,8 +4,9 @@ The data stage cuts every language into ``K`` quantile buckets of difficulty (bu
 easiest). A curriculum has ``P <= K`` phases; the buckets, ordered by ``order``, are split into ``P``
 contiguous groups (``numpy.array_split``), so with ``P == K`` phase ``i`` reads bucket ``i`` alone
 (easy_to_hard). With ``pacing=linear`` the next phase's buckets are blended in linearly over the last
-``blend_fraction`` of each phase. Phase lengths are given in tokens or in optimizer steps; the last
-phase goes on for as long as training does.
+``blend_fraction`` of each phase. The lengths of every phase but the last are given, in tokens or in
+optimizer steps; the last phase goes on for as long as training does, so ``P - 1`` lengths make
+``P`` phases (``[40, 30]``: three phases, easy for 40 steps, medium for 30, then hard).
 
 :func:`phase_at` is a pure function of (config, position, number of buckets, seed).
 """
@@ -38,11 +39,13 @@ class CurriculumConfig:
     seed)."""
 
     phase_tokens: list[int] | None = None
-    """Length of each phase in training tokens (sequences x seq_len); one entry per phase. Set this or
-    phase_steps; with neither, one phase reads every bucket (no curriculum)."""
+    """Length in training tokens (sequences x seq_len) of every phase but the last, which runs to the
+    end of training: N entries make N + 1 phases. Set this or phase_steps; with neither, one phase
+    reads every bucket (no curriculum)."""
 
     phase_steps: list[int] | None = None
-    """Length of each phase in optimizer steps (needs the global batch size); one entry per phase."""
+    """Length in optimizer steps of every phase but the last (which runs to the end): N entries make
+    N + 1 phases. Needs the global batch size."""
 
     pacing: str = "step"
     """step (switch buckets at the phase boundary) or linear (blend the next phase in; see blend_fraction)."""
@@ -69,7 +72,7 @@ class CurriculumConfig:
             lengths = getattr(self, key)
             if lengths is not None:
                 if len(lengths) == 0:
-                    _fail(key, lengths, "give at least one phase length (or null for no curriculum)")
+                    _fail(key, lengths, "give the length of every phase but the last (or null for one phase)")
                 if any(int(n) < 1 for n in lengths):
                     _fail(key, lengths, "every phase length must be >= 1")
         if not 0.0 < self.blend_fraction <= 1.0:
@@ -81,9 +84,9 @@ class CurriculumConfig:
 
     @property
     def num_phases(self) -> int:
-        """Number of phases (1 when no phase lengths are given)."""
+        """Number of phases: one more than the lengths given (the last runs to the end)."""
         lengths = self.phase_tokens if self.phase_tokens is not None else self.phase_steps
-        return 1 if lengths is None else len(lengths)
+        return 1 if lengths is None else len(lengths) + 1
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,12 @@ class Curriculum:
         lengths = cfg.phase_steps if cfg.phase_steps is not None else cfg.phase_tokens
         key = "phase_steps" if cfg.phase_steps is not None else "phase_tokens"
         if cfg.num_phases > num_buckets:
-            _fail(key, lengths, f"{cfg.num_phases} phases but the shards have only {num_buckets} buckets")
+            _fail(
+                key,
+                lengths,
+                f"{cfg.num_phases} phases (one per length, and the last, which runs to the end) but the "
+                f"shards have only {num_buckets} difficulty buckets",
+            )
         if cfg.order == "easy_to_hard":
             ordered = list(range(num_buckets))
         elif cfg.order == "hard_to_easy":
@@ -130,14 +138,24 @@ class Curriculum:
             tuple(int(b) for b in g) for g in np.array_split(np.asarray(ordered), cfg.num_phases)
         ]
         self.lengths: list[int] = [int(n) for n in lengths] if lengths is not None else []
+        """Length of every phase but the last."""
         self.starts: list[int] = [0]
-        for n in self.lengths[:-1]:
+        for n in self.lengths:
             self.starts.append(self.starts[-1] + n)
 
     @property
     def num_phases(self) -> int:
         """Number of phases."""
         return len(self.groups)
+
+    def describe(self) -> str:
+        """One line: each phase's buckets and length, e.g. ``3 phases: buckets [0] for 40 steps, [1] for
+        30 steps, [2] to the end``."""
+        parts = [f"{list(g)} for {n:,} {self.unit}" for g, n in zip(self.groups, self.lengths, strict=False)]
+        if self.num_phases == 1:
+            return f"1 phase: buckets {list(self.groups[0])}"
+        parts.append(f"{list(self.groups[-1])} to the end")
+        return f"{self.num_phases} phases ({self.cfg.order}): buckets " + ", ".join(parts)
 
     def _to_units(self, tokens: int) -> float:
         if self.unit == "tokens":

@@ -92,7 +92,7 @@ def write_shards(out: Path, tokens_per_shard: int) -> None:
 def make_sampler(shard_dir: Path, seq_len: int, phase_tokens: int) -> MixtureSampler:
     """The benchmarked configuration."""
     mix = MixtureConfig(target_ratio=0.8, seq_len=seq_len, max_epochs=100)
-    cur = CurriculumConfig(phase_tokens=[phase_tokens] * 3, pacing="linear", blend_fraction=0.2)
+    cur = CurriculumConfig(phase_tokens=[phase_tokens] * 2, pacing="linear", blend_fraction=0.2)
     return MixtureSampler(shard_dir, mix, cur, seed=0)
 
 
