@@ -354,7 +354,7 @@ def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, A
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:
     """Write ``out/model``: config, safetensors weights, tokenizer, generation config (and, when
-    pretraining, ``out/metrics.jsonl``: one line per pretraining step).
+    pretraining, ``out/metrics.jsonl``: one line per pretraining step, drawn in ``out/curves.png``).
 
     Returns the stage summary; paths in it are relative to the stage folder.
     """
@@ -383,6 +383,8 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
         summary["pretrain"] = pretrain(cfg, start_dir, tokenizer, work)
         shutil.move(str(work / "model"), str(model_dir))
         shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
+        if (work / "curves.png").is_file():
+            shutil.move(str(work / "curves.png"), str(out / "curves.png"))
         generation.save_pretrained(model_dir)
         shutil.rmtree(work)
         shutil.rmtree(start_dir)

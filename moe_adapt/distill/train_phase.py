@@ -33,6 +33,7 @@ from moe_adapt.train.callbacks import (
     NaNGuardCallback,
     latest_checkpoint,
 )
+from moe_adapt.train.curves import write_training_curves
 from moe_adapt.train.objectives import KDSettings
 from moe_adapt.train.trainer import Trainer
 
@@ -119,7 +120,8 @@ def run_train_phase(
     callbacks: Sequence[Callback] = (),
     engine: str = "auto",
 ) -> dict[str, Any]:
-    """Train ``init_from`` on ``examples``; writes ``work/model`` and ``work/metrics.jsonl``.
+    """Train ``init_from`` on ``examples``; writes ``work/model``, ``work/metrics.jsonl`` and
+    ``work/curves.png`` (:mod:`moe_adapt.train.curves`).
 
     ``callbacks`` are added to the metrics, NaN-guard and checkpoint ones (progress, wandb);
     ``engine`` is hf, megatron or auto (:func:`moe_adapt.engines.build_engine`).
@@ -163,6 +165,7 @@ def run_train_phase(
         trainer.resume(latest)
     trainer.fit()
     trained.save_hf(work / "model")
+    write_training_curves(work / "metrics.jsonl", work / "curves.png", title=name)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     last = _last_metrics(work / "metrics.jsonl")
     return {

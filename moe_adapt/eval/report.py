@@ -27,8 +27,9 @@ import numpy as np
 import yaml
 
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.eval._io import atomic_write_text, new_figure, save_figure
 from moe_adapt.eval.stats import bootstrap_ci, paired_difference
+from moe_adapt.fs import atomic_write_text
+from moe_adapt.plots import new_figure, save_figure
 
 __all__ = ["FailedRun", "RunRecord", "Sweep", "build_report", "contamination_lines", "load_sweep"]
 

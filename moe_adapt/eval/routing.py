@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.eval._io import atomic_write_text, new_figure, save_figure
+from moe_adapt.fs import atomic_write_text
+from moe_adapt.plots import new_figure, save_figure
 
 __all__ = [
     "analyze_routing",

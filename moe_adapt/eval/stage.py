@@ -25,13 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.eval._io import atomic_write_text
 from moe_adapt.eval.bilingual import MCPrediction, bilingual_metrics, expected_calibration_error
 from moe_adapt.eval.config import BenchmarkEntry, EvalConfig
 from moe_adapt.eval.heldout import HeldOut, load_heldout
 from moe_adapt.eval.mc import MCSet, ScoredItem, load_mc_items, score_items
 from moe_adapt.eval.stats import bootstrap_ci
 from moe_adapt.eval.summary import log_table, render_markdown
+from moe_adapt.fs import atomic_write_text
 
 __all__ = ["evaluate_model", "run"]
 

@@ -115,6 +115,15 @@ class Batch:
         """The source name of each sequence."""
         return [self.names[i] for i in self.source_ids.tolist()]
 
+    def metrics(self) -> dict[str, float]:
+        """What the trainer logs about the stream with each step: ``phase`` (the curriculum phase of
+        the batch's sequences, their mean where a batch crosses into the next phase) and
+        ``data/<source>`` (each source's share of the batch's sequences)."""
+        shares = np.bincount(self.source_ids, minlength=len(self.names)) / self.source_ids.size
+        out = {"phase": float(self.phases.mean())}
+        out.update({f"data/{name}": float(x) for name, x in zip(self.names, shares.tolist(), strict=True)})
+        return out
+
 
 @dataclass
 class _Take:
@@ -232,6 +241,7 @@ class MixtureSampler:
         if self.curriculum.unit == "steps" and tps is None:
             raise MoEAdaptConfigError("curriculum.phase_steps needs the sampler's global_batch_size")
         self._unit_tokens: int = 1 if tps is None or self.curriculum.unit == "tokens" else tps
+        log.info("curriculum: %s", self.curriculum.describe())
         weights = resolve_weights(shards, mixture)
         self.sources: list[str] = list(weights)
         self.weights_N = np.array([weights[s] for s in self.sources])

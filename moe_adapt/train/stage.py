@@ -2,7 +2,8 @@
 
 Inputs: an HF MoE checkpoint (``cpt.init_from``) and the data stage's shards (``cpt.shards``).
 Outputs in the stage folder: ``model/`` (HF checkpoint), ``metrics.jsonl`` (one line per step),
-``heldout.jsonl`` (per-language held-out loss at each evaluation) and ``summary.json`` (held-out loss
+``heldout.jsonl`` (per-language held-out loss at each evaluation), ``curves.png`` (both drawn:
+:mod:`moe_adapt.train.curves`) and ``summary.json`` (held-out loss
 before/after per language and, with ``cpt.forgetting_bound``, whether each bounded language stayed
 within its bound: :func:`forgetting_report`).
 
@@ -38,6 +39,7 @@ from moe_adapt.train.callbacks import (
     latest_checkpoint,
     main_only,
 )
+from moe_adapt.train.curves import write_training_curves
 from moe_adapt.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,8 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
     for name in ("metrics.jsonl", "heldout.jsonl"):
         if (work / name).is_file():
             shutil.copy2(work / name, out / name)
+    heldout = out / "heldout.jsonl"
+    write_training_curves(out / "metrics.jsonl", out / "curves.png", heldout=heldout, title="cpt")
     atomic_write_json(out / "summary.json", summary)
     shutil.rmtree(work, ignore_errors=True)
     if not any(work.parent.iterdir()):

@@ -140,6 +140,9 @@ class Trainer:
         while self.step < self.max_steps and not self.should_stop:
             batch = self.sampler.next_batch(self.batch_size)
             metrics = self.engine.step(batch)
+            describe = getattr(batch, "metrics", None)  # the sampler's batches: phase, source shares
+            if describe is not None:
+                metrics.update(describe())
             self.step += 1
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step, metrics)

@@ -73,6 +73,11 @@ def test_cpt_trains_and_resumes_bit_exactly(upcycled, tmp_path, monkeypatch):
         "he": {"bound": 0.1, "held": None, "note": "the held-out set has no he documents"},
     }
     assert summary["heldout_delta"]["loss_ar"] < 0  # the target language is being learnt
+    rows = [json.loads(line) for line in (straight / "cpt" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == [0, 0, 1, 1, 2, 2]  # phase_steps=[2, 2]: three phases
+    assert all(r["data/hadith_ar"] + r["data/hadith_en"] == 1.0 for r in rows)
+    assert sum(r["data/hadith_ar"] for r in rows) / len(rows) == pytest.approx(0.8, abs=0.05)
+    assert (straight / "cpt" / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert [
         r["step"] for r in map(json.loads, (straight / "cpt" / "heldout.jsonl").read_text().splitlines())
     ] == [0, 3, 6]

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the eval modules: atomic writes and headless matplotlib figures.
+"""Headless matplotlib figures, saved atomically (the eval reports and the training curves).
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, never through
 ``pyplot``, so no global backend is switched and no window opens.
@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.fs import atomic_write_text
 
-__all__ = ["atomic_write_text", "new_figure", "save_figure"]
+__all__ = ["new_figure", "save_figure"]
 
 
 def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, list[Any]]:
