@@ -55,6 +55,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert set(distill["accuracy"]["after_token_kd"]) == {"ar", "en", "gap"}
     assert distill["verify"]["kept"] + distill["verify"]["rejected"] == distill["generate"]["traces"]
     assert (tmp_path / "distill" / "model" / "config.json").is_file()
+    for trained in ("init_dense", "cpt", "teacher", "distill/seq_kd", "distill/token_kd"):
+        assert (tmp_path / trained / "curves.png").is_file(), trained
     assert list((tmp_path / "wandb").glob("offline-run-*"))  # the default logger mirrors offline
 
 

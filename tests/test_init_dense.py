@@ -55,7 +55,7 @@ def test_pretraining_learns_english_and_is_deterministic(tmp_path):
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= {
         f.name for f in (folder / "model").iterdir()
     }
-    assert sorted(f.name for f in folder.iterdir()) == [MARKER, "metrics.jsonl", "model"]
+    assert sorted(f.name for f in folder.iterdir()) == [MARKER, "curves.png", "metrics.jsonl", "model"]
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 12
 
     # the loss of the random model (same seed) is the pretraining's "before"; pretraining lowers it

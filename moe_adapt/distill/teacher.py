@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:
-    """Write ``prompts/`` and ``model/`` (plus ``metrics.jsonl`` and ``summary.json``) into ``out``."""
+    """Write ``prompts/`` and ``model/`` (plus ``metrics.jsonl``, ``curves.png`` and ``summary.json``)
+    into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from moe_adapt.init_dense import build_config
@@ -97,6 +98,8 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     )
     shutil.move(str(work / "model"), str(out / "model"))
     shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
+    if (work / "curves.png").is_file():
+        shutil.move(str(work / "curves.png"), str(out / "curves.png"))
     shutil.rmtree(init)
     shutil.rmtree(work, ignore_errors=True)
     eval_cfg = DistillEvalConfig(max_prompts=t.test_per_lang, max_new_tokens=cfg.distill.eval.max_new_tokens)

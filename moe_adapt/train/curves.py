@@ -6,7 +6,8 @@
 * **loss**: ``loss`` at every step (faint) and its exponential moving average, with ``lm_loss`` and
   ``kd_loss`` smoothed the same way where they differ from ``loss``;
 * **held-out loss** per language (``loss_<lang>`` of ``heldout.jsonl``): forgetting shows here;
-* **data mix**: each source's share of the sequences (``data/<source>``, smoothed);
+* **data mix**: each source's share of the sequences so far (from ``data/<source>``, each batch's
+  share; with equal batches their running mean);
 * **learning rate**, **gradient norm** (log scale);
 * **router health**: the coefficient of variation of the expert load and the busiest expert's load
   relative to an even share (``moe/load_cv``, ``moe/max_load``).
@@ -69,6 +70,15 @@ def ema(values: Sequence[float], smoothing: float) -> list[float]:
     return out
 
 
+def running_mean(values: Sequence[float]) -> list[float]:
+    """The mean of the values up to each one."""
+    total, out = 0.0, []
+    for i, v in enumerate(values, 1):
+        total += v
+        out.append(total / i)
+    return out
+
+
 def phase_starts(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
     """``(step, phase)`` for every step whose batch reaches a phase later than the step before's."""
     starts, last = [], None
@@ -93,7 +103,7 @@ def plot_training_curves(
         return None
     keys = {k for row in rows for k in row}
     # (title, metric keys and labels, style, source rows, log scale); styles: "loss" (each step faint
-    # and the EMA), "ema", "raw", "points" (held-out evaluations)
+    # and the EMA), "ema", "mean" (running), "raw", "points" (held-out evaluations)
     panels: list[tuple[str, list[tuple[str, str]], str, Sequence[Mapping[str, Any]], bool]] = []
     losses = [("loss", "loss")]
     losses += [(k, k) for k in ("lm_loss", "kd_loss") if k in keys and _differs(rows, k, "loss")]
@@ -101,7 +111,7 @@ def plot_training_curves(
     languages = sorted({k for row in held for k in row if k.startswith("loss_")})
     panels.append(("held-out loss", [(k, k.removeprefix("loss_")) for k in languages], "points", held, False))
     sources = sorted(k for k in keys if k.startswith("data/"))
-    panels.append(("data mix: share of sequences (EMA)", [(k, k[5:]) for k in sources], "ema", rows, False))
+    panels.append(("data mix: share of sequences so far", [(k, k[5:]) for k in sources], "mean", rows, False))
     panels.append(("learning rate", [("lr", "lr")], "raw", rows, False))
     panels.append(("gradient norm (EMA)", [("grad_norm", "grad_norm")], "ema", rows, True))
     router = [(k, k) for k in ("moe/load_cv", "moe/max_load")]
@@ -128,7 +138,8 @@ def plot_training_curves(
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, ema(values, smoothing), color=color, label=label)
             else:
-                ax.plot(steps, ema(values, smoothing) if style == "ema" else values, color=color, label=label)
+                shown = {"ema": lambda v: ema(v, smoothing), "mean": running_mean}.get(style, list)(values)
+                ax.plot(steps, shown, color=color, label=label)
         for step, phase in starts:
             ax.axvline(step, color="grey", linestyle=":", linewidth=1)
             ax.annotate(f"phase {phase}", (step, 1.0), xycoords=("data", "axes fraction"),

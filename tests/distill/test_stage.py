@@ -65,7 +65,7 @@ def test_every_phase_runs_and_reports(lm_factory, prompt_files, tmp_path) -> Non
     assert summary["verify"]["kept"] + summary["verify"]["rejected"] == 24
     for name in ("sft", "seq_kd", "token_kd", "select_kd"):
         assert summary[name]["steps"] == 3
-        assert (out / name / "metrics.jsonl").is_file()
+        assert (out / name / "metrics.jsonl").is_file() and (out / name / "curves.png").is_file()
     assert set(summary["accuracy"]) == {
         "teacher",
         "student_before",

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_adapt.train.curves import ema, phase_starts, plot_training_curves, write_training_curves
+from moe_adapt.train.curves import (
+    ema,
+    phase_starts,
+    plot_training_curves,
+    running_mean,
+    write_training_curves,
+)
 from moe_adapt.train.sampler import Batch
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +30,13 @@ def test_batch_metrics_are_the_phase_and_each_sources_share() -> None:
 
 def test_ema_skips_non_finite_values_and_phase_starts_follow_the_phase() -> None:
     assert ema([2.0, math.nan, 2.0], 0.5) == [2.0, 2.0, 2.0]  # bias-corrected: no drift from 0
-    assert ema([0.0, 4.0], 0.5) == [0.0, 8.0 / 3.0]  # (0.5·0.5·0 + 0.5·4) / (0.5·0.5 + 0.5)
+    assert ema([0.0, 4.0], 0.5) == [0.0, 8.0 / 3.0]
+    assert running_mean([0.75, 0.875, 0.75, 0.875]) == [
+        0.75,
+        0.8125,
+        0.125 * 19 / 3,
+        0.8125,
+    ]  # (0.5·0.5·0 + 0.5·4) / (0.5·0.5 + 0.5)
     rows = [{"step": s, "phase": p} for s, p in enumerate([0, 0, 0.5, 1, 1, 2, 2], 1)]
     assert phase_starts(rows) == [(3, 1), (6, 2)]  # a batch across the boundary belongs to the new phase
 
