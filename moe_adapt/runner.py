@@ -7,7 +7,7 @@ stage whose folder exists is complete. A re-run skips complete stages, but refus
 that was made with different settings (it names the settings that changed). Once a stage runs,
 every stage after it runs too, since its inputs changed.
 
-Under torchrun (several processes, :mod:`moe_adapt.train.distributed`) every process runs the
+Under torchrun (several processes, :mod:`moe_adapt.distributed`) every process runs the
 pipeline, but only rank 0 writes the run directory: it decides whether a stage is skipped and tells
 the others. A distributed stage (``cpt``) runs on every rank, the other ranks writing into a scratch
 folder that is thrown away; any other stage runs on rank 0 alone while the others wait. Every rank
@@ -22,7 +22,6 @@ import hashlib
 import importlib
 import json
 import logging
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,16 +31,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from moe_adapt import distributed
 from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_dir, atomic_write_json
-from moe_adapt.train import distributed
+from moe_adapt.redact import redact
 
 log = logging.getLogger("moe_adapt")
 
 MARKER = "_COMPLETE.json"
-SECRET_KEY = re.compile(r"(secret|password|passwd|api_?key|credential|(^|_)(token|auth)$)", re.IGNORECASE)
-"""Config keys whose values never reach a file or a log (hf_token, wandb_api_key, ...; not tokenizer)."""
 
 
 @dataclass(frozen=True)
@@ -72,15 +70,6 @@ STAGES: dict[str, Stage] = {
     "eval": Stage("moe_adapt.eval.stage:run", ("eval", "seed")),
     "report": Stage("moe_adapt.eval.report_stage:run", ("report", "seed")),
 }
-
-
-def redact(obj: Any) -> Any:
-    """A copy of a plain config tree with values of secret-looking keys replaced."""
-    if isinstance(obj, dict):
-        return {k: "***" if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
 
 
 LAYOUT_KEYS = ("engine.parallel",)

@@ -9,7 +9,8 @@ import pytest
 from moe_adapt import runner
 from moe_adapt.config import compose, to_config
 from moe_adapt.errors import MoEAdaptConfigError
-from moe_adapt.runner import MARKER, redact, run_pipeline
+from moe_adapt.redact import redact
+from moe_adapt.runner import MARKER, run_pipeline
 
 FAST = [
     "stages=[init_dense,upcycle]",

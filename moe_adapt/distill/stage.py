@@ -32,9 +32,9 @@ from moe_adapt.distill.train_phase import (
     trace_examples,
 )
 from moe_adapt.distill.verify import Trace, render_report_markdown, verify_traces
+from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json, atomic_write_text
-from moe_adapt.train.objectives import KDSettings
 from moe_adapt.train.progress import stage_logging_callbacks
 
 log = logging.getLogger(__name__)

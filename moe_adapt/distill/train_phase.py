@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_adapt.checkpoint.trainer_state import latest_checkpoint
 from moe_adapt.distill.config import TrainPhaseConfig
 from moe_adapt.distill.generate import load_topk
 from moe_adapt.distill.generation import pad_id_of
@@ -25,16 +26,10 @@ from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
 from moe_adapt.engines import build_engine
 from moe_adapt.engines.hf import HFEngineConfig
+from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train.callbacks import (
-    Callback,
-    CheckpointCallback,
-    MetricsCallback,
-    NaNGuardCallback,
-    latest_checkpoint,
-)
+from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
 from moe_adapt.train.curves import write_training_curves
-from moe_adapt.train.objectives import KDSettings
 from moe_adapt.train.trainer import Trainer
 
 log = logging.getLogger(__name__)

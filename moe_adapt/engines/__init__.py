@@ -28,7 +28,7 @@ def resolve_engine_name(engine_name: str, checkpoint: str | Path) -> str:
 
     if engine_name not in ENGINES:
         raise MoEAdaptConfigError(f"engine={engine_name!r} is invalid: choose one of {', '.join(ENGINES)}")
-    from moe_adapt.train import distributed
+    from moe_adapt import distributed
 
     group = torch.distributed.is_available() and torch.distributed.is_initialized()
     if group and torch.distributed.get_world_size() > 1 and not distributed.current().is_distributed:

@@ -2,7 +2,7 @@
 
 The engine owns forward, backward and the optimizer step; the trainer loop, the data and the optional
 features (checkpointing, metrics, NaN guard) live in :mod:`moe_adapt.train`. Loss terms come from
-:mod:`moe_adapt.train.objectives`:
+:mod:`moe_adapt.engines.objectives`:
 
     loss = lm + aux_loss_coef · load_balancing + z_loss_coef · router_z
               + l2_anchor_coef · ||θ − θ0||² + kl_anchor_coef · KL(p_ref ‖ p)
@@ -13,9 +13,9 @@ not applied (gradients are dropped, weights and optimizer state untouched) and r
 ``skipped=1.0``; the LR schedule still advances, so it stays aligned with the data.
 
 With ``kd`` settings the language-model term is replaced by token-level distillation
-(:func:`moe_adapt.train.objectives.token_kd_loss`) against an online teacher or stored top-k.
+(:func:`moe_adapt.engines.objectives.token_kd_loss`) against an online teacher or stored top-k.
 
-Several processes (torchrun; :mod:`moe_adapt.train.distributed`): ``engine.parallel`` picks DDP
+Several processes (torchrun; :mod:`moe_adapt.distributed`): ``engine.parallel`` picks DDP
 (every rank holds the whole model, gradients are averaged) or FSDP2 (``fully_shard`` per decoder
 layer: parameters, gradients and optimizer state are sharded). Every rank receives the same global
 batch and trains on its own contiguous slice of rows; the loss each rank back-propagates is its share
@@ -42,11 +42,13 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from moe_adapt import distributed
+from moe_adapt.checkpoint import router_bias as bias_file
+from moe_adapt.checkpoint.router_bias import RouterBias
+from moe_adapt.distributed import DistContext
+from moe_adapt.engines import data_parallel, objectives, router_health
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError, invalid
 from moe_adapt.fs import atomic_dir
-from moe_adapt.train import distributed, objectives, router_health
-from moe_adapt.train.distributed import DistContext
-from moe_adapt.train.router_health import RouterBias
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +249,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, *, rout
         str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     if router_bias:
-        router_health.load_router_bias(model, path)
+        bias_file.load_router_bias(model, path)
     return model
 
 
@@ -457,7 +459,7 @@ class HFEngine:
                 "engine shards optimizer state with engine.parallel=fsdp2",
             )
         self.dist = dist or distributed.current()
-        """The processes training together (:func:`moe_adapt.train.distributed.current` by default)."""
+        """The processes training together (:func:`moe_adapt.distributed.current` by default)."""
         self.parallel = resolve_parallel(self.cfg.parallel, self.dist)
         """none, ddp or fsdp2: ``cfg.parallel`` resolved for the number of processes."""
         self.source = Path(checkpoint)
@@ -483,7 +485,7 @@ class HFEngine:
                 f"needs an MoE model; {type(self.model).__name__} is dense",
             )
         # biases saved with the checkpoint route as they did in training; they move only when updated
-        self.router_bias: RouterBias | None = router_health.load_router_bias(
+        self.router_bias: RouterBias | None = bias_file.load_router_bias(
             self.model, self.source, self.cfg.bias_update_rate or 1e-3
         )
         if self.router_bias is None and self.cfg.bias_update_rate > 0:
@@ -598,7 +600,7 @@ class HFEngine:
             terms.update(kd_terms)
             loss = kd_terms["kd_loss"]
         if shared:
-            loss = distributed.share_of_global(loss, logits_BTV, *self._counted, self.dist)
+            loss = data_parallel.share_of_global(loss, logits_BTV, *self._counted, self.dist)
         if self.moe is not None:
             router_LTE = [x for x in (getattr(out, "router_logits", None) or ()) if x is not None]
             if not router_LTE:
@@ -609,7 +611,7 @@ class HFEngine:
             self._load_LE = router_health.expert_load(router_LTE, self.moe[1], bias_LE)
             self._routed_tokens = router_LTE[0].shape[0]
             terms["aux_loss"] = (
-                distributed.global_load_balancing_loss(router_LTE, self.moe[1], self.dist)
+                data_parallel.global_load_balancing_loss(router_LTE, self.moe[1], self.dist)
                 if shared
                 else objectives.load_balancing_loss(router_LTE, self.moe[1])
             )
@@ -709,7 +711,7 @@ class HFEngine:
     def _shared_step(self, batch: Any, lr: float) -> tuple[dict[str, float], bool, float]:
         """Forward and backward of this rank's rows; the global batch's metrics, skip decision and
         gradient norm (identical on every rank)."""
-        local = distributed.rows_of(batch, self.dist)
+        local = data_parallel.rows_of(batch, self.dist)
         terms = self.forward_loss(local)
         # every rank joins the gradient all-reduce, even with a non-finite loss; the step is then skipped
         terms["loss"].backward()
@@ -724,9 +726,9 @@ class HFEngine:
         extra = [torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], dtype=torch.float64)]
         if self._load_LE is not None:
             extra.append(self._load_LE.detach().reshape(-1).to(device="cpu", dtype=torch.float64))
-        means, summed = distributed.weighted_mean(
+        means, summed = data_parallel.weighted_mean(
             values,
-            distributed.metric_weights(terms, self._counted[0], self._lang_counted),
+            data_parallel.metric_weights(terms, self._counted[0], self._lang_counted),
             keys,
             self.dist,
             extra=torch.cat(extra),
@@ -857,7 +859,7 @@ class HFEngine:
             with atomic_dir(final) as tmp:
                 self.model.save_pretrained(str(tmp), **({"state_dict": state} if state is not None else {}))
                 if self.router_bias is not None:
-                    router_health.save_router_bias(self.router_bias, tmp)
+                    bias_file.save_router_bias(self.router_bias, tmp)
                 for name in SIDE_FILES:
                     if (self.source / name).is_file():
                         shutil.copy2(self.source / name, tmp / name)

@@ -94,7 +94,7 @@ def load_causal_lm(
         )
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"cannot load checkpoint {str(ckpt)!r} as a causal LM: {err}") from err
-    from moe_adapt.train.router_health import load_router_bias
+    from moe_adapt.checkpoint.router_bias import load_router_bias
 
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() too narrowly
     load_router_bias(model, ckpt)  # aux-loss-free balancing's biases route as in training

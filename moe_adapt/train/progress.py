@@ -117,7 +117,7 @@ class LoggerConfig:
 
 # -- wandb ----------------------------------------------------------------------------------------
 def _redact(config: Mapping[str, Any]) -> dict[str, Any]:
-    from moe_adapt.runner import redact  # here, not at the top: runner imports the config schema
+    from moe_adapt.redact import redact
 
     redacted: dict[str, Any] = redact(dict(config))
     return redacted
@@ -125,7 +125,7 @@ def _redact(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _redact_arg(arg: str) -> str:
     """``+model.hf_token=abc`` -> ``+model.hf_token=***``; other arguments unchanged."""
-    from moe_adapt.runner import SECRET_KEY
+    from moe_adapt.redact import SECRET_KEY
 
     key, sep, value = arg.partition("=")
     last = key.lstrip("+~-").rsplit(".", 1)[-1].replace("-", "_")
@@ -467,7 +467,7 @@ def stage_logging_callbacks(cfg: Any, stage: str) -> list[Callback]:
     import dataclasses
     import json
 
-    from moe_adapt.runner import redact
+    from moe_adapt.redact import redact
 
     config_dict = redact(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     return logging_callbacks(cfg.logger, Path(cfg.run_dir), config_dict, stage=stage)

@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
+from moe_adapt import distributed
+from moe_adapt.checkpoint.trainer_state import latest_checkpoint
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json
-from moe_adapt.train import distributed
 from moe_adapt.train.callbacks import (
     Callback,
     CheckpointCallback,
     MetricsCallback,
     NaNGuardCallback,
-    latest_checkpoint,
     main_only,
 )
 from moe_adapt.train.curves import write_training_curves

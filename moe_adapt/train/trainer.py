@@ -24,8 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from moe_adapt.checkpoint.trainer_state import load_checkpoint
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
-from moe_adapt.train.callbacks import Callback, load_checkpoint
+from moe_adapt.train.callbacks import Callback
 
 log = logging.getLogger(__name__)
 

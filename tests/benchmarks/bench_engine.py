@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+from moe_adapt.engines import objectives
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig
-from moe_adapt.train import objectives
 
 
 def bare_steps(path: Path, batches: list[torch.Tensor], cfg: HFEngineConfig, top_k: int) -> float:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from moe_adapt.engines.objectives import TeacherTopK, token_kd_loss
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.train.objectives import TeacherTopK, token_kd_loss
 
 
 def softmax(xs: list[float], t: float = 1.0) -> list[float]:

@@ -16,9 +16,9 @@ from moe_adapt.distill import train_phase
 from moe_adapt.distill.sft_data import Example, pack_examples
 from moe_adapt.distill.tasks import make_problems, write_problem_set
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.runner import run_pipeline
-from moe_adapt.train.objectives import KDSettings
 from moe_adapt.train.trainer import Batch
 
 PHASE = "{steps: 3, batch_size: 2, seq_len: 128, lr: 1.0e-3, warmup_steps: 1, checkpoint_every: 2}"

@@ -22,17 +22,16 @@ from tests.engines.conftest import tiny_hf_model
 
 pytest.importorskip("megatron.core")
 
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
-from moe_adapt.engines.megatron.engine import MegatronEngine
-from moe_adapt.errors import CheckpointError
-from moe_adapt.train.callbacks import (
+from moe_adapt.checkpoint.trainer_state import (
     ENGINE_DIR,
-    Callback,
-    CheckpointCallback,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
 )
+from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines.megatron.engine import MegatronEngine
+from moe_adapt.errors import CheckpointError
+from moe_adapt.train.callbacks import Callback, CheckpointCallback
 from moe_adapt.train.trainer import Batch, Trainer
 
 FAMILY = "qwen2_moe"  # routed experts + a gated shared expert

@@ -58,7 +58,8 @@ def test_one_process_matches_hf(upcycled: Path, hf_losses: list[float], tmp_path
 
 
 def _worker(rank: int, port: int, run_dir: str, crash_at: int | None) -> None:
-    from moe_adapt.train import callbacks, distributed
+    from moe_adapt import distributed
+    from moe_adapt.train import callbacks
     from tests.engines.megatron_cpu import megatron_on_cpu
 
     torch.set_num_threads(1)

@@ -28,10 +28,10 @@ from tests.engines.conftest import tiny_hf_model
 
 pytest.importorskip("megatron.core")
 
+from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train.callbacks import load_checkpoint, save_checkpoint
 from moe_adapt.train.trainer import Batch
 
 FAMILY = "qwen2_moe"  # routed experts + a gated shared expert

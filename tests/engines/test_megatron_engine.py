@@ -24,12 +24,12 @@ from tests.engines.conftest import FAMILIES, tiny_hf_model
 
 pytest.importorskip("megatron.core")
 
+from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
+from moe_adapt.engines import objectives
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig
 from moe_adapt.engines.megatron.engine import MegatronEngine, init_parallel, packed_attention_mask
 from moe_adapt.engines.megatron.mapping import megatron_to_hf
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train import objectives
-from moe_adapt.train.callbacks import load_checkpoint, save_checkpoint
 from moe_adapt.train.trainer import Batch
 
 VOCAB = 101  # tests.engines.conftest.TINY_MOE

@@ -17,11 +17,11 @@ from tests.engines.conftest import tiny_hf_model
 
 pytest.importorskip("megatron.core")
 
+from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
+from moe_adapt.engines import objectives
 from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train import objectives
-from moe_adapt.train.callbacks import load_checkpoint, save_checkpoint
 from moe_adapt.train.trainer import Batch
 
 VOCAB = 128  # tensor parallel splits the vocabulary evenly (conftest's 101 is prime)

@@ -26,13 +26,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_adapt import runner
+from moe_adapt import distributed, runner
+from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
+from moe_adapt.distributed import DistContext, context_from_env
+from moe_adapt.engines.data_parallel import rows_of
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig, resolve_parallel
+from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.train import distributed
-from moe_adapt.train.callbacks import load_checkpoint, save_checkpoint
-from moe_adapt.train.distributed import DistContext, context_from_env, rows_of
-from moe_adapt.train.objectives import KDSettings
 from moe_adapt.train.trainer import Batch
 from tests.train.conftest import save_tiny_qwen3_moe
 from tests.train.test_stage import SMALL

@@ -12,18 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from moe_adapt.checkpoint.trainer_state import latest_checkpoint, list_checkpoints, load_checkpoint
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig, lr_at
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.train import Batch, CurriculumConfig, MixtureConfig, MixtureSampler
-from moe_adapt.train.callbacks import (
-    Callback,
-    CheckpointCallback,
-    MetricsCallback,
-    NaNGuardCallback,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-)
+from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
 from moe_adapt.train.trainer import Trainer
 from tests.train.conftest import bilingual, save_tiny_qwen3_moe
 

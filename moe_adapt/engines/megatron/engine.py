@@ -14,7 +14,7 @@ How each HF behaviour is matched
       HF -> megatron -> HF is bit-exact. (Every rank reads the whole HF model into host memory once,
       then keeps its own experts.) Parameters are all in ``engine.dtype``, as in the hf engine
       (megatron makes its torch norms in fp32; they are cast).
-    * Loss terms come from :mod:`moe_adapt.train.objectives`, as in the hf engine: the LM term from
+    * Loss terms come from :mod:`moe_adapt.engines.objectives`, as in the hf engine: the LM term from
       the logits, the load-balancing and z-loss from the router logits. Megatron's own auxiliary
       and z losses are off (``moe_router_load_balancing_type="none"``, no z-loss coefficient): nothing
       is counted twice. The router logits are captured by wrapping each ``TopKRouter``'s ``gating``
@@ -34,7 +34,7 @@ How each HF behaviour is matched
       megatron's own optimizer instead (see "Distributed optimizer" below), to the same update in
       float32.
     * Expert load metrics (``moe/*``) from the captured logits with
-      :mod:`moe_adapt.train.router_health`, like the hf engine (dropless; ``capacity_factor`` only
+      :mod:`moe_adapt.engines.router_health`, like the hf engine (dropless; ``capacity_factor`` only
       counts what a capacity-limited router would drop).
     * Aux-loss-free balancing (``engine.bias_update_rate > 0``, or a source checkpoint with
       ``router_bias.json``): the routers of our model instance get a ``routing`` that selects
@@ -156,6 +156,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_adapt import distributed
+from moe_adapt.checkpoint import router_bias as bias_file
+from moe_adapt.engines import data_parallel, objectives, router_health
 from moe_adapt.engines.hf import (
     DTYPES,
     SIDE_FILES,
@@ -193,7 +196,6 @@ from moe_adapt.engines.megatron.parallel import (
 )
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_dir
-from moe_adapt.train import distributed, objectives, router_health
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +287,7 @@ class MegatronEngine:
         device: ``cuda`` (default when available); ``cpu`` only with the test shim.
         lr_multiplier: scales the scheduled LR of each step (a pure function of the step).
         kd, teacher: token-level distillation (as the hf engine): with ``kd`` the LM term becomes
-            :func:`~moe_adapt.train.objectives.token_kd_loss` against ``teacher`` (an HF checkpoint
+            :func:`~moe_adapt.engines.objectives.token_kd_loss` against ``teacher`` (an HF checkpoint
             folder or model, run online on every rank) or, without one, the batch's stored top-k.
         dispatcher: megatron token dispatcher, ``alltoall`` (default; expert parallel) or ``allgather``.
     """
@@ -453,7 +455,7 @@ class MegatronEngine:
     def _initial_router_bias(self, hf_model: Any, num_layers: int, num_experts: int) -> torch.Tensor | None:
         """The selection biases to route with: saved beside the checkpoint (``router_bias.json``, read
         as the hf engine reads it), zeros when ``bias_update_rate > 0`` starts balancing, else None."""
-        saved = router_health.load_router_bias(hf_model, self.source, self.cfg.bias_update_rate or 1e-3)
+        saved = bias_file.load_router_bias(hf_model, self.source, self.cfg.bias_update_rate or 1e-3)
         if saved is not None:
             bias_LE = saved.bias_LE()
             saved.remove()
@@ -464,7 +466,7 @@ class MegatronEngine:
 
     def _instrument_router(self, router: Any, layer: int) -> None:
         """Wrap this router instance's ``gating`` to record its logits and, with selection biases, its
-        ``routing`` to select ``topk(softmax(logits) + bias)`` as :mod:`moe_adapt.train.router_health`'s
+        ``routing`` to select ``topk(softmax(logits) + bias)`` as :mod:`moe_adapt.engines.router_health`'s
         hook does in the hf engine (gate weights from the unbiased probabilities)."""
         gating, top_k, engine = router.gating, self.moe[1], self
 
@@ -585,13 +587,13 @@ class MegatronEngine:
             terms.update(kd_terms)
             loss = kd_terms["kd_loss"]
         if self._dp.is_distributed:
-            loss = distributed.share_of_global(loss, logits_BTV, *self._counted, self._dp)
+            loss = data_parallel.share_of_global(loss, logits_BTV, *self._counted, self._dp)
         # each tensor-parallel rank routes its sequence part, and the router's gradient is summed over
         # them (sequence parallel): 1/tp makes the sum the global batch's term
         self._load_LE = router_health.expert_load(router_LTE, self.moe[1], self.expert_bias_LE)
         self._routed_tokens = router_LTE[0].shape[0]
         terms["aux_loss"] = (
-            distributed.global_load_balancing_loss(router_LTE, self.moe[1], self._everyone)
+            data_parallel.global_load_balancing_loss(router_LTE, self.moe[1], self._everyone)
             if self._everyone.is_distributed
             else objectives.load_balancing_loss(router_LTE, self.moe[1])
         )
@@ -725,7 +727,7 @@ class MegatronEngine:
 
         With several data-parallel ranks ``batch`` is the global batch (the same on every rank, as
         the hf engine takes it): each rank trains on its contiguous slice of rows
-        (:func:`~moe_adapt.train.distributed.rows_of`), and every metric is the global batch's,
+        (:func:`~moe_adapt.data_parallel.rows_of`), and every metric is the global batch's,
         identical on every rank. Collective: every rank calls it.
         """
         lr = self.current_lr()
@@ -735,7 +737,7 @@ class MegatronEngine:
                 group["weight_decay"] = self.cfg.weight_decay * group["wd_mult"]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
-        local = distributed.rows_of(batch, self._dp)
+        local = data_parallel.rows_of(batch, self._dp)
         terms = self.forward_loss(local)
         metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics["loss"] += self._loss_report_offset  # 0 without tensor parallel
@@ -744,8 +746,8 @@ class MegatronEngine:
             # by repeats; the router terms are their sequence parts')
             langs = getattr(local, "langs", None) or ()
             keys = sorted({*metrics, *(f"kd_selected/{lang}" for lang in langs)})
-            weights = distributed.metric_weights(terms, self._counted[0], self._lang_counted)
-            means, _ = distributed.weighted_mean(metrics, weights, keys, self._everyone)
+            weights = data_parallel.metric_weights(terms, self._counted[0], self._lang_counted)
+            means, _ = data_parallel.weighted_mean(metrics, weights, keys, self._everyone)
             metrics = {k: means.get(k, float("nan")) for k in metrics} | means
         metrics["tokens"] = self._counted[1]
         skipped = not self._all_finite(metrics["loss"])
@@ -1017,9 +1019,7 @@ class MegatronEngine:
         full = self._full_model_tensors()
         return megatron_to_hf({k: v.detach().to("cpu", copy=True) for k, v in full.items()}, self.hf_config)
 
-    def _build_hf_model(
-        self, hf_state: dict[str, torch.Tensor]
-    ) -> tuple[Any, router_health.RouterBias | None]:
+    def _build_hf_model(self, hf_state: dict[str, torch.Tensor]) -> tuple[Any, bias_file.RouterBias | None]:
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
@@ -1030,7 +1030,7 @@ class MegatronEngine:
             hf_model.tie_weights()
         bias = None
         if self.expert_bias_LE is not None:
-            bias = router_health.RouterBias.install(hf_model, self.cfg.bias_update_rate or 1e-3)
+            bias = bias_file.RouterBias.install(hf_model, self.cfg.bias_update_rate or 1e-3)
             bias.load_state_dict({"expert_bias_LE": self.expert_bias_LE.cpu()})
         return hf_model, bias
 
@@ -1062,7 +1062,7 @@ class MegatronEngine:
             with atomic_dir(final) as tmp:
                 hf_model.save_pretrained(str(tmp))
                 if bias is not None:
-                    router_health.save_router_bias(bias, tmp)
+                    bias_file.save_router_bias(bias, tmp)
                 for name in (*SIDE_FILES, "generation_config.json"):
                     if (self.source / name).is_file():
                         shutil.copy2(self.source / name, tmp / name)

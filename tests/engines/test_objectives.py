@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from moe_adapt.errors import MoEAdaptError
-from moe_adapt.train.objectives import (
+from moe_adapt.engines.objectives import (
     kl_anchor_loss,
     l2_anchor_loss,
     lm_cross_entropy,
     load_balancing_loss,
     router_z_loss,
 )
+from moe_adapt.errors import MoEAdaptError
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

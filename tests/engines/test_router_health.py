@@ -10,17 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_adapt.checkpoint.router_bias import BIAS_FILE, RouterBias, load_router_bias, save_router_bias
+from moe_adapt.engines.objectives import lm_cross_entropy
+from moe_adapt.engines.router_health import dropped_tokens, expert_load, load_metrics
 from moe_adapt.errors import CheckpointError, MoEAdaptError
-from moe_adapt.train.objectives import lm_cross_entropy
-from moe_adapt.train.router_health import (
-    BIAS_FILE,
-    RouterBias,
-    dropped_tokens,
-    expert_load,
-    load_metrics,
-    load_router_bias,
-    save_router_bias,
-)
 
 TINY = dict(
     hidden_size=64,
