@@ -68,7 +68,7 @@ def test_every_schema_field_has_a_docstring():
         "moe_adapt.train.sampler",
         "moe_adapt.train.progress",
         "moe_adapt.distill.config",
-        "moe_adapt.distill.verify",
+        "moe_adapt.distill.verify.norms",
         "moe_adapt.distill.format",
     ]
     classes = []
