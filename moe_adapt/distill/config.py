@@ -204,7 +204,7 @@ class DistillConfig:
     """The generate phase."""
 
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    """The verify phase: which checks run and their thresholds (moe_adapt/distill/verify.py)."""
+    """The verify phase: which checks run and their thresholds (moe_adapt/distill/verify/)."""
 
     sft: TrainPhaseConfig = field(default_factory=TrainPhaseConfig)
     """The sft phase (reference responses)."""

@@ -68,6 +68,11 @@ def test_every_schema_field_has_a_docstring():
         "moe_adapt.train.sampler",
         "moe_adapt.train.progress",
         "moe_adapt.distill.config",
+        "moe_adapt.distill.verify.config",
+        "moe_adapt.distill.verify.structure",
+        "moe_adapt.distill.verify.script",
+        "moe_adapt.distill.verify.language",
+        "moe_adapt.distill.verify.answer",
         "moe_adapt.distill.verify.norms",
         "moe_adapt.distill.format",
     ]
