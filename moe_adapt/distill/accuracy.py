@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from moe_adapt.distill.config import DistillEvalConfig
+from moe_adapt.distill.decoding import generate_for_prompts
 from moe_adapt.distill.format import ResponseFormat
-from moe_adapt.distill.generation import generate_for_prompts
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.verify import Trace, VerifyConfig, build_checks, check_trace
 from moe_adapt.eval.stats import bootstrap_ci

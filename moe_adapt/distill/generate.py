@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from moe_adapt.data.jsonl import write_documents
 from moe_adapt.distill.config import GenerateConfig
-from moe_adapt.distill.generation import generate_for_prompts, pad_id_of, topk_logprobs
+from moe_adapt.distill.decoding import generate_for_prompts, pad_id_of, topk_logprobs
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.fs import atomic_write_json

@@ -20,8 +20,8 @@ import torch
 
 from moe_adapt.checkpoint.trainer_state import latest_checkpoint
 from moe_adapt.distill.config import TrainPhaseConfig
+from moe_adapt.distill.decoding import pad_id_of
 from moe_adapt.distill.generate import load_topk
-from moe_adapt.distill.generation import pad_id_of
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
 from moe_adapt.engines import build_engine

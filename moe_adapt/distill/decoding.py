@@ -5,6 +5,9 @@ response starts at the same column. Sampling is seeded per call, so a resumed ge
 reproduces the shards it had not finished. Responses are returned as token ids up to and including
 the end-of-sequence token when the model wrote one.
 
+The model-level loop only: the generate phase (prompt shards, resume, files) is
+:mod:`moe_adapt.distill.generate`, and held-out accuracy (:mod:`moe_adapt.distill.accuracy`) uses it too.
+
 Shape legend: ``B`` rows, ``P`` padded prompt length, ``R`` response tokens, ``K`` top-k entries.
 """
 
