@@ -86,6 +86,14 @@ def test_cfg_job_prints_the_resolved_config():
     assert "granularity: 2" in proc.stdout and "stages:" in proc.stdout
 
 
+def test_checkout_finds_recipes_from_another_directory(tmp_path):
+    """From a checkout, +recipe=NAME composes whatever the working directory (recipes/ is found beside the
+    package, not through the working directory)."""
+    proc = cli("--cfg", "job", "+recipe=tiny", cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "run_name: tiny" in proc.stdout
+
+
 @pytest.mark.slow
 def test_installed_wheel_finds_recipes_from_another_directory(tmp_path):
     """Build the wheel, unpack it elsewhere, and compose +recipe=tiny from an unrelated directory."""

@@ -32,6 +32,16 @@ def test_every_recipe_composes(tmp_path, recipe):
     assert cfg.stages and all(s in STAGE_ORDER for s in cfg.stages)
 
 
+def test_a_recipe_that_is_not_yaml_is_one_line_naming_it(tmp_path, monkeypatch):
+    from moe_adapt.config import sources
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    (tmp_path / "broken.yaml").write_text("# @package _global_\nstages: [upcycle\n")
+    monkeypatch.setattr(sources, "recipes_dir", lambda: tmp_path)
+    with pytest.raises(MoEAdaptConfigError, match=r"^recipe broken \(.*broken.yaml\) is not valid YAML: "):
+        sources.store_recipes()
+
+
 def test_every_stage_has_an_implementation():
     assert set(STAGES) == set(STAGE_ORDER)
     for stage in STAGES.values():
