@@ -7,6 +7,14 @@ Hydra from writing its output folder and log file and log warnings only (``launc
 A user error — a bad setting, a missing file — is printed on one line
 (``error: ...``) and the process exits with status 2, without a traceback. Set
 ``HYDRA_FULL_ERROR=1`` to see the full trace of any error.
+
+Hydra prints the errors it meets while composing the config (an unknown key, a missing group
+option) over several lines, and raises them to the caller only with ``HYDRA_FULL_ERROR=1``. So
+:func:`main` sets that variable while Hydra composes, turns what comes up into one line with
+:func:`describe`, and puts the user's value back as soon as the job starts (:func:`_app`): crashes
+inside the pipeline keep Hydra's usual report. This uses only Hydra's documented switch and adds
+no composition of its own: every path Hydra takes (``--cfg``, ``--help``, ``-m`` sweeps, ``hydra.*``
+overrides, the quiet ranks under torchrun) reports its composition errors the same way.
 """
 
 from __future__ import annotations
@@ -15,8 +23,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,15 +32,39 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from moe_adapt.config import Config, conf_dir, register, to_config
 from moe_adapt.errors import MoEAdaptError
 
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_users_full_error: list[str | None] = []
+"""While :func:`main` has set ``HYDRA_FULL_ERROR=1`` for composing: the user's own value (None: unset).
+Empty otherwise."""
+
+
+def _full_error_asked() -> bool:
+    """Whether the user asked for full traces (``HYDRA_FULL_ERROR=1``); ask after giving it back."""
+    return os.environ.get(_FULL_ERROR) == "1"
+
+
+def _give_back_full_error() -> None:
+    """Put the user's ``HYDRA_FULL_ERROR`` back (a no-op once done, or when main() did not set it)."""
+    if _users_full_error:
+        asked = _users_full_error.pop()
+        if asked is None:
+            os.environ.pop(_FULL_ERROR, None)
+        else:
+            os.environ[_FULL_ERROR] = asked
+
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def _app(cfg: DictConfig) -> None:
     from moe_adapt.runner import run_pipeline
 
+    _give_back_full_error()  # composed: from here on Hydra reports crashes as the user asked
     try:
         run_pipeline(to_config(cfg), raw=cfg)
-    except MoEAdaptError as e:  # caught here, before Hydra logs it as a crash
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # caught here, before Hydra logs it as a crash
+        line = describe(e) if isinstance(e, MoEAdaptError) or not _full_error_asked() else None
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -71,27 +102,6 @@ def describe(ex: BaseException) -> str | None:
     if isinstance(ex, HydraException):
         return " ".join(str(ex).split())
     return None
-
-
-def _report_user_errors(original: Callable[[Callable[[], Any]], Any]) -> Callable[[Callable[[], Any]], Any]:
-    def run_and_report(func: Callable[[], Any]) -> Any:
-        try:
-            return func()
-        except Exception as ex:
-            line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else describe(ex)
-            if line is None:
-                return original(_reraise(ex))
-            print(f"error: {line}", file=sys.stderr)
-            sys.exit(2)
-
-    return run_and_report
-
-
-def _reraise(ex: BaseException) -> Callable[[], NoReturn]:
-    def again() -> NoReturn:
-        raise ex
-
-    return again
 
 
 def _quiet_other_ranks(args: list[str]) -> list[str]:
@@ -133,17 +143,24 @@ def _exit_on_sigterm() -> None:
 
 def main() -> None:
     """Console entry point (``moe-adapt``)."""
-    register()
     _exit_on_sigterm()
     sys.argv = [sys.argv[0], *_quiet_other_ranks(sys.argv[1:])]
-    # Hydra prints composition errors over several lines (or with a trace); give the user one line.
-    import hydra._internal.utils as hydra_utils
-
-    if not getattr(hydra_utils.run_and_report, "_moe_adapt", False):
-        wrapped = _report_user_errors(hydra_utils.run_and_report)
-        wrapped._moe_adapt = True  # type: ignore[attr-defined]
-        hydra_utils.run_and_report = wrapped  # type: ignore[assignment]
-    _app()
+    # Hydra prints composition errors over several lines; with HYDRA_FULL_ERROR=1 it raises them to
+    # us instead, and the user gets one line. _app gives the user's value back once composed.
+    _users_full_error.append(os.environ.get(_FULL_ERROR))
+    os.environ[_FULL_ERROR] = "1"
+    try:
+        register()
+        _app()
+    except Exception as ex:
+        _give_back_full_error()
+        line = None if _full_error_asked() else describe(ex)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _give_back_full_error()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,47 @@ def test_cfg_job_prints_the_resolved_config():
     assert "granularity: 2" in proc.stdout and "stages:" in proc.stdout
 
 
+def test_checkout_finds_recipes_from_another_directory(tmp_path):
+    """From a checkout, +recipe=NAME composes whatever the working directory (recipes/ is found beside the
+    package, not through the working directory)."""
+    proc = cli("--cfg", "job", "+recipe=tiny", cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "run_name: tiny" in proc.stdout
+
+
+CRASH_PROGRAM = """
+import os, sys
+import moe_adapt.runner
+
+def crash(cfg, raw):
+    print("HYDRA_FULL_ERROR in the job:", os.environ.get("HYDRA_FULL_ERROR"), file=sys.stderr)
+    raise RuntimeError("a bug")
+
+moe_adapt.runner.run_pipeline = crash
+sys.argv = ["moe-adapt", "model.dense=/x", f"run_dir={sys.argv[1]}", "hydra.output_subdir=null"]
+from moe_adapt.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("full_error", [None, "1"])
+def test_a_bug_in_the_job_keeps_hydras_report(tmp_path, full_error):
+    """main() sets HYDRA_FULL_ERROR=1 only while Hydra composes: the job sees the user's value, and a bug
+    in the pipeline is reported by Hydra as without the one-line errors (a trace, exit status 1)."""
+    program = tmp_path / "crash.py"
+    program.write_text(CRASH_PROGRAM)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env |= {"PYTHONPATH": str(ROOT)} | ({"HYDRA_FULL_ERROR": full_error} if full_error else {})
+    proc = subprocess.run(
+        [sys.executable, str(program), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"HYDRA_FULL_ERROR in the job: {full_error}" in proc.stderr
+    assert "RuntimeError: a bug" in proc.stderr and "Traceback" in proc.stderr
+    hint = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+    assert (hint in proc.stderr) == (full_error is None), proc.stderr
+
+
 @pytest.mark.slow
 def test_installed_wheel_finds_recipes_from_another_directory(tmp_path):
     """Build the wheel, unpack it elsewhere, and compose +recipe=tiny from an unrelated directory."""

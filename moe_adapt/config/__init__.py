@@ -22,7 +22,7 @@ from moe_adapt.config.schema import (
     UpcycleMethod,
     VerifyMode,
 )
-from moe_adapt.config.sources import conf_dir, recipes_dir, register_sources
+from moe_adapt.config.sources import conf_dir, recipes_dir, store_recipes
 from moe_adapt.errors import MoEAdaptConfigError
 
 __all__ = [
@@ -45,9 +45,10 @@ SCHEMA_NAME = "moe_adapt_schema"
 
 
 def register() -> None:
-    """Register the schemas and the recipe source with Hydra. Safe to call more than once."""
+    """Register the schema and the recipes (the ``recipe`` group) with Hydra's ConfigStore. Safe to call
+    more than once. Raises :class:`MoEAdaptConfigError` for a recipe that is not valid YAML."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
-    register_sources()
+    store_recipes()
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -85,4 +86,6 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
-register()
+# The schema is known as soon as the package is imported; the recipes are read when the app or
+# compose() calls register(), where a recipe that is not valid YAML is reported as a user error.
+ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)

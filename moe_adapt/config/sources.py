@@ -1,23 +1,41 @@
-"""Where Hydra finds our configs: ``conf/`` (groups) and ``recipes/`` (the ``recipe`` group).
+"""Where Hydra finds our configs: ``conf/`` (the primary config and its groups) and ``recipes/`` (the
+``recipe`` group, applied as ``+recipe=NAME``).
 
-Recipes live at the top of the repository in ``recipes/`` but are applied as ``+recipe=NAME``, so
-the folder name and the group name differ. :class:`RecipeConfigSource` serves the folder as the
-``recipe`` group under the ``moe-adapt-recipes://`` scheme, which ``conf/config.yaml`` puts on the
-search path. From a checkout both folders sit beside the package; in an installed wheel they are
-inside it (``moe_adapt/_conf`` and ``moe_adapt/_recipes``), so the same command works from any
-directory.
+From a checkout both folders sit beside the package; an installed wheel carries them inside it
+(``moe_adapt/_conf`` and ``moe_adapt/_recipes``, see ``pyproject.toml``), so the same command works
+from any directory.
+
+Recipes live at the top of the repository, so the folder name (``recipes``) and the group name
+(``recipe``) differ, and Hydra's search path can only serve a folder as the group of the same name.
+:func:`store_recipes` therefore puts each ``recipes/NAME.yaml`` into Hydra's ``ConfigStore`` (its
+public repository for configs made in code) as config ``recipe/NAME``, with the package its
+``# @package`` header names. Hydra then lists, picks and merges recipes like any other group option:
+``+recipe=nope`` fails with the available names, ``- override /data: demo`` in a recipe works.
+
+Weighed and left: ``conf/recipe/`` as the group's real folder (moves recipes out of the top-level
+``recipes/``); a git symlink ``conf/recipe -> ../recipes`` (a plain text file in Windows checkouts
+without ``core.symlinks``); ``pkg://`` or ``file://`` search-path entries (the folder must be named
+``recipe``); a ``ConfigSource`` plugin (needs a top-level ``hydra_plugins`` package, or Hydra's
+private registry, which this module used before).
 """
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 
-from hydra.core.object_type import ObjectType
-from hydra.plugins.config_source import ConfigResult, ConfigSource
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
+
+from moe_adapt.errors import MoEAdaptConfigError
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 GROUP = "recipe"
+"""The config group recipes are served as (``+recipe=NAME``)."""
+
+_HEADER = re.compile(r"#\s*@package\s+(\S+)")
 
 
 def _locate(packaged: str, checkout: str) -> Path:
@@ -37,59 +55,26 @@ def recipes_dir() -> Path:
     return _locate("_recipes", "recipes")
 
 
-class RecipeConfigSource(ConfigSource):
-    """Serves ``recipes/NAME.yaml`` as config ``recipe/NAME``."""
+def _package(text: str) -> str | None:
+    """The ``# @package`` header among the leading comment lines, as Hydra reads it from a file."""
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        found = _HEADER.match(line.strip())
+        if found:
+            return found.group(1)
+    return None
 
-    def __init__(self, provider: str, path: str) -> None:
-        super().__init__(provider=provider, path=path)
-        self.root = recipes_dir()
 
-    @staticmethod
-    def scheme() -> str:
-        return "moe-adapt-recipes"
-
-    def _file(self, config_path: str) -> Path | None:
-        head, _, name = config_path.partition("/")
-        if head != GROUP or not name:
-            return None
-        return self.root / (name if name.endswith(".yaml") else f"{name}.yaml")
-
-    def load_config(self, config_path: str) -> ConfigResult:
-        from omegaconf import OmegaConf
-
-        path = self._file(config_path)
-        assert path is not None and path.is_file(), config_path
+def store_recipes() -> None:
+    """Store every ``recipes/NAME.yaml`` in Hydra's ConfigStore as ``recipe/NAME`` (idempotent: a second
+    call stores the files again, as they are now)."""
+    store = ConfigStore.instance()
+    for path in sorted(recipes_dir().glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
-        return ConfigResult(
-            config=OmegaConf.create(text) if text.strip() else OmegaConf.create({}),
-            path=f"{self.scheme()}://{self.root}",
-            provider=self.provider,
-            header=ConfigSource._get_header_dict(text[:512]),
-        )
-
-    def available(self) -> bool:
-        return self.root.is_dir()
-
-    def is_group(self, config_path: str) -> bool:
-        return config_path in ("", GROUP) and self.root.is_dir()
-
-    def is_config(self, config_path: str) -> bool:
-        path = self._file(config_path)
-        return path is not None and path.is_file()
-
-    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
-        if config_path == "":
-            return [GROUP] if results_filter in (None, ObjectType.GROUP) and self.available() else []
-        if config_path != GROUP or results_filter == ObjectType.GROUP:
-            return []
-        names = (p.stem for p in self.root.glob("*.yaml") if not p.name.startswith(os.extsep))
-        return sorted(names)
-
-
-def register_sources() -> None:
-    """Make the ``moe-adapt-recipes://`` scheme known to Hydra (idempotent)."""
-    from hydra._internal.sources_registry import SourcesRegistry
-    from hydra.core.config_search_path import ConfigSearchPath  # noqa: F401
-    from hydra.core.plugins import Plugins  # noqa: F401  (initialises Hydra's registries first)
-
-    SourcesRegistry.instance().register(RecipeConfigSource)
+        try:
+            node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+        except (YAMLError, OmegaConfBaseException) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MoEAdaptConfigError(f"recipe {path.stem} ({path}) is not valid YAML: {first}") from None
+        store.store(name=path.stem, node=node, group=GROUP, package=_package(text), provider="moe_adapt")

@@ -32,6 +32,29 @@ def test_every_recipe_composes(tmp_path, recipe):
     assert cfg.stages and all(s in STAGE_ORDER for s in cfg.stages)
 
 
+def test_a_recipe_that_is_not_yaml_is_one_line_naming_it(tmp_path, monkeypatch):
+    from moe_adapt.config import sources
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    (tmp_path / "broken.yaml").write_text("# @package _global_\nstages: [upcycle\n")
+    monkeypatch.setattr(sources, "recipes_dir", lambda: tmp_path)
+    with pytest.raises(MoEAdaptConfigError, match=r"^recipe broken \(.*broken.yaml\) is not valid YAML: "):
+        sources.store_recipes()
+
+
+def test_no_private_hydra_api():
+    """Hydra's ``hydra._internal`` modules may change in any release: the package uses the public API."""
+    import ast
+
+    root = conf_dir().parent / "moe_adapt"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+            assert not any(n.startswith("hydra._internal") for n in names), f"{path}: {ast.unparse(node)}"
+
+
 def test_every_stage_has_an_implementation():
     assert set(STAGES) == set(STAGE_ORDER)
     for stage in STAGES.values():
