@@ -15,7 +15,6 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from moe_adapt.config.schema import (
     STAGE_ORDER,
     Config,
-    InitDenseConfig,
     ModelConfig,
     RouterInit,
     UpcycleConfig,
@@ -28,7 +27,6 @@ from moe_adapt.errors import MoEAdaptConfigError
 __all__ = [
     "STAGE_ORDER",
     "Config",
-    "InitDenseConfig",
     "ModelConfig",
     "RouterInit",
     "UpcycleConfig",

@@ -460,14 +460,3 @@ def logging_callbacks(
     if cfg.progress != "none":
         callbacks.append(ProgressCallback(cfg.progress, cfg.log_every, description=stage))
     return callbacks
-
-
-def stage_logging_callbacks(cfg: Any, stage: str) -> list[Callback]:
-    """:func:`logging_callbacks` for a stage of the app: ``cfg`` is the whole (typed) config."""
-    import dataclasses
-    import json
-
-    from moe_adapt.redact import redact
-
-    config_dict = redact(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    return logging_callbacks(cfg.logger, Path(cfg.run_dir), config_dict, stage=stage)

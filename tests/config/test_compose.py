@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_adapt.config import STAGE_ORDER, Config, compose, conf_dir, recipes_dir, to_config
-from moe_adapt.runner import STAGES
+from moe_adapt.stages import STAGES
 
 GROUP_OPTIONS = sorted(
     (group.name, option.stem)
@@ -35,7 +35,7 @@ def test_every_recipe_composes(tmp_path, recipe):
 def test_every_stage_has_an_implementation():
     assert set(STAGES) == set(STAGE_ORDER)
     for stage in STAGES.values():
-        assert callable(stage.load())
+        assert callable(stage.run)
 
 
 def test_recipe_overrides_group_and_values(tmp_path):
@@ -88,7 +88,8 @@ def test_every_schema_field_has_a_docstring():
 def test_every_option_is_documented():
     from dataclasses import fields
 
-    from moe_adapt.config import InitDenseConfig, ModelConfig, UpcycleConfig
+    from moe_adapt.config import ModelConfig, UpcycleConfig
+    from moe_adapt.demo.config import InitDenseConfig
 
     docs = (conf_dir().parent / "docs").glob("*.md")
     text = "\n".join(p.read_text() for p in docs)

@@ -1,0 +1,63 @@
+"""The ``init_dense`` stage: a small dense checkpoint for the demo and tests, random or briefly pretrained
+(the model, tokenizer and pretraining: :mod:`moe_adapt.demo.dense`)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from moe_adapt.demo.dense import SPECIAL_TOKENS, build_config, build_tokenizer, pretrain, tokenizer_text
+from moe_adapt.stages.base import StageContext
+
+log = logging.getLogger(__name__)
+
+KEYS = ("init_dense", "seed")
+DISTRIBUTED = False
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Write ``out/model``: config, safetensors weights, tokenizer, generation config (and, when
+    pretraining, ``out/metrics.jsonl``: one line per pretraining step, drawn in ``out/curves.png``).
+
+    Returns the stage summary; paths in it are relative to the stage folder.
+    """
+    cfg, out = ctx.cfg, ctx.out
+    torch.manual_seed(cfg.seed)
+    icfg = cfg.init_dense
+    tokenizer = build_tokenizer(tokenizer_text(icfg.tokenizer_corpus), icfg.vocab_size)
+    pad, bos, eos = (tokenizer.vocab[t] for t in SPECIAL_TOKENS)
+    config = build_config(cfg.init_dense, len(tokenizer), bos, eos, pad)
+    model = AutoModelForCausalLM.from_config(config)
+    model_dir = out / "model"
+    start_dir = out / "random" if icfg.pretrain.steps else model_dir
+    model.save_pretrained(start_dir, safe_serialization=True)
+    tokenizer.save_pretrained(start_dir)
+    generation = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    generation.save_pretrained(start_dir)
+    params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "init_dense: %s with %s parameters, vocabulary %d",
+        cfg.init_dense.family,
+        f"{params:,}",
+        len(tokenizer),
+    )
+    summary: dict[str, Any] = {"model": "model", "params": params, "family": cfg.init_dense.family}
+    if icfg.pretrain.steps:
+        work = out / "pretrain"  # inside the stage's temporary folder: a crash leaves nothing behind
+        callbacks = ctx.logging_callbacks("init_dense")
+        summary["pretrain"] = pretrain(
+            icfg.pretrain, start_dir, tokenizer, work, seed=cfg.seed, callbacks=callbacks
+        )
+        shutil.move(str(work / "model"), str(model_dir))
+        shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
+        if (work / "curves.png").is_file():
+            shutil.move(str(work / "curves.png"), str(out / "curves.png"))
+        generation.save_pretrained(model_dir)
+        shutil.rmtree(work)
+        shutil.rmtree(start_dir)
+        summary["metrics"] = "metrics.jsonl"
+    return summary
