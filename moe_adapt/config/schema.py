@@ -13,16 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from moe_adapt.cpt.config import CptConfig, CurriculumConfig, MixtureConfig
 from moe_adapt.data.config import DataConfig
 from moe_adapt.demo.config import InitDenseConfig
 from moe_adapt.distill.config import DistillConfig, TeacherConfig
 from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
-from moe_adapt.train.config import CptConfig
-from moe_adapt.train.curriculum import CurriculumConfig
-from moe_adapt.train.progress import LoggerConfig
-from moe_adapt.train.sampler import MixtureConfig
+from moe_adapt.train.config import LoggerConfig
 
 _fail = invalid
 
@@ -257,13 +255,13 @@ class Config:
     """Settings of the upcycle stage."""
 
     cpt: CptConfig = field(default_factory=CptConfig)
-    """Settings of the cpt stage: the training loop (moe_adapt/train/config.py)."""
+    """Settings of the cpt stage: the training loop (moe_adapt/cpt/config.py)."""
 
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
-    """The training data mixture, e.g. 80% target language / 20% English (moe_adapt/train/sampler.py)."""
+    """The training data mixture, e.g. 80% target language / 20% English (moe_adapt/cpt/config.py)."""
 
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    """Difficulty phases of the training stream (moe_adapt/train/curriculum.py)."""
+    """Difficulty phases of the training stream (moe_adapt/cpt/config.py)."""
 
     engine: HFEngineConfig = field(default_factory=HFEngineConfig)
     """Optimizer, schedule and loss terms, incl. L2/KL anchors (moe_adapt/engines/hf.py)."""

@@ -51,8 +51,8 @@ DISTRIBUTED = True
 
 def run(sctx: StageContext) -> dict[str, Any]:
     """Train ``cpt.init_from`` on ``cpt.shards`` with the mixture/curriculum/engine groups."""
+    from moe_adapt.cpt.sampler import MixtureSampler, load_manifest
     from moe_adapt.engines import build_engine
-    from moe_adapt.train.sampler import MixtureSampler, load_manifest
 
     cfg, out, work = sctx.cfg, sctx.out, sctx.work
     c = cfg.cpt

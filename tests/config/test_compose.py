@@ -64,9 +64,9 @@ def test_every_schema_field_has_a_docstring():
         "moe_adapt.data.clean",
         "moe_adapt.data.dedup",
         "moe_adapt.eval.config",
-        "moe_adapt.train.curriculum",
-        "moe_adapt.train.sampler",
-        "moe_adapt.train.progress",
+        "moe_adapt.demo.config",
+        "moe_adapt.cpt.config",
+        "moe_adapt.train.config",
         "moe_adapt.distill.config",
         "moe_adapt.distill.verify",
         "moe_adapt.distill.format",
@@ -96,7 +96,7 @@ def test_every_option_is_documented():
     from moe_adapt.data.config import DataConfig
     from moe_adapt.distill.config import DistillConfig, TeacherConfig
     from moe_adapt.eval.config import EvalConfig, ReportConfig
-    from moe_adapt.train.progress import LoggerConfig
+    from moe_adapt.train.config import LoggerConfig
 
     for prefix, cls in (
         ("distill", DistillConfig),

@@ -34,9 +34,9 @@ from moe_adapt.engines.hf import HFEngine, HFEngineConfig, resolve_parallel
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.train.trainer import Batch
+from tests.cpt.conftest import save_tiny_qwen3_moe
 from tests.stages.test_cpt import SMALL
 from tests.stages.test_cpt import run as stage_run
-from tests.train.conftest import save_tiny_qwen3_moe
 
 WORLD = 2
 VOCAB = 101
