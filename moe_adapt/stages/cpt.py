@@ -27,8 +27,6 @@ from typing import Any
 
 import torch
 
-from moe_adapt import distributed
-from moe_adapt.checkpoint.trainer_state import latest_checkpoint
 from moe_adapt.cpt.heldout import HeldoutLossCallback, eval_model, forgetting_report, log_forgetting
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json
@@ -40,8 +38,7 @@ from moe_adapt.train.callbacks import (
     NaNGuardCallback,
     main_only,
 )
-from moe_adapt.train.curves import write_training_curves
-from moe_adapt.train.trainer import Trainer
+from moe_adapt.train.phase import train_into_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +89,29 @@ def run(sctx: StageContext) -> dict[str, Any]:
             held.docs, work / "heldout.jsonl", c.eval_every, cfg.mixture.seq_len, write=ctx.is_main
         )
         callbacks.append(heldout_cb)
-    trainer = Trainer(engine, sampler, callbacks, max_steps=c.max_steps, batch_size=c.batch_size)
-    # every rank resumes from the checkpoint rank 0 sees (the run directory must be on a shared disk)
-    found = latest_checkpoint(work / "checkpoints")
-    latest = distributed.broadcast_from_main(str(found) if found is not None else None, ctx)
-    if latest is not None:
-        log.info("cpt: resuming from %s", latest)
-        trainer.resume(latest)
-    elif heldout_cb is not None:
-        if ctx.is_main:
-            (work / "heldout.jsonl").unlink(missing_ok=True)
-        heldout_cb.evaluate(eval_model(engine), 0)
-    trainer.fit()
-    engine.save_hf(out / "model")  # rank 0 writes it; every rank returns once it is there
+
+    def fresh_start() -> None:  # no checkpoint: measure the held-out loss before any step
+        if heldout_cb is not None:
+            if ctx.is_main:
+                (work / "heldout.jsonl").unlink(missing_ok=True)
+            heldout_cb.evaluate(eval_model(engine), 0)
+
+    # every rank resumes from the checkpoint rank 0 sees (the run directory must be on a shared disk);
+    # rank 0 writes the model and draws curves.png, every rank returns once the model is there
+    trainer = train_into_folder(
+        "cpt",
+        engine,
+        sampler,
+        callbacks,
+        max_steps=c.max_steps,
+        batch_size=c.batch_size,
+        work=work,
+        model_dir=out / "model",
+        curves=out / "curves.png",
+        heldout=work / "heldout.jsonl",
+        dist=ctx,
+        on_fresh_start=fresh_start,
+    )
     summary: dict[str, Any] = {
         "model": "model",
         "steps": trainer.step,
@@ -122,7 +129,5 @@ def run(sctx: StageContext) -> dict[str, Any]:
     for name in ("metrics.jsonl", "heldout.jsonl"):
         if (work / name).is_file():
             shutil.copy2(work / name, out / name)
-    heldout = out / "heldout.jsonl"
-    write_training_curves(out / "metrics.jsonl", out / "curves.png", heldout=heldout, title="cpt")
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from moe_adapt.demo.dense import SPECIAL_TOKENS, build_config, build_tokenizer, pretrain, tokenizer_text
 from moe_adapt.stages.base import StageContext
+from moe_adapt.train.phase import move_outputs
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         summary["pretrain"] = pretrain(
             icfg.pretrain, start_dir, tokenizer, work, seed=cfg.seed, callbacks=callbacks
         )
-        shutil.move(str(work / "model"), str(model_dir))
-        shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
-        if (work / "curves.png").is_file():
-            shutil.move(str(work / "curves.png"), str(out / "curves.png"))
+        move_outputs(work, out)  # model/ (= model_dir), metrics.jsonl, curves.png
         generation.save_pretrained(model_dir)
         shutil.rmtree(work)
         shutil.rmtree(start_dir)

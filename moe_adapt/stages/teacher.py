@@ -27,6 +27,7 @@ from moe_adapt.distill.train_phase import reference_examples, run_train_phase
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.fs import atomic_write_json
 from moe_adapt.stages.base import StageContext
+from moe_adapt.train.phase import move_outputs
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         seed=cfg.seed,
         callbacks=ctx.logging_callbacks("teacher"),
     )
-    shutil.move(str(work / "model"), str(out / "model"))
-    shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
-    if (work / "curves.png").is_file():
-        shutil.move(str(work / "curves.png"), str(out / "curves.png"))
+    move_outputs(work, out)
     shutil.rmtree(init)
     eval_cfg = DistillEvalConfig(max_prompts=t.test_per_lang, max_new_tokens=cfg.distill.eval.max_new_tokens)
     accuracy = evaluate_accuracy(
