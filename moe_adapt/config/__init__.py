@@ -12,15 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from moe_adapt.config.schema import (
-    STAGE_ORDER,
-    Config,
-    ModelConfig,
-    RouterInit,
-    UpcycleConfig,
-    UpcycleMethod,
-    VerifyMode,
-)
+from moe_adapt.config.schema import STAGE_ORDER, Config, ModelConfig
 from moe_adapt.config.sources import conf_dir, recipes_dir, register_sources
 from moe_adapt.errors import MoEAdaptConfigError
 
@@ -28,10 +20,6 @@ __all__ = [
     "STAGE_ORDER",
     "Config",
     "ModelConfig",
-    "RouterInit",
-    "UpcycleConfig",
-    "UpcycleMethod",
-    "VerifyMode",
     "compose",
     "conf_dir",
     "recipes_dir",

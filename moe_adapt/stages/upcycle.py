@@ -6,10 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moe_adapt.config.schema import Config, VerifyMode
+from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.fs import atomic_write_json
 from moe_adapt.stages.base import StageContext
+from moe_adapt.upcycle.config import VerifyMode
 from moe_adapt.upcycle.convert import Upcycler
 from moe_adapt.upcycle.verify import available_memory_bytes, verify_checkpoints
 

@@ -60,6 +60,7 @@ def test_every_schema_field_has_a_docstring():
 
     modules = [
         "moe_adapt.config.schema",
+        "moe_adapt.upcycle.config",
         "moe_adapt.data.config",
         "moe_adapt.data.clean",
         "moe_adapt.data.dedup",
@@ -88,8 +89,9 @@ def test_every_schema_field_has_a_docstring():
 def test_every_option_is_documented():
     from dataclasses import fields
 
-    from moe_adapt.config import ModelConfig, UpcycleConfig
+    from moe_adapt.config import ModelConfig
     from moe_adapt.demo.config import InitDenseConfig
+    from moe_adapt.upcycle.config import UpcycleConfig
 
     docs = (conf_dir().parent / "docs").glob("*.md")
     text = "\n".join(p.read_text() for p in docs)
