@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from moe_adapt.demo.config import InitDenseConfig, PretrainConfig
 from moe_adapt.errors import MoEAdaptConfigError
@@ -124,6 +130,19 @@ def build_config(cfg: InitDenseConfig, vocab_size: int, bos: int, eos: int, pad:
     if cfg.family == "mistral":
         kwargs["sliding_window"] = None
     return AutoConfig.for_model(cfg.family, **kwargs)
+
+
+def write_dense_model(
+    arch: InitDenseConfig, tokenizer: PreTrainedTokenizerBase, folder: Path, *, bos: int, eos: int, pad: int
+) -> int:
+    """A randomly initialised model of ``arch`` with ``tokenizer``'s vocabulary, written to ``folder``
+    with the tokenizer and a generation config (``bos``/``eos``/``pad`` ids); the caller seeds torch.
+    Returns its number of parameters."""
+    model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer), bos, eos, pad))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
 
 
 DEMO_SOURCES = {"ar": "hadith_ar", "en": "hadith_en", "he": "mishnah_he"}

@@ -8,9 +8,15 @@ import shutil
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
-from moe_adapt.demo.dense import SPECIAL_TOKENS, build_config, build_tokenizer, pretrain, tokenizer_text
+from moe_adapt.demo.dense import (
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    pretrain,
+    tokenizer_text,
+    write_dense_model,
+)
 from moe_adapt.stages.base import StageContext
 from moe_adapt.train.phase import move_outputs
 
@@ -31,15 +37,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     icfg = cfg.init_dense
     tokenizer = build_tokenizer(tokenizer_text(icfg.tokenizer_corpus), icfg.vocab_size)
     pad, bos, eos = (tokenizer.vocab[t] for t in SPECIAL_TOKENS)
-    config = build_config(cfg.init_dense, len(tokenizer), bos, eos, pad)
-    model = AutoModelForCausalLM.from_config(config)
     model_dir = out / "model"
     start_dir = out / "random" if icfg.pretrain.steps else model_dir
-    model.save_pretrained(start_dir, safe_serialization=True)
-    tokenizer.save_pretrained(start_dir)
-    generation = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    generation.save_pretrained(start_dir)
-    params = sum(p.numel() for p in model.parameters())
+    params = write_dense_model(icfg, tokenizer, start_dir, bos=bos, eos=eos, pad=pad)
     log.info(
         "init_dense: %s with %s parameters, vocabulary %d",
         cfg.init_dense.family,
@@ -54,7 +54,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             icfg.pretrain, start_dir, tokenizer, work, seed=cfg.seed, callbacks=callbacks
         )
         move_outputs(work, out)  # model/ (= model_dir), metrics.jsonl, curves.png
-        generation.save_pretrained(model_dir)
+        GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(model_dir)
         shutil.rmtree(work)
         shutil.rmtree(start_dir)
         summary["metrics"] = "metrics.jsonl"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moe_adapt.demo.config import InitDenseConfig
-from moe_adapt.demo.dense import build_config
+from moe_adapt.demo.dense import write_dense_model
 from moe_adapt.distill.accuracy import evaluate_accuracy
 from moe_adapt.distill.config import DistillEvalConfig
 from moe_adapt.distill.prompts import load_prompts
@@ -38,7 +38,7 @@ DISTRIBUTED = False
 def run(ctx: StageContext) -> dict[str, Any]:
     """Write ``prompts/`` and ``model/`` (plus ``metrics.jsonl``, ``curves.png`` and ``summary.json``)
     into the stage folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     cfg, out, work = ctx.cfg, ctx.out, ctx.work
     t = cfg.teacher
@@ -71,17 +71,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         max_position_embeddings=max(512, t.train.seq_len),
         vocab_size=len(tokenizer),
     )
-    config = build_config(
-        arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
     torch.manual_seed(cfg.seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(init)
-    tokenizer.save_pretrained(init)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ).save_pretrained(init)
+    write_dense_model(
+        arch,
+        tokenizer,
+        init,
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+    )
 
     train = load_prompts(prompt_dir / "train.jsonl", t.langs, key="teacher.task")
     test = load_prompts(prompt_dir / "test.jsonl", t.langs, key="teacher.task")
