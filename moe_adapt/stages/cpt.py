@@ -20,7 +20,6 @@ the stage folder.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,18 +39,16 @@ from moe_adapt.train.callbacks import (
 )
 from moe_adapt.train.phase import train_into_folder
 
-log = logging.getLogger(__name__)
-
 KEYS = ("cpt", "mixture", "curriculum", "engine", "seed")
 DISTRIBUTED = True
 
 
-def run(sctx: StageContext) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     """Train ``cpt.init_from`` on ``cpt.shards`` with the mixture/curriculum/engine groups."""
     from moe_adapt.cpt.sampler import MixtureSampler, load_manifest
     from moe_adapt.engines import build_engine
 
-    cfg, out, work = sctx.cfg, sctx.out, sctx.work
+    cfg, out, work = ctx.cfg, ctx.out, ctx.work
     c = cfg.cpt
     if not c.init_from or not Path(c.init_from, "config.json").is_file():
         raise MoEAdaptConfigError(
@@ -60,11 +57,11 @@ def run(sctx: StageContext) -> dict[str, Any]:
         )
     if not c.shards or not Path(c.shards, "manifest.json").is_file():
         raise MoEAdaptConfigError(f"cpt.shards={c.shards!r} has no manifest.json (run the data stage first)")
-    ctx = sctx.dist
-    if c.batch_size % ctx.world_size:
+    dist = ctx.dist
+    if c.batch_size % dist.world_size:
         raise MoEAdaptConfigError(
-            f"cpt.batch_size={c.batch_size} is invalid: with {ctx.world_size} processes it must be a "
-            f"multiple of {ctx.world_size} (each process trains on an equal share of every batch)"
+            f"cpt.batch_size={c.batch_size} is invalid: with {dist.world_size} processes it must be a "
+            f"multiple of {dist.world_size} (each process trains on an equal share of every batch)"
         )
     torch.manual_seed(cfg.seed)
     sampler = MixtureSampler(c.shards, cfg.mixture, cfg.curriculum, cfg.seed, global_batch_size=c.batch_size)
@@ -76,9 +73,9 @@ def run(sctx: StageContext) -> dict[str, Any]:
             f"cpt.init_from has a vocabulary of {engine.vocab_size}: use the model's tokenizer"
         )
     callbacks: list[Callback] = [
-        *main_only([MetricsCallback(work / "metrics.jsonl"), *sctx.logging_callbacks("cpt")], ctx),
+        *main_only([MetricsCallback(work / "metrics.jsonl"), *ctx.logging_callbacks("cpt")], dist),
         NaNGuardCallback(c.max_bad_steps),
-        CheckpointCallback(work / "checkpoints", c.checkpoint_every, c.keep_last, dist=ctx),
+        CheckpointCallback(work / "checkpoints", c.checkpoint_every, c.keep_last, dist=dist),
     ]
     heldout_cb = None
     if c.heldout:
@@ -86,13 +83,13 @@ def run(sctx: StageContext) -> dict[str, Any]:
 
         held = load_heldout(c.heldout, max_docs=c.eval_docs, seed=cfg.seed, key="cpt.heldout")
         heldout_cb = HeldoutLossCallback(
-            held.docs, work / "heldout.jsonl", c.eval_every, cfg.mixture.seq_len, write=ctx.is_main
+            held.docs, work / "heldout.jsonl", c.eval_every, cfg.mixture.seq_len, write=dist.is_main
         )
         callbacks.append(heldout_cb)
 
     def fresh_start() -> None:  # no checkpoint: measure the held-out loss before any step
         if heldout_cb is not None:
-            if ctx.is_main:
+            if dist.is_main:
                 (work / "heldout.jsonl").unlink(missing_ok=True)
             heldout_cb.evaluate(eval_model(engine), 0)
 
@@ -109,7 +106,7 @@ def run(sctx: StageContext) -> dict[str, Any]:
         model_dir=out / "model",
         curves=out / "curves.png",
         heldout=work / "heldout.jsonl",
-        dist=ctx,
+        dist=dist,
         on_fresh_start=fresh_start,
     )
     summary: dict[str, Any] = {
@@ -123,7 +120,7 @@ def run(sctx: StageContext) -> dict[str, Any]:
         summary["heldout_delta"] = {k: round(last[k] - first[k], 6) for k in last if k.startswith("loss_")}
         if c.forgetting_bound:
             summary["forgetting"] = forgetting_report(first, last, c.forgetting_bound)
-    if not ctx.is_main:
+    if not dist.is_main:
         return summary
     log_forgetting(summary.get("forgetting", {}))
     for name in ("metrics.jsonl", "heldout.jsonl"):
