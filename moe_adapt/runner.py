@@ -1,11 +1,16 @@
 """Run a recipe's stages in order, each into its own folder of the run directory.
 
-A stage is a function ``run(cfg, out_dir) -> summary``. The runner hands it an empty temporary
-folder and renames it to ``<run_dir>/<stage>`` only when the stage returns, after writing the
+A stage is a module of :mod:`moe_adapt.stages` (the registry :data:`~moe_adapt.stages.STAGES`, in
+pipeline order): ``run(ctx) -> summary`` with its fingerprint keys and whether it is distributed
+(:mod:`moe_adapt.stages.base`). The runner hands it an empty temporary folder (``ctx.out``) and
+renames it to ``<run_dir>/<stage>`` only when the stage returns, after writing the
 completion marker ``_COMPLETE.json`` into it — so a crash never leaves a half-written stage, and a
-stage whose folder exists is complete. A re-run skips complete stages, but refuses to reuse one
-that was made with different settings (it names the settings that changed). Once a stage runs,
-every stage after it runs too, since its inputs changed.
+stage whose folder exists is complete. It also creates the stage's scratch folder
+``<run_dir>/.work/<stage>`` (``ctx.work``: checkpoints, finished steps) before the stage and removes
+it once the stage has returned, before the marker is written; a stage that fails leaves it in place
+(unless it is empty), so the same command resumes from it. A re-run skips complete stages, but
+refuses to reuse one that was made with different settings (it names the settings that changed).
+Once a stage runs, every stage after it runs too, since its inputs changed.
 
 Under torchrun (several processes, :mod:`moe_adapt.distributed`) every process runs the
 pipeline, but only rank 0 writes the run directory: it decides whether a stage is skipped and tells
@@ -19,13 +24,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import logging
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,40 +39,11 @@ from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_dir, atomic_write_json
 from moe_adapt.redact import redact
+from moe_adapt.stages import STAGES, Stage, StageContext
 
 log = logging.getLogger("moe_adapt")
 
 MARKER = "_COMPLETE.json"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A stage: where its code is and which config keys its output depends on."""
-
-    entry: str  # "module:function"
-    keys: tuple[str, ...]
-    distributed: bool = False  # every rank runs it under torchrun (else rank 0 alone)
-
-    def load(self) -> Callable[[Config, Path], dict[str, Any]]:
-        module, fn = self.entry.split(":")
-        return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
-
-
-STAGES: dict[str, Stage] = {
-    "init_dense": Stage("moe_adapt.init_dense:run", ("init_dense", "seed")),
-    "data": Stage("moe_adapt.data.stage:run", ("data", "model", "seed")),
-    "upcycle": Stage("moe_adapt.upcycle.stage:run", ("model", "upcycle", "seed")),
-    "cpt": Stage(
-        "moe_adapt.train.stage:run", ("cpt", "mixture", "curriculum", "engine", "seed"), distributed=True
-    ),
-    "teacher": Stage(
-        "moe_adapt.distill.teacher:run",
-        ("teacher", "engine", "distill.format", "distill.chat_template", "distill.eval", "seed"),
-    ),
-    "distill": Stage("moe_adapt.distill.stage:run", ("distill", "engine", "seed")),
-    "eval": Stage("moe_adapt.eval.stage:run", ("eval", "seed")),
-    "report": Stage("moe_adapt.eval.report_stage:run", ("report", "seed")),
-}
 
 
 LAYOUT_KEYS = ("engine.parallel",)
@@ -174,11 +148,35 @@ def _decide(
     return {"run": True}
 
 
+def _scratch(cfg: Config, name: str) -> Path:
+    """The stage's scratch folder, ``<run_dir>/.work/<name>``."""
+    return Path(cfg.run_dir) / ".work" / name
+
+
+def _remove_scratch(work: Path, *, keep_contents: bool) -> None:
+    """Remove ``work`` (only if empty with ``keep_contents``), then ``.work`` once it is empty."""
+    if keep_contents:
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    if work.parent.is_dir() and not any(work.parent.iterdir()):
+        work.parent.rmdir()
+
+
 def _run_and_mark(stage: Stage, cfg: Config, final: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Run ``stage`` into a temporary folder, write the marker last, rename it to ``final``."""
+    """Run ``stage`` into a temporary folder, remove its scratch folder, write the marker last, rename
+    the folder to ``final``."""
     start = time.perf_counter()
+    work = _scratch(cfg, stage.name)
+    work.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
-        summary = stage.load()(cfg, tmp)
+        try:
+            summary = stage.run(StageContext(cfg, tmp, work, distributed.current()))
+        except BaseException:
+            _remove_scratch(work, keep_contents=True)  # a resume starts from what it holds
+            raise
+        _remove_scratch(work, keep_contents=False)
         atomic_write_json(
             tmp / MARKER,
             {
@@ -197,13 +195,13 @@ def _run_on_every_rank(
     stage: Stage, cfg: Config, final: Path, settings: dict[str, Any], ctx: distributed.DistContext
 ) -> dict[str, Any]:
     """A distributed stage: rank 0 writes ``final`` as :func:`_run_and_mark` does, the other ranks run
-    the same code into a scratch folder; everyone leaves once ``final`` is in place, with rank 0's
-    summary."""
+    the same code into a scratch folder (with rank 0's ``work`` folder, which only rank 0 writes);
+    everyone leaves once ``final`` is in place, with rank 0's summary."""
     if ctx.is_main:
         summary = _run_and_mark(stage, cfg, final, settings)
     else:
         with tempfile.TemporaryDirectory(prefix=f"moe_adapt-{final.name}-rank{ctx.rank}-") as scratch:
-            stage.load()(cfg, Path(scratch))
+            stage.run(StageContext(cfg, Path(scratch), _scratch(cfg, stage.name), ctx))
         summary = {}
     distributed.barrier(ctx)
     result: dict[str, Any] = distributed.broadcast_from_main(summary, ctx)

@@ -96,3 +96,60 @@ def test_the_cycle_finder_finds_cycles() -> None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+ROOT_CONFIG_READERS = ("moe_adapt.stages", "moe_adapt.config", "moe_adapt.runner", "moe_adapt.__main__")
+"""Modules (and packages) allowed to import the root :class:`~moe_adapt.config.schema.Config`."""
+
+ROOT_CONFIG_MODULES = ("moe_adapt.config", "moe_adapt.config.schema")
+"""Where the root ``Config`` can be imported from."""
+
+
+def _root_config_imports(path: Path) -> list[int]:
+    """Lines where the module at ``path`` imports the root ``Config`` (under ``TYPE_CHECKING`` too)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        is_config = isinstance(node, ast.ImportFrom) and node.module in ROOT_CONFIG_MODULES
+        if is_config and any(alias.name in ("Config", "*") for alias in node.names):
+            lines.append(node.lineno)
+    return lines
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``graph`` with every module collapsed to its top-level package (or root module) of moe_adapt."""
+
+    def top(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    packages: dict[str, set[str]] = {}
+    for module, imported in graph.items():
+        targets = packages.setdefault(top(module), set())
+        targets.update(top(m) for m in imported if top(m) != top(module))
+    for targets in list(packages.values()):
+        for t in targets:
+            packages.setdefault(t, set())
+    return packages
+
+
+def test_only_the_stages_read_the_root_config() -> None:
+    offenders = [
+        f"{name} (line {line})"
+        for name, path in sorted(_modules().items())
+        if not any(name == allowed or name.startswith(allowed + ".") for allowed in ROOT_CONFIG_READERS)
+        for line in _root_config_imports(path)
+    ]
+    assert not offenders, "the root Config is imported outside stages/: " + ", ".join(offenders)
+
+
+def test_the_package_graph_collapses_modules_to_packages() -> None:
+    graph = {
+        "moe_adapt.a.x": {"moe_adapt.b.y", "moe_adapt.a.z"},
+        "moe_adapt.a.z": set(),
+        "moe_adapt.b.y": set(),
+    }
+    assert package_graph(graph) == {"moe_adapt.a": {"moe_adapt.b"}, "moe_adapt.b": set()}
+
+
+def test_no_import_cycles_between_packages() -> None:
+    cycle = find_cycle(package_graph(import_graph()))
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle or [])

@@ -55,12 +55,11 @@ def test_rebuilding_a_stage_reruns_the_stages_after_it(tmp_path, caplog):
 
 
 def test_a_crashing_stage_leaves_no_folder(tmp_path, monkeypatch):
-    def boom(cfg, out):
-        (out / "partial").write_text("half")
+    def boom(ctx):
+        (ctx.out / "partial").write_text("half")
         raise RuntimeError("killed")
 
-    monkeypatch.setitem(runner.STAGES, "init_dense", runner.Stage("os:getcwd", ("seed",)))
-    monkeypatch.setattr(runner.Stage, "load", lambda self: boom)
+    monkeypatch.setitem(runner.STAGES, "init_dense", runner.Stage("init_dense", boom, ("seed",)))
     with pytest.raises(RuntimeError, match="killed"):
         run(tmp_path, "stages=[init_dense]")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -12,28 +12,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from moe_adapt.config.schema import (
-    STAGE_ORDER,
-    Config,
-    InitDenseConfig,
-    ModelConfig,
-    RouterInit,
-    UpcycleConfig,
-    UpcycleMethod,
-    VerifyMode,
-)
+from moe_adapt.config.schema import STAGE_ORDER, Config, ModelConfig
 from moe_adapt.config.sources import conf_dir, recipes_dir, store_recipes
 from moe_adapt.errors import MoEAdaptConfigError
 
 __all__ = [
     "STAGE_ORDER",
     "Config",
-    "InitDenseConfig",
     "ModelConfig",
-    "RouterInit",
-    "UpcycleConfig",
-    "UpcycleMethod",
-    "VerifyMode",
     "compose",
     "conf_dir",
     "recipes_dir",

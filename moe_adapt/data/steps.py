@@ -2,7 +2,7 @@
 
 Each filter step is a generator over documents (``{"id", "text", "lang", "source", "role"}``) that
 records why it drops a document in a :class:`StepStats`; :func:`run_step` counts documents and
-characters in and out per language and times the step. :mod:`moe_adapt.data.stage` chains them.
+characters in and out per language and times the step. :mod:`moe_adapt.data.pipeline` chains them.
 """
 
 from __future__ import annotations

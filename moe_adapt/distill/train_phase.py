@@ -1,9 +1,9 @@
 """One training phase of distillation (sft, seq_kd, token_kd, select_kd) on the shared trainer.
 
 The phase packs its examples (:mod:`moe_adapt.distill.sft_data`), builds the engine from the previous
-phase's model, and runs :class:`~moe_adapt.train.trainer.Trainer` with the same callbacks as
-continued pretraining (metrics, NaN guard, atomic checkpoints). A crashed phase resumes from its
-latest checkpoint; the finished model is written as an HF checkpoint folder.
+phase's model, and trains it into its folder with :func:`moe_adapt.train.phase.train_into_folder`
+and the same callbacks as continued pretraining (metrics, NaN guard, atomic checkpoints). A crashed
+phase resumes from its latest checkpoint; the finished model is written as an HF checkpoint folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_adapt.checkpoint.trainer_state import latest_checkpoint
 from moe_adapt.distill.config import TrainPhaseConfig
 from moe_adapt.distill.decoding import pad_id_of
 from moe_adapt.distill.generate import load_topk
@@ -29,8 +28,7 @@ from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
-from moe_adapt.train.curves import write_training_curves
-from moe_adapt.train.trainer import Trainer
+from moe_adapt.train.phase import train_into_folder
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +149,17 @@ def run_train_phase(
         CheckpointCallback(work / "checkpoints", pcfg.checkpoint_every, keep_last=1),
         *callbacks,
     ]
-    trainer = Trainer(
-        trained, PackedSampler(rows, seed), all_callbacks, max_steps=pcfg.steps, batch_size=pcfg.batch_size
+    trainer = train_into_folder(
+        name,
+        trained,
+        PackedSampler(rows, seed),
+        all_callbacks,
+        max_steps=pcfg.steps,
+        batch_size=pcfg.batch_size,
+        work=work,
+        model_dir=work / "model",
+        curves=work / "curves.png",
     )
-    latest = latest_checkpoint(work / "checkpoints")
-    if latest is not None:
-        log.info("%s: resuming from %s", name, latest)
-        trainer.resume(latest)
-    trainer.fit()
-    trained.save_hf(work / "model")
-    write_training_curves(work / "metrics.jsonl", work / "curves.png", title=name)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     last = _last_metrics(work / "metrics.jsonl")
     return {

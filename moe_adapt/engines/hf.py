@@ -432,7 +432,7 @@ class HFEngine:
     """Trains a transformers causal LM loaded from an HF checkpoint folder on one device, or on one
     device per process with DDP or FSDP2 (``cfg.parallel``; the processes are ``dist``).
 
-    ``lr_multiplier`` (e.g. :meth:`moe_adapt.train.curriculum.Curriculum.lr_factor`) scales the
+    ``lr_multiplier`` (e.g. :meth:`moe_adapt.cpt.curriculum.Curriculum.lr_factor`) scales the
     scheduled learning rate of each step; it must be a pure function of the step so resume is exact.
     ``device`` defaults to the CPU with one process and to ``dist.device`` (``cuda:LOCAL_RANK`` or the
     CPU) with several. With several processes every rank must call :meth:`step`, :meth:`state_dict`

@@ -7,10 +7,11 @@ bootstrap CIs over seeds and the sweep report.
 - :mod:`.stats`: percentile bootstrap CIs and seed-paired differences.
 - :mod:`.report`: Markdown + JSON + plots for a Hydra multirun sweep.
 - :mod:`.config`: ``EvalConfig`` / ``ReportConfig`` (the ``eval`` and ``report`` config groups).
-- :mod:`.stage`: the ``eval`` stage (``run(cfg, out)``); :mod:`.heldout`, :mod:`.mc`, :mod:`.summary`
+- :mod:`.evaluate`: the ``eval`` stage's work (:func:`~.evaluate.evaluate`; the stage itself is
+  :mod:`moe_adapt.stages.eval`); :mod:`.heldout`, :mod:`.mc`, :mod:`.summary`
   are its held-out reader, multiple-choice scorer and Markdown/log views.
 - :mod:`.harness`: lm-evaluation-harness tasks in-process (shipped tasks in ``tasks/``).
-- :mod:`.report_stage`: the ``report`` stage (``run(cfg, out)``).
+- the ``report`` stage (:mod:`moe_adapt.stages.report`) calls :func:`.report.write_report`.
 
 Sub-modules are imported on use so that ``import moe_adapt.eval`` stays light.
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,12 +27,23 @@ from typing import Any
 import numpy as np
 import yaml
 
-from moe_adapt.errors import MoEAdaptError
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.eval.config import ReportConfig
 from moe_adapt.eval.stats import bootstrap_ci, paired_difference
 from moe_adapt.fs import atomic_write_text
 from moe_adapt.plots import new_figure, save_figure
 
-__all__ = ["FailedRun", "RunRecord", "Sweep", "build_report", "contamination_lines", "load_sweep"]
+__all__ = [
+    "FailedRun",
+    "RunRecord",
+    "Sweep",
+    "build_report",
+    "contamination_lines",
+    "load_sweep",
+    "write_report",
+]
+
+log = logging.getLogger("moe_adapt.eval")
 
 
 @dataclass(frozen=True)
@@ -400,3 +412,41 @@ def _no_nan(obj: Any) -> Any:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_report(rcfg: ReportConfig, out: Path, *, seed: int) -> dict[str, Any]:
+    """Aggregate ``rcfg.sweep_dir`` into ``out`` (the ``report`` stage); returns the stage summary
+    (relative paths). ``seed`` seeds the bootstrap."""
+    if not rcfg.sweep_dir:
+        raise MoEAdaptConfigError(
+            "report.sweep_dir=None is invalid: stage report needs the multirun folder, "
+            "e.g. report.sweep_dir=runs/tiny-multirun/2025-01-01_12-00-00"
+        )
+    sweep = Path(rcfg.sweep_dir)
+    if not sweep.is_dir():
+        raise MoEAdaptConfigError(f"report.sweep_dir={str(sweep)!r} is invalid: no such folder")
+    build_report(
+        sweep,
+        out_dir=out,
+        contamination=rcfg.contamination,
+        metrics=list(rcfg.metrics) or None,
+        metrics_path=rcfg.metrics_path,
+        seed_key=rcfg.seed_key,
+        n_resamples=rcfg.n_resamples,
+        confidence=rcfg.confidence,
+        bootstrap_seed=seed,
+    )
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    failed = data["failed"]
+    for f in failed:
+        log.warning("report: run %s skipped: %s", f["run"], f["reason"])
+    used = sum(len(c["runs"]) for c in data["conditions"].values())
+    log.info("report: %d runs used, %d failed -> %s", used, len(failed), out / "report.md")
+    return {
+        "report": "report.md",
+        "json": "report.json",
+        "plots": sorted(str(p.relative_to(out)) for p in (out / "plots").glob("*.png")),
+        "runs": used,
+        "failed": [f["run"] for f in failed],
+        "conditions": list(data["conditions"]),
+    }

@@ -1,6 +1,6 @@
 """Human-readable views of the eval stage's results: the log table and ``report.md``.
 
-Both read the ``eval.json`` structure built by :mod:`moe_adapt.eval.stage`.
+Both read the ``eval.json`` structure built by :mod:`moe_adapt.eval.evaluate`.
 """
 
 from __future__ import annotations

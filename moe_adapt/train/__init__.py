@@ -1,15 +1,5 @@
-"""Continued pretraining: the data mixture sampler and the difficulty curriculum (engine-agnostic)."""
-
-from moe_adapt.train.curriculum import Curriculum, CurriculumConfig, PhasePoint, phase_at
-from moe_adapt.train.sampler import Batch, DataExhaustedError, MixtureConfig, MixtureSampler
-
-__all__ = [
-    "Batch",
-    "Curriculum",
-    "CurriculumConfig",
-    "DataExhaustedError",
-    "MixtureConfig",
-    "MixtureSampler",
-    "PhasePoint",
-    "phase_at",
-]
+"""The generic training loop: the :class:`~.trainer.Trainer` with its ordered, stateful callbacks
+(:mod:`.callbacks`: metrics, NaN guard, checkpoints; :mod:`.progress`: progress and wandb, configured
+by the ``logger`` group, :mod:`.config`), the curves picture (:mod:`.curves`) and the one "train into
+a folder" sequence every training phase uses (:mod:`.phase`). What is trained on comes from elsewhere
+(:mod:`moe_adapt.cpt`, :mod:`moe_adapt.distill`)."""

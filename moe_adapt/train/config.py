@@ -1,88 +1,90 @@
-"""Schema of the ``cpt`` config group (continued pretraining): the loop, its inputs and its outputs.
-
-The data stream is configured by the ``mixture`` and ``curriculum`` groups
-(:mod:`moe_adapt.train.sampler`, :mod:`moe_adapt.train.curriculum`), the optimizer and loss terms
-by the ``engine`` group (:mod:`moe_adapt.engines.hf`), anti-forgetting anchors by ``anchor``.
+"""Schema of the ``logger`` config group: where training metrics go besides ``metrics.jsonl`` (the
+wandb mirror, :class:`~moe_adapt.train.progress.WandbCallback`) and the progress display
+(:class:`~moe_adapt.train.progress.ProgressCallback`); see docs/logging.md.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 from moe_adapt.errors import invalid
 
-ENGINES = ("auto", "hf", "megatron")
+KINDS = ("none", "wandb")
+"""What ``logger.kind`` may be."""
+
+MODES = ("offline", "online", "disabled")
+"""What ``logger.mode`` may be."""
+
+PROGRESS = ("auto", "rich", "log", "none")
+"""What ``logger.progress`` may be."""
+
+_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:
-    invalid(f"cpt.{key}", value, allowed)
+    invalid(f"logger.{key}", value, allowed)
 
 
 @dataclass
-class CptConfig:
-    """The ``cpt`` stage: continued pretraining of the upcycled MoE on the data stage's shards."""
+class LoggerConfig:
+    """The ``logger`` config group: the wandb mirror of the metrics stream and the progress display.
 
-    init_from: str | None = None
-    """HF checkpoint folder to start from (the recipes set ${run_dir}/upcycle/model)."""
+    ``metrics.jsonl`` (one line per step, in the stage folder) is always written; this group decides
+    where else the metrics go. Options: ``logger=offline`` (default), ``logger=wandb`` (online),
+    ``logger=none``.
+    """
 
-    shards: str | None = None
-    """Training shards folder with manifest.json (the recipes set ${run_dir}/data/shards)."""
+    kind: str = "wandb"
+    """wandb (mirror every step's metrics and the run's config to Weights & Biases) or none
+    (metrics.jsonl only)."""
 
-    heldout: str | None = None
-    """Held-out shards for the per-language eval hook (null: no eval hook)."""
+    mode: str = "offline"
+    """offline (the wandb run is written under dir and never touches the network; upload it later with
+    `wandb sync`), online (stream to the wandb server; needs `wandb login` or WANDB_API_KEY) or
+    disabled (no wandb run at all)."""
 
-    engine: str = "auto"
-    """hf (transformers; CPU or GPU), megatron (megatron-core; CUDA, expert parallel) or auto (megatron
-    with CUDA and a Mixtral / Qwen-MoE checkpoint, hf otherwise)."""
+    project: str = "moe_adapt"
+    """wandb project the run belongs to."""
 
-    max_steps: int = 100
-    """Optimizer steps."""
+    entity: str | None = None
+    """wandb user or team that owns the project (null: your default entity)."""
 
-    batch_size: int = 8
-    """Sequences per step (each of mixture.seq_len + 1 tokens)."""
+    group: str | None = None
+    """wandb run group, e.g. one per sweep, so its runs are shown together (null: none)."""
 
-    checkpoint_every: int = 50
-    """Steps between checkpoints (kept in <run_dir>/.work/cpt until the stage finishes)."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags of the run, e.g. [arabic, curriculum] (1 to 64 characters each)."""
 
-    keep_last: int = 2
-    """Checkpoints kept."""
+    name: str | None = None
+    """Display name of the wandb run (null: wandb makes one up)."""
 
-    eval_every: int = 50
-    """Steps between held-out per-language loss evaluations (0: only before and after training)."""
+    dir: str | None = None
+    """Folder the wandb/ directory is written under (null: the run directory)."""
 
-    eval_docs: int = 32
-    """Held-out documents per language for the eval hook (a fixed sample)."""
+    progress: str = "auto"
+    """auto (a rich progress bar on a terminal, a log line every log_every steps otherwise), rich,
+    log or none."""
 
-    max_bad_steps: int = 3
-    """Stop with an error after this many consecutive steps with a non-finite loss (each is skipped)."""
-
-    forgetting_bound: dict[str, float] = field(default_factory=dict)
-    """The stated bound on forgetting: per language, the largest rise of its held-out loss over the stage
-    (after minus before, in nats per token) the run claims, e.g. {en: 0.1}. summary.json reports for
-    each language whether it held (``forgetting``); a breach is logged as a warning, not an error.
-    Needs cpt.heldout. {}: no bound."""
+    log_every: int = 10
+    """Steps between progress log lines when progress is log (or auto without a terminal)."""
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            _fail("engine", self.engine, f"choose one of {', '.join(ENGINES)}")
-        for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "eval_docs", "max_bad_steps"):
-            if getattr(self, key) < 1:
-                _fail(key, getattr(self, key), "must be >= 1")
-        if self.eval_every < 0:
-            _fail("eval_every", self.eval_every, "must be >= 0")
-        for lang, bound in self.forgetting_bound.items():
-            if not lang or not math.isfinite(bound) or bound < 0:
-                _fail(
-                    "forgetting_bound",
-                    dict(self.forgetting_bound),
-                    f"each entry is a language and the largest held-out loss rise allowed, a number >= 0 "
-                    f"(got {lang}: {bound})",
-                )
-        if self.forgetting_bound and not self.heldout:
-            _fail(
-                "forgetting_bound",
-                dict(self.forgetting_bound),
-                "a bound on forgetting is checked on the held-out loss: set cpt.heldout too",
-            )
+        if self.kind not in KINDS:
+            _fail("kind", self.kind, f"choose one of {', '.join(KINDS)}")
+        if self.mode not in MODES:
+            _fail("mode", self.mode, f"choose one of {', '.join(MODES)}")
+        if self.kind == "none" and self.mode == "online":
+            _fail("mode", self.mode, "logger.kind=none writes no wandb run; use logger=wandb to go online")
+        if self.progress not in PROGRESS:
+            _fail("progress", self.progress, f"choose one of {', '.join(PROGRESS)}")
+        if self.log_every < 1:
+            _fail("log_every", self.log_every, "must be >= 1")
+        if not self.project or any(c in self.project for c in _PROJECT_FORBIDDEN):
+            _fail("project", self.project, f"must be a non-empty name without any of {_PROJECT_FORBIDDEN}")
+        for key in ("entity", "group", "name", "dir"):
+            if getattr(self, key) == "":
+                _fail(key, "", "give a value, or null for the default")
+        bad = [t for t in self.tags if not 1 <= len(str(t)) <= 64]
+        if bad:
+            _fail("tags", list(self.tags), f"every tag must have 1 to 64 characters (got {bad[0]!r})")

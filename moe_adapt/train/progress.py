@@ -1,7 +1,7 @@
 """Where a training run's metrics go besides ``metrics.jsonl``: a wandb mirror and a progress display.
 
 The metrics stream is the JSONL file :class:`~moe_adapt.train.callbacks.MetricsCallback` writes; it is
-always on. The ``logger`` config group (:class:`LoggerConfig`) adds, through
+always on. The ``logger`` config group (:class:`~moe_adapt.train.config.LoggerConfig`) adds, through
 :func:`logging_callbacks`:
 
 - :class:`WandbCallback`: every step's metrics and the run's (redacted) config, mirrored to Weights &
@@ -23,13 +23,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from moe_adapt.errors import invalid
 from moe_adapt.train.callbacks import Callback
+from moe_adapt.train.config import PROGRESS, LoggerConfig
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -39,80 +39,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moe_adapt")
 
-KINDS = ("none", "wandb")
-MODES = ("offline", "online", "disabled")
-PROGRESS = ("auto", "rich", "log", "none")
-_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
 _RICH_WINDOW = 20  # steps the bar's tokens/s is averaged over
 _OPEN_RUNS: dict[str, Any] = {}  # wandb runs of this process not finished yet, by id
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:
     invalid(f"logger.{key}", value, allowed)
-
-
-@dataclass
-class LoggerConfig:
-    """The ``logger`` config group: the wandb mirror of the metrics stream and the progress display.
-
-    ``metrics.jsonl`` (one line per step, in the stage folder) is always written; this group decides
-    where else the metrics go. Options: ``logger=offline`` (default), ``logger=wandb`` (online),
-    ``logger=none``.
-    """
-
-    kind: str = "wandb"
-    """wandb (mirror every step's metrics and the run's config to Weights & Biases) or none
-    (metrics.jsonl only)."""
-
-    mode: str = "offline"
-    """offline (the wandb run is written under dir and never touches the network; upload it later with
-    `wandb sync`), online (stream to the wandb server; needs `wandb login` or WANDB_API_KEY) or
-    disabled (no wandb run at all)."""
-
-    project: str = "moe_adapt"
-    """wandb project the run belongs to."""
-
-    entity: str | None = None
-    """wandb user or team that owns the project (null: your default entity)."""
-
-    group: str | None = None
-    """wandb run group, e.g. one per sweep, so its runs are shown together (null: none)."""
-
-    tags: list[str] = field(default_factory=list)
-    """wandb tags of the run, e.g. [arabic, curriculum] (1 to 64 characters each)."""
-
-    name: str | None = None
-    """Display name of the wandb run (null: wandb makes one up)."""
-
-    dir: str | None = None
-    """Folder the wandb/ directory is written under (null: the run directory)."""
-
-    progress: str = "auto"
-    """auto (a rich progress bar on a terminal, a log line every log_every steps otherwise), rich,
-    log or none."""
-
-    log_every: int = 10
-    """Steps between progress log lines when progress is log (or auto without a terminal)."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            _fail("kind", self.kind, f"choose one of {', '.join(KINDS)}")
-        if self.mode not in MODES:
-            _fail("mode", self.mode, f"choose one of {', '.join(MODES)}")
-        if self.kind == "none" and self.mode == "online":
-            _fail("mode", self.mode, "logger.kind=none writes no wandb run; use logger=wandb to go online")
-        if self.progress not in PROGRESS:
-            _fail("progress", self.progress, f"choose one of {', '.join(PROGRESS)}")
-        if self.log_every < 1:
-            _fail("log_every", self.log_every, "must be >= 1")
-        if not self.project or any(c in self.project for c in _PROJECT_FORBIDDEN):
-            _fail("project", self.project, f"must be a non-empty name without any of {_PROJECT_FORBIDDEN}")
-        for key in ("entity", "group", "name", "dir"):
-            if getattr(self, key) == "":
-                _fail(key, "", "give a value, or null for the default")
-        bad = [t for t in self.tags if not 1 <= len(str(t)) <= 64]
-        if bad:
-            _fail("tags", list(self.tags), f"every tag must have 1 to 64 characters (got {bad[0]!r})")
 
 
 # -- wandb ----------------------------------------------------------------------------------------
@@ -460,14 +392,3 @@ def logging_callbacks(
     if cfg.progress != "none":
         callbacks.append(ProgressCallback(cfg.progress, cfg.log_every, description=stage))
     return callbacks
-
-
-def stage_logging_callbacks(cfg: Any, stage: str) -> list[Callback]:
-    """:func:`logging_callbacks` for a stage of the app: ``cfg`` is the whole (typed) config."""
-    import dataclasses
-    import json
-
-    from moe_adapt.redact import redact
-
-    config_dict = redact(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    return logging_callbacks(cfg.logger, Path(cfg.run_dir), config_dict, stage=stage)

@@ -70,7 +70,7 @@ class Batch:
 
 
 class BatchSource(Protocol):
-    """What the trainer needs from a sampler (:class:`~moe_adapt.train.sampler.MixtureSampler` is one)."""
+    """What the trainer needs from a sampler (:class:`~moe_adapt.cpt.sampler.MixtureSampler` is one)."""
 
     def next_batch(self, batch_size: int) -> HasTokens: ...
 

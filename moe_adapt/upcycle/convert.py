@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from moe_adapt.checkpoint.hf import HFCheckpoint
 from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
-from moe_adapt.config.schema import UpcycleConfig, UpcycleMethod
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.upcycle import copy, drop, fine_grained
+from moe_adapt.upcycle.config import UpcycleConfig, UpcycleMethod
 from moe_adapt.upcycle.experts import FFN, LayerExperts, Method, derive_seed, generator
 from moe_adapt.upcycle.layouts import (
     DENSE_FFN,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_adapt.config.schema import UpcycleConfig
+from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.experts import FFN
 from moe_adapt.upcycle.sizing import Sizing
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_adapt.config.schema import UpcycleConfig
 from moe_adapt.upcycle import fine_grained
+from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.experts import FFN, LayerExperts, generator
 from moe_adapt.upcycle.sizing import Sizing
 

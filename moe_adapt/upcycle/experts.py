@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from moe_adapt.config.schema import UpcycleConfig
+from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.sizing import Sizing
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_adapt.config.schema import RouterInit
+from moe_adapt.upcycle.config import RouterInit
 from moe_adapt.upcycle.sizing import Sizing
 
 

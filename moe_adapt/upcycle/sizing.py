@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_adapt.config.schema import UpcycleConfig
 from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.upcycle.config import UpcycleConfig
 
 
 @dataclass(frozen=True)

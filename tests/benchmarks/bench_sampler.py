@@ -52,7 +52,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_adapt.train import Batch, CurriculumConfig, MixtureConfig, MixtureSampler, streams
+from moe_adapt.cpt import CurriculumConfig, MixtureBatch, MixtureConfig, MixtureSampler, streams
 
 PINNED_SHA256 = "1e55c340218369bb"
 """sha256 prefix of the default run's stream (tokens, sources, phases of 60 batches of 64), as produced
@@ -96,7 +96,7 @@ def make_sampler(shard_dir: Path, seq_len: int, phase_tokens: int) -> MixtureSam
     return MixtureSampler(shard_dir, mix, cur, seed=0)
 
 
-def stream_digest(batches: list[Batch]) -> str:
+def stream_digest(batches: list[MixtureBatch]) -> str:
     h = hashlib.sha256()
     for b in batches:
         for arr in (b.tokens, b.source_ids, b.phases):
@@ -182,7 +182,7 @@ def bind(reads: list[list[Read]], as_python: bool, maps: Maps) -> list[list[tupl
 
 def trace(
     shard_dir: Path, args: argparse.Namespace, phase_tokens: int
-) -> tuple[list[Batch], list[list[Read]]]:
+) -> tuple[list[MixtureBatch], list[list[Read]]]:
     """One sampler run: its batches, and for each batch its reads (rows, document slices)."""
     S = args.seq_len
     takes: list[tuple[streams.DocPool, int, int]] = []
@@ -193,7 +193,7 @@ def trace(
         return orig_take(self, k, *a, **kw)
 
     streams.DocPool.take = take  # type: ignore[method-assign]
-    batches: list[Batch] = []
+    batches: list[MixtureBatch] = []
     reads: list[list[Read]] = []
     try:
         s = make_sampler(shard_dir, S, phase_tokens)

@@ -34,7 +34,7 @@ from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
 UPCYCLE = r"""
 import json, resource, sys, time
 from pathlib import Path
-from moe_adapt.config import UpcycleConfig
+from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.convert import Upcycler
 dense, out, experts, granularity = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 start = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_adapt.config import STAGE_ORDER, Config, compose, conf_dir, recipes_dir, to_config
-from moe_adapt.runner import STAGES
+from moe_adapt.stages import STAGES
 
 GROUP_OPTIONS = sorted(
     (group.name, option.stem)
@@ -58,7 +58,7 @@ def test_no_private_hydra_api():
 def test_every_stage_has_an_implementation():
     assert set(STAGES) == set(STAGE_ORDER)
     for stage in STAGES.values():
-        assert callable(stage.load())
+        assert callable(stage.run)
 
 
 def test_recipe_overrides_group_and_values(tmp_path):
@@ -83,13 +83,14 @@ def test_every_schema_field_has_a_docstring():
 
     modules = [
         "moe_adapt.config.schema",
+        "moe_adapt.upcycle.config",
         "moe_adapt.data.config",
         "moe_adapt.data.clean",
         "moe_adapt.data.dedup",
         "moe_adapt.eval.config",
-        "moe_adapt.train.curriculum",
-        "moe_adapt.train.sampler",
-        "moe_adapt.train.progress",
+        "moe_adapt.demo.config",
+        "moe_adapt.cpt.config",
+        "moe_adapt.train.config",
         "moe_adapt.distill.config",
         "moe_adapt.distill.verify.config",
         "moe_adapt.distill.verify.structure",
@@ -116,14 +117,16 @@ def test_every_schema_field_has_a_docstring():
 def test_every_option_is_documented():
     from dataclasses import fields
 
-    from moe_adapt.config import InitDenseConfig, ModelConfig, UpcycleConfig
+    from moe_adapt.config import ModelConfig
+    from moe_adapt.demo.config import InitDenseConfig
+    from moe_adapt.upcycle.config import UpcycleConfig
 
     docs = (conf_dir().parent / "docs").glob("*.md")
     text = "\n".join(p.read_text() for p in docs)
     from moe_adapt.data.config import DataConfig
     from moe_adapt.distill.config import DistillConfig, TeacherConfig
     from moe_adapt.eval.config import EvalConfig, ReportConfig
-    from moe_adapt.train.progress import LoggerConfig
+    from moe_adapt.train.config import LoggerConfig
 
     for prefix, cls in (
         ("distill", DistillConfig),

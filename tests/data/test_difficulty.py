@@ -53,7 +53,7 @@ def test_perplexity_scorer_batches_like_single_texts(tmp_path) -> None:
     import math
 
     from moe_adapt.data.difficulty import PerplexityScorer, score_documents
-    from moe_adapt.init_dense import build_tokenizer
+    from moe_adapt.demo.dense import build_tokenizer
     from tests.conftest import build_dense
 
     tok = build_tokenizer()

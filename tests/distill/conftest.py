@@ -19,7 +19,7 @@ def build_lm(
     """A tiny random causal LM of ``family`` saved with the builtin-text tokenizer (384 tokens)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moe_adapt.init_dense import build_tokenizer
+    from moe_adapt.demo.dense import build_tokenizer
 
     tok = build_tokenizer(vocab_texts)
     kwargs: dict[str, object] = dict(

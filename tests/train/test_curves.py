@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_adapt.cpt.sampler import MixtureBatch
 from moe_adapt.train.curves import (
     ema,
     phase_starts,
@@ -16,13 +17,12 @@ from moe_adapt.train.curves import (
     running_mean,
     write_training_curves,
 )
-from moe_adapt.train.sampler import Batch
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_batch_metrics_are_the_phase_and_each_sources_share() -> None:
-    batch = Batch(
+    batch = MixtureBatch(
         np.zeros((4, 3), np.int64), np.array([0, 0, 1, 0]), np.array([1, 1, 2, 2]), ["ar", "en", "he"]
     )
     assert batch.metrics() == {"phase": 1.5, "data/ar": 0.75, "data/en": 0.25, "data/he": 0.0}

@@ -33,10 +33,11 @@ from moe_adapt.engines.data_parallel import rows_of
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig, resolve_parallel
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.stages import StageContext
 from moe_adapt.train.trainer import Batch
-from tests.train.conftest import save_tiny_qwen3_moe
-from tests.train.test_stage import SMALL
-from tests.train.test_stage import run as stage_run
+from tests.cpt.conftest import save_tiny_qwen3_moe
+from tests.stages.test_cpt import SMALL
+from tests.stages.test_cpt import run as stage_run
 
 WORLD = 2
 VOCAB = 101
@@ -205,16 +206,16 @@ def _train(
     return engines, metrics, grads
 
 
-def _stage_alone(cfg: Any, out: Path) -> dict[str, Any]:
+def _stage_alone(stage: StageContext) -> dict[str, Any]:
     """A stage that is not distributed: rank 0 runs it alone, as if there were one process."""
-    (out / "ran_on").write_text(os.environ["RANK"])
+    (stage.out / "ran_on").write_text(os.environ["RANK"])
     return {"rank": int(os.environ["RANK"]), "world": distributed.current().world_size}
 
 
-def _stage_everywhere(cfg: Any, out: Path) -> dict[str, Any]:
+def _stage_everywhere(stage: StageContext) -> dict[str, Any]:
     """A distributed stage: every rank runs it; the others' ``out`` is a scratch folder."""
     ctx = distributed.current()
-    (out / f"rank{ctx.rank}").write_text("")
+    (stage.out / f"rank{ctx.rank}").write_text("")
     return {"rank": ctx.rank, "world": ctx.world_size}
 
 
@@ -231,8 +232,8 @@ def _runner_checks(ctx: DistContext, out: Path) -> dict[str, Any]:
         distributed.run_on_main(fails, ctx)
     except Exception as err:  # rank 0: the ValueError itself; the others: MainRankError
         seen["error"] = f"{type(err).__name__}: {err}"
-    runner.STAGES["init_dense"] = runner.Stage(f"{__name__}:_stage_alone", ("seed",))
-    runner.STAGES["cpt"] = runner.Stage(f"{__name__}:_stage_everywhere", ("seed",), distributed=True)
+    runner.STAGES["init_dense"] = runner.Stage("init_dense", _stage_alone, ("seed",))
+    runner.STAGES["cpt"] = runner.Stage("cpt", _stage_everywhere, ("seed",), distributed=True)
     raw = compose(["+recipe=tiny", f"run_dir={out / 'run'}", "stages=[init_dense,cpt]", "logger=none"])
     seen["first"] = runner.run_pipeline(to_config(raw), raw)
     seen["files"] = sorted(str(p.relative_to(out / "run")) for p in (out / "run").rglob("*"))

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from moe_adapt.checkpoint.trainer_state import latest_checkpoint, list_checkpoints, load_checkpoint
+from moe_adapt.cpt import CurriculumConfig, MixtureBatch, MixtureConfig, MixtureSampler
 from moe_adapt.engines.hf import HFEngine, HFEngineConfig, lr_at
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.train import Batch, CurriculumConfig, MixtureConfig, MixtureSampler
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
 from moe_adapt.train.trainer import Trainer
-from tests.train.conftest import bilingual, save_tiny_qwen3_moe
+from tests.cpt.conftest import bilingual, save_tiny_qwen3_moe
 
 MakeShards = Callable[..., Path]
 VOCAB = 101
@@ -49,7 +49,7 @@ class ModVocab:
     def __init__(self, sampler: MixtureSampler) -> None:
         self.sampler = sampler
 
-    def next_batch(self, batch_size: int) -> Batch:
+    def next_batch(self, batch_size: int) -> MixtureBatch:
         batch = self.sampler.next_batch(batch_size)
         batch.tokens = batch.tokens % VOCAB
         return batch

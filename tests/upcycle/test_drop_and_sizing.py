@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from moe_adapt.config import UpcycleConfig
 from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.convert import Upcycler
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_adapt.config import UpcycleConfig
+from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.convert import Upcycler
 from moe_adapt.upcycle.verify import verify_checkpoints
 

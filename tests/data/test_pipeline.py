@@ -122,7 +122,7 @@ def test_buckets_are_ordered_by_difficulty_and_keep_the_language_mix(corpus, tin
 def test_a_crash_after_dedup_resumes_without_redoing_it(
     corpus, tiny_tokenizer, tmp_path, monkeypatch, caplog
 ):
-    import moe_adapt.data.stage as stage
+    import moe_adapt.data.pipeline as stage
 
     cfg = make_cfg(corpus, tiny_tokenizer, tmp_path)
     real = stage._decontaminate

@@ -94,13 +94,13 @@ def test_a_crash_resumes_at_the_phase_it_hit(lm_factory, prompt_files, tmp_path,
             raise RuntimeError("killed")
         return real(name, *a, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("moe_adapt.distill.stage.run_train_phase", crash_in_token_kd)
+    monkeypatch.setattr("moe_adapt.distill.pipeline.run_train_phase", crash_in_token_kd)
     with pytest.raises(RuntimeError, match="killed"):
         run(args)
     assert not (tmp_path / "distill").exists()  # the stage folder appears only when every phase is done
     assert (tmp_path / ".work" / "distill" / "seq_kd" / "_DONE.json").is_file()
-    monkeypatch.setattr("moe_adapt.distill.stage.run_train_phase", real)
-    with caplog.at_level(logging.INFO, logger="moe_adapt.distill.stage"):
+    monkeypatch.setattr("moe_adapt.distill.pipeline.run_train_phase", real)
+    with caplog.at_level(logging.INFO, logger="moe_adapt.distill.pipeline"):
         run(args)
     skipped = [r.getMessage() for r in caplog.records if "already done" in r.getMessage()]
     assert skipped == [f"distill: phase {p} already done, skipping" for p in ("generate", "verify", "seq_kd")]

@@ -1,4 +1,4 @@
-"""The ``init_dense`` stage: a small dense checkpoint for the demo and tests, random or briefly pretrained.
+"""The demo's dense model (the ``init_dense`` stage's work): a small checkpoint, random or briefly pretrained.
 
 It writes a real Hugging Face checkpoint (safetensors, config, generation config) of the chosen
 family and a byte-level BPE tokenizer trained either on a few built-in Arabic, Hebrew and English
@@ -13,7 +13,7 @@ progress, NaN guard), deterministically from the seed. Its text never includes (
 :func:`pretrain_texts`):
 
 - a document the data stage could hold out for evaluation: the data stage holds out documents by a
-  hash of their id (``moe_adapt.data.stage.is_heldout``); pretraining skips every hadith whose Arabic or
+  hash of their id (``moe_adapt.data.pipeline.is_heldout``); pretraining skips every hadith whose Arabic or
   English document id, and every Mishnah passage whose id, falls under that rule at
   ``init_dense.pretrain.heldout_fraction`` (set to ``data.heldout_fraction``, and checked to be at
   least that) — a superset of the documents any demo data stage can hold out;
@@ -30,16 +30,23 @@ goes into the stage summary.
 from __future__ import annotations
 
 import logging
-import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
-from moe_adapt.config.schema import Config, InitDenseConfig, PretrainConfig
+from moe_adapt.demo.config import InitDenseConfig, PretrainConfig
 from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.train.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,19 @@ def build_config(cfg: InitDenseConfig, vocab_size: int, bos: int, eos: int, pad:
     return AutoConfig.for_model(cfg.family, **kwargs)
 
 
+def write_dense_model(
+    arch: InitDenseConfig, tokenizer: PreTrainedTokenizerBase, folder: Path, *, bos: int, eos: int, pad: int
+) -> int:
+    """A randomly initialised model of ``arch`` with ``tokenizer``'s vocabulary, written to ``folder``
+    with the tokenizer and a generation config (``bos``/``eos``/``pad`` ids); the caller seeds torch.
+    Returns its number of parameters."""
+    model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer), bos, eos, pad))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
 DEMO_SOURCES = {"ar": "hadith_ar", "en": "hadith_en", "he": "mishnah_he"}
 """The data stage's source name for each demo language (:func:`moe_adapt.data.steps.demo_sources`):
 a demo document with id ``I`` has id ``<source>/I`` there, and that is what its held-out rule hashes."""
@@ -145,8 +165,8 @@ class PretrainTexts:
 
 
 def _could_be_heldout(source: str, doc_id: str, fraction: float) -> bool:
-    """The data stage's held-out rule for a demo document (``moe_adapt.data.stage.is_heldout``)."""
-    from moe_adapt.data.stage import is_heldout
+    """The data stage's held-out rule for a demo document (``moe_adapt.data.pipeline.is_heldout``)."""
+    from moe_adapt.data.pipeline import is_heldout
 
     return is_heldout({"id": f"{source}/{doc_id}"}, fraction)
 
@@ -271,18 +291,25 @@ def _heldout_loss(model: Any, tokenizer: Any, texts: dict[str, list[str]], windo
     return {lang: round(r.mean_loss, 4) for lang, r in result.items()}
 
 
-def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, Any]:
-    """Train the checkpoint in ``init`` as set by ``cfg.init_dense.pretrain``; writes ``work/model`` and
-    ``work/metrics.jsonl``. Returns the summary of the phase, with the held-out loss before and after."""
+def pretrain(
+    pcfg: PretrainConfig,
+    init: Path,
+    tokenizer: Any,
+    work: Path,
+    *,
+    seed: int,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Train the checkpoint in ``init`` as ``pcfg`` sets; writes ``work/model`` and ``work/metrics.jsonl``
+    (``callbacks``: progress, wandb). Returns the summary of the phase, with the held-out loss before
+    and after."""
     from moe_adapt.distill.config import TrainPhaseConfig
     from moe_adapt.distill.sft_data import Example
     from moe_adapt.distill.train_phase import run_train_phase
     from moe_adapt.engines.hf import HFEngineConfig
-    from moe_adapt.train.progress import stage_logging_callbacks
 
-    pcfg = cfg.init_dense.pretrain
     eval_languages = sorted({"ar", "en", *pcfg.languages})  # the demo's cpt languages, and ours
-    texts = pretrain_texts(pcfg, cfg.seed, eval_languages)
+    texts = pretrain_texts(pcfg, seed, eval_languages)
     width = pcfg.seq_len + 1
     examples = [
         Example([], chunk, lang)
@@ -303,7 +330,6 @@ def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, A
             f"init_dense.pretrain: no training text in {list(pcfg.languages)} fills one sequence of "
             f"seq_len={pcfg.seq_len}: raise init_dense.pretrain.max_docs"
         )
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(init))
     before = _heldout_loss(model, tokenizer, texts.heldout, pcfg.seq_len)
@@ -326,8 +352,8 @@ def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, A
         langs=list(pcfg.languages),
         engine_cfg=HFEngineConfig(parallel="none"),
         work=work,
-        seed=cfg.seed,
-        callbacks=stage_logging_callbacks(cfg, "init_dense"),
+        seed=seed,
+        callbacks=callbacks,
         engine="hf",
     )
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"))
@@ -350,43 +376,3 @@ def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, A
         "heldout_loss_after": after,
         "heldout_docs": {lang: len(t) for lang, t in texts.heldout.items()},
     }
-
-
-def run(cfg: Config, out: Path) -> dict[str, Any]:
-    """Write ``out/model``: config, safetensors weights, tokenizer, generation config (and, when
-    pretraining, ``out/metrics.jsonl``: one line per pretraining step, drawn in ``out/curves.png``).
-
-    Returns the stage summary; paths in it are relative to the stage folder.
-    """
-    torch.manual_seed(cfg.seed)
-    icfg = cfg.init_dense
-    tokenizer = build_tokenizer(tokenizer_text(icfg.tokenizer_corpus), icfg.vocab_size)
-    pad, bos, eos = (tokenizer.vocab[t] for t in SPECIAL_TOKENS)
-    config = build_config(cfg.init_dense, len(tokenizer), bos, eos, pad)
-    model = AutoModelForCausalLM.from_config(config)
-    model_dir = out / "model"
-    start_dir = out / "random" if icfg.pretrain.steps else model_dir
-    model.save_pretrained(start_dir, safe_serialization=True)
-    tokenizer.save_pretrained(start_dir)
-    generation = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    generation.save_pretrained(start_dir)
-    params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "init_dense: %s with %s parameters, vocabulary %d",
-        cfg.init_dense.family,
-        f"{params:,}",
-        len(tokenizer),
-    )
-    summary: dict[str, Any] = {"model": "model", "params": params, "family": cfg.init_dense.family}
-    if icfg.pretrain.steps:
-        work = out / "pretrain"  # inside the stage's temporary folder: a crash leaves nothing behind
-        summary["pretrain"] = pretrain(cfg, start_dir, tokenizer, work)
-        shutil.move(str(work / "model"), str(model_dir))
-        shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
-        if (work / "curves.png").is_file():
-            shutil.move(str(work / "curves.png"), str(out / "curves.png"))
-        generation.save_pretrained(model_dir)
-        shutil.rmtree(work)
-        shutil.rmtree(start_dir)
-        summary["metrics"] = "metrics.jsonl"
-    return summary

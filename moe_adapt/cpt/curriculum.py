@@ -19,74 +19,14 @@ from typing import NoReturn
 
 import numpy as np
 
+from moe_adapt.cpt.config import CurriculumConfig
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 
-ORDERS = ("easy_to_hard", "hard_to_easy", "random")
-PACINGS = ("step", "linear")
 _RANDOM_ORDER_SALT = 0x63757272  # "curr": keeps the bucket permutation apart from other seeded draws
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:
     invalid(f"curriculum.{key}", value, allowed)
-
-
-@dataclass
-class CurriculumConfig:
-    """The ``curriculum`` config group: phases over difficulty buckets and per-phase LR re-warming."""
-
-    order: str = "easy_to_hard"
-    """easy_to_hard (bucket 0 first), hard_to_easy (reversed) or random (a permutation drawn from the
-    seed)."""
-
-    phase_tokens: list[int] | None = None
-    """Length in training tokens (sequences x seq_len) of every phase but the last, which runs to the
-    end of training: N entries make N + 1 phases. Set this or phase_steps; with neither, one phase
-    reads every bucket (no curriculum)."""
-
-    phase_steps: list[int] | None = None
-    """Length in optimizer steps of every phase but the last (which runs to the end): N entries make
-    N + 1 phases. Needs the global batch size."""
-
-    pacing: str = "step"
-    """step (switch buckets at the phase boundary) or linear (blend the next phase in; see blend_fraction)."""
-
-    blend_fraction: float = 0.1
-    """With pacing=linear: the last fraction of each phase over which the next phase's share grows
-    linearly from 0 to 1. Must be in (0, 1]."""
-
-    rewarm_steps: int = 0
-    """Linear learning-rate re-warm-up over this many steps at the start of every phase after the first
-    (0: none)."""
-
-    rewarm_start: float = 0.1
-    """Learning-rate factor at the first re-warm step (the factor reaches 1 after rewarm_steps). In [0, 1]."""
-
-    def __post_init__(self) -> None:
-        if self.order not in ORDERS:
-            _fail("order", self.order, f"choose one of {', '.join(ORDERS)}")
-        if self.pacing not in PACINGS:
-            _fail("pacing", self.pacing, f"choose one of {', '.join(PACINGS)}")
-        if self.phase_tokens is not None and self.phase_steps is not None:
-            _fail("phase_steps", self.phase_steps, "set phase_tokens or phase_steps, not both")
-        for key in ("phase_tokens", "phase_steps"):
-            lengths = getattr(self, key)
-            if lengths is not None:
-                if len(lengths) == 0:
-                    _fail(key, lengths, "give the length of every phase but the last (or null for one phase)")
-                if any(int(n) < 1 for n in lengths):
-                    _fail(key, lengths, "every phase length must be >= 1")
-        if not 0.0 < self.blend_fraction <= 1.0:
-            _fail("blend_fraction", self.blend_fraction, "must be in (0, 1]")
-        if self.rewarm_steps < 0:
-            _fail("rewarm_steps", self.rewarm_steps, "must be >= 0")
-        if not 0.0 <= self.rewarm_start <= 1.0:
-            _fail("rewarm_start", self.rewarm_start, "must be in [0, 1]")
-
-    @property
-    def num_phases(self) -> int:
-        """Number of phases: one more than the lengths given (the last runs to the end)."""
-        lengths = self.phase_tokens if self.phase_tokens is not None else self.phase_steps
-        return 1 if lengths is None else len(lengths) + 1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The ``eval`` stage: every checkpoint of ``eval.models`` on held-out text, benchmarks and routing.
+"""The ``eval`` stage's work: every checkpoint of ``eval.models`` on held-out text, benchmarks and routing.
 
 Per model: per-language held-out loss/perplexity (sliding window) from the data stage's shards;
 multiple-choice accuracy per language by log-likelihood, with ECE and, on parallel items, LPG and
@@ -33,7 +33,7 @@ from moe_adapt.eval.stats import bootstrap_ci
 from moe_adapt.eval.summary import log_table, render_markdown
 from moe_adapt.fs import atomic_write_text
 
-__all__ = ["evaluate_model", "run"]
+__all__ = ["evaluate", "evaluate_model"]
 
 log = logging.getLogger("moe_adapt.eval")
 
@@ -285,14 +285,12 @@ def evaluate_model(
     return result
 
 
-def run(cfg: Any, out: Path) -> dict[str, Any]:
-    """Evaluate every checkpoint of ``cfg.eval.models`` into ``out`` and return the stage summary.
+def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
+    """Evaluate every checkpoint of ``ecfg.models`` into ``out`` and return the stage summary.
 
-    ``cfg`` needs ``.eval`` (:class:`EvalConfig`), ``.seed`` and ``.run_dir``. Paths in the
-    summary are relative to the stage folder.
+    ``seed`` draws the held-out sample and the bootstrap resamples. Paths in the summary are relative
+    to the stage folder.
     """
-    ecfg: EvalConfig = cfg.eval
-    seed = int(getattr(cfg, "seed", 0))
     _check_inputs(ecfg)
     heldout = None
     if ecfg.heldout is not None:

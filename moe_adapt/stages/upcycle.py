@@ -6,20 +6,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moe_adapt.config.schema import Config, VerifyMode
+from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.fs import atomic_write_json
+from moe_adapt.stages.base import StageContext
+from moe_adapt.upcycle.config import VerifyMode
 from moe_adapt.upcycle.convert import Upcycler
 from moe_adapt.upcycle.verify import available_memory_bytes, verify_checkpoints
 
 log = logging.getLogger(__name__)
 
+KEYS = ("model", "upcycle", "seed")
+DISTRIBUTED = False
 
-def run(cfg: Config, out: Path) -> dict[str, Any]:
+
+def run(ctx: StageContext) -> dict[str, Any]:
     """Write the MoE checkpoint to ``out/model``, verify it, and report its parameters.
 
     Returns the stage summary; paths in it are relative to the stage folder.
     """
+    cfg, out = ctx.cfg, ctx.out
     ucfg = cfg.upcycle
     assert cfg.model.dense is not None  # Config checks it when the upcycle stage is selected
     up = Upcycler(cfg.model.dense, ucfg, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)

@@ -1,7 +1,8 @@
-"""The ``distill`` stage: chain-of-thought distillation in the phases ``distill.phases`` lists.
+"""The ``distill`` stage's work: chain-of-thought distillation in the phases ``distill.phases`` lists.
 
-Each phase works in ``<run_dir>/.work/distill/<phase>`` and finishes by writing ``_DONE.json`` with a
-fingerprint of everything it depends on (its own settings and every earlier phase's). A re-run after
+Each phase works in ``<work>/<phase>`` (``work``: the stage's scratch folder, ``<run_dir>/.work/distill``)
+and finishes by writing ``_DONE.json`` with a fingerprint of everything it depends on (its own
+settings and every earlier phase's). A re-run after
 a crash skips finished phases, resumes the interrupted one (generate from its finished shards,
 training phases from their latest checkpoint) and runs the rest. When all phases are done the
 folders move into the stage folder, the last training phase's model becomes ``model/``, and
@@ -14,12 +15,11 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from moe_adapt.config.schema import Config
 from moe_adapt.data.jsonl import write_documents
 from moe_adapt.distill.accuracy import evaluate_accuracy
 from moe_adapt.distill.config import SELECT_KD_DEFAULT_THETA, TRAINING_PHASES, DistillConfig
@@ -32,10 +32,11 @@ from moe_adapt.distill.train_phase import (
     trace_examples,
 )
 from moe_adapt.distill.verify import Trace, render_report_markdown, verify_traces
+from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json, atomic_write_text
-from moe_adapt.train.progress import stage_logging_callbacks
+from moe_adapt.train.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _check_inputs(d: DistillConfig) -> None:
         )
 
 
-def _phase_settings(d: DistillConfig, cfg: Config, name: str) -> dict[str, Any]:
+def _phase_settings(d: DistillConfig, engine_cfg: HFEngineConfig, seed: int, name: str) -> dict[str, Any]:
     if name == "generate":
         return {
             "teacher": d.teacher,
@@ -81,15 +82,15 @@ def _phase_settings(d: DistillConfig, cfg: Config, name: str) -> dict[str, Any]:
             "langs": d.langs,
             "generate": asdict(d.generate),
             "chat_template": d.chat_template,
-            "seed": cfg.seed,
+            "seed": seed,
         }
     if name == "verify":
         return {"verify": asdict(d.verify), "format": asdict(d.format)}
     settings = {
         "phase": asdict(getattr(d, name)),
-        "engine": asdict(cfg.engine),
+        "engine": asdict(engine_cfg),
         "engine_name": d.engine,
-        "seed": cfg.seed,
+        "seed": seed,
         "student": d.student,
         "chat_template": d.chat_template,
     }
@@ -159,12 +160,19 @@ def _verified_traces(work: Path, phases: Sequence[str]) -> list[dict[str, Any]]:
     return list(iter_traces(work / "generate"))
 
 
-def run(cfg: Config, out: Path) -> dict[str, Any]:
-    """Run ``cfg.distill.phases`` in order (resuming finished ones) and collect the artifacts in ``out``."""
-    d = cfg.distill
+def run_distill(
+    d: DistillConfig,
+    engine_cfg: HFEngineConfig,
+    out: Path,
+    work: Path,
+    *,
+    seed: int,
+    logging_callbacks: Callable[[str], list[Callback]],
+) -> dict[str, Any]:
+    """Run ``d.phases`` in order (resuming finished ones) in ``work`` (the stage's scratch folder) and
+    collect the artifacts in ``out``; ``logging_callbacks(name)`` gives a training phase's progress and
+    wandb callbacks."""
     _check_inputs(d)
-    work = Path(cfg.run_dir) / ".work" / "distill"
-    work.mkdir(parents=True, exist_ok=True)
     phases = list(d.phases)
     needs_prompts = "generate" in phases or "sft" in phases
     prompts: list[PromptRecord] = (
@@ -190,7 +198,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
                 return saved["accuracy"]  # type: ignore[no-any-return]
         log.info("distill: held-out accuracy of %s (%d prompts)", tag, len(eval_prompts))
         acc = evaluate_accuracy(
-            model, eval_prompts, d.eval, d.format, chat_template=d.chat_template, seed=cfg.seed
+            model, eval_prompts, d.eval, d.format, chat_template=d.chat_template, seed=seed
         )
         atomic_write_json(cache, {"key": key, "accuracy": acc})
         log.info("distill: %s accuracy %s", tag, _acc_line(acc))
@@ -206,7 +214,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     fp = _hash(d.langs, d.format.think_open, d.format.think_close)
     for name in phases:
         pdir = work / name
-        fp = _hash(fp, name, _phase_settings(d, cfg, name))
+        fp = _hash(fp, name, _phase_settings(d, engine_cfg, seed, name))
         marker = pdir / DONE
         if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fp:
             log.info("distill: phase %s already done, skipping", name)
@@ -216,7 +224,9 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
                 shutil.rmtree(pdir)
             pdir.mkdir(parents=True, exist_ok=True)
             log.info("distill: phase %s", name)
-            phase_summary = _run_phase(name, d, cfg, pdir, work, prompts, model)
+            phase_summary = _run_phase(
+                name, d, engine_cfg, seed, logging_callbacks, pdir, work, prompts, model
+            )
             atomic_write_json(marker, {"phase": name, "fingerprint": fp, "summary": phase_summary})
         summary[name] = phase_summary
         if name in TRAINING_PHASES:
@@ -232,16 +242,15 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     summary["accuracy"] = {k: v for k, v in summary["accuracy"].items() if v is not None}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "report.md", render_distill_report(summary, out))
-    shutil.rmtree(work, ignore_errors=True)
-    if work.parent.is_dir() and not any(work.parent.iterdir()):
-        work.parent.rmdir()
     return summary
 
 
 def _run_phase(
     name: str,
     d: DistillConfig,
-    cfg: Config,
+    engine_cfg: HFEngineConfig,
+    seed: int,
+    logging_callbacks: Callable[[str], list[Callback]],
     pdir: Path,
     work: Path,
     prompts: list[PromptRecord],
@@ -249,9 +258,7 @@ def _run_phase(
 ) -> dict[str, Any]:
     if name == "generate":
         assert d.teacher is not None
-        return run_generate(
-            prompts, d.teacher, d.generate, pdir, seed=cfg.seed, chat_template=d.chat_template
-        )
+        return run_generate(prompts, d.teacher, d.generate, pdir, seed=seed, chat_template=d.chat_template)
     if name == "verify":
         return run_verify(d, work / "generate", pdir)
     from transformers import AutoTokenizer
@@ -274,12 +281,12 @@ def _run_phase(
         init_from=model,
         examples=examples,
         langs=d.langs,
-        engine_cfg=cfg.engine,
+        engine_cfg=engine_cfg,
         work=pdir,
-        seed=cfg.seed,
+        seed=seed,
         kd=kd,
         teacher=teacher,
-        callbacks=stage_logging_callbacks(cfg, f"distill_{name}"),
+        callbacks=logging_callbacks(f"distill_{name}"),
         engine=d.engine,
     )
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from moe_adapt.config.schema import Config, InitDenseConfig
+from moe_adapt.demo.config import InitDenseConfig
+from moe_adapt.demo.dense import write_dense_model
 from moe_adapt.distill.accuracy import evaluate_accuracy
 from moe_adapt.distill.config import DistillEvalConfig
 from moe_adapt.distill.prompts import load_prompts
@@ -25,18 +26,21 @@ from moe_adapt.distill.tasks import TASKS, write_problem_set
 from moe_adapt.distill.train_phase import reference_examples, run_train_phase
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.fs import atomic_write_json
-from moe_adapt.train.progress import stage_logging_callbacks
+from moe_adapt.stages.base import StageContext
+from moe_adapt.train.phase import move_outputs
 
 log = logging.getLogger(__name__)
 
+KEYS = ("teacher", "engine", "distill.format", "distill.chat_template", "distill.eval", "seed")
+DISTRIBUTED = False
 
-def run(cfg: Config, out: Path) -> dict[str, Any]:
+
+def run(ctx: StageContext) -> dict[str, Any]:
     """Write ``prompts/`` and ``model/`` (plus ``metrics.jsonl``, ``curves.png`` and ``summary.json``)
-    into ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    into the stage folder."""
+    from transformers import AutoTokenizer
 
-    from moe_adapt.init_dense import build_config
-
+    cfg, out, work = ctx.cfg, ctx.out, ctx.work
     t = cfg.teacher
     if t.task not in TASKS:
         invalid("teacher.task", t.task, f"choose one of {', '.join(TASKS)}")
@@ -67,22 +71,18 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
         max_position_embeddings=max(512, t.train.seq_len),
         vocab_size=len(tokenizer),
     )
-    config = build_config(
-        arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
     torch.manual_seed(cfg.seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(init)
-    tokenizer.save_pretrained(init)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ).save_pretrained(init)
+    write_dense_model(
+        arch,
+        tokenizer,
+        init,
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+    )
 
     train = load_prompts(prompt_dir / "train.jsonl", t.langs, key="teacher.task")
     test = load_prompts(prompt_dir / "test.jsonl", t.langs, key="teacher.task")
-    work = Path(cfg.run_dir) / ".work" / "teacher"
-    work.mkdir(parents=True, exist_ok=True)
     # a dense teacher: no router terms, no anchors
     engine_cfg = replace(cfg.engine, l2_anchor_coef=0.0, kl_anchor_coef=0.0, reference=None)
     train_summary = run_train_phase(
@@ -94,14 +94,10 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
         engine_cfg=engine_cfg,
         work=work,
         seed=cfg.seed,
-        callbacks=stage_logging_callbacks(cfg, "teacher"),
+        callbacks=ctx.logging_callbacks("teacher"),
     )
-    shutil.move(str(work / "model"), str(out / "model"))
-    shutil.move(str(work / "metrics.jsonl"), str(out / "metrics.jsonl"))
-    if (work / "curves.png").is_file():
-        shutil.move(str(work / "curves.png"), str(out / "curves.png"))
+    move_outputs(work, out)
     shutil.rmtree(init)
-    shutil.rmtree(work, ignore_errors=True)
     eval_cfg = DistillEvalConfig(max_prompts=t.test_per_lang, max_new_tokens=cfg.distill.eval.max_new_tokens)
     accuracy = evaluate_accuracy(
         out / "model", test, eval_cfg, cfg.distill.format, chat_template=cfg.distill.chat_template

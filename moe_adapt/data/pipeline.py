@@ -1,4 +1,4 @@
-"""The ``data`` stage: raw bilingual text -> decontaminated, difficulty-bucketed megatron token shards.
+"""The ``data`` stage's work: raw bilingual text -> decontaminated, difficulty-bucketed token shards.
 
 Steps, in order (each counts documents and characters in/out per language, with reasons):
 
@@ -16,7 +16,7 @@ Outputs in the stage folder: ``shards/`` (training, with ``manifest.json``), ``h
 ``benchmarks/`` (the benchmark files decontaminated against), ``contamination.json``,
 ``stats.json`` and ``stats.md``.
 
-Resuming: steps 1-6 keep their results in ``<run_dir>/.work/data`` (with the settings they were
+Resuming: steps 1-6 keep their results in ``work`` (``<run_dir>/.work/data``, with the settings they were
 made with); a re-run after a crash continues from the last finished step.
 """
 
@@ -106,16 +106,11 @@ def _eod_token(tokenizer_dir: Path, setting: str | None) -> str | None:
     )
 
 
-def run(cfg: Any, out: Path) -> dict[str, Any]:
-    """Run the data stage into ``out`` (``cfg`` is the app Config; its ``data`` field is a DataConfig)."""
-    dcfg: DataConfig = cfg.data
-    tokenizer = dcfg.tokenize.tokenizer or cfg.model.dense
-    if not tokenizer:
-        raise MoEAdaptConfigError(
-            "data.tokenize.tokenizer is required (or set model.dense to take its tokenizer)"
-        )
-    work = Path(cfg.run_dir) / ".work" / "data"
-    ckpt = _Checkpoints(work, {"data": asdict(dcfg), "seed": cfg.seed})
+def build_corpus(dcfg: DataConfig, out: Path, work: Path, *, tokenizer: str, seed: int) -> dict[str, Any]:
+    """Run the data stage's steps into ``out``, keeping finished steps in ``work`` (the stage's scratch
+    folder) so that a re-run after a crash reuses them; ``tokenizer`` is the folder whose tokenizer
+    makes the shards. Returns the stage summary."""
+    ckpt = _Checkpoints(work, {"data": asdict(dcfg), "seed": seed})
     sources = list(dcfg.sources)
     bench_files = {b.name: Path(b.path) for b in dcfg.decontam.benchmarks}
     if dcfg.demo.enabled:
@@ -197,7 +192,7 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
         for name, path in bench_files.items():
             shutil.copy2(path, out / "benchmarks" / f"{name}.jsonl")
 
-    return _finish(cfg, dcfg, docs, steps, Path(tokenizer), out)
+    return _finish(dcfg, docs, steps, Path(tokenizer), out)
 
 
 def _decontaminate(
@@ -262,7 +257,7 @@ def _check_contamination(dcfg: DataConfig, report: dict[str, Any]) -> None:
 
 
 def _finish(
-    cfg: Any, dcfg: DataConfig, docs: list[Doc], steps: dict[str, Any], tokenizer: Path, out: Path
+    dcfg: DataConfig, docs: list[Doc], steps: dict[str, Any], tokenizer: Path, out: Path
 ) -> dict[str, Any]:
     from moe_adapt.data.difficulty import assign_buckets, perplexity_scorer, score_documents
     from moe_adapt.data.shards import ShardConfig, write_shards
@@ -324,10 +319,6 @@ def _finish(
     (out / "stats.md").write_text(render_stats(stats), encoding="utf-8")
     for line in render_stats(stats).splitlines():
         log.info("data: %s", line)
-    work = Path(cfg.run_dir) / ".work"
-    shutil.rmtree(work / "data", ignore_errors=True)
-    if work.is_dir() and not any(work.iterdir()):
-        work.rmdir()
     return {
         "shards": "shards",
         "heldout": "heldout" if heldout else None,

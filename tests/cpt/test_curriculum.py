@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from moe_adapt.cpt.config import CurriculumConfig
+from moe_adapt.cpt.curriculum import Curriculum, phase_at
 from moe_adapt.errors import MoEAdaptConfigError
-from moe_adapt.train.curriculum import Curriculum, CurriculumConfig, phase_at
 
 
 def test_easy_to_hard_step_pacing() -> None:

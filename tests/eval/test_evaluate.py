@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.eval import stage
+from moe_adapt.eval.evaluate import evaluate
+
+
+def run_eval(cfg, out):
+    """The eval stage as :mod:`moe_adapt.stages.eval` runs it: ``cfg.eval`` into ``out``, ``cfg.seed``."""
+    return evaluate(cfg.eval, out, seed=cfg.seed)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +24,7 @@ def result(
     tmp_path_factory: pytest.TempPathFactory, run_dir: Path, checkpoints: dict[str, Path], make_cfg
 ) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("eval_out")
-    summary = stage.run(make_cfg(run_dir, checkpoints), out)
+    summary = run_eval(make_cfg(run_dir, checkpoints), out)
     return out, summary
 
 
@@ -77,7 +82,7 @@ def test_routing_files_and_report(result: tuple[Path, dict]) -> None:
 def test_logs_table(run_dir: Path, checkpoints: dict[str, Path], tmp_path: Path, make_cfg, caplog) -> None:
     cfg = make_cfg(run_dir, {"dense": checkpoints["dense"]}, benchmarks=[], max_docs_per_language=2)
     with caplog.at_level(logging.INFO, logger="moe_adapt.eval"):
-        stage.run(cfg, tmp_path)
+        run_eval(cfg, tmp_path)
     lines = [r.getMessage() for r in caplog.records if r.name == "moe_adapt.eval"]
     assert any("loss_ar" in m and "loss_en" in m for m in lines)
     assert any(m.startswith("eval: dense ") for m in lines)
@@ -87,19 +92,19 @@ def test_logs_table(run_dir: Path, checkpoints: dict[str, Path], tmp_path: Path,
 def test_missing_checkpoint(run_dir: Path, checkpoints: dict[str, Path], tmp_path: Path, make_cfg) -> None:
     cfg = make_cfg(run_dir, {"dense": checkpoints["dense"], "moe": tmp_path / "nope"})
     with pytest.raises(MoEAdaptError, match=r"eval\.models\[1\]\.path='.*nope' does not exist"):
-        stage.run(cfg, tmp_path / "out")
+        run_eval(cfg, tmp_path / "out")
 
 
 def test_missing_heldout(run_dir: Path, checkpoints: dict[str, Path], tmp_path: Path, make_cfg) -> None:
     cfg = make_cfg(run_dir, checkpoints, heldout=str(tmp_path / "missing"))
     with pytest.raises(MoEAdaptError, match=r"eval\.heldout=.*missing.* does not exist"):
-        stage.run(cfg, tmp_path / "out")
+        run_eval(cfg, tmp_path / "out")
 
 
 def test_unknown_language(run_dir: Path, checkpoints: dict[str, Path], tmp_path: Path, make_cfg) -> None:
     cfg = make_cfg(run_dir, checkpoints, languages=["he"])
     with pytest.raises(MoEAdaptError, match=r"eval\.languages=.*no shard for \['he'\]"):
-        stage.run(cfg, tmp_path / "out")
+        run_eval(cfg, tmp_path / "out")
 
 
 def test_missing_benchmark_file(
@@ -110,7 +115,7 @@ def test_missing_benchmark_file(
     with pytest.raises(
         MoEAdaptError, match=r"eval\.benchmarks\[0\]\.files\.ar=.*none\.jsonl' does not exist"
     ):
-        stage.run(cfg, tmp_path / "out")
+        run_eval(cfg, tmp_path / "out")
 
 
 def test_no_heldout_no_contamination(
@@ -119,7 +124,7 @@ def test_no_heldout_no_contamination(
     cfg = make_cfg(
         run_dir, {"moe": checkpoints["moe"]}, heldout=None, contamination=str(tmp_path / "absent.json")
     )
-    stage.run(cfg, tmp_path)
+    run_eval(cfg, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "moe/hadith_qa.acc_ar" in metrics and not any("loss_" in k or "routing" in k for k in metrics)
     assert "No contamination report" in (tmp_path / "report.md").read_text()
@@ -133,5 +138,5 @@ def test_checkpoint_without_tokenizer_uses_manifest(
     for f in bare.glob("tokenizer*"):
         f.unlink()
     cfg = make_cfg(run_dir, {"bare": bare}, routing=False)
-    stage.run(cfg, tmp_path / "out")
+    run_eval(cfg, tmp_path / "out")
     assert "bare/hadith_qa.acc_en" in json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moe_adapt.cpt import CurriculumConfig, DataExhaustedError, MixtureConfig, MixtureSampler, streams
+from moe_adapt.cpt import sampler as sampler_module
+from moe_adapt.cpt.streams import DocPool, EpochLimit, ShardArrays
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.train import CurriculumConfig, DataExhaustedError, MixtureConfig, MixtureSampler, streams
-from moe_adapt.train import sampler as sampler_module
-from moe_adapt.train.streams import DocPool, EpochLimit, ShardArrays
-from tests.train.conftest import bilingual, shard_of
+from tests.cpt.conftest import bilingual, shard_of
 
 MakeShards = Callable[..., Path]
 
@@ -158,7 +158,7 @@ def test_repeat_warns_once_then_fails_at_max_epochs(make_shards: MakeShards, cap
     d = make_shards([{"source": "tiny", "lang": "ar", "bucket": 0, "role": "target", "docs": 10}])
     s = MixtureSampler(d, MixtureConfig(seq_len=8, target_ratio=1.0, max_epochs=3), CurriculumConfig(), 0)
     total = s.pools[0][0].total
-    with caplog.at_level(logging.WARNING, logger="moe_adapt.train.sampler"):
+    with caplog.at_level(logging.WARNING, logger="moe_adapt.cpt.sampler"):
         s.next_batch(2 * total // 8 - 1)
     assert [r.getMessage() for r in caplog.records if "ran out of data" in r.getMessage()] == [
         f"mixture: source tiny (tiny/b0) ran out of data after {total} tokens; repeating (epoch 2 of 3)"
@@ -172,7 +172,7 @@ def test_stop_phase_ends_phase_early(make_shards: MakeShards, caplog) -> None:
     specs[0]["docs"] = 20  # news_ar bucket 0 is small
     cur = CurriculumConfig(phase_tokens=[100_000])
     s = MixtureSampler(make_shards(specs), MixtureConfig(seq_len=8, exhaustion="stop_phase"), cur, seed=0)
-    with caplog.at_level(logging.WARNING, logger="moe_adapt.train.sampler"):
+    with caplog.at_level(logging.WARNING, logger="moe_adapt.cpt.sampler"):
         b = s.next_batch(100)
     assert any("news_ar/b0 exhausted; phase 0 ends early" in r.getMessage() for r in caplog.records)
     phases = b.phases.tolist()

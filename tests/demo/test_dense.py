@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moe_adapt.config import compose, to_config
-from moe_adapt.config.schema import PretrainConfig
+from moe_adapt.demo.config import PretrainConfig
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.runner import MARKER, run_pipeline
 
@@ -61,7 +61,7 @@ def test_pretraining_learns_english_and_is_deterministic(tmp_path):
     # the loss of the random model (same seed) is the pretraining's "before"; pretraining lowers it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moe_adapt.init_dense import _heldout_loss, pretrain_texts
+    from moe_adapt.demo.dense import _heldout_loss, pretrain_texts
 
     texts = pretrain_texts(
         PretrainConfig(steps=12, max_docs=1, eval_docs=8, benchmark_items=0), 0, ["ar", "en"]
@@ -81,9 +81,9 @@ def test_pretraining_text_leaves_out_heldout_and_benchmark_documents(tmp_path):
     from moe_adapt.data.config import DataConfig, DemoConfig
     from moe_adapt.data.demo_corpus import iter_hadith_pairs, make_hadith_benchmark
     from moe_adapt.data.jsonl import ReadStats
-    from moe_adapt.data.stage import is_heldout
+    from moe_adapt.data.pipeline import is_heldout
     from moe_adapt.data.steps import demo_sources, read_source
-    from moe_adapt.init_dense import DEMO_SOURCES, pretrain_texts
+    from moe_adapt.demo.dense import DEMO_SOURCES, pretrain_texts
 
     # the ids init_dense hashes are the ids the data stage's held-out rule sees
     dcfg = DataConfig(

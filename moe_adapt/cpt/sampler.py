@@ -1,7 +1,7 @@
 """The mixture sampler: packed training sequences from the data stage's shards, by source weight and phase.
 
 Every sequence comes from one source. Which source is a deterministic divisor scheduler over the
-sources' token shares (:func:`~moe_adapt.train.streams.webster_picks`), not random draws, so the
+sources' token shares (:func:`~moe_adapt.cpt.streams.webster_picks`), not random draws, so the
 realised share of every source stays within ~2 sequences of its weight over any window. Within a
 source, the curriculum decides which difficulty buckets are read: each (source, phase) is one pool of
 documents, permuted per epoch from the seed, packed into windows of ``seq_len + 1`` tokens across
@@ -24,19 +24,19 @@ import json
 import logging
 import math
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
+from moe_adapt.cpt.config import CurriculumConfig, MixtureConfig
+from moe_adapt.cpt.curriculum import Curriculum
+from moe_adapt.cpt.streams import DocPool, EpochLimit, ShardArrays, diffuse_picks, webster_picks
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError, invalid
-from moe_adapt.train.curriculum import Curriculum, CurriculumConfig
-from moe_adapt.train.streams import DocPool, EpochLimit, ShardArrays, diffuse_picks, webster_picks
 
 log = logging.getLogger(__name__)
 
-EXHAUSTION = ("repeat", "stop_phase")
 STATE_VERSION = 1
 PLAN_ROWS = 4096
 """Most rows scheduled at once: which source and pool serves each row is computed for up to this many
@@ -47,58 +47,12 @@ def _fail(key: str, value: object, allowed: str) -> NoReturn:
     invalid(f"mixture.{key}", value, allowed)
 
 
-@dataclass
-class MixtureConfig:
-    """The ``mixture`` config group: how much of each source the training stream holds."""
-
-    target_ratio: float | None = 0.8
-    """Share of training tokens from sources with role target; the rest is split over the other roles'
-    sources in proportion to their tokens. Set to null when using weights."""
-
-    weights: dict[str, float] = field(default_factory=dict)
-    """Explicit weights per source name or role (normalised to sum 1; a role's weight is split over its
-    sources in proportion to their tokens). Needs target_ratio=null."""
-
-    replay: list[str] = field(default_factory=lambda: ["anchor"])
-    """Sources or roles read from all their buckets in every phase (continuous replay / anti-forgetting
-    anchors) instead of following the curriculum; their share is kept in every phase like any other."""
-
-    exhaustion: str = "repeat"
-    """When a pool runs out: repeat (re-permute, next epoch, up to max_epochs) or stop_phase (end the
-    current phase early and move to the next)."""
-
-    max_epochs: int = 4
-    """With exhaustion=repeat: most passes over any pool; one more is an error naming the source."""
-
-    seq_len: int = 2048
-    """Tokens per training sequence; the sampler yields seq_len + 1 ids (inputs and shifted labels)."""
-
-    def __post_init__(self) -> None:
-        if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
-            _fail("target_ratio", self.target_ratio, "must be in (0, 1], or null to use mixture.weights")
-        if self.weights and self.target_ratio is not None:
-            _fail("target_ratio", self.target_ratio, "must be null when mixture.weights is set")
-        if not self.weights and self.target_ratio is None:
-            _fail("weights", dict(self.weights), "set mixture.weights or mixture.target_ratio")
-        for key, w in self.weights.items():
-            if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
-                _fail(f"weights.{key}", w, "must be a finite number >= 0")
-        if self.weights and sum(self.weights.values()) <= 0:
-            _fail("weights", dict(self.weights), "at least one weight must be > 0")
-        if self.exhaustion not in EXHAUSTION:
-            _fail("exhaustion", self.exhaustion, f"choose one of {', '.join(EXHAUSTION)}")
-        if self.max_epochs < 1:
-            _fail("max_epochs", self.max_epochs, "must be >= 1")
-        if self.seq_len < 1:
-            _fail("seq_len", self.seq_len, "must be >= 1")
-
-
 class DataExhaustedError(MoEAdaptError):
     """The last phase ran out of data under ``mixture.exhaustion=stop_phase``."""
 
 
 @dataclass
-class Batch:
+class MixtureBatch:
     """One batch of packed sequences."""
 
     tokens: np.ndarray
@@ -300,7 +254,7 @@ class MixtureSampler:
     def _phase_of(self, tokens: int) -> int:
         return self.curriculum.locate(tokens / self._unit_tokens).phase
 
-    def next_batch(self, batch_size: int) -> Batch:
+    def next_batch(self, batch_size: int) -> MixtureBatch:
         """The next ``batch_size`` sequences."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -318,7 +272,7 @@ class MixtureSampler:
             phases_B = np.repeat(
                 np.array([ph for _, ph in segments], dtype=np.int64), [s.size for s, _ in segments]
             )
-        return Batch(tokens_BS1, source_ids_B, phases_B, self.sources)
+        return MixtureBatch(tokens_BS1, source_ids_B, phases_B, self.sources)
 
     def _enter_phase(self, phase: int) -> None:
         if phase != self.phase:

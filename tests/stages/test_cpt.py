@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from moe_adapt.config import compose, to_config
+from moe_adapt.cpt.heldout import forgetting_report
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.runner import run_pipeline
 from moe_adapt.train import callbacks
-from moe_adapt.train.stage import forgetting_report
 
 SMALL = [
     "init_dense.tokenizer_corpus=demo",
@@ -127,11 +127,11 @@ def test_forgetting_report_checks_each_bounded_language():
 
 
 def test_a_breached_bound_is_reported_and_warned_not_fatal(caplog):
-    from moe_adapt.train.stage import _log_forgetting
+    from moe_adapt.cpt.heldout import log_forgetting
 
     report = forgetting_report({"loss_en": 4.0}, {"loss_en": 4.5}, {"en": 0.1, "he": 0.1})
     caplog.set_level("INFO")
-    _log_forgetting(report)
+    log_forgetting(report)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("forgetting en" in w and "+0.5000 nats/token" in w and "EXCEEDED" in w for w in warnings)
     assert any("bound for he not checked" in w for w in warnings)

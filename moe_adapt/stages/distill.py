@@ -1,0 +1,26 @@
+"""The ``distill`` stage: chain-of-thought distillation in the phases ``distill.phases`` lists
+(:func:`moe_adapt.distill.pipeline.run_distill`: each phase resumable in the scratch folder, the
+artifacts, ``model/``, ``summary.json`` and ``report.md`` collected in the stage folder)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moe_adapt.distill.pipeline import run_distill
+from moe_adapt.stages.base import StageContext
+
+KEYS = ("distill", "engine", "seed")
+DISTRIBUTED = False
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Run ``distill.phases`` into the stage folder with the ``engine`` group's settings."""
+    cfg = ctx.cfg
+    return run_distill(
+        cfg.distill,
+        cfg.engine,
+        ctx.out,
+        ctx.work,
+        seed=cfg.seed,
+        logging_callbacks=ctx.logging_callbacks,
+    )
