@@ -4,7 +4,8 @@ A stage is a module of :mod:`moe_adapt.stages` (the registry :data:`~moe_adapt.s
 pipeline order): ``run(ctx) -> summary`` with its fingerprint keys and whether it is distributed
 (:mod:`moe_adapt.stages.base`). The runner hands it an empty temporary folder (``ctx.out``) and
 renames it to ``<run_dir>/<stage>`` only when the stage returns, after writing the
-completion marker ``_COMPLETE.json`` into it — so a crash never leaves a half-written stage, and a
+completion marker ``_COMPLETE.json`` into it (:mod:`moe_adapt.resume`, the one resume mechanism, with
+the fingerprint of the stage's settings) — so a crash never leaves a half-written stage, and a
 stage whose folder exists is complete. It also creates the stage's scratch folder
 ``<run_dir>/.work/<stage>`` (``ctx.work``: checkpoints, finished steps) before the stage and removes
 it once the stage has returned, before the marker is written; a stage that fails leaves it in place
@@ -23,8 +24,6 @@ disk every node sees.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -39,11 +38,10 @@ from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_dir, atomic_write_json
 from moe_adapt.redact import redact
+from moe_adapt.resume import MARKER, changed, fingerprint, read_marker, write_marker
 from moe_adapt.stages import STAGES, Stage, StageContext
 
 log = logging.getLogger("moe_adapt")
-
-MARKER = "_COMPLETE.json"
 
 
 LAYOUT_KEYS = ("engine.parallel",)
@@ -68,24 +66,6 @@ def _stage_settings(raw: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
             value = value.get(part) if isinstance(value, dict) else None
         settings[key] = value
     return settings
-
-
-def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
@@ -134,11 +114,11 @@ def _decide(
 ) -> dict[str, Any]:
     """``{"skip": summary}`` for a complete stage made with these settings, else ``{"run": True}``."""
     if marker.is_file() and name not in cfg.force and not upstream_ran:
-        done = json.loads(marker.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == _fingerprint(settings):
+        done = read_marker(marker.parent) or {}
+        if done.get("fingerprint") == fingerprint(settings):
             log.info("%s: complete in %s, skipping (force=[%s] runs it again)", name, marker.parent, name)
             return {"skip": done.get("summary", {})}
-        changes = _changed(done.get("settings", {}), settings)
+        changes = changed(done.get("settings", {}), settings)
         raise MoEAdaptConfigError(
             f"stage {name} in {marker.parent.parent} was completed with other settings "
             f"({'; '.join(changes[:4])}): use another run_name, or force=[{name}] to replace it"
@@ -177,11 +157,11 @@ def _run_and_mark(stage: Stage, cfg: Config, final: Path, settings: dict[str, An
             _remove_scratch(work, keep_contents=True)  # a resume starts from what it holds
             raise
         _remove_scratch(work, keep_contents=False)
-        atomic_write_json(
-            tmp / MARKER,
+        write_marker(
+            tmp,
             {
                 "stage": final.name,
-                "fingerprint": _fingerprint(settings),
+                "fingerprint": fingerprint(settings),
                 "settings": redact(settings),
                 "summary": summary,
                 "seconds": round(time.perf_counter() - start, 3),
