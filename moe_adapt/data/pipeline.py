@@ -16,8 +16,10 @@ Outputs in the stage folder: ``shards/`` (training, with ``manifest.json``), ``h
 ``benchmarks/`` (the benchmark files decontaminated against), ``contamination.json``,
 ``stats.json`` and ``stats.md``.
 
-Resuming: steps 1-6 keep their results in ``work`` (``<run_dir>/.work/data``, with the settings they were
-made with); a re-run after a crash continues from the last finished step.
+Resuming: steps 1-6 keep their results in ``work`` (``<run_dir>/.work/data``), a
+:class:`~moe_adapt.resume.StepCache` over the data settings and seed (the one resume mechanism: a step
+is done when its folder holds ``_COMPLETE.json``; changed settings empty the folder); a re-run after a
+crash continues from the last finished step.
 """
 
 from __future__ import annotations
@@ -49,38 +51,30 @@ from moe_adapt.data.steps import (
 )
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_write_json
+from moe_adapt.resume import StepCache
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ stage
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class _Checkpoints:
-    """Finished steps' documents under ``<run_dir>/.work/data``, valid while the settings are unchanged."""
+    """Finished steps' documents under ``<run_dir>/.work/data``, valid while the settings are unchanged:
+    a :class:`~moe_adapt.resume.StepCache` whose units are ``<step>/docs.jsonl``, the step's stats as
+    the marker's summary."""
 
     def __init__(self, root: Path, settings: dict[str, Any]):
-        self.root = root
-        marker = root / "settings.json"
-        fingerprint = _fingerprint(settings)
-        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
-            log.info("data: settings changed since the last attempt; starting over")
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"fingerprint": fingerprint})
+        self.cache = StepCache(root, settings, what="data")
 
     def load(self, name: str) -> tuple[list[Doc], dict[str, Any]] | None:
-        done = self.root / f"{name}.done.json"
-        if not done.is_file():
+        stats = self.cache.done(name)
+        if stats is None:
             return None
         log.info("data: %s already done in an earlier attempt, reusing it", name)
-        return list(read_documents(self.root / f"{name}.jsonl")), json.loads(done.read_text())
+        return list(read_documents(self.cache.folder(name) / "docs.jsonl")), stats
 
     def save(self, name: str, docs: list[Doc], stats: dict[str, Any]) -> None:
-        write_documents(self.root / f"{name}.jsonl", docs)
-        atomic_write_json(self.root / f"{name}.done.json", stats)
+        write_documents(self.cache.folder(name) / "docs.jsonl", docs)
+        self.cache.mark(name, stats)
 
 
 def is_heldout(doc: Doc, fraction: float) -> bool:

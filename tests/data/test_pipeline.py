@@ -133,7 +133,7 @@ def test_a_crash_after_dedup_resumes_without_redoing_it(
     monkeypatch.setattr(stage, "_decontaminate", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run(cfg)
-    assert (tmp_path / ".work" / "data" / "dedup.done.json").is_file()
+    assert (tmp_path / ".work" / "data" / "dedup" / "_COMPLETE.json").is_file()
     assert not (tmp_path / "data").exists()
     monkeypatch.setattr(stage, "_decontaminate", real)
     caplog.set_level("INFO")
