@@ -6,11 +6,15 @@ Prompts are cut into shards of ``distill.generate.shard_size``. Shard ``i`` is w
 into place first and the JSONL last, so a shard whose JSONL exists is complete. A crash loses only the
 shard being written; the next run skips finished shards and, because each shard's sampling seed is a
 function of ``(seed, shard)``, produces the same traces it would have produced without the crash.
+
+The folder is a :class:`~moe_adapt.resume.StepCache` (the one resume mechanism) stamped in
+``manifest.json`` with the fingerprint of the prompts and settings: when they changed, the folder is
+emptied and generation starts over. A shard needs no ``_COMPLETE.json``: its JSONL, renamed into place
+last, is its marker (and the folder moves as it is into the distill stage's output).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,21 +32,18 @@ from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.decoding import generate_for_prompts, pad_id_of, topk_logprobs
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.errors import MoEAdaptError
-from moe_adapt.fs import atomic_write_json
+from moe_adapt.resume import StepCache
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
 
-def _fingerprint(
+def _settings(
     prompts: Sequence[PromptRecord], gcfg: GenerateConfig, teacher: str, seed: int, chat: str | None
-) -> str:
-    h = hashlib.sha256()
-    for p in prompts:
-        h.update(json.dumps([p.id, p.lang, p.prompt]).encode())
-    h.update(json.dumps([vars(gcfg), teacher, seed, chat], sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+) -> list[Any]:
+    """What the traces depend on: every prompt (id, language, text) and the generation settings."""
+    return [[[p.id, p.lang, p.prompt] for p in prompts], vars(gcfg), teacher, seed, chat]
 
 
 def shard_paths(folder: Path) -> list[Path]:
@@ -82,18 +83,13 @@ def run_generate(
 
     from moe_adapt.engines.hf import load_causal_lm
 
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(prompts, gcfg, teacher_path, seed, chat_template)
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if old.get("fingerprint") != fingerprint:
-            log.warning("generate: prompts or settings changed since %s was started; starting over", out)
-            for path in out.glob("shard-*"):
-                path.unlink()
     shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
-    atomic_write_json(
-        manifest_path, {"fingerprint": fingerprint, "shards": len(shards), "prompts": len(prompts)}
+    StepCache(  # changed prompts or settings: start over
+        out,
+        _settings(prompts, gcfg, teacher_path, seed, chat_template),
+        what="generate",
+        stamp=MANIFEST,
+        extra={"shards": len(shards), "prompts": len(prompts)},
     )
     todo = [i for i in range(len(shards)) if not (out / f"shard-{i:05d}.jsonl").is_file()]
     if len(todo) < len(shards):

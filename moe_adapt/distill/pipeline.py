@@ -1,8 +1,9 @@
 """The ``distill`` stage's work: chain-of-thought distillation in the phases ``distill.phases`` lists.
 
 Each phase works in ``<work>/<phase>`` (``work``: the stage's scratch folder, ``<run_dir>/.work/distill``)
-and finishes by writing ``_DONE.json`` with a fingerprint of everything it depends on (its own
-settings and every earlier phase's). A re-run after
+and finishes by writing ``_COMPLETE.json`` with a fingerprint of everything it depends on (its own
+settings and every earlier phase's): a :class:`~moe_adapt.resume.StepCache` whose units are the phases
+(and the held-out accuracy checks), each with its own chained fingerprint. A re-run after
 a crash skips finished phases, resumes the interrupted one (generate from its finished shards,
 training phases from their latest checkpoint) and runs the rest. When all phases are done the
 folders move into the stage folder, the last training phase's model becomes ``model/``, and
@@ -11,7 +12,6 @@ folders move into the stage folder, the last training phase's model becomes ``mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -36,15 +36,10 @@ from moe_adapt.engines.hf import HFEngineConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json, atomic_write_text
+from moe_adapt.resume import MARKER, StepCache, fingerprint
 from moe_adapt.train.callbacks import Callback
 
 log = logging.getLogger(__name__)
-
-DONE = "_DONE.json"
-
-
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _checkpoint_dir(path: str | None, key: str) -> str:
@@ -187,20 +182,20 @@ def run_distill(
         if name in phases and getattr(d, name).teacher == "online":
             check_same_tokenizer(d.student or "", d.teacher or "")
 
+    cache = StepCache(work, None, what="distill")  # every unit carries its own (chained) fingerprint
+
     def accuracy(model: Path | str, tag: str, fp: str) -> dict[str, Any] | None:
         if not eval_prompts:
             return None
-        cache = work / f"accuracy_{tag}.json"
-        key = _hash(fp, str(model), asdict(d.eval), d.eval_prompts)
-        if cache.is_file():
-            saved = json.loads(cache.read_text(encoding="utf-8"))
-            if saved.get("key") == key:
-                return saved["accuracy"]  # type: ignore[no-any-return]
+        key = fingerprint([fp, str(model), asdict(d.eval), d.eval_prompts])
+        saved = cache.done(f"accuracy_{tag}", key)
+        if saved is not None:
+            return saved
         log.info("distill: held-out accuracy of %s (%d prompts)", tag, len(eval_prompts))
         acc = evaluate_accuracy(
             model, eval_prompts, d.eval, d.format, chat_template=d.chat_template, seed=seed
         )
-        atomic_write_json(cache, {"key": key, "accuracy": acc})
+        cache.mark(f"accuracy_{tag}", acc, key)
         log.info("distill: %s accuracy %s", tag, _acc_line(acc))
         return acc
 
@@ -211,23 +206,21 @@ def run_distill(
     model = Path(d.student) if d.student else None
     if training and model is not None:
         summary["accuracy"]["student_before"] = accuracy(model, "student_before", "")
-    fp = _hash(d.langs, d.format.think_open, d.format.think_close)
+    fp = fingerprint([d.langs, d.format.think_open, d.format.think_close])
     for name in phases:
         pdir = work / name
-        fp = _hash(fp, name, _phase_settings(d, engine_cfg, seed, name))
-        marker = pdir / DONE
-        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fp:
+        fp = fingerprint([fp, name, _phase_settings(d, engine_cfg, seed, name)])
+        done = cache.done(name, fp)  # finished with other settings: removed, started over
+        if done is not None:
             log.info("distill: phase %s already done, skipping", name)
-            phase_summary = json.loads(marker.read_text(encoding="utf-8"))["summary"]
+            phase_summary = done
         else:
-            if marker.is_file():  # finished with other settings: start it over
-                shutil.rmtree(pdir)
-            pdir.mkdir(parents=True, exist_ok=True)
+            cache.folder(name)
             log.info("distill: phase %s", name)
             phase_summary = _run_phase(
                 name, d, engine_cfg, seed, logging_callbacks, pdir, work, prompts, model
             )
-            atomic_write_json(marker, {"phase": name, "fingerprint": fp, "summary": phase_summary})
+            cache.mark(name, phase_summary, fp)
         summary[name] = phase_summary
         if name in TRAINING_PHASES:
             model = pdir / "model"
@@ -235,7 +228,7 @@ def run_distill(
                 summary["accuracy"][f"after_{name}"] = accuracy(model, f"after_{name}", fp)
     for name in phases:
         shutil.move(str(work / name), str(out / name))
-        (out / name / DONE).unlink()
+        (out / name / MARKER).unlink()
     if training:
         shutil.move(str(out / training[-1] / "model"), str(out / "model"))
         summary["model"] = "model"

@@ -98,7 +98,7 @@ def test_a_crash_resumes_at_the_phase_it_hit(lm_factory, prompt_files, tmp_path,
     with pytest.raises(RuntimeError, match="killed"):
         run(args)
     assert not (tmp_path / "distill").exists()  # the stage folder appears only when every phase is done
-    assert (tmp_path / ".work" / "distill" / "seq_kd" / "_DONE.json").is_file()
+    assert (tmp_path / ".work" / "distill" / "seq_kd" / "_COMPLETE.json").is_file()
     monkeypatch.setattr("moe_adapt.distill.pipeline.run_train_phase", real)
     with caplog.at_level(logging.INFO, logger="moe_adapt.distill.pipeline"):
         run(args)
