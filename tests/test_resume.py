@@ -79,3 +79,16 @@ def test_stamp_name_and_extra_fields(tmp_path: Path) -> None:
         "fingerprint": fingerprint(["s"]),
         "shards": 3,
     }
+
+
+def test_resume_is_on_the_ground_floor() -> None:
+    """It imports only the standard library, :mod:`moe_adapt.fs` and :mod:`moe_adapt.errors`, so every
+    layer can use it."""
+    import ast
+
+    tree = ast.parse(Path(resume.__file__).read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    ours = {m for m in imported if m.split(".")[0] == "moe_adapt"}
+    assert ours <= {"moe_adapt.fs", "moe_adapt.errors"}
+    assert all(m.split(".")[0] in sys.stdlib_module_names or m in ours or m == "__future__" for m in imported)
