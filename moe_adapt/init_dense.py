@@ -274,10 +274,11 @@ def _heldout_loss(model: Any, tokenizer: Any, texts: dict[str, list[str]], windo
 def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, Any]:
     """Train the checkpoint in ``init`` as set by ``cfg.init_dense.pretrain``; writes ``work/model`` and
     ``work/metrics.jsonl``. Returns the summary of the phase, with the held-out loss before and after."""
+    from moe_adapt.checkpoint.hf import load_causal_lm
     from moe_adapt.distill.config import TrainPhaseConfig
     from moe_adapt.distill.sft_data import Example
     from moe_adapt.distill.train_phase import run_train_phase
-    from moe_adapt.engines.hf import HFEngineConfig
+    from moe_adapt.engines.hf import HFConfig
     from moe_adapt.train.progress import stage_logging_callbacks
 
     pcfg = cfg.init_dense.pretrain
@@ -303,9 +304,7 @@ def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, A
             f"init_dense.pretrain: no training text in {list(pcfg.languages)} fills one sequence of "
             f"seq_len={pcfg.seq_len}: raise init_dense.pretrain.max_docs"
         )
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(init))
+    model = load_causal_lm(init)
     before = _heldout_loss(model, tokenizer, texts.heldout, pcfg.seq_len)
     del model
     phase = TrainPhaseConfig(
@@ -324,13 +323,13 @@ def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, A
         init_from=init,
         examples=examples,
         langs=list(pcfg.languages),
-        engine_cfg=HFEngineConfig(parallel="none"),
+        engine_cfg=HFConfig(parallel="none"),
         work=work,
         seed=cfg.seed,
         callbacks=stage_logging_callbacks(cfg, "init_dense"),
         engine="hf",
     )
-    model = AutoModelForCausalLM.from_pretrained(str(work / "model"))
+    model = load_causal_lm(work / "model")
     after = _heldout_loss(model, tokenizer, texts.heldout, pcfg.seq_len)
     if before:
         log.info(

@@ -15,7 +15,7 @@ from enum import Enum
 
 from moe_adapt.data.config import DataConfig
 from moe_adapt.distill.config import DistillConfig, TeacherConfig
-from moe_adapt.engines.hf import HFEngineConfig
+from moe_adapt.engines.hf.config import HFConfig
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
 from moe_adapt.train.config import CptConfig
@@ -404,8 +404,9 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Difficulty phases of the training stream (moe_adapt/train/curriculum.py)."""
 
-    engine: HFEngineConfig = field(default_factory=HFEngineConfig)
-    """Optimizer, schedule and loss terms, incl. L2/KL anchors (moe_adapt/engines/hf.py)."""
+    engine: HFConfig = field(default_factory=HFConfig)
+    """Optimizer, schedule and loss terms, incl. L2/KL anchors (moe_adapt/engines/base.py, and
+    moe_adapt/engines/hf/config.py for the layout)."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Settings of the teacher stage: the demo's reasoning task and small teacher

@@ -80,7 +80,7 @@ def run_generate(
     """Generate into ``out`` (resuming what is there); returns counts."""
     from transformers import AutoTokenizer
 
-    from moe_adapt.engines.hf import load_causal_lm
+    from moe_adapt.checkpoint.hf import load_causal_lm
 
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(prompts, gcfg, teacher_path, seed, chat_template)

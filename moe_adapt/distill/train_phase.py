@@ -25,7 +25,7 @@ from moe_adapt.distill.generation import pad_id_of
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
 from moe_adapt.engines import build_engine
-from moe_adapt.engines.hf import HFEngineConfig
+from moe_adapt.engines.hf import HFConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
@@ -107,7 +107,7 @@ def run_train_phase(
     init_from: Path,
     examples: Sequence[Example],
     langs: Sequence[str],
-    engine_cfg: HFEngineConfig,
+    engine_cfg: HFConfig,
     work: Path,
     seed: int,
     kd: KDSettings | None = None,

@@ -1,4 +1,7 @@
-"""Training engines behind one contract: ``megatron`` (megatron-core, GPU at scale) and ``hf`` (transformers).
+"""Training engines behind one contract (:class:`moe_adapt.engines.base.Engine`): ``megatron``
+(megatron-core, GPU at scale) and ``hf`` (transformers). The shared kit: :mod:`.optim` (AdamW and the LR
+schedule), :mod:`.kd` (reference and teacher models, token-KD terms), :mod:`.batch` (``TrainBatch``),
+:mod:`.objectives`, :mod:`.router_health`, :mod:`.data_parallel`.
 
 megatron-core is imported only inside :mod:`moe_adapt.engines.megatron` (style rule 7).
 """
@@ -8,9 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moe_adapt.errors import MoEAdaptConfigError
+
+if TYPE_CHECKING:
+    from moe_adapt.engines.base import Engine
+    from moe_adapt.engines.hf.config import HFConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,7 @@ def resolve_engine_name(engine_name: str, checkpoint: str | Path) -> str:
     return "megatron"
 
 
-def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw: Any) -> Any:
+def build_engine(engine_name: str, checkpoint: str | Path, cfg: HFConfig | None = None, **kw: Any) -> Engine:
     """The training engine ``engine_name`` (hf | megatron | auto) built from an HF checkpoint folder.
 
     ``kw`` goes to the engine (``device``, ``lr_multiplier``, ``kd``, ``teacher``). For ``megatron``,
@@ -77,9 +84,13 @@ def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw
                         f"engine.{key}={getattr(cfg, key)} is invalid with the hf engine: it does not shard "
                         "that way (use the megatron engine, or 1; engine.parallel=fsdp2 shards the hf engine)"
                     )
-        megatron_only = {"expert_parallel": 1, "tensor_parallel": 1, "distributed_optimizer": False}
+        megatron_only: dict[str, Any] = {
+            "expert_parallel": 1,
+            "tensor_parallel": 1,
+            "distributed_optimizer": False,
+        }
         changed = {k: getattr(cfg, k) for k, off in megatron_only.items() if getattr(cfg, k, off) != off}
-        if changed and engine_name != "hf":
+        if changed and engine_name != "hf" and cfg is not None:
             # auto chose hf (no CUDA, or a stage that runs on one process): the same training without
             # the megatron-only layout settings
             log.warning(

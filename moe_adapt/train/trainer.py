@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint
+from moe_adapt.engines.base import Engine
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.train.callbacks import Callback
 
@@ -40,35 +40,6 @@ class HasTokens(Protocol):
     def tokens(self) -> np.ndarray | torch.Tensor: ...
 
 
-@dataclass
-class Batch:
-    """A batch with everything an engine may use besides the tokens (fine-tuning, distillation).
-
-    Shape legend: ``B`` rows, ``T`` label positions (``T1 - 1``), ``K`` teacher top-k entries.
-    """
-
-    tokens: np.ndarray
-    """``tokens_BT1``: inputs are ``[:, :-1]``, labels ``[:, 1:]``."""
-
-    loss_mask: np.ndarray | None = None
-    """``[B, T]`` bool: which labels count (e.g. response tokens only); None: all."""
-
-    position_ids: np.ndarray | None = None
-    """``[B, T]`` positions of the inputs, restarting at 0 where a packed example starts."""
-
-    lang_ids: np.ndarray | None = None
-    """``[B, T]`` index into ``langs`` of the example each label belongs to."""
-
-    langs: tuple[str, ...] = ()
-    """Language names that ``lang_ids`` index."""
-
-    topk_ids: np.ndarray | None = None
-    """``[B, T, K]`` the teacher's most likely next tokens at each label position (offline KD)."""
-
-    topk_logp: np.ndarray | None = None
-    """``[B, T, K]`` their log-probabilities."""
-
-
 class BatchSource(Protocol):
     """What the trainer needs from a sampler (:class:`~moe_adapt.train.sampler.MixtureSampler` is one)."""
 
@@ -79,18 +50,8 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Engine(Protocol):
-    """What the trainer needs from an engine (:class:`~moe_adapt.engines.hf.HFEngine` is one)."""
-
-    def step(self, batch: HasTokens) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
 @runtime_checkable
-class ShardedEngine(Engine, Protocol):
+class ShardedEngine(Protocol):
     """An engine whose model and optimizer every rank saves together, each its own part
     (:class:`~moe_adapt.engines.megatron.engine.MegatronEngine`, with megatron's dist_checkpointing).
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_adapt.engines import build_engine, resolve_engine_name
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines.hf import HFConfig, HFEngine
 from moe_adapt.errors import MoEAdaptConfigError
 from tests.engines.conftest import tiny_hf_model
 
@@ -26,7 +26,7 @@ def test_auto_without_cuda_trains_on_hf_without_megatron_only_settings(
     checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert resolve_engine_name("auto", checkpoint) == "hf"
-    cfg = HFEngineConfig(expert_parallel=2, distributed_optimizer=True)
+    cfg = HFConfig(expert_parallel=2, distributed_optimizer=True)
     with caplog.at_level(logging.WARNING, logger="moe_adapt.engines"):
         engine = build_engine("auto", checkpoint, cfg)
     assert isinstance(engine, HFEngine)
@@ -37,10 +37,10 @@ def test_auto_without_cuda_trains_on_hf_without_megatron_only_settings(
 
 def test_explicit_hf_refuses_megatron_only_settings(checkpoint: Path) -> None:
     with pytest.raises(MoEAdaptConfigError, match="engine.expert_parallel=2 is invalid with the hf engine"):
-        build_engine("hf", checkpoint, HFEngineConfig(expert_parallel=2))
+        build_engine("hf", checkpoint, HFConfig(expert_parallel=2))
     with pytest.raises(MoEAdaptConfigError, match="engine.tensor_parallel=2 is invalid with the hf engine"):
-        build_engine("hf", checkpoint, HFEngineConfig(tensor_parallel=2))
+        build_engine("hf", checkpoint, HFConfig(tensor_parallel=2))
     with pytest.raises(MoEAdaptConfigError, match="engine.distributed_optimizer=True is invalid"):
-        build_engine("hf", checkpoint, HFEngineConfig(distributed_optimizer=True))
+        build_engine("hf", checkpoint, HFConfig(distributed_optimizer=True))
     with pytest.raises(MoEAdaptConfigError, match="engine='tpu' is invalid"):
-        build_engine("tpu", checkpoint, HFEngineConfig())
+        build_engine("tpu", checkpoint, HFConfig())

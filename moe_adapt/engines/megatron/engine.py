@@ -1,6 +1,6 @@
 """The ``megatron`` training engine: megatron-core's ``GPTModel`` behind the same contract as ``hf``.
 
-:class:`MegatronEngine` takes the settings of :class:`~moe_adapt.engines.hf.HFEngineConfig` and
+:class:`MegatronEngine` takes the settings of :class:`~moe_adapt.engines.hf.HFConfig` and
 answers like :class:`~moe_adapt.engines.hf.HFEngine`: ``forward_loss(batch)`` returns the same
 loss terms (same keys, and for the same weights and batch the same values up to fp32 rounding),
 ``step(batch)`` the same metrics, ``state_dict()`` nested tensors and JSON values for an exact
@@ -28,7 +28,7 @@ How each HF behaviour is matched
       batch). Without ``position_ids`` both models use plain causal attention over 0..T-1.
     * Optimizer: ``torch.optim.AdamW`` with the hf engine's two groups (matrices decay, 1-d
       tensors do not: megatron's fused qkv and gate/up matrices are still matrices, its biases
-      and norms still vectors), the same LR schedule (:func:`moe_adapt.engines.hf.lr_at` times
+      and norms still vectors), the same LR schedule (:func:`moe_adapt.engines.optim.lr_at` times
       ``lr_multiplier``), global-norm clipping and non-finite skip. AdamW is elementwise, so fusing
       q/k/v or gate/up into one megatron tensor changes nothing. With ``engine.distributed_optimizer``
       megatron's own optimizer instead (see "Distributed optimizer" below), to the same update in
@@ -43,7 +43,7 @@ How each HF behaviour is matched
       after every applied step, is saved in ``state_dict`` and exported as ``router_bias.json``.
       (megatron's own expert bias only works with sigmoid scores, so it is not used.)
     * Token-level distillation (``kd``): the same terms as the hf engine, from the same function
-      (:func:`moe_adapt.engines.hf.token_kd_terms`) on megatron's logits: an online HF teacher
+      (:func:`moe_adapt.engines.kd.token_kd_terms`) on megatron's logits: an online HF teacher
       (every rank runs its own copy on its own rows) or the batch's stored top-k; SelecTKD's
       confidence mask and the per-language selected share (``kd_selected/<lang>``, weighted by each
       rank's positions of that language) included.
@@ -158,19 +158,12 @@ import torch.distributed as dist
 
 from moe_adapt import distributed
 from moe_adapt.checkpoint import router_bias as bias_file
+from moe_adapt.checkpoint.hf import DTYPES, TOKENIZER_FILES, load_causal_lm
 from moe_adapt.engines import data_parallel, objectives, router_health
-from moe_adapt.engines.hf import (
-    DTYPES,
-    SIDE_FILES,
-    HFEngineConfig,
-    batch_field,
-    batch_tokens,
-    build_adamw,
-    frozen_models,
-    load_causal_lm,
-    scheduled_lr,
-    token_kd_terms,
-)
+from moe_adapt.engines.base import Engine
+from moe_adapt.engines.batch import TrainBatch, batch_field, batch_tokens
+from moe_adapt.engines.hf.config import HFConfig
+from moe_adapt.engines.kd import frozen_models, token_kd_terms
 from moe_adapt.engines.megatron import checkpoint as dist_ckpt
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
 from moe_adapt.engines.megatron.mapping import (
@@ -194,6 +187,7 @@ from moe_adapt.engines.megatron.parallel import (
     mark_tensor_parallel,
     resolve_device,
 )
+from moe_adapt.engines.optim import build_adamw, scheduled_lr
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_dir
 
@@ -242,7 +236,7 @@ class _RotaryPositions:
 
 
 # -- the distributed optimizer ----------------------------------------------------------------------
-def _distributed_optimizer(ddp: Any, cfg: HFEngineConfig, dtype: torch.dtype) -> Any:
+def _distributed_optimizer(ddp: Any, cfg: HFConfig, dtype: torch.dtype) -> Any:
     """megatron's ``DistributedOptimizer`` (Adam with decoupled weight decay) over ``ddp``'s buffers:
     cfg's betas, eps, weight decay and clip; one ``DistributedOptimizer`` for the dense parameters and
     one for the experts under EP, chained.
@@ -274,7 +268,7 @@ def _distributed_optimizer(ddp: Any, cfg: HFEngineConfig, dtype: torch.dtype) ->
 
 
 # -- the engine -----------------------------------------------------------------------------------
-class MegatronEngine:
+class MegatronEngine(Engine):
     """Trains an HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) as a megatron-core ``GPTModel``.
 
     Same constructor, methods and metrics as :class:`~moe_adapt.engines.hf.HFEngine`; see the module
@@ -292,10 +286,12 @@ class MegatronEngine:
         dispatcher: megatron token dispatcher, ``alltoall`` (default; expert parallel) or ``allgather``.
     """
 
+    cfg: HFConfig
+
     def __init__(
         self,
         checkpoint: str | Path,
-        cfg: HFEngineConfig | None = None,
+        cfg: HFConfig | None = None,
         *,
         device: str | torch.device | None = None,
         lr_multiplier: Callable[[int], float] | None = None,
@@ -306,7 +302,7 @@ class MegatronEngine:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.cfg = cfg or HFEngineConfig()
+        self.cfg = cfg or HFConfig()
         self.source = Path(checkpoint)
         self.device = resolve_device(device)
         if self.cfg.grouped_gemm and self.cfg.dtype != "bfloat16":
@@ -437,6 +433,7 @@ class MegatronEngine:
             )
         self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
         self._load_LE: torch.Tensor | None = None
+        self._norm = torch.zeros(())  # the last gradient norm, for clipping by it
         self._routed_tokens = 0
         self._anchor: list[torch.Tensor] | None = None
         if self.cfg.l2_anchor_coef > 0:
@@ -502,7 +499,8 @@ class MegatronEngine:
 
     def _update_router_bias(self, load_LE: torch.Tensor) -> None:
         """One sign step of aux-loss-free balancing, the rule of :meth:`RouterBias.update`."""
-        assert self.expert_bias_LE is not None
+        if self.expert_bias_LE is None:
+            return
         with torch.no_grad():
             load_LE = load_LE.detach().double()
             step_LE = torch.sign(load_LE.mean(dim=-1, keepdim=True) - load_LE).float()
@@ -671,11 +669,7 @@ class MegatronEngine:
             for param, anchor in zip(self._params, self._anchor, strict=True):
                 param.main_grad.add_(param.detach() - anchor, alpha=scale)
 
-    # -- step ----------------------------------------------------------------------------------
-    def current_lr(self) -> float:
-        """Learning rate the next step uses (schedule times ``lr_multiplier``)."""
-        return scheduled_lr(self.cfg, self.steps, self.lr_multiplier)
-
+    # -- step (the bookkeeping is Engine.step's) ------------------------------------------------
     def _world(self) -> int:
         return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -717,26 +711,18 @@ class MegatronEngine:
                     clip_grad_by_total_norm_fp32(params, max_norm=self.cfg.grad_clip, total_norm=grad_norm)
         self.optimizer.step_with_ready_grads()
 
-    def step(self, batch: Any) -> dict[str, float]:
-        """Forward, backward, gradient reduction, clip and one AdamW step on ``batch``; float metrics.
-
-        Metrics (as the hf engine): every loss term, ``grad_norm`` (before clipping), ``lr``,
-        ``tokens`` (label positions that count), ``skipped`` (1.0 when the loss or gradient norm was
-        not finite on some rank and the update was dropped everywhere) and the ``moe/*`` load
-        metrics.
-
-        With several data-parallel ranks ``batch`` is the global batch (the same on every rank, as
-        the hf engine takes it): each rank trains on its contiguous slice of rows
-        (:func:`~moe_adapt.data_parallel.rows_of`), and every metric is the global batch's,
-        identical on every rank. Collective: every rank calls it.
-        """
-        lr = self.current_lr()
+    def _begin_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if self.cfg.distributed_optimizer:  # megatron marks norms and biases with wd_mult 0
                 group["weight_decay"] = self.cfg.weight_decay * group["wd_mult"]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _forward_backward(self, batch: TrainBatch | Any, lr: float) -> tuple[dict[str, float], float, bool]:
+        """Forward of this rank's rows (:func:`~moe_adapt.engines.data_parallel.rows_of`), the global
+        batch's terms on every rank, then backward and megatron's gradient reduction; the gradient
+        norm is global, so every rank takes the same skip decision."""
         local = data_parallel.rows_of(batch, self._dp)
         terms = self.forward_loss(local)
         metrics = {k: float(v.detach()) for k, v in terms.items()}
@@ -768,33 +754,31 @@ class MegatronEngine:
             else:
                 for param in self._params:
                     param.grad = param.main_grad
-                norm = self._grad_norm()
-                grad_norm = float(norm)
+                self._norm = self._grad_norm()
+                grad_norm = float(self._norm)
             skipped = not math.isfinite(grad_norm)  # the same on every rank: the norm is global
-        if skipped:
-            log.warning("step %d: non-finite loss or gradient norm; update skipped", self.steps)
-        elif self.cfg.distributed_optimizer:
+        return metrics, grad_norm, skipped
+
+    def _apply_update(self, grad_norm: float) -> None:
+        if self.cfg.distributed_optimizer:
             self._distributed_update(grad_norm)
-        else:
-            if self.cfg.grad_clip is not None:
-                torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.grad_clip, norm, foreach=False)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self._load_LE is not None:
-            load_LE, self._load_LE = self._load_LE, None
-            dropped_L = router_health.dropped_tokens(
-                load_LE, self.cfg.capacity_factor, self._routed_tokens, self.moe[1]
-            )
-            if self._world() > 1:  # every process routed different tokens
-                load_LE, dropped_L = load_LE.clone(), dropped_L.clone()
-                dist.all_reduce(load_LE)
-                dist.all_reduce(dropped_L)
-            metrics.update(router_health.load_metrics(load_LE, dropped_L))
-            if self.expert_bias_LE is not None and self.cfg.bias_update_rate > 0 and not skipped:
-                self._update_router_bias(load_LE)
-        self.steps += 1
-        metrics.update(lr=lr, grad_norm=grad_norm, skipped=float(skipped))
-        return metrics
+            return
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.grad_clip, self._norm, foreach=False)
+        self.optimizer.step()
+
+    def _expert_load(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._load_LE is None:
+            return None
+        load_LE, self._load_LE = self._load_LE, None
+        dropped_L = router_health.dropped_tokens(
+            load_LE, self.cfg.capacity_factor, self._routed_tokens, self.moe[1]
+        )
+        if self._world() > 1:  # every process routed different tokens
+            load_LE, dropped_L = load_LE.clone(), dropped_L.clone()
+            dist.all_reduce(load_LE)
+            dist.all_reduce(dropped_L)
+        return load_LE, dropped_L
 
     # -- state ---------------------------------------------------------------------------------
     def _model_tensors(self) -> dict[str, torch.Tensor]:
@@ -1063,7 +1047,7 @@ class MegatronEngine:
                 hf_model.save_pretrained(str(tmp))
                 if bias is not None:
                     bias_file.save_router_bias(bias, tmp)
-                for name in (*SIDE_FILES, "generation_config.json"):
+                for name in (*TOKENIZER_FILES, "generation_config.json"):
                     if (self.source / name).is_file():
                         shutil.copy2(self.source / name, tmp / name)
         if dist.is_initialized() and self._world() > 1:
