@@ -28,8 +28,9 @@ from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
 from moe_adapt.engines import objectives
 from moe_adapt.engines.batch import TrainBatch
 from moe_adapt.engines.hf import HFConfig, HFEngine
-from moe_adapt.engines.megatron.engine import MegatronEngine, init_parallel, packed_attention_mask
+from moe_adapt.engines.megatron.engine import MegatronEngine, init_parallel
 from moe_adapt.engines.megatron.mapping import megatron_to_hf
+from moe_adapt.engines.megatron.routing import packed_attention_mask
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 
 VOCAB = 101  # tests.engines.conftest.TINY_MOE
