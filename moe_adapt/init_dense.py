@@ -327,7 +327,6 @@ def pretrain(cfg: Config, init: Path, tokenizer: Any, work: Path) -> dict[str, A
         work=work,
         seed=cfg.seed,
         callbacks=stage_logging_callbacks(cfg, "init_dense"),
-        engine="hf",
     )
     model = load_causal_lm(work / "model")
     after = _heldout_loss(model, tokenizer, texts.heldout, pcfg.seq_len)

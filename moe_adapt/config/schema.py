@@ -15,7 +15,7 @@ from enum import Enum
 
 from moe_adapt.data.config import DataConfig
 from moe_adapt.distill.config import DistillConfig, TeacherConfig
-from moe_adapt.engines.hf.config import HFConfig
+from moe_adapt.engines.base import EngineConfig
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
 from moe_adapt.train.config import CptConfig
@@ -404,9 +404,11 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Difficulty phases of the training stream (moe_adapt/train/curriculum.py)."""
 
-    engine: HFConfig = field(default_factory=HFConfig)
-    """Optimizer, schedule and loss terms, incl. L2/KL anchors (moe_adapt/engines/base.py, and
-    moe_adapt/engines/hf/config.py for the layout)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The training engine and its optimizer, schedule and loss terms, incl. L2/KL anchors, chosen with
+    engine=hf|megatron|auto: EngineConfig (moe_adapt/engines/base.py) extended by HFConfig
+    (engines/hf/config.py), MegatronConfig (engines/megatron/config.py) or AutoConfig (both;
+    engines/__init__.py)."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Settings of the teacher stage: the demo's reasoning task and small teacher

@@ -88,7 +88,7 @@ def _phase_settings(d: DistillConfig, cfg: Config, name: str) -> dict[str, Any]:
     settings = {
         "phase": asdict(getattr(d, name)),
         "engine": asdict(cfg.engine),
-        "engine_name": d.engine,
+        "engine_name": cfg.engine.name,
         "seed": cfg.seed,
         "student": d.student,
         "chat_template": d.chat_template,
@@ -280,7 +280,6 @@ def _run_phase(
         kd=kd,
         teacher=teacher,
         callbacks=stage_logging_callbacks(cfg, f"distill_{name}"),
-        engine=d.engine,
     )
 
 

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import torch
 
@@ -42,6 +42,9 @@ from moe_adapt.errors import invalid
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("auto", "hf", "megatron")
+"""The engines by name: the options of the ``engine`` group (``engine=hf|megatron|auto``)."""
+
 
 def fail(key: str, value: object, allowed: str) -> NoReturn:
     """A one-line config error for ``engine.<key>``."""
@@ -51,7 +54,15 @@ def fail(key: str, value: object, allowed: str) -> NoReturn:
 @dataclass
 class EngineConfig:
     """Settings every engine shares: optimizer, LR schedule, loss coefficients, anchors, dtype and
-    router balancing."""
+    router balancing. Each engine's schema extends it (:class:`~moe_adapt.engines.hf.HFConfig`,
+    :class:`~moe_adapt.engines.megatron.config.MegatronConfig`, :class:`~moe_adapt.engines.AutoConfig`)."""
+
+    NAME: ClassVar[str] = ""
+    """The engine a subclass configures (its ``name``); empty here: any."""
+
+    name: str = "auto"
+    """Which engine trains: hf, megatron or auto (megatron with CUDA and a Mixtral / Qwen-MoE
+    checkpoint, hf otherwise). Set by the group option (engine=hf|megatron|auto), not by hand."""
 
     lr: float = 3e-4
     """Peak learning rate (reached at the end of warmup)."""
@@ -110,6 +121,8 @@ class EngineConfig:
     so both engines log the same keys."""
 
     def __post_init__(self) -> None:
+        if self.name not in ENGINES or (self.NAME and self.name != self.NAME):
+            fail("name", self.name, "choose the engine with engine=hf|megatron|auto, not engine.name")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             fail("lr", self.lr, "must be a finite number > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

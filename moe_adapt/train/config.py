@@ -2,7 +2,8 @@
 
 The data stream is configured by the ``mixture`` and ``curriculum`` groups
 (:mod:`moe_adapt.train.sampler`, :mod:`moe_adapt.train.curriculum`), the optimizer and loss terms
-by the ``engine`` group (:mod:`moe_adapt.engines.hf`), anti-forgetting anchors by ``anchor``.
+by the ``engine`` group (``engine=hf|megatron|auto``, :mod:`moe_adapt.engines`), anti-forgetting
+anchors by ``anchor``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from moe_adapt.errors import invalid
-
-ENGINES = ("auto", "hf", "megatron")
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:
@@ -32,10 +31,6 @@ class CptConfig:
 
     heldout: str | None = None
     """Held-out shards for the per-language eval hook (null: no eval hook)."""
-
-    engine: str = "auto"
-    """hf (transformers; CPU or GPU), megatron (megatron-core; CUDA, expert parallel) or auto (megatron
-    with CUDA and a Mixtral / Qwen-MoE checkpoint, hf otherwise)."""
 
     max_steps: int = 100
     """Optimizer steps."""
@@ -65,8 +60,6 @@ class CptConfig:
     Needs cpt.heldout. {}: no bound."""
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            _fail("engine", self.engine, f"choose one of {', '.join(ENGINES)}")
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "eval_docs", "max_bad_steps"):
             if getattr(self, key) < 1:
                 _fail(key, getattr(self, key), "must be >= 1")

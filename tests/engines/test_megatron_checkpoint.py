@@ -28,8 +28,9 @@ from moe_adapt.checkpoint.trainer_state import (
     list_checkpoints,
     load_checkpoint,
 )
+from moe_adapt.engines import AutoConfig
 from moe_adapt.engines.batch import TrainBatch
-from moe_adapt.engines.hf import HFConfig, HFEngine
+from moe_adapt.engines.hf import HFEngine
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import CheckpointError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback
@@ -109,7 +110,7 @@ def _moments(engine: Any) -> dict[str, Any]:
 
 
 def _trainer(checkpoint: str | Path, callbacks: list[Callback], max_steps: int = STEPS) -> Trainer:
-    engine = MegatronEngine(checkpoint, HFConfig(**CFG))  # type: ignore[arg-type]
+    engine = MegatronEngine(checkpoint, AutoConfig(**CFG))  # type: ignore[arg-type]
     return Trainer(engine, Stream(), callbacks, max_steps=max_steps, batch_size=2)
 
 
@@ -307,7 +308,7 @@ def test_bad_folders_raise_clear_errors(
 
     # a checkpoint written by the hf engine, given to the megatron engine, and the other way round
     hf_root = tmp_path / "hf"
-    hf_engine = HFEngine(hf_checkpoints[FAMILY], HFConfig(**CFG))  # type: ignore[arg-type]
+    hf_engine = HFEngine(hf_checkpoints[FAMILY], AutoConfig(**CFG))  # type: ignore[arg-type]
     hf_trainer = Trainer(
         hf_engine, Stream(), [CheckpointCallback(hf_root, every=1)], max_steps=1, batch_size=2
     )

@@ -29,8 +29,9 @@ from tests.engines.conftest import tiny_hf_model
 pytest.importorskip("megatron.core")
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
+from moe_adapt.engines import AutoConfig
 from moe_adapt.engines.batch import TrainBatch
-from moe_adapt.engines.hf import HFConfig, HFEngine
+from moe_adapt.engines.hf import HFEngine
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 
@@ -71,7 +72,7 @@ def _batch(n: int) -> TrainBatch:
 
 
 def _engine(checkpoint: str | Path, distributed_optimizer: bool = True) -> MegatronEngine:
-    return MegatronEngine(checkpoint, HFConfig(**CFG, distributed_optimizer=distributed_optimizer))
+    return MegatronEngine(checkpoint, AutoConfig(**CFG, distributed_optimizer=distributed_optimizer))
 
 
 def _error(fn: Callable[[], Any]) -> str:
@@ -291,6 +292,6 @@ def test_clear_refusals(run: dict[str, Any], one_thread: None) -> None:
     with pytest.raises(
         MoEAdaptConfigError, match="engine.distributed_optimizer=True is invalid.*engine=megatron"
     ):
-        HFEngine(run["checkpoint"], HFConfig(distributed_optimizer=True))
+        HFEngine(run["checkpoint"], AutoConfig(distributed_optimizer=True))
     with pytest.raises(MoEAdaptConfigError, match="engine.distributed_optimizer='yes' is invalid"):
-        HFConfig(distributed_optimizer="yes")  # type: ignore[arg-type]
+        AutoConfig(distributed_optimizer="yes")  # type: ignore[arg-type]

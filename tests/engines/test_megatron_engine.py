@@ -25,9 +25,9 @@ from tests.engines.conftest import FAMILIES, tiny_hf_model
 pytest.importorskip("megatron.core")
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
-from moe_adapt.engines import objectives
+from moe_adapt.engines import AutoConfig, objectives
 from moe_adapt.engines.batch import TrainBatch
-from moe_adapt.engines.hf import HFConfig, HFEngine
+from moe_adapt.engines.hf import HFEngine
 from moe_adapt.engines.megatron.engine import MegatronEngine, init_parallel
 from moe_adapt.engines.megatron.mapping import megatron_to_hf
 from moe_adapt.engines.megatron.routing import packed_attention_mask
@@ -97,7 +97,7 @@ def test_cuda_steps_match_the_hf_engine(checkpoints: dict[str, Path], tmp_path: 
     assert init_parallel()
     try:
         path = checkpoints["qwen3_moe"]
-        cfg = HFConfig(**CFG)
+        cfg = AutoConfig(**CFG)
         mc, hf = MegatronEngine(path, cfg), HFEngine(path, cfg, device="cuda")
         assert mc.device.type == "cuda"
         for seed in (3, 4):
@@ -117,7 +117,7 @@ def test_cuda_steps_match_the_hf_engine(checkpoints: dict[str, Path], tmp_path: 
 def test_first_step_matches_the_hf_engine(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    cfg = HFConfig(**CFG)
+    cfg = AutoConfig(**CFG)
     mc, hf = MegatronEngine(checkpoints[name], cfg), HFEngine(checkpoints[name], cfg)
     for batch in (_tokens(1), _packed_batch(2)):
         mc_terms, hf_terms = mc.forward_loss(batch), hf.forward_loss(batch)
@@ -148,7 +148,7 @@ def test_anchor_terms_match_the_hf_engine(megatron_cpu: None, checkpoints: dict[
     path = checkpoints["qwen3_moe"]
     # the first step moves each weight by about lr = 1e-4: a coefficient of 100 makes the anchor's
     # gradient (2 coef (θ − θ0), ~0.02) a visible part of the second step's gradient norm
-    cfg = HFConfig(**CFG, l2_anchor_coef=100.0, kl_anchor_coef=1.0, reference=str(path))
+    cfg = AutoConfig(**CFG, l2_anchor_coef=100.0, kl_anchor_coef=1.0, reference=str(path))
     mc, hf = MegatronEngine(path, cfg), HFEngine(path, cfg)
     for seed in range(2):
         mc_metrics, hf_metrics = mc.step(_tokens(seed)), hf.step(_tokens(seed))
@@ -183,7 +183,7 @@ def test_token_kd_matches_the_hf_engine(
     megatron_cpu: None, checkpoints: dict[str, Path], teacher: str
 ) -> None:
     """Token KD (SelecTKD mask, per-language selected share) gives the hf engine's terms and step."""
-    path, cfg = checkpoints["qwen3_moe"], HFConfig(**CFG)
+    path, cfg = checkpoints["qwen3_moe"], AutoConfig(**CFG)
     kd = objectives.KDSettings(alpha=0.3, temperature=2.0, theta=THETA[teacher])
     online = checkpoints["qwen2_moe"] if teacher == "online" else None  # same 101-token vocabulary
     mc = MegatronEngine(path, cfg, kd=kd, teacher=online)
@@ -205,8 +205,8 @@ def test_grouped_gemm_experts(megatron_cpu: None, checkpoints: dict[str, Path], 
     sequential experts' losses up to bf16 rounding, and an exact resume from a sharded checkpoint."""
     path = checkpoints["mixtral"]
     bf16 = dict(CFG, dtype="bfloat16")
-    grouped = MegatronEngine(path, HFConfig(**bf16, grouped_gemm=True))
-    sequential = MegatronEngine(path, HFConfig(**bf16))
+    grouped = MegatronEngine(path, AutoConfig(**bf16, grouped_gemm=True))
+    sequential = MegatronEngine(path, AutoConfig(**bf16))
     assert type(grouped.model.decoder.layers[0].mlp.experts).__name__ == "GroupedMLP"
     grouped.save_hf(tmp_path / "as_loaded")
     exported = _hf_weights(tmp_path / "as_loaded")
@@ -219,20 +219,20 @@ def test_grouped_gemm_experts(megatron_cpu: None, checkpoints: dict[str, Path], 
     grouped.step(_packed_batch(3))
     state = grouped.save_sharded(tmp_path / "sharded")
     want = grouped.step(_packed_batch(4))
-    resumed = MegatronEngine(path, HFConfig(**bf16, grouped_gemm=True))
+    resumed = MegatronEngine(path, AutoConfig(**bf16, grouped_gemm=True))
     resumed.load_sharded(tmp_path / "sharded", state)
     assert resumed.step(_packed_batch(4)) == want
     with pytest.raises(
         MoEAdaptConfigError, match="engine.grouped_gemm=True is invalid with engine.dtype=float32"
     ):
-        MegatronEngine(path, HFConfig(**CFG, grouped_gemm=True))
+        MegatronEngine(path, AutoConfig(**CFG, grouped_gemm=True))
 
 
 def test_resume_is_bit_exact(
     megatron_cpu: None, deterministic: None, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     path = checkpoints["qwen2_moe"]
-    cfg = HFConfig(lr=3e-3, warmup_steps=2, decay_steps=10, bias_update_rate=1e-2)
+    cfg = AutoConfig(lr=3e-3, warmup_steps=2, decay_steps=10, bias_update_rate=1e-2)
     straight = MegatronEngine(path, cfg)
     expected = [straight.step(_tokens(seed))["loss"] for seed in range(4)]
 
@@ -254,7 +254,7 @@ def test_resume_is_bit_exact(
 def test_aux_loss_free_balancing_matches_the_hf_engine(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    cfg = HFConfig(**CFG, bias_update_rate=0.05)
+    cfg = AutoConfig(**CFG, bias_update_rate=0.05)
     mc, hf = MegatronEngine(checkpoints[name], cfg), HFEngine(checkpoints[name], cfg)
     for seed in range(3):  # from step 1 on the biases (±0.05 per step) change which experts are chosen
         mc_metrics, hf_metrics = mc.step(_tokens(seed)), hf.step(_tokens(seed))
@@ -267,7 +267,7 @@ def test_aux_loss_free_balancing_matches_the_hf_engine(
     bias_file = "router_bias.json"
     assert (tmp_path / "mc" / bias_file).read_text() == (tmp_path / "hf" / bias_file).read_text()
     # a checkpoint saved with biases routes with them (frozen without bias_update_rate), in both engines
-    frozen = HFConfig(**CFG)
+    frozen = AutoConfig(**CFG)
     again_mc, again_hf = MegatronEngine(tmp_path / "mc", frozen), HFEngine(tmp_path / "hf", frozen)
     batch = _tokens(7)
     mc_loss, hf_loss = again_mc.forward_loss(batch)["loss"], again_hf.forward_loss(batch)["loss"]
@@ -280,7 +280,7 @@ def test_aux_loss_free_balancing_matches_the_hf_engine(
 def test_hf_model_is_a_snapshot_of_the_current_weights(
     megatron_cpu: None, checkpoints: dict[str, Path]
 ) -> None:
-    engine = MegatronEngine(checkpoints["qwen3_moe"], HFConfig(**CFG))
+    engine = MegatronEngine(checkpoints["qwen3_moe"], AutoConfig(**CFG))
     engine.step(_tokens(0))
     tokens = _tokens(1)
     snapshot = engine.hf_model()
@@ -299,7 +299,7 @@ def test_bfloat16_parameters_and_exact_export(
     from transformers import AutoModelForCausalLM
 
     path = checkpoints["qwen2_moe_dense_tied"]
-    cfg = HFConfig(**CFG, dtype="bfloat16")
+    cfg = AutoConfig(**CFG, dtype="bfloat16")
     mc, hf = MegatronEngine(path, cfg), HFEngine(path, cfg)
     assert {p.dtype for p in mc.model.parameters()} == {torch.bfloat16}
     mc.save_hf(tmp_path / "bf16")
@@ -311,8 +311,8 @@ def test_bfloat16_parameters_and_exact_export(
 
 
 def test_state_of_another_engine_is_refused(megatron_cpu: None, checkpoints: dict[str, Path]) -> None:
-    engine = MegatronEngine(checkpoints["qwen3_moe"], HFConfig())
-    state = HFEngine(checkpoints["qwen3_moe"], HFConfig()).state_dict()
+    engine = MegatronEngine(checkpoints["qwen3_moe"], AutoConfig())
+    state = HFEngine(checkpoints["qwen3_moe"], AutoConfig()).state_dict()
     with pytest.raises(CheckpointError, match="engine=hf"):
         engine.load_state_dict(state)
 
@@ -321,7 +321,7 @@ def test_state_of_another_engine_is_refused(megatron_cpu: None, checkpoints: dic
 def test_export_round_trip_is_exact(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    engine = MegatronEngine(checkpoints[name], HFConfig())
+    engine = MegatronEngine(checkpoints[name], AutoConfig())
     out = engine.save_hf(tmp_path / "model")
     assert (out / "tokenizer.json").read_text() == TOKENIZER_FILE
     assert not list(tmp_path.glob(".model.tmp-*"))
@@ -329,7 +329,7 @@ def test_export_round_trip_is_exact(
     assert exported.keys() == original.keys()
     for key, tensor in original.items():
         assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
-    again = MegatronEngine(out, HFConfig()).forward_loss(_tokens(5))["loss"]
+    again = MegatronEngine(out, AutoConfig()).forward_loss(_tokens(5))["loss"]
     assert torch.equal(again, engine.forward_loss(_tokens(5))["loss"])
 
 
@@ -344,15 +344,15 @@ def _ep_worker(rank: int, port: int, checkpoint: str, teacher: str, out_dir: str
     out = Path(out_dir)
     with megatron_on_cpu(rank=rank, world_size=EP, port=port, expert_parallel=EP):
         # every rank gets the global batch and trains on its half of the rows
-        engine = MegatronEngine(checkpoint, HFConfig(**CFG))
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG))
         assert engine.ep_size == EP and len(engine.model.decoder.layers[1].mlp.experts.local_experts) == 4
         packed = engine.step(_packed_batch(3))  # masked: the ranks count different positions
         engine.save_hf(out / "packed")
         # token KD: rank 0's rows are Arabic only, so kd_selected/en comes from rank 1 alone
-        engine = MegatronEngine(checkpoint, HFConfig(**CFG), kd=KD, teacher=teacher)
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG), kd=KD, teacher=teacher)
         kd = engine.step(_kd_rows())
         # grouped-GEMM experts (bf16): the export gathers them from their grouped layout
-        engine = MegatronEngine(checkpoint, HFConfig(**GROUPED))
+        engine = MegatronEngine(checkpoint, AutoConfig(**GROUPED))
         grouped = engine.step(_packed_batch(3))
         engine.save_hf(out / "grouped")
     (out / f"rank{rank}.json").write_text(json.dumps({"packed": packed, "kd": kd, "grouped": grouped}))
@@ -389,14 +389,14 @@ def test_expert_parallel_2_matches_1(
     from tests.engines.megatron_cpu import free_port
 
     path = checkpoints["qwen2_moe"]  # routed experts + a gated shared expert
-    engine = MegatronEngine(path, HFConfig(**CFG))
+    engine = MegatronEngine(path, AutoConfig(**CFG))
     packed = engine.step(_packed_batch(3))
     engine.save_hf(tmp_path / "ep1_packed")
     teacher = checkpoints["qwen3_moe"]  # same vocabulary, other weights
-    engine = MegatronEngine(path, HFConfig(**CFG), kd=KD, teacher=teacher)
+    engine = MegatronEngine(path, AutoConfig(**CFG), kd=KD, teacher=teacher)
     kd = engine.step(_kd_rows())
     assert 0 < kd["kd_selected/ar"] < 1 and 0 < kd["kd_selected/en"] < 1 and kd["kd_kl"] > 1e-4
-    engine = MegatronEngine(path, HFConfig(**GROUPED))
+    engine = MegatronEngine(path, AutoConfig(**GROUPED))
     grouped = engine.step(_packed_batch(3))
     engine.save_hf(tmp_path / "ep1_grouped")
 
@@ -421,7 +421,7 @@ def test_expert_parallel_2_matches_1(
 
 # -- skips and errors -----------------------------------------------------------------------------
 def test_non_finite_steps_are_skipped(megatron_cpu: None, checkpoints: dict[str, Path]) -> None:
-    engine = MegatronEngine(checkpoints["mixtral"], HFConfig(**CFG))
+    engine = MegatronEngine(checkpoints["mixtral"], AutoConfig(**CFG))
     before = {k: v.clone() for k, v in engine.state_dict()["model"].items()}
     real = engine.forward_loss
 
@@ -454,12 +454,12 @@ def test_refuses_what_it_does_not_support(
 ) -> None:
     path = checkpoints["qwen3_moe"]
     with pytest.raises(MoEAdaptError, match="without KD settings"):
-        MegatronEngine(path, HFConfig(), teacher=path)
+        MegatronEngine(path, AutoConfig(), teacher=path)
     with pytest.raises(MoEAdaptConfigError, match="device='cuda' is invalid"):
-        MegatronEngine(path, HFConfig(), device="cuda")  # torch.cuda is the shim's CPU stand-in
+        MegatronEngine(path, AutoConfig(), device="cuda")  # torch.cuda is the shim's CPU stand-in
     with pytest.raises(MoEAdaptError, match="no config.json"):
-        MegatronEngine(tmp_path, HFConfig())
-    engine = MegatronEngine(path, HFConfig())
+        MegatronEngine(tmp_path, AutoConfig())
+    engine = MegatronEngine(path, AutoConfig())
     with pytest.raises(MoEAdaptError, match="vocab_size is 101"):
         engine.step(torch.full((1, 5), VOCAB))
     with pytest.raises(MoEAdaptError, match="position_ids"):

@@ -18,9 +18,8 @@ from tests.engines.conftest import tiny_hf_model
 pytest.importorskip("megatron.core")
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
-from moe_adapt.engines import objectives
+from moe_adapt.engines import AutoConfig, objectives
 from moe_adapt.engines.batch import TrainBatch
-from moe_adapt.engines.hf import HFConfig
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 
@@ -65,13 +64,15 @@ def _worker(rank: int, port: int, checkpoint: str, teacher: str, root: str) -> N
 
     torch.set_num_threads(1)
     with megatron_on_cpu(rank=rank, world_size=TP, port=port, tensor_parallel=TP):
-        engine = MegatronEngine(checkpoint, HFConfig(**CFG))
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG))
         assert engine.tp_size == TP and engine.model.embedding.word_embeddings.weight.shape[0] == VOCAB // TP
         metrics = _steps(engine, Path(root), "tp2")
-        engine = MegatronEngine(checkpoint, HFConfig(**CFG, distributed_optimizer=True))
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG, distributed_optimizer=True))
         zero1 = [engine.step(_batch(3)), engine.step(_batch(4))]
         engine.save_hf(Path(root) / "tp2_zero1_hf")
-        engine = MegatronEngine(checkpoint, HFConfig(**KD_CFG, reference=checkpoint), kd=KD, teacher=teacher)
+        engine = MegatronEngine(
+            checkpoint, AutoConfig(**KD_CFG, reference=checkpoint), kd=KD, teacher=teacher
+        )
         kd = [engine.step(_batch(3)), engine.step(_batch(4))]
         try:
             engine.step(TrainBatch(tokens=np.zeros((2, 16), dtype=np.int64)))  # 15 positions
@@ -108,10 +109,10 @@ def test_tensor_parallel_2_matches_1(megatron_cpu: None, tmp_path: Path, family:
     tiny_hf_model(family, vocab_size=VOCAB).save_pretrained(str(checkpoint))
     teacher = tmp_path / "teacher"
     tiny_hf_model("qwen3_moe", vocab_size=VOCAB).save_pretrained(str(teacher))
-    one = MegatronEngine(checkpoint, HFConfig(**CFG))
+    one = MegatronEngine(checkpoint, AutoConfig(**CFG))
     want = _steps(one, tmp_path, "tp1")
     assert want[1]["l2_anchor"] > 1e-6  # step 2 moved away from the anchor
-    one = MegatronEngine(checkpoint, HFConfig(**KD_CFG, reference=str(checkpoint)), kd=KD, teacher=teacher)
+    one = MegatronEngine(checkpoint, AutoConfig(**KD_CFG, reference=str(checkpoint)), kd=KD, teacher=teacher)
     kd = [one.step(_batch(3)), one.step(_batch(4))]
     assert kd[1]["kl_anchor"] > 1e-6 and kd[1]["kd_kl"] > 1e-4 and 0 < kd[1]["kd_selected"] < 1
 
@@ -138,7 +139,7 @@ def test_tensor_parallel_2_matches_1(megatron_cpu: None, tmp_path: Path, family:
         torch.testing.assert_close(zero1[key], tensor, rtol=0, atol=WEIGHT_ATOL, msg=f"zero1 {key}")
 
     # the TP=2 checkpoint of step 1 resumes in one process: step 2 as the TP=1 run took it
-    resumed = MegatronEngine(checkpoint, HFConfig(**CFG))
+    resumed = MegatronEngine(checkpoint, AutoConfig(**CFG))
     resumed.load_sharded(tmp_path / "tp2_ckpt", load_checkpoint(tmp_path / "tp2_state")["engine"])
     again = resumed.step(_batch(4))
     for key in KEYS:
@@ -152,4 +153,4 @@ def test_tensor_parallel_refusals(megatron_cpu: None, tmp_path: Path) -> None:
 
         init_parallel(tensor_parallel=2)  # the fixture's parallel_state has TP = 1
     with pytest.raises(MoEAdaptConfigError, match="engine.tensor_parallel=0 is invalid"):
-        HFConfig(tensor_parallel=0)
+        AutoConfig(tensor_parallel=0)

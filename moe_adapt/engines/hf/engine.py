@@ -52,6 +52,7 @@ from moe_adapt.engines.batch import TrainBatch, batch_field, batch_tokens
 from moe_adapt.engines.hf.config import HFConfig
 from moe_adapt.engines.hf.parallel import WholeForward, resolve_parallel, wrap_model
 from moe_adapt.engines.kd import frozen_models, token_kd_terms
+from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.engines.optim import build_adamw
 from moe_adapt.errors import CheckpointError, MoEAdaptError
 from moe_adapt.fs import atomic_dir
@@ -93,7 +94,7 @@ class HFEngine(Engine):
         dist: DistContext | None = None,
     ) -> None:
         self.cfg = cfg or HFConfig()
-        if self.cfg.distributed_optimizer:
+        if isinstance(self.cfg, MegatronConfig) and self.cfg.distributed_optimizer:  # an engine=auto config
             fail(
                 "distributed_optimizer",
                 True,

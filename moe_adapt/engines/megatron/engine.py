@@ -29,9 +29,9 @@ from moe_adapt.checkpoint.hf import DTYPES, load_causal_lm
 from moe_adapt.engines import data_parallel, objectives, router_health
 from moe_adapt.engines.base import Engine
 from moe_adapt.engines.batch import TrainBatch, batch_field, batch_tokens
-from moe_adapt.engines.hf.config import HFConfig
 from moe_adapt.engines.kd import frozen_models, token_kd_terms
 from moe_adapt.engines.megatron import export, routing, state
+from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
 from moe_adapt.engines.megatron.mapping import (
     hf_to_megatron,
@@ -69,7 +69,7 @@ class MegatronEngine(Engine):
 
     Args:
         checkpoint: HF checkpoint folder (``config.json`` + safetensors).
-        cfg: optimizer, schedule and loss settings (the hf engine's dataclass).
+        cfg: optimizer, schedule and loss settings (MegatronConfig).
         device: ``cuda`` (default when available); ``cpu`` only with the test shim.
         lr_multiplier: scales the scheduled LR of each step (a pure function of the step).
         kd, teacher: token-level distillation (as the hf engine): with ``kd`` the LM term becomes
@@ -78,12 +78,12 @@ class MegatronEngine(Engine):
         dispatcher: megatron token dispatcher, ``alltoall`` (default; expert parallel) or ``allgather``.
     """
 
-    cfg: HFConfig
+    cfg: MegatronConfig
 
     def __init__(
         self,
         checkpoint: str | Path,
-        cfg: HFConfig | None = None,
+        cfg: MegatronConfig | None = None,
         *,
         device: str | torch.device | None = None,
         lr_multiplier: Callable[[int], float] | None = None,
@@ -94,7 +94,7 @@ class MegatronEngine(Engine):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.cfg = cfg or HFConfig()
+        self.cfg = cfg or MegatronConfig()
         self.source = Path(checkpoint)
         self.device = resolve_device(device)
         if self.cfg.grouped_gemm and self.cfg.dtype != "bfloat16":

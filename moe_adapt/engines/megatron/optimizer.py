@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from moe_adapt.engines.hf.config import HFConfig
+from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.engines.optim import scheduled_lr
 
 
-def distributed_optimizer(ddp: Any, cfg: HFConfig, dtype: torch.dtype) -> Any:
+def distributed_optimizer(ddp: Any, cfg: MegatronConfig, dtype: torch.dtype) -> Any:
     """megatron's ``DistributedOptimizer`` (Adam with decoupled weight decay) over ``ddp``'s buffers:
     cfg's betas, eps, weight decay and clip; one ``DistributedOptimizer`` for the dense parameters and
     one for the experts under EP, chained.
