@@ -44,3 +44,26 @@ def test_explicit_hf_refuses_megatron_only_settings() -> None:
             compose(["engine=hf", f"engine.{key}", "run_dir=/tmp/unused"])
     with pytest.raises(MoEAdaptConfigError, match="engine.name='tpu' is invalid"):
         EngineConfig(name="tpu")
+
+
+def test_engine_group_options_compose_to_their_schema() -> None:
+    from moe_adapt.config import to_config
+    from moe_adapt.engines.hf import HFConfig
+    from moe_adapt.engines.megatron.config import MegatronConfig
+
+    for option, schema in (("auto", AutoConfig), ("hf", HFConfig), ("megatron", MegatronConfig)):
+        cfg = to_config(compose([f"engine={option}", "stages=[]", "run_dir=/tmp/unused"]))
+        assert type(cfg.engine) is schema and cfg.engine.name == option
+    cfg = to_config(
+        compose(["engine=megatron", "engine.expert_parallel=2", "stages=[]", "run_dir=/tmp/unused"])
+    )
+    assert isinstance(cfg.engine, MegatronConfig) and cfg.engine.expert_parallel == 2
+
+
+def test_removed_engine_keys_point_to_the_group() -> None:
+    from moe_adapt.__main__ import describe
+
+    for key in ("cpt.engine", "distill.engine"):
+        with pytest.raises(Exception) as info:
+            compose([f"{key}=hf", "run_dir=/tmp/unused"])
+        assert describe(info.value) == f"{key} is gone: choose the engine with engine=hf|megatron|auto"
