@@ -38,7 +38,7 @@ from moe_adapt.checkpoint.hf import DTYPES
 from moe_adapt.engines import router_health
 from moe_adapt.engines.batch import TrainBatch
 from moe_adapt.engines.optim import scheduled_lr
-from moe_adapt.errors import invalid
+from moe_adapt.errors import CheckpointError, invalid
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,9 @@ class Engine(abc.ABC):
     steps: int
     """Optimizer steps taken or skipped: the LR schedule's position."""
 
+    writes_folder: ClassVar[bool] = False
+    """Whether :meth:`save` writes files into its folder (the checkpoint then records the folder)."""
+
     # -- the contract --------------------------------------------------------------------------
     @property
     @abc.abstractmethod
@@ -200,6 +203,30 @@ class Engine(abc.ABC):
     def save_hf(self, path: str | Path) -> Path:
         """Write the model as an HF checkpoint folder atomically (every rank returns once it is in
         place)."""
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Collective: save the engine for a training checkpoint. What the engine keeps on disk goes
+        into ``folder`` (a folder every rank sees, inside the checkpoint being written; made by the
+        engine when it writes there, see :attr:`writes_folder`); the rest of its state is returned
+        (tensors and JSON values) for rank 0 to write beside it. By default nothing goes to disk and
+        the whole :meth:`state_dict` is returned."""
+        return self.state_dict()
+
+    def load(self, state: dict[str, Any], folder: Path | None = None, checkpoint: Path | None = None) -> None:
+        """Collective: restore what :meth:`save` returned (``state``) and, when it wrote one, its
+        ``folder``; ``checkpoint`` names the checkpoint folder in errors.
+
+        Raises:
+            CheckpointError: the state was saved by another engine.
+        """
+        if folder is not None:
+            where = str(checkpoint) if checkpoint is not None else "this trainer state"
+            raise CheckpointError(
+                f"{where}: its engine state is sharded (folder {folder.name}/, written by the megatron "
+                f"engine) and {type(self).__name__} cannot read it: resume with the engine "
+                "that wrote it (engine=megatron)"
+            )
+        self.load_state_dict(state)
 
     def current_lr(self) -> float:
         """Learning rate the next step uses (schedule times ``lr_multiplier``)."""

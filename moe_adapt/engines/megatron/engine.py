@@ -52,7 +52,7 @@ from moe_adapt.engines.megatron.parallel import (
     resolve_device,
 )
 from moe_adapt.engines.optim import build_adamw
-from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
 
 log = logging.getLogger(__name__)
 
@@ -534,6 +534,28 @@ class MegatronEngine(Engine):
     def load_state_dict(self, state_: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same layout; :func:`.state.load_state_dict`)."""
         state.load_state_dict(self, state_)
+
+    writes_folder = True
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Collective: the model and optimizer into ``folder`` with dist_checkpointing
+        (:meth:`save_sharded`); returns the rest of the state."""
+        return self.save_sharded(folder)
+
+    def load(
+        self, state_: dict[str, Any], folder: Path | None = None, checkpoint: Path | None = None
+    ) -> None:
+        """Collective: :meth:`load_sharded` from ``folder``; without one (a checkpoint of another
+        engine, or an in-memory state) :meth:`load_state_dict`, which refuses another engine's."""
+        if folder is not None:
+            self.load_sharded(folder, state_)
+            return
+        try:
+            self.load_state_dict(state_)
+        except CheckpointError as err:
+            if checkpoint is None:
+                raise
+            raise CheckpointError(f"cannot resume from {checkpoint}: {err}") from None
 
     def save_sharded(self, path: str | Path) -> dict[str, Any]:
         """Collective: write model and optimizer into folder ``path`` with dist_checkpointing and
