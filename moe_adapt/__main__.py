@@ -29,7 +29,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from moe_adapt.config import Config, conf_dir, register, to_config
+from moe_adapt.config import REMOVED_KEYS, Config, conf_dir, register, to_config
 from moe_adapt.errors import MoEAdaptError
 
 _FULL_ERROR = "HYDRA_FULL_ERROR"
@@ -89,6 +89,8 @@ def describe(ex: BaseException) -> str | None:
     if isinstance(cause, OmegaConfBaseException):
         key = cause.full_key or ""
         msg = cause.msg.splitlines()[0] if cause.msg else type(cause).__name__
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key in REMOVED_KEYS:
+            return REMOVED_KEYS[key]
         if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key:
             parent = key.rpartition(".")[0]
             known = _settings_under(parent)

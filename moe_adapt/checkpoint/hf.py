@@ -1,7 +1,9 @@
-"""Hugging Face checkpoint folders: reading a dense one, writing a new one atomically.
+"""Hugging Face checkpoint folders: reading a dense one tensor by tensor, loading a causal LM whole,
+the dtype names of the configs and the side files copied beside new weights.
 
 Weights are read from safetensors only; a folder with nothing but ``pytorch_model.bin`` (a pickle)
-is refused rather than unpickled.
+is refused rather than unpickled. :func:`load_causal_lm` is the one place a transformers model is
+loaded from a folder (engines, teacher, evaluation, verification).
 """
 
 from __future__ import annotations
@@ -10,26 +12,81 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moe_adapt.checkpoint.router_bias import load_router_bias
 from moe_adapt.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
 from moe_adapt.errors import CheckpointError
 
-SIDE_FILES = (
-    "generation_config.json",
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""Parameter dtypes by the names the configs use (``engine.dtype``, ``upcycle.dtype``, ``eval.dtype``)."""
+
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    "tokenizer.model",
     "chat_template.jinja",
-    "chat_template.json",
+    "added_tokens.json",
 )
+"""The tokenizer's files of an HF checkpoint folder: the engines copy them beside the weights they
+export (``save_pretrained`` writes the model config and generation config itself)."""
+
+SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES, "chat_template.json")
 """Files copied from the source checkpoint next to the new weights (tokenizer, generation config)."""
+
+
+def load_causal_lm(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device: str | torch.device | None = None,
+    router_bias: bool = True,
+) -> PreTrainedModel:
+    """A transformers causal LM from a local HF checkpoint folder (safetensors only; no download, no
+    remote code), in eval mode, on ``device`` (None: where transformers puts it, the CPU).
+
+    With ``router_bias`` the router biases of aux-loss-free balancing are re-installed when the folder
+    has ``router_bias.json``, so the model routes as in training (the engines read that file
+    themselves and pass False).
+
+    Raises:
+        CheckpointError: ``path`` is not a folder with ``config.json`` and safetensors weights, or
+            transformers cannot load it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {str(folder)!r} does not exist or is not a directory")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not an HF checkpoint folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{folder} holds no .safetensors weights (only safetensors checkpoints are read)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot load checkpoint {str(folder)!r} as a causal LM: {err}") from err
+    if device is not None:
+        model.to(device)  # type: ignore[arg-type]  # transformers types .to() too narrowly
+    if router_bias:
+        load_router_bias(model, folder)
+    return model.eval()
 
 
 class HFCheckpoint:

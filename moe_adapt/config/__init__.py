@@ -14,9 +14,14 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from moe_adapt.config.schema import STAGE_ORDER, Config, ModelConfig
 from moe_adapt.config.sources import conf_dir, recipes_dir, store_recipes
+from moe_adapt.engines import AutoConfig
+from moe_adapt.engines.base import EngineConfig
+from moe_adapt.engines.hf.config import HFConfig
+from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.errors import MoEAdaptConfigError
 
 __all__ = [
+    "REMOVED_KEYS",
     "STAGE_ORDER",
     "Config",
     "ModelConfig",
@@ -28,12 +33,30 @@ __all__ = [
 ]
 
 SCHEMA_NAME = "moe_adapt_schema"
+ENGINE_SCHEMAS: dict[str, type[EngineConfig]] = {
+    "hf": HFConfig,
+    "megatron": MegatronConfig,
+    "auto": AutoConfig,
+}
+"""The schema of each option of the ``engine`` group, stored as ``engine_schema/<name>`` and pulled in
+by the defaults list of ``conf/engine/<name>.yaml``."""
+
+REMOVED_KEYS = {
+    "cpt.engine": "cpt.engine is gone: choose the engine with engine=hf|megatron|auto",
+    "distill.engine": "distill.engine is gone: choose the engine with engine=hf|megatron|auto",
+}
+"""Settings that moved, with the one line that says where (the CLI prints it for an override of one)."""
 
 
 def register() -> None:
-    """Register the schema and the recipes (the ``recipe`` group) with Hydra's ConfigStore. Safe to call
+    """Register the schemas and the recipes (the ``recipe`` group) with Hydra's ConfigStore. Safe to call
     more than once. Raises :class:`MoEAdaptConfigError` for a recipe that is not valid YAML."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=Config)
+    # each option of the engine group pulls in its own schema (conf/engine/<name>.yaml's defaults), so
+    # a key of another engine (engine=hf engine.expert_parallel=2) fails while composing
+    for name, schema in ENGINE_SCHEMAS.items():
+        store.store(group="engine_schema", name=name, node=schema)
     store_recipes()
 
 

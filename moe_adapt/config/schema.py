@@ -21,7 +21,7 @@ from moe_adapt.cpt.config import CptConfig, CurriculumConfig, MixtureConfig
 from moe_adapt.data.config import DataConfig
 from moe_adapt.demo.config import InitDenseConfig
 from moe_adapt.distill.config import DistillConfig, TeacherConfig
-from moe_adapt.engines.hf import HFEngineConfig
+from moe_adapt.engines.base import EngineConfig
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
 from moe_adapt.train.config import LoggerConfig
@@ -95,8 +95,11 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Difficulty phases of the training stream (moe_adapt/cpt/config.py)."""
 
-    engine: HFEngineConfig = field(default_factory=HFEngineConfig)
-    """Optimizer, schedule and loss terms, incl. L2/KL anchors (moe_adapt/engines/hf.py)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The training engine and its optimizer, schedule and loss terms, incl. L2/KL anchors, chosen with
+    engine=hf|megatron|auto: EngineConfig (moe_adapt/engines/base.py) extended by HFConfig
+    (engines/hf/config.py), MegatronConfig (engines/megatron/config.py) or AutoConfig (both;
+    engines/__init__.py)."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Settings of the teacher stage: the demo's reasoning task and small teacher

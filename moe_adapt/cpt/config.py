@@ -2,7 +2,8 @@
 ``mixture`` (how much of each source the stream holds: :mod:`moe_adapt.cpt.sampler`) and
 ``curriculum`` (difficulty phases: :mod:`moe_adapt.cpt.curriculum`).
 
-The optimizer and loss terms are configured by the ``engine`` group (:mod:`moe_adapt.engines.hf`),
+The optimizer and loss terms are configured by the ``engine`` group (``engine=hf|megatron|auto``,
+:mod:`moe_adapt.engines`),
 anti-forgetting anchors by ``anchor``.
 """
 
@@ -13,9 +14,6 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from moe_adapt.errors import invalid
-
-ENGINES = ("auto", "hf", "megatron")
-
 
 EXHAUSTION = ("repeat", "stop_phase")
 """What ``mixture.exhaustion`` may be."""
@@ -52,10 +50,6 @@ class CptConfig:
     heldout: str | None = None
     """Held-out shards for the per-language eval hook (null: no eval hook)."""
 
-    engine: str = "auto"
-    """hf (transformers; CPU or GPU), megatron (megatron-core; CUDA, expert parallel) or auto (megatron
-    with CUDA and a Mixtral / Qwen-MoE checkpoint, hf otherwise)."""
-
     max_steps: int = 100
     """Optimizer steps."""
 
@@ -84,8 +78,6 @@ class CptConfig:
     Needs cpt.heldout. {}: no bound."""
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            _fail("engine", self.engine, f"choose one of {', '.join(ENGINES)}")
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "eval_docs", "max_bad_steps"):
             if getattr(self, key) < 1:
                 _fail(key, getattr(self, key), "must be >= 1")

@@ -303,10 +303,11 @@ def pretrain(
     """Train the checkpoint in ``init`` as ``pcfg`` sets; writes ``work/model`` and ``work/metrics.jsonl``
     (``callbacks``: progress, wandb). Returns the summary of the phase, with the held-out loss before
     and after."""
+    from moe_adapt.checkpoint.hf import load_causal_lm
     from moe_adapt.distill.config import TrainPhaseConfig
     from moe_adapt.distill.sft_data import Example
     from moe_adapt.distill.train_phase import run_train_phase
-    from moe_adapt.engines.hf import HFEngineConfig
+    from moe_adapt.engines.hf import HFConfig
 
     eval_languages = sorted({"ar", "en", *pcfg.languages})  # the demo's cpt languages, and ours
     texts = pretrain_texts(pcfg, seed, eval_languages)
@@ -331,7 +332,7 @@ def pretrain(
             f"seq_len={pcfg.seq_len}: raise init_dense.pretrain.max_docs"
         )
 
-    model = AutoModelForCausalLM.from_pretrained(str(init))
+    model = load_causal_lm(init)
     before = _heldout_loss(model, tokenizer, texts.heldout, pcfg.seq_len)
     del model
     phase = TrainPhaseConfig(
@@ -350,13 +351,12 @@ def pretrain(
         init_from=init,
         examples=examples,
         langs=list(pcfg.languages),
-        engine_cfg=HFEngineConfig(parallel="none"),
+        engine_cfg=HFConfig(parallel="none"),
         work=work,
         seed=seed,
         callbacks=callbacks,
-        engine="hf",
     )
-    model = AutoModelForCausalLM.from_pretrained(str(work / "model"))
+    model = load_causal_lm(work / "model")
     after = _heldout_loss(model, tokenizer, texts.heldout, pcfg.seq_len)
     if before:
         log.info(

@@ -36,7 +36,7 @@ def evaluate_accuracy(
     """``{lang: {n, correct, accuracy, ci95, well_formed}, "gap": {lang: acc_en - acc_lang}}``."""
     from transformers import AutoTokenizer
 
-    from moe_adapt.engines.hf import load_causal_lm
+    from moe_adapt.checkpoint.hf import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     model = load_causal_lm(model_path, torch.float32).eval()

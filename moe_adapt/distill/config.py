@@ -190,10 +190,6 @@ class DistillConfig:
     phases: list[str] = field(default_factory=lambda: ["generate", "verify", "seq_kd", "token_kd"])
     """Phases in order; see moe_adapt.distill.config.PHASES."""
 
-    engine: str = "auto"
-    """Training engine: hf, megatron (CUDA) or auto (megatron with CUDA for a Mixtral / Qwen-MoE
-    student, hf otherwise)."""
-
     chat_template: str | None = None
     """Jinja chat template for tokenizers that have none (null: the tokenizer's own; error if absent)."""
 
@@ -239,8 +235,6 @@ class DistillConfig:
         ordered = "verify" not in self.phases or "generate" not in self.phases
         if not ordered and self.phases.index("verify") < self.phases.index("generate"):
             _fail("distill.phases", list(self.phases), "verify must come after generate")
-        if self.engine not in ("auto", "hf", "megatron"):
-            _fail("distill.engine", self.engine, "choose one of auto, hf, megatron")
         if not self.langs:
             _fail("distill.langs", [], "list at least one language")
         for name in TRAINING_PHASES:

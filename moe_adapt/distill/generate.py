@@ -81,7 +81,7 @@ def run_generate(
     """Generate into ``out`` (resuming what is there); returns counts."""
     from transformers import AutoTokenizer
 
-    from moe_adapt.engines.hf import load_causal_lm
+    from moe_adapt.checkpoint.hf import load_causal_lm
 
     shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
     StepCache(  # changed prompts or settings: start over

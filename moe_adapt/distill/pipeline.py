@@ -32,7 +32,7 @@ from moe_adapt.distill.train_phase import (
     trace_examples,
 )
 from moe_adapt.distill.verify import Trace, render_report_markdown, verify_traces
-from moe_adapt.engines.hf import HFEngineConfig
+from moe_adapt.engines.base import EngineConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json, atomic_write_text
@@ -69,7 +69,7 @@ def _check_inputs(d: DistillConfig) -> None:
         )
 
 
-def _phase_settings(d: DistillConfig, engine_cfg: HFEngineConfig, seed: int, name: str) -> dict[str, Any]:
+def _phase_settings(d: DistillConfig, engine_cfg: EngineConfig, seed: int, name: str) -> dict[str, Any]:
     if name == "generate":
         return {
             "teacher": d.teacher,
@@ -84,7 +84,7 @@ def _phase_settings(d: DistillConfig, engine_cfg: HFEngineConfig, seed: int, nam
     settings = {
         "phase": asdict(getattr(d, name)),
         "engine": asdict(engine_cfg),
-        "engine_name": d.engine,
+        "engine_name": engine_cfg.name,
         "seed": seed,
         "student": d.student,
         "chat_template": d.chat_template,
@@ -157,7 +157,7 @@ def _verified_traces(work: Path, phases: Sequence[str]) -> list[dict[str, Any]]:
 
 def run_distill(
     d: DistillConfig,
-    engine_cfg: HFEngineConfig,
+    engine_cfg: EngineConfig,
     out: Path,
     work: Path,
     *,
@@ -241,7 +241,7 @@ def run_distill(
 def _run_phase(
     name: str,
     d: DistillConfig,
-    engine_cfg: HFEngineConfig,
+    engine_cfg: EngineConfig,
     seed: int,
     logging_callbacks: Callable[[str], list[Callback]],
     pdir: Path,
@@ -280,7 +280,6 @@ def _run_phase(
         kd=kd,
         teacher=teacher,
         callbacks=logging_callbacks(f"distill_{name}"),
-        engine=d.engine,
     )
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_adapt.engines.batch import TrainBatch
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train.trainer import Batch
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class PackedSampler:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 
-    def next_batch(self, batch_size: int) -> Batch:
+    def next_batch(self, batch_size: int) -> TrainBatch:
         """The next ``batch_size`` rows (crossing into the next epoch when this one runs out)."""
         picked: list[int] = []
         while len(picked) < batch_size:
@@ -177,7 +177,7 @@ class PackedSampler:
             self.cursor += take
         idx = np.asarray(picked)
         r = self.rows
-        return Batch(
+        return TrainBatch(
             tokens=r.tokens[idx],
             loss_mask=r.loss_mask[idx],
             position_ids=r.position_ids[idx],

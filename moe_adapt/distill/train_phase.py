@@ -24,7 +24,7 @@ from moe_adapt.distill.generate import load_topk
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
 from moe_adapt.engines import build_engine
-from moe_adapt.engines.hf import HFEngineConfig
+from moe_adapt.engines.base import EngineConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
@@ -105,19 +105,18 @@ def run_train_phase(
     init_from: Path,
     examples: Sequence[Example],
     langs: Sequence[str],
-    engine_cfg: HFEngineConfig,
+    engine_cfg: EngineConfig,
     work: Path,
     seed: int,
     kd: KDSettings | None = None,
     teacher: str | None = None,
     callbacks: Sequence[Callback] = (),
-    engine: str = "auto",
 ) -> dict[str, Any]:
     """Train ``init_from`` on ``examples``; writes ``work/model``, ``work/metrics.jsonl`` and
     ``work/curves.png`` (:mod:`moe_adapt.train.curves`).
 
     ``callbacks`` are added to the metrics, NaN-guard and checkpoint ones (progress, wandb);
-    ``engine`` is hf, megatron or auto (:func:`moe_adapt.engines.build_engine`).
+    ``engine_cfg.name`` picks the engine (:func:`moe_adapt.engines.build_engine`).
     """
     from transformers import AutoTokenizer
 
@@ -142,7 +141,7 @@ def run_train_phase(
     )
     ecfg = dataclasses.replace(engine_cfg, lr=pcfg.lr, warmup_steps=pcfg.warmup_steps, decay_steps=pcfg.steps)
     torch.manual_seed(seed)
-    trained = build_engine(engine, init_from, ecfg, kd=kd, teacher=teacher)
+    trained = build_engine(ecfg, init_from, kd=kd, teacher=teacher)
     all_callbacks: list[Callback] = [
         MetricsCallback(work / "metrics.jsonl"),
         NaNGuardCallback(),

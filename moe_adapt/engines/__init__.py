@@ -1,4 +1,7 @@
-"""Training engines behind one contract: ``megatron`` (megatron-core, GPU at scale) and ``hf`` (transformers).
+"""Training engines behind one contract (:class:`moe_adapt.engines.base.Engine`): ``megatron``
+(megatron-core, GPU at scale) and ``hf`` (transformers). The shared kit: :mod:`.optim` (AdamW and the LR
+schedule), :mod:`.kd` (reference and teacher models, token-KD terms), :mod:`.batch` (``TrainBatch``),
+:mod:`.objectives`, :mod:`.router_health`, :mod:`.data_parallel`.
 
 megatron-core is imported only inside :mod:`moe_adapt.engines.megatron` (style rule 7).
 """
@@ -7,14 +10,41 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from moe_adapt.engines.base import ENGINES, EngineConfig
+from moe_adapt.engines.hf.config import HFConfig
+from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.errors import MoEAdaptConfigError
+
+if TYPE_CHECKING:
+    from moe_adapt.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "hf", "megatron")
+MEGATRON_ONLY: dict[str, Any] = {"expert_parallel": 1, "tensor_parallel": 1, "distributed_optimizer": False}
+"""The megatron layout settings that change training, at the values the hf engine trains with."""
+
+
+@dataclass
+class AutoConfig(MegatronConfig, HFConfig):
+    """Settings of ``engine=auto`` (conf/engine/auto.yaml): what both engines need, since the engine is
+    chosen when the stage starts (:func:`resolve_engine_name`). Falling back to hf, the megatron
+    layout settings are dropped with a warning."""
+
+    NAME: ClassVar[str] = "auto"
+
+    name: str = "auto"
+    """The engine: auto (set by engine=auto)."""
+
+
+def as_auto(cfg: EngineConfig) -> AutoConfig:
+    """``cfg``'s settings under ``engine=auto`` (the megatron layout at its defaults where ``cfg`` has
+    none): for a stage that picks its own engine, e.g. the dense teacher."""
+    names = {f.name for f in dataclasses.fields(AutoConfig)} - {"name"}
+    return AutoConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names})
 
 
 def resolve_engine_name(engine_name: str, checkpoint: str | Path) -> str:
@@ -55,8 +85,9 @@ def resolve_engine_name(engine_name: str, checkpoint: str | Path) -> str:
     return "megatron"
 
 
-def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw: Any) -> Any:
-    """The training engine ``engine_name`` (hf | megatron | auto) built from an HF checkpoint folder.
+def build_engine(cfg: EngineConfig, checkpoint: str | Path, **kw: Any) -> Engine:
+    """The training engine ``cfg.name`` (hf | megatron | auto, see :func:`resolve_engine_name`) built
+    from an HF checkpoint folder with ``cfg``'s settings.
 
     ``kw`` goes to the engine (``device``, ``lr_multiplier``, ``kd``, ``teacher``). For ``megatron``,
     torch.distributed and megatron's parallel_state are started first when they are not running (one
@@ -65,31 +96,28 @@ def build_engine(engine_name: str, checkpoint: str | Path, cfg: Any = None, **kw
     """
     import torch
 
-    expert_parallel = getattr(cfg, "expert_parallel", 1)
-    name = resolve_engine_name(engine_name, checkpoint)
+    name = resolve_engine_name(cfg.name, checkpoint)
     if name == "hf":
         from moe_adapt.engines.hf import HFEngine
 
-        if engine_name == "hf":
-            for key in ("expert_parallel", "tensor_parallel"):
-                if getattr(cfg, key, 1) != 1:
-                    raise MoEAdaptConfigError(
-                        f"engine.{key}={getattr(cfg, key)} is invalid with the hf engine: it does not shard "
-                        "that way (use the megatron engine, or 1; engine.parallel=fsdp2 shards the hf engine)"
-                    )
-        megatron_only = {"expert_parallel": 1, "tensor_parallel": 1, "distributed_optimizer": False}
-        changed = {k: getattr(cfg, k) for k, off in megatron_only.items() if getattr(cfg, k, off) != off}
-        if changed and engine_name != "hf":
-            # auto chose hf (no CUDA, or a stage that runs on one process): the same training without
-            # the megatron-only layout settings
-            log.warning(
-                "this stage trains on the hf engine, which ignores the megatron-only %s",
-                ", ".join(f"engine.{k}={v}" for k, v in changed.items()),
+        if not isinstance(cfg, HFConfig):
+            raise MoEAdaptConfigError(
+                f"engine={cfg.name} cannot train with the hf engine: use engine=hf or auto"
             )
-            cfg = dataclasses.replace(cfg, **{k: megatron_only[k] for k in changed})
+        if isinstance(cfg, AutoConfig):
+            changed = {k: getattr(cfg, k) for k, off in MEGATRON_ONLY.items() if getattr(cfg, k) != off}
+            if changed:
+                # auto chose hf (no CUDA, or a stage that runs on one process): the same training without
+                # the megatron-only layout settings
+                log.warning(
+                    "this stage trains on the hf engine, which ignores the megatron-only %s",
+                    ", ".join(f"engine.{k}={v}" for k, v in changed.items()),
+                )
+                cfg = dataclasses.replace(cfg, **{k: MEGATRON_ONLY[k] for k in changed})
         kw.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         return HFEngine(checkpoint, cfg, **kw)
     from moe_adapt.engines.megatron import MegatronEngine, init_parallel
 
-    init_parallel(expert_parallel=expert_parallel, tensor_parallel=getattr(cfg, "tensor_parallel", 1))
+    assert isinstance(cfg, MegatronConfig)  # resolve_engine_name gives megatron for megatron or auto
+    init_parallel(expert_parallel=cfg.expert_parallel, tensor_parallel=cfg.tensor_parallel)
     return MegatronEngine(checkpoint, cfg, **kw)

@@ -37,8 +37,6 @@ __all__ = ["evaluate", "evaluate_model"]
 
 log = logging.getLogger("moe_adapt.eval")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _check_inputs(ecfg: EvalConfig) -> None:
     """Fail before any model loads: no model, a missing checkpoint or benchmark file."""
@@ -67,14 +65,14 @@ def _device(name: str) -> torch.device:
 
 
 def _load_model(path: str, ecfg: EvalConfig, index: int) -> torch.nn.Module:
-    from moe_adapt.eval.perplexity import load_causal_lm
+    from moe_adapt.checkpoint.hf import DTYPES, load_causal_lm
 
     if ecfg.dtype == "auto":
         cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
-        dtype = _DTYPES.get(name, torch.float32)
+        dtype = DTYPES.get(name, torch.float32)
     else:
-        dtype = _DTYPES[ecfg.dtype]
+        dtype = DTYPES[ecfg.dtype]
     try:
         return load_causal_lm(path, dtype=dtype, device=_device(ecfg.device))
     except MoEAdaptError as err:

@@ -20,19 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from moe_adapt.errors import CheckpointError, MoEAdaptError
+from moe_adapt.errors import MoEAdaptError
 from moe_adapt.eval.lm import target_logprobs
 
 __all__ = [
     "LanguagePerplexity",
     "Window",
     "evaluate_perplexity",
-    "load_causal_lm",
     "sliding_windows",
 ]
 
@@ -69,36 +67,6 @@ class LanguagePerplexity:
     def to_dict(self) -> dict[str, float | int]:
         """Return a JSON-able dict."""
         return asdict(self)
-
-
-def load_causal_lm(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """Load a local HF causal LM checkpoint (safetensors; no download, no remote code) in eval mode.
-
-    Raises:
-        CheckpointError: if ``path`` is not a directory holding a ``config.json``, or loading fails.
-    """
-    from transformers import AutoModelForCausalLM
-
-    ckpt = Path(path)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not exist or is not a directory")
-    if not (ckpt / "config.json").is_file():
-        raise CheckpointError(
-            f"checkpoint {str(ckpt)!r} has no config.json; expected a Hugging Face model directory"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ckpt, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
-        )
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot load checkpoint {str(ckpt)!r} as a causal LM: {err}") from err
-    from moe_adapt.checkpoint.router_bias import load_router_bias
-
-    model.to(device)  # type: ignore[arg-type]  # transformers types .to() too narrowly
-    load_router_bias(model, ckpt)  # aux-loss-free balancing's biases route as in training
-    return model.eval()
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int, doc: int = 0) -> list[Window]:

@@ -65,7 +65,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
     torch.manual_seed(cfg.seed)
     sampler = MixtureSampler(c.shards, cfg.mixture, cfg.curriculum, cfg.seed, global_batch_size=c.batch_size)
-    engine = build_engine(c.engine, c.init_from, cfg.engine, lr_multiplier=sampler.curriculum.lr_factor)
+    engine = build_engine(cfg.engine, c.init_from, lr_multiplier=sampler.curriculum.lr_factor)
     shard_vocab = int(load_manifest(c.shards).get("vocab_size", 0))
     if shard_vocab > engine.vocab_size:
         raise MoEAdaptConfigError(

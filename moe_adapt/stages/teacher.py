@@ -24,6 +24,7 @@ from moe_adapt.distill.config import DistillEvalConfig
 from moe_adapt.distill.prompts import load_prompts
 from moe_adapt.distill.tasks import TASKS, write_problem_set
 from moe_adapt.distill.train_phase import reference_examples, run_train_phase
+from moe_adapt.engines import as_auto
 from moe_adapt.errors import MoEAdaptConfigError, invalid
 from moe_adapt.fs import atomic_write_json
 from moe_adapt.stages.base import StageContext
@@ -83,8 +84,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     train = load_prompts(prompt_dir / "train.jsonl", t.langs, key="teacher.task")
     test = load_prompts(prompt_dir / "test.jsonl", t.langs, key="teacher.task")
-    # a dense teacher: no router terms, no anchors
-    engine_cfg = replace(cfg.engine, l2_anchor_coef=0.0, kl_anchor_coef=0.0, reference=None)
+    # a dense teacher: no router terms, no anchors; engine auto (hf: megatron maps MoE models only)
+    engine_cfg = replace(as_auto(cfg.engine), l2_anchor_coef=0.0, kl_anchor_coef=0.0, reference=None)
     train_summary = run_train_phase(
         "teacher",
         t.train,

@@ -10,8 +10,8 @@ without complaint) but only rank 0 writes: :class:`CheckpointCallback` takes a `
 callbacks that only rank 0 should run at all (the metrics file, wandb, the progress bar) are swapped
 for a :class:`Placeholder` on the other ranks by :func:`main_only`.
 
-An engine that saves sharded (:class:`~moe_adapt.train.trainer.ShardedEngine`, the megatron engine)
-adds a folder ``engine/`` to the checkpoint, which every rank writes together (megatron-core's
+An engine that keeps files of its own (:meth:`~moe_adapt.engines.base.Engine.save`, the megatron
+engine) adds a folder ``engine/`` to the checkpoint, which every rank writes together (megatron-core's
 ``dist_checkpointing``: ``torch.distributed.checkpoint`` files, whose ``.metadata`` is pickled; a run
 resumes only checkpoints it wrote in its own work directory). The two files above then hold the
 rest of the trainer state, with ``"engine_dir": "engine"``. The step folder is assembled under a
@@ -35,7 +35,6 @@ from moe_adapt.checkpoint.trainer_state import (
     SHARED_TMP,
     list_checkpoints,
     replace_dir,
-    save_checkpoint,
     write_state_files,
 )
 from moe_adapt.distributed import DistContext
@@ -79,12 +78,12 @@ class CheckpointCallback(Callback):
     ``keep_last`` (None keeps all). ``save_final`` also writes the last step of training.
 
     With several processes (``dist``, default :func:`moe_adapt.distributed.current`) every rank
-    builds the state (collective for a sharded engine) and rank 0 writes and prunes. An engine that
-    saves sharded (:class:`~moe_adapt.train.trainer.ShardedEngine`) is written by every rank into
-    ``engine/`` of a hidden temporary folder ``.step_NNNNNN.tmp-shared`` that rank 0 made; after a
-    barrier rank 0 adds the trainer's files, renames the folder to ``step_NNNNNN`` and prunes, and
-    the ranks meet again. A crash before the rename leaves only the hidden folder, which
-    :func:`latest_checkpoint` ignores and the next save removes.
+    builds the state and rank 0 writes and prunes. The engine saves itself
+    (:meth:`~moe_adapt.engines.base.Engine.save`, every rank) into ``engine/`` of a hidden temporary
+    folder ``.step_NNNNNN.tmp-shared`` that rank 0 made (the megatron engine writes there, the hf
+    engine nothing); after a barrier rank 0 adds the trainer's files, renames the folder to
+    ``step_NNNNNN`` and prunes, and the ranks meet again. A crash before the rename leaves only the
+    hidden folder, which :func:`latest_checkpoint` ignores and the next save removes.
     """
 
     name = "checkpoint"
@@ -108,23 +107,11 @@ class CheckpointCallback(Callback):
         self.last_saved: int | None = None
 
     def save(self, trainer: Trainer) -> Path:
-        """Write a checkpoint of the trainer's current state and prune old ones (rank 0 writes the
-        trainer's files; a sharded engine's part is written by every rank)."""
+        """Collective: write a checkpoint of the trainer's current state and prune old ones. Every
+        rank lets the engine write its part into a shared temporary folder (:meth:`Engine.save`;
+        nothing for the hf engine), rank 0 the rest, then renames it into place."""
         path = self.root / f"step_{trainer.step:06d}"
         self.last_saved = trainer.step
-        if trainer.sharded_engine:
-            return self._save_sharded(trainer, path)
-        state = trainer.state_dict()
-        if not self.dist.is_main:
-            return path
-        save_checkpoint(path, state)
-        log.info("checkpoint: step %d -> %s", trainer.step, path)
-        self._prune()
-        return path
-
-    def _save_sharded(self, trainer: Trainer, path: Path) -> Path:
-        """Collective: every rank writes the engine's part into a shared temporary folder, rank 0 the
-        rest, then renames it into place."""
         tmp = self.root / f".{path.name}.tmp-shared"
         if self.dist.is_main:
             if tmp.exists():

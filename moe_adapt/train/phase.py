@@ -15,26 +15,20 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 from moe_adapt import distributed
 from moe_adapt.checkpoint.trainer_state import latest_checkpoint
+from moe_adapt.engines.base import Engine
 from moe_adapt.train.callbacks import Callback
 from moe_adapt.train.curves import write_training_curves
-from moe_adapt.train.trainer import BatchSource, Engine, Trainer
+from moe_adapt.train.trainer import BatchSource, Trainer
 
 log = logging.getLogger(__name__)
 
 
-class SavableEngine(Engine, Protocol):
-    """An engine that writes its model as a Hugging Face checkpoint folder (every engine does)."""
-
-    def save_hf(self, path: str | Path) -> Path: ...
-
-
 def train_into_folder(
     name: str,
-    engine: SavableEngine,
+    engine: Engine,
     batches: BatchSource,
     callbacks: Sequence[Callback],
     *,

@@ -5,10 +5,11 @@ Everything optional (checkpoints, metrics, NaN guard, later eval and logging) is
 forward/backward/optimizer. :meth:`Trainer.state_dict` gathers the step, the engine, the sampler and
 every callback, so :meth:`Trainer.resume` continues a run exactly where its checkpoint left it.
 
-An engine with ``save_sharded`` / ``load_sharded`` (:class:`ShardedEngine`: the megatron engine) is
-checkpointed differently: every rank writes its part of the model and optimizer into the
-checkpoint's ``engine/`` folder together, and the trainer state holds only the rest of the engine's
-state (see :class:`~moe_adapt.train.callbacks.CheckpointCallback`).
+Every engine is checkpointed the same way (:meth:`~moe_adapt.engines.base.Engine.save` /
+:meth:`~moe_adapt.engines.base.Engine.load`): what it keeps on disk (the megatron engine: every
+rank's part of the model and optimizer) goes into the checkpoint's ``engine/`` folder, and the
+trainer state holds the rest of the engine's state (the hf engine: all of it); see
+:class:`~moe_adapt.train.callbacks.CheckpointCallback`.
 
 Shape legend: ``B`` sequences per batch, ``T1`` seq_len + 1 packed tokens.
 """
@@ -17,14 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint
+from moe_adapt.engines.base import Engine
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.train.callbacks import Callback
 
@@ -40,35 +41,6 @@ class HasTokens(Protocol):
     def tokens(self) -> np.ndarray | torch.Tensor: ...
 
 
-@dataclass
-class Batch:
-    """A batch with everything an engine may use besides the tokens (fine-tuning, distillation).
-
-    Shape legend: ``B`` rows, ``T`` label positions (``T1 - 1``), ``K`` teacher top-k entries.
-    """
-
-    tokens: np.ndarray
-    """``tokens_BT1``: inputs are ``[:, :-1]``, labels ``[:, 1:]``."""
-
-    loss_mask: np.ndarray | None = None
-    """``[B, T]`` bool: which labels count (e.g. response tokens only); None: all."""
-
-    position_ids: np.ndarray | None = None
-    """``[B, T]`` positions of the inputs, restarting at 0 where a packed example starts."""
-
-    lang_ids: np.ndarray | None = None
-    """``[B, T]`` index into ``langs`` of the example each label belongs to."""
-
-    langs: tuple[str, ...] = ()
-    """Language names that ``lang_ids`` index."""
-
-    topk_ids: np.ndarray | None = None
-    """``[B, T, K]`` the teacher's most likely next tokens at each label position (offline KD)."""
-
-    topk_logp: np.ndarray | None = None
-    """``[B, T, K]`` their log-probabilities."""
-
-
 class BatchSource(Protocol):
     """What the trainer needs from a sampler (:class:`~moe_adapt.cpt.sampler.MixtureSampler` is one)."""
 
@@ -77,31 +49,6 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class Engine(Protocol):
-    """What the trainer needs from an engine (:class:`~moe_adapt.engines.hf.HFEngine` is one)."""
-
-    def step(self, batch: HasTokens) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@runtime_checkable
-class ShardedEngine(Engine, Protocol):
-    """An engine whose model and optimizer every rank saves together, each its own part
-    (:class:`~moe_adapt.engines.megatron.engine.MegatronEngine`, with megatron's dist_checkpointing).
-
-    ``save_sharded(path)`` is collective: it writes into folder ``path`` and returns the rest of the
-    engine state (tensors and JSON values) for rank 0 to write; ``load_sharded(path, state)`` is
-    collective and restores both. ``state_dict`` / ``load_state_dict`` stay the in-memory state.
-    """
-
-    def save_sharded(self, path: Path) -> dict[str, Any]: ...
-
-    def load_sharded(self, path: Path, state: dict[str, Any]) -> None: ...
 
 
 class Trainer:
@@ -151,25 +98,21 @@ class Trainer:
             cb.on_train_end(self)
         return self.step
 
-    @property
-    def sharded_engine(self) -> bool:
-        """Whether the engine checkpoints sharded (:class:`ShardedEngine`)."""
-        return isinstance(self.engine, ShardedEngine)
-
     def state_dict(self, engine_dir: str | Path | None = None) -> dict[str, Any]:
         """Step, engine, sampler and callbacks' states (tensors and JSON values).
 
-        With ``engine_dir`` and a :class:`ShardedEngine` the call is collective: the engine writes its
-        model and optimizer into ``engine_dir`` (a folder every rank sees), the state holds the rest of
-        the engine's state, and ``engine_dir`` names that folder (its last component: it is
-        resolved against the checkpoint folder on :meth:`resume`). Otherwise ``engine`` is the
-        engine's whole ``state_dict()``.
+        With ``engine_dir`` (a folder inside the checkpoint being written, which every rank sees) the
+        call is collective and the engine saves itself for a checkpoint (:meth:`Engine.save`): what
+        it keeps on disk goes into ``engine_dir``, whose last component the state then records as
+        ``engine_dir`` (resolved against the checkpoint folder on :meth:`resume`), and ``engine`` is
+        the rest. Without it ``engine`` is the engine's in-memory ``state_dict()``.
         """
         state: dict[str, Any] = {"version": STATE_VERSION, "step": self.step}
-        if engine_dir is not None and isinstance(self.engine, ShardedEngine):
+        if engine_dir is not None:
             folder = Path(engine_dir)
-            state["engine"] = self.engine.save_sharded(folder)
-            state["engine_dir"] = folder.name
+            state["engine"] = self.engine.save(folder)
+            if self.engine.writes_folder:
+                state["engine_dir"] = folder.name
         else:
             state["engine"] = self.engine.state_dict()
         state["sampler"] = self.sampler.state_dict()
@@ -179,35 +122,28 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], checkpoint_dir: str | Path | None = None) -> None:
         """Restore a :meth:`state_dict` into a trainer built with the same engine, sampler and callbacks.
 
-        A state whose engine part is sharded (``engine_dir``) needs the checkpoint folder it lies in,
-        ``checkpoint_dir``, and a :class:`ShardedEngine`; the engine loads collectively.
+        A state whose engine wrote a folder (``engine_dir``) needs the checkpoint folder it lies in,
+        ``checkpoint_dir``; the engine loads collectively (:meth:`Engine.load`).
         """
         if state.get("version") != STATE_VERSION:
             raise CheckpointError(f"trainer state version {state.get('version')!r} is not {STATE_VERSION}")
         where = str(checkpoint_dir) if checkpoint_dir is not None else "this trainer state"
         sharded = state.get("engine_dir")
+        folder = None
         if sharded is not None:
-            if not isinstance(self.engine, ShardedEngine):
-                raise CheckpointError(
-                    f"{where}: its engine state is sharded (folder {sharded}/, written by the megatron "
-                    f"engine) and {type(self.engine).__name__} cannot read it: resume with the engine "
-                    "that wrote it (engine=megatron)"
-                )
             if checkpoint_dir is None:
+                if not self.engine.writes_folder:
+                    self.engine.load(state["engine"], Path(str(sharded)))  # refuses, naming the engine
                 raise CheckpointError(
                     "this trainer state's engine part is sharded: restore it with Trainer.resume(folder) "
                     "or pass checkpoint_dir"
                 )
             if str(sharded) in ("", ".", "..") or Path(str(sharded)).name != str(sharded):
                 raise CheckpointError(f"{where}: engine_dir={sharded!r} is not a folder name inside it")
-            self.engine.load_sharded(Path(checkpoint_dir) / str(sharded), state["engine"])
-        elif isinstance(self.engine, ShardedEngine) and checkpoint_dir is not None:
-            try:
-                self.engine.load_state_dict(state["engine"])
-            except CheckpointError as err:
-                raise CheckpointError(f"cannot resume from {checkpoint_dir}: {err}") from None
-        else:
-            self.engine.load_state_dict(state["engine"])
+            folder = Path(checkpoint_dir) / str(sharded)
+        self.engine.load(
+            state["engine"], folder, Path(checkpoint_dir) if checkpoint_dir is not None else None
+        )
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         saved = state.get("callbacks", {})
@@ -223,6 +159,6 @@ class Trainer:
     def resume(self, checkpoint_dir: str | Path) -> None:
         """Restore everything from a ``step_NNNNNN`` folder written by ``CheckpointCallback``.
 
-        Every rank calls it with the same folder (collective for a :class:`ShardedEngine`)."""
+        Every rank calls it with the same folder (collective where the engine's load is)."""
         self.load_state_dict(load_checkpoint(checkpoint_dir), checkpoint_dir)
         log.info("resumed from %s at step %d", checkpoint_dir, self.step)

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from moe_adapt.checkpoint.hf import HFCheckpoint
+from moe_adapt.checkpoint.hf import DTYPES, HFCheckpoint
 from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.upcycle import copy, drop, fine_grained
@@ -51,8 +51,6 @@ SHARED_GATE_SCALE = 2.0
 """Qwen2-MoE multiplies its shared expert by sigmoid(gate . x). The gate starts at zero weights, so
 sigmoid gives 0.5 for every token and doubling the shared down projection keeps the sum exact,
 while the gate still receives gradients and can learn to open or close."""
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -161,7 +159,7 @@ class Upcycler:
 
     # ------------------------------------------------------------------------------------ plan
     def _out_dtype(self, source_dtype: torch.dtype) -> torch.dtype:
-        return source_dtype if self.cfg.dtype == "auto" else _DTYPES[self.cfg.dtype]
+        return source_dtype if self.cfg.dtype == "auto" else DTYPES[self.cfg.dtype]
 
     def _dense_ffn(self, layer: int) -> FFN:
         get = lambda proj: self.src.get(DENSE_FFN[proj].format(layer=layer))  # noqa: E731

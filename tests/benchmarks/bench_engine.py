@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from moe_adapt.engines import objectives
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines.hf import HFConfig, HFEngine
 
 
-def bare_steps(path: Path, batches: list[torch.Tensor], cfg: HFEngineConfig, top_k: int) -> float:
+def bare_steps(path: Path, batches: list[torch.Tensor], cfg: HFConfig, top_k: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
@@ -75,7 +75,7 @@ def time_steps(engine: Any, batches: list[torch.Tensor], sync: bool = False) -> 
     return (time.perf_counter() - start) / (len(batches) - 2)
 
 
-def engine_steps(path: Path, batches: list[torch.Tensor], cfg: HFEngineConfig) -> float:
+def engine_steps(path: Path, batches: list[torch.Tensor], cfg: HFConfig) -> float:
     return time_steps(HFEngine(path, cfg), batches)
 
 
@@ -105,7 +105,7 @@ def main() -> None:
         num_experts_per_tok=args.top_k,
         norm_topk_prob=True,
     )
-    cfg = HFEngineConfig(lr=1e-3, warmup_steps=0)
+    cfg = HFConfig(lr=1e-3, warmup_steps=0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         AutoModelForCausalLM.from_config(config).save_pretrained(path)

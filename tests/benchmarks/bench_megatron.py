@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines import AutoConfig
+from moe_adapt.engines.hf import HFEngine
 from tests.benchmarks.bench_engine import time_steps
 
 
@@ -83,7 +84,7 @@ def main() -> None:
         norm_topk_prob=True,
     )
     dtype = "float32" if args.cpu else "bfloat16"
-    cfg = HFEngineConfig(lr=1e-4, warmup_steps=0, dtype=dtype)
+    cfg = AutoConfig(lr=1e-4, warmup_steps=0, dtype=dtype)
     device = "cpu" if args.cpu else "cuda"
     if args.cpu:
         from tests.engines.megatron_cpu import megatron_on_cpu

@@ -15,11 +15,11 @@ from moe_adapt.config import compose, to_config
 from moe_adapt.distill import train_phase
 from moe_adapt.distill.sft_data import Example, pack_examples
 from moe_adapt.distill.tasks import make_problems, write_problem_set
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines.batch import TrainBatch
+from moe_adapt.engines.hf import HFConfig, HFEngine
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.runner import run_pipeline
-from moe_adapt.train.trainer import Batch
 
 PHASE = "{steps: 3, batch_size: 2, seq_len: 128, lr: 1.0e-3, warmup_steps: 1, checkpoint_every: 2}"
 
@@ -121,7 +121,7 @@ def test_online_teacher_equals_full_top_k(lm_factory) -> None:
     rows = pack_examples(
         [Example(prompt, response, "ar", top.indices.numpy(), top.values.numpy())], 12, 0, ["ar"]
     )
-    batch = Batch(
+    batch = TrainBatch(
         rows.tokens,
         rows.loss_mask,
         rows.position_ids,
@@ -132,8 +132,8 @@ def test_online_teacher_equals_full_top_k(lm_factory) -> None:
     )
     confidence = torch.softmax(logp[len(prompt) - 1 : -1] / 2.0, -1).max(-1).values
     kd = KDSettings(alpha=0.3, temperature=2.0, theta=float(confidence.median()))  # selects some positions
-    online = HFEngine(student, HFEngineConfig(), kd=kd, teacher=teacher_dir).forward_loss(batch)
-    offline = HFEngine(student, HFEngineConfig(), kd=kd).forward_loss(batch)
+    online = HFEngine(student, HFConfig(), kd=kd, teacher=teacher_dir).forward_loss(batch)
+    offline = HFEngine(student, HFConfig(), kd=kd).forward_loss(batch)
     for key in ("kd_loss", "kd_ce", "kd_kl", "kd_selected", "loss"):
         torch.testing.assert_close(online[key], offline[key], rtol=1e-5, atol=1e-6)
     assert 0 < online["kd_selected"].item() < 1
@@ -161,6 +161,6 @@ def test_bad_input(lm_factory, prompt_files, tmp_path) -> None:
 
 
 def test_offline_kd_without_top_k_is_an_error(lm_factory) -> None:
-    engine = HFEngine(lm_factory("qwen3_moe"), HFEngineConfig(), kd=KDSettings())
+    engine = HFEngine(lm_factory("qwen3_moe"), HFConfig(), kd=KDSettings())
     with pytest.raises(MoEAdaptError, match="store_topk"):
-        engine.forward_loss(Batch(np.array([[5, 6, 7, 8]]), loss_mask=np.array([[True, True, True]])))
+        engine.forward_loss(TrainBatch(np.array([[5, 6, 7, 8]]), loss_mask=np.array([[True, True, True]])))

@@ -28,11 +28,13 @@ from moe_adapt.checkpoint.trainer_state import (
     list_checkpoints,
     load_checkpoint,
 )
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines import AutoConfig
+from moe_adapt.engines.batch import TrainBatch
+from moe_adapt.engines.hf import HFEngine
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import CheckpointError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback
-from moe_adapt.train.trainer import Batch, Trainer
+from moe_adapt.train.trainer import Trainer
 
 FAMILY = "qwen2_moe"  # routed experts + a gated shared expert
 VOCAB = 101  # tests.engines.conftest.TINY_MOE
@@ -54,10 +56,10 @@ class Stream:
     def __init__(self) -> None:
         self.pos = 0
 
-    def next_batch(self, batch_size: int) -> Batch:
+    def next_batch(self, batch_size: int) -> TrainBatch:
         gen = torch.Generator().manual_seed(1000 + self.pos)
         self.pos += 1
-        return Batch(tokens=torch.randint(0, VOCAB, (batch_size, 17), generator=gen).numpy())
+        return TrainBatch(tokens=torch.randint(0, VOCAB, (batch_size, 17), generator=gen).numpy())
 
     def state_dict(self) -> dict[str, Any]:
         return {"pos": self.pos}
@@ -108,7 +110,7 @@ def _moments(engine: Any) -> dict[str, Any]:
 
 
 def _trainer(checkpoint: str | Path, callbacks: list[Callback], max_steps: int = STEPS) -> Trainer:
-    engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG))  # type: ignore[arg-type]
+    engine = MegatronEngine(checkpoint, AutoConfig(**CFG))  # type: ignore[arg-type]
     return Trainer(engine, Stream(), callbacks, max_steps=max_steps, batch_size=2)
 
 
@@ -306,7 +308,7 @@ def test_bad_folders_raise_clear_errors(
 
     # a checkpoint written by the hf engine, given to the megatron engine, and the other way round
     hf_root = tmp_path / "hf"
-    hf_engine = HFEngine(hf_checkpoints[FAMILY], HFEngineConfig(**CFG))  # type: ignore[arg-type]
+    hf_engine = HFEngine(hf_checkpoints[FAMILY], AutoConfig(**CFG))  # type: ignore[arg-type]
     hf_trainer = Trainer(
         hf_engine, Stream(), [CheckpointCallback(hf_root, every=1)], max_steps=1, batch_size=2
     )

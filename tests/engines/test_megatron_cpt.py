@@ -36,7 +36,7 @@ def upcycled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hf_losses(upcycled: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     run_dir = tmp_path_factory.mktemp("hf")
     shutil.copytree(upcycled, run_dir, dirs_exist_ok=True)
-    run(run_dir, "stages=[cpt]", "cpt.engine=hf")
+    run(run_dir, "stages=[cpt]", "engine=hf")
     return losses(run_dir)
 
 
@@ -51,7 +51,7 @@ def test_one_process_matches_hf(upcycled: Path, hf_losses: list[float], tmp_path
 
     shutil.copytree(upcycled, tmp_path, dirs_exist_ok=True)
     with megatron_on_cpu():
-        summary = run(tmp_path, "stages=[cpt]", "cpt.engine=megatron")["cpt"]
+        summary = run(tmp_path, "stages=[cpt]", "engine=megatron")["cpt"]
     assert summary["steps"] == len(hf_losses)
     assert losses(tmp_path)[0] == pytest.approx(hf_losses[0], rel=1e-6)  # the same first batch and weights
     _close(losses(tmp_path), hf_losses)
@@ -78,7 +78,7 @@ def _worker(rank: int, port: int, run_dir: str, crash_at: int | None) -> None:
         callbacks.MetricsCallback.on_step_end = crash  # type: ignore[method-assign]
     with megatron_on_cpu(rank=rank, world_size=2, port=port, expert_parallel=2):
         try:
-            run(Path(run_dir), "stages=[cpt]", "cpt.engine=megatron", "engine.expert_parallel=2")
+            run(Path(run_dir), "stages=[cpt]", "engine=megatron", "engine.expert_parallel=2")
         finally:
             distributed.shutdown()
 

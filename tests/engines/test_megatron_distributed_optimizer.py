@@ -29,10 +29,11 @@ from tests.engines.conftest import tiny_hf_model
 pytest.importorskip("megatron.core")
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
+from moe_adapt.engines import AutoConfig
+from moe_adapt.engines.batch import TrainBatch
+from moe_adapt.engines.hf import HFEngine
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train.trainer import Batch
 
 FAMILY = "qwen2_moe"  # routed experts + a gated shared expert
 VOCAB = 101  # tests.engines.conftest.TINY_MOE
@@ -60,18 +61,18 @@ METRIC_REL = 1e-6  # fp32 summation order (reduce-scatter, alltoall) only; the p
 WEIGHT_ATOL = 0.05 * LR
 
 
-def _batch(n: int) -> Batch:
+def _batch(n: int) -> TrainBatch:
     """Global batch ``n``: 4 rows of 16 positions, a loss mask leaving the ranks different token counts."""
     gen = torch.Generator().manual_seed(100 + n)
     tokens = torch.randint(0, VOCAB, (4, 17), generator=gen).numpy()
     mask = np.ones((4, 16), dtype=bool)
     mask[0, :5] = False
     mask[3, 10:] = False
-    return Batch(tokens=tokens, loss_mask=mask)
+    return TrainBatch(tokens=tokens, loss_mask=mask)
 
 
 def _engine(checkpoint: str | Path, distributed_optimizer: bool = True) -> MegatronEngine:
-    return MegatronEngine(checkpoint, HFEngineConfig(**CFG, distributed_optimizer=distributed_optimizer))
+    return MegatronEngine(checkpoint, AutoConfig(**CFG, distributed_optimizer=distributed_optimizer))
 
 
 def _error(fn: Callable[[], Any]) -> str:
@@ -291,6 +292,6 @@ def test_clear_refusals(run: dict[str, Any], one_thread: None) -> None:
     with pytest.raises(
         MoEAdaptConfigError, match="engine.distributed_optimizer=True is invalid.*engine=megatron"
     ):
-        HFEngine(run["checkpoint"], HFEngineConfig(distributed_optimizer=True))
+        HFEngine(run["checkpoint"], AutoConfig(distributed_optimizer=True))
     with pytest.raises(MoEAdaptConfigError, match="engine.distributed_optimizer='yes' is invalid"):
-        HFEngineConfig(distributed_optimizer="yes")  # type: ignore[arg-type]
+        AutoConfig(distributed_optimizer="yes")  # type: ignore[arg-type]

@@ -25,12 +25,13 @@ from tests.engines.conftest import FAMILIES, tiny_hf_model
 pytest.importorskip("megatron.core")
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
-from moe_adapt.engines import objectives
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig
-from moe_adapt.engines.megatron.engine import MegatronEngine, init_parallel, packed_attention_mask
+from moe_adapt.engines import AutoConfig, objectives
+from moe_adapt.engines.batch import TrainBatch
+from moe_adapt.engines.hf import HFEngine
+from moe_adapt.engines.megatron.engine import MegatronEngine, init_parallel
 from moe_adapt.engines.megatron.mapping import megatron_to_hf
+from moe_adapt.engines.megatron.routing import packed_attention_mask
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train.trainer import Batch
 
 VOCAB = 101  # tests.engines.conftest.TINY_MOE
 REL = 1e-5
@@ -65,13 +66,13 @@ def _tokens(seed: int, batch: int = 2, seq_len: int = 16) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq_len + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def _packed_batch(seed: int) -> Batch:
+def _packed_batch(seed: int) -> TrainBatch:
     """Two rows of packed examples (row 1 starts mid-example, at position 3) and a loss mask."""
     position_ids = np.stack([np.r_[np.arange(5), np.arange(11)], np.r_[np.arange(3, 12), np.arange(7)]])
     mask = np.ones((2, 16), dtype=bool)
     mask[0, :3] = False
     mask[1, 9] = False
-    return Batch(tokens=_tokens(seed).numpy(), loss_mask=mask, position_ids=position_ids)
+    return TrainBatch(tokens=_tokens(seed).numpy(), loss_mask=mask, position_ids=position_ids)
 
 
 def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -96,7 +97,7 @@ def test_cuda_steps_match_the_hf_engine(checkpoints: dict[str, Path], tmp_path: 
     assert init_parallel()
     try:
         path = checkpoints["qwen3_moe"]
-        cfg = HFEngineConfig(**CFG)
+        cfg = AutoConfig(**CFG)
         mc, hf = MegatronEngine(path, cfg), HFEngine(path, cfg, device="cuda")
         assert mc.device.type == "cuda"
         for seed in (3, 4):
@@ -116,7 +117,7 @@ def test_cuda_steps_match_the_hf_engine(checkpoints: dict[str, Path], tmp_path: 
 def test_first_step_matches_the_hf_engine(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    cfg = HFEngineConfig(**CFG)
+    cfg = AutoConfig(**CFG)
     mc, hf = MegatronEngine(checkpoints[name], cfg), HFEngine(checkpoints[name], cfg)
     for batch in (_tokens(1), _packed_batch(2)):
         mc_terms, hf_terms = mc.forward_loss(batch), hf.forward_loss(batch)
@@ -147,7 +148,7 @@ def test_anchor_terms_match_the_hf_engine(megatron_cpu: None, checkpoints: dict[
     path = checkpoints["qwen3_moe"]
     # the first step moves each weight by about lr = 1e-4: a coefficient of 100 makes the anchor's
     # gradient (2 coef (θ − θ0), ~0.02) a visible part of the second step's gradient norm
-    cfg = HFEngineConfig(**CFG, l2_anchor_coef=100.0, kl_anchor_coef=1.0, reference=str(path))
+    cfg = AutoConfig(**CFG, l2_anchor_coef=100.0, kl_anchor_coef=1.0, reference=str(path))
     mc, hf = MegatronEngine(path, cfg), HFEngine(path, cfg)
     for seed in range(2):
         mc_metrics, hf_metrics = mc.step(_tokens(seed)), hf.step(_tokens(seed))
@@ -157,7 +158,7 @@ def test_anchor_terms_match_the_hf_engine(megatron_cpu: None, checkpoints: dict[
     assert mc_metrics["l2_anchor"] > 0 and mc_metrics["kl_anchor"] > 0
 
 
-def _kd_batch(seed: int, rows: int = 2, topk: bool = False) -> Batch:
+def _kd_batch(seed: int, rows: int = 2, topk: bool = False) -> TrainBatch:
     """Rows of two languages (row r is language r % 2, the last row half of each) with a loss mask and,
     with ``topk``, a teacher's stored top-4 log-probabilities."""
     tokens = _tokens(seed, batch=rows).numpy()
@@ -171,7 +172,7 @@ def _kd_batch(seed: int, rows: int = 2, topk: bool = False) -> Batch:
         logits_BTV = torch.randn(rows, 16, VOCAB, generator=gen) * 3
         logp_BTK, ids_BTK = logits_BTV.log_softmax(-1).topk(4, dim=-1)
         extra = {"topk_ids": ids_BTK.numpy(), "topk_logp": logp_BTK.numpy()}
-    return Batch(tokens=tokens, loss_mask=mask, lang_ids=lang_ids, langs=("ar", "en"), **extra)
+    return TrainBatch(tokens=tokens, loss_mask=mask, lang_ids=lang_ids, langs=("ar", "en"), **extra)
 
 
 THETA = {"online": 0.021, "topk": 0.3}  # tiny random teachers are nearly uniform over 101 tokens
@@ -182,7 +183,7 @@ def test_token_kd_matches_the_hf_engine(
     megatron_cpu: None, checkpoints: dict[str, Path], teacher: str
 ) -> None:
     """Token KD (SelecTKD mask, per-language selected share) gives the hf engine's terms and step."""
-    path, cfg = checkpoints["qwen3_moe"], HFEngineConfig(**CFG)
+    path, cfg = checkpoints["qwen3_moe"], AutoConfig(**CFG)
     kd = objectives.KDSettings(alpha=0.3, temperature=2.0, theta=THETA[teacher])
     online = checkpoints["qwen2_moe"] if teacher == "online" else None  # same 101-token vocabulary
     mc = MegatronEngine(path, cfg, kd=kd, teacher=online)
@@ -204,8 +205,8 @@ def test_grouped_gemm_experts(megatron_cpu: None, checkpoints: dict[str, Path], 
     sequential experts' losses up to bf16 rounding, and an exact resume from a sharded checkpoint."""
     path = checkpoints["mixtral"]
     bf16 = dict(CFG, dtype="bfloat16")
-    grouped = MegatronEngine(path, HFEngineConfig(**bf16, grouped_gemm=True))
-    sequential = MegatronEngine(path, HFEngineConfig(**bf16))
+    grouped = MegatronEngine(path, AutoConfig(**bf16, grouped_gemm=True))
+    sequential = MegatronEngine(path, AutoConfig(**bf16))
     assert type(grouped.model.decoder.layers[0].mlp.experts).__name__ == "GroupedMLP"
     grouped.save_hf(tmp_path / "as_loaded")
     exported = _hf_weights(tmp_path / "as_loaded")
@@ -218,20 +219,20 @@ def test_grouped_gemm_experts(megatron_cpu: None, checkpoints: dict[str, Path], 
     grouped.step(_packed_batch(3))
     state = grouped.save_sharded(tmp_path / "sharded")
     want = grouped.step(_packed_batch(4))
-    resumed = MegatronEngine(path, HFEngineConfig(**bf16, grouped_gemm=True))
+    resumed = MegatronEngine(path, AutoConfig(**bf16, grouped_gemm=True))
     resumed.load_sharded(tmp_path / "sharded", state)
     assert resumed.step(_packed_batch(4)) == want
     with pytest.raises(
         MoEAdaptConfigError, match="engine.grouped_gemm=True is invalid with engine.dtype=float32"
     ):
-        MegatronEngine(path, HFEngineConfig(**CFG, grouped_gemm=True))
+        MegatronEngine(path, AutoConfig(**CFG, grouped_gemm=True))
 
 
 def test_resume_is_bit_exact(
     megatron_cpu: None, deterministic: None, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     path = checkpoints["qwen2_moe"]
-    cfg = HFEngineConfig(lr=3e-3, warmup_steps=2, decay_steps=10, bias_update_rate=1e-2)
+    cfg = AutoConfig(lr=3e-3, warmup_steps=2, decay_steps=10, bias_update_rate=1e-2)
     straight = MegatronEngine(path, cfg)
     expected = [straight.step(_tokens(seed))["loss"] for seed in range(4)]
 
@@ -253,7 +254,7 @@ def test_resume_is_bit_exact(
 def test_aux_loss_free_balancing_matches_the_hf_engine(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    cfg = HFEngineConfig(**CFG, bias_update_rate=0.05)
+    cfg = AutoConfig(**CFG, bias_update_rate=0.05)
     mc, hf = MegatronEngine(checkpoints[name], cfg), HFEngine(checkpoints[name], cfg)
     for seed in range(3):  # from step 1 on the biases (±0.05 per step) change which experts are chosen
         mc_metrics, hf_metrics = mc.step(_tokens(seed)), hf.step(_tokens(seed))
@@ -266,7 +267,7 @@ def test_aux_loss_free_balancing_matches_the_hf_engine(
     bias_file = "router_bias.json"
     assert (tmp_path / "mc" / bias_file).read_text() == (tmp_path / "hf" / bias_file).read_text()
     # a checkpoint saved with biases routes with them (frozen without bias_update_rate), in both engines
-    frozen = HFEngineConfig(**CFG)
+    frozen = AutoConfig(**CFG)
     again_mc, again_hf = MegatronEngine(tmp_path / "mc", frozen), HFEngine(tmp_path / "hf", frozen)
     batch = _tokens(7)
     mc_loss, hf_loss = again_mc.forward_loss(batch)["loss"], again_hf.forward_loss(batch)["loss"]
@@ -279,7 +280,7 @@ def test_aux_loss_free_balancing_matches_the_hf_engine(
 def test_hf_model_is_a_snapshot_of_the_current_weights(
     megatron_cpu: None, checkpoints: dict[str, Path]
 ) -> None:
-    engine = MegatronEngine(checkpoints["qwen3_moe"], HFEngineConfig(**CFG))
+    engine = MegatronEngine(checkpoints["qwen3_moe"], AutoConfig(**CFG))
     engine.step(_tokens(0))
     tokens = _tokens(1)
     snapshot = engine.hf_model()
@@ -298,7 +299,7 @@ def test_bfloat16_parameters_and_exact_export(
     from transformers import AutoModelForCausalLM
 
     path = checkpoints["qwen2_moe_dense_tied"]
-    cfg = HFEngineConfig(**CFG, dtype="bfloat16")
+    cfg = AutoConfig(**CFG, dtype="bfloat16")
     mc, hf = MegatronEngine(path, cfg), HFEngine(path, cfg)
     assert {p.dtype for p in mc.model.parameters()} == {torch.bfloat16}
     mc.save_hf(tmp_path / "bf16")
@@ -310,8 +311,8 @@ def test_bfloat16_parameters_and_exact_export(
 
 
 def test_state_of_another_engine_is_refused(megatron_cpu: None, checkpoints: dict[str, Path]) -> None:
-    engine = MegatronEngine(checkpoints["qwen3_moe"], HFEngineConfig())
-    state = HFEngine(checkpoints["qwen3_moe"], HFEngineConfig()).state_dict()
+    engine = MegatronEngine(checkpoints["qwen3_moe"], AutoConfig())
+    state = HFEngine(checkpoints["qwen3_moe"], AutoConfig()).state_dict()
     with pytest.raises(CheckpointError, match="engine=hf"):
         engine.load_state_dict(state)
 
@@ -320,7 +321,7 @@ def test_state_of_another_engine_is_refused(megatron_cpu: None, checkpoints: dic
 def test_export_round_trip_is_exact(
     megatron_cpu: None, checkpoints: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
-    engine = MegatronEngine(checkpoints[name], HFEngineConfig())
+    engine = MegatronEngine(checkpoints[name], AutoConfig())
     out = engine.save_hf(tmp_path / "model")
     assert (out / "tokenizer.json").read_text() == TOKENIZER_FILE
     assert not list(tmp_path.glob(".model.tmp-*"))
@@ -328,7 +329,7 @@ def test_export_round_trip_is_exact(
     assert exported.keys() == original.keys()
     for key, tensor in original.items():
         assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
-    again = MegatronEngine(out, HFEngineConfig()).forward_loss(_tokens(5))["loss"]
+    again = MegatronEngine(out, AutoConfig()).forward_loss(_tokens(5))["loss"]
     assert torch.equal(again, engine.forward_loss(_tokens(5))["loss"])
 
 
@@ -343,15 +344,15 @@ def _ep_worker(rank: int, port: int, checkpoint: str, teacher: str, out_dir: str
     out = Path(out_dir)
     with megatron_on_cpu(rank=rank, world_size=EP, port=port, expert_parallel=EP):
         # every rank gets the global batch and trains on its half of the rows
-        engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG))
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG))
         assert engine.ep_size == EP and len(engine.model.decoder.layers[1].mlp.experts.local_experts) == 4
         packed = engine.step(_packed_batch(3))  # masked: the ranks count different positions
         engine.save_hf(out / "packed")
         # token KD: rank 0's rows are Arabic only, so kd_selected/en comes from rank 1 alone
-        engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG), kd=KD, teacher=teacher)
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG), kd=KD, teacher=teacher)
         kd = engine.step(_kd_rows())
         # grouped-GEMM experts (bf16): the export gathers them from their grouped layout
-        engine = MegatronEngine(checkpoint, HFEngineConfig(**GROUPED))
+        engine = MegatronEngine(checkpoint, AutoConfig(**GROUPED))
         grouped = engine.step(_packed_batch(3))
         engine.save_hf(out / "grouped")
     (out / f"rank{rank}.json").write_text(json.dumps({"packed": packed, "kd": kd, "grouped": grouped}))
@@ -361,7 +362,7 @@ KD = objectives.KDSettings(alpha=0.3, theta=THETA["online"])
 GROUPED = dict(CFG, dtype="bfloat16", grouped_gemm=True)
 
 
-def _kd_rows() -> Batch:
+def _kd_rows() -> TrainBatch:
     """Four rows: Arabic, Arabic, English, half and half."""
     batch = _kd_batch(6, rows=4)
     batch.lang_ids = np.stack([np.zeros(16), np.zeros(16), np.ones(16), np.r_[np.zeros(8), np.ones(8)]])
@@ -388,14 +389,14 @@ def test_expert_parallel_2_matches_1(
     from tests.engines.megatron_cpu import free_port
 
     path = checkpoints["qwen2_moe"]  # routed experts + a gated shared expert
-    engine = MegatronEngine(path, HFEngineConfig(**CFG))
+    engine = MegatronEngine(path, AutoConfig(**CFG))
     packed = engine.step(_packed_batch(3))
     engine.save_hf(tmp_path / "ep1_packed")
     teacher = checkpoints["qwen3_moe"]  # same vocabulary, other weights
-    engine = MegatronEngine(path, HFEngineConfig(**CFG), kd=KD, teacher=teacher)
+    engine = MegatronEngine(path, AutoConfig(**CFG), kd=KD, teacher=teacher)
     kd = engine.step(_kd_rows())
     assert 0 < kd["kd_selected/ar"] < 1 and 0 < kd["kd_selected/en"] < 1 and kd["kd_kl"] > 1e-4
-    engine = MegatronEngine(path, HFEngineConfig(**GROUPED))
+    engine = MegatronEngine(path, AutoConfig(**GROUPED))
     grouped = engine.step(_packed_batch(3))
     engine.save_hf(tmp_path / "ep1_grouped")
 
@@ -420,7 +421,7 @@ def test_expert_parallel_2_matches_1(
 
 # -- skips and errors -----------------------------------------------------------------------------
 def test_non_finite_steps_are_skipped(megatron_cpu: None, checkpoints: dict[str, Path]) -> None:
-    engine = MegatronEngine(checkpoints["mixtral"], HFEngineConfig(**CFG))
+    engine = MegatronEngine(checkpoints["mixtral"], AutoConfig(**CFG))
     before = {k: v.clone() for k, v in engine.state_dict()["model"].items()}
     real = engine.forward_loss
 
@@ -453,16 +454,18 @@ def test_refuses_what_it_does_not_support(
 ) -> None:
     path = checkpoints["qwen3_moe"]
     with pytest.raises(MoEAdaptError, match="without KD settings"):
-        MegatronEngine(path, HFEngineConfig(), teacher=path)
+        MegatronEngine(path, AutoConfig(), teacher=path)
     with pytest.raises(MoEAdaptConfigError, match="device='cuda' is invalid"):
-        MegatronEngine(path, HFEngineConfig(), device="cuda")  # torch.cuda is the shim's CPU stand-in
+        MegatronEngine(path, AutoConfig(), device="cuda")  # torch.cuda is the shim's CPU stand-in
     with pytest.raises(MoEAdaptError, match="no config.json"):
-        MegatronEngine(tmp_path, HFEngineConfig())
-    engine = MegatronEngine(path, HFEngineConfig())
+        MegatronEngine(tmp_path, AutoConfig())
+    engine = MegatronEngine(path, AutoConfig())
     with pytest.raises(MoEAdaptError, match="vocab_size is 101"):
         engine.step(torch.full((1, 5), VOCAB))
     with pytest.raises(MoEAdaptError, match="position_ids"):
-        engine.forward_loss(Batch(tokens=_tokens(0).numpy(), position_ids=np.zeros((2, 3), dtype=np.int64)))
+        engine.forward_loss(
+            TrainBatch(tokens=_tokens(0).numpy(), position_ids=np.zeros((2, 3), dtype=np.int64))
+        )
     assert init_parallel() is False  # already running (the fixture)
     with pytest.raises(MoEAdaptConfigError, match="expert_parallel=2"):
         init_parallel(expert_parallel=2)

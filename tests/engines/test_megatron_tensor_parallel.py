@@ -18,11 +18,10 @@ from tests.engines.conftest import tiny_hf_model
 pytest.importorskip("megatron.core")
 
 from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
-from moe_adapt.engines import objectives
-from moe_adapt.engines.hf import HFEngineConfig
+from moe_adapt.engines import AutoConfig, objectives
+from moe_adapt.engines.batch import TrainBatch
 from moe_adapt.engines.megatron.engine import MegatronEngine
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.train.trainer import Batch
 
 VOCAB = 128  # tensor parallel splits the vocabulary evenly (conftest's 101 is prime)
 TP = 2
@@ -39,13 +38,13 @@ KD_CFG = dict(CFG, kl_anchor_coef=1.0)
 WEIGHT_ATOL = 1e-5  # 10% of lr (Adam's first steps move every weight by about lr)
 
 
-def _batch(seed: int) -> Batch:
+def _batch(seed: int) -> TrainBatch:
     """Two packed rows of 16 positions (row 1 starts mid-example) with a loss mask."""
     gen = torch.Generator().manual_seed(seed)
     position_ids = np.stack([np.r_[np.arange(5), np.arange(11)], np.r_[np.arange(3, 12), np.arange(7)]])
     mask = np.ones((2, 16), dtype=bool)
     mask[0, :3] = False
-    return Batch(tokens=torch.randint(0, VOCAB, (2, 17), generator=gen).numpy(), loss_mask=mask,
+    return TrainBatch(tokens=torch.randint(0, VOCAB, (2, 17), generator=gen).numpy(), loss_mask=mask,
                  position_ids=position_ids)  # fmt: skip
 
 
@@ -65,18 +64,18 @@ def _worker(rank: int, port: int, checkpoint: str, teacher: str, root: str) -> N
 
     torch.set_num_threads(1)
     with megatron_on_cpu(rank=rank, world_size=TP, port=port, tensor_parallel=TP):
-        engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG))
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG))
         assert engine.tp_size == TP and engine.model.embedding.word_embeddings.weight.shape[0] == VOCAB // TP
         metrics = _steps(engine, Path(root), "tp2")
-        engine = MegatronEngine(checkpoint, HFEngineConfig(**CFG, distributed_optimizer=True))
+        engine = MegatronEngine(checkpoint, AutoConfig(**CFG, distributed_optimizer=True))
         zero1 = [engine.step(_batch(3)), engine.step(_batch(4))]
         engine.save_hf(Path(root) / "tp2_zero1_hf")
         engine = MegatronEngine(
-            checkpoint, HFEngineConfig(**KD_CFG, reference=checkpoint), kd=KD, teacher=teacher
+            checkpoint, AutoConfig(**KD_CFG, reference=checkpoint), kd=KD, teacher=teacher
         )
         kd = [engine.step(_batch(3)), engine.step(_batch(4))]
         try:
-            engine.step(Batch(tokens=np.zeros((2, 16), dtype=np.int64)))  # 15 positions
+            engine.step(TrainBatch(tokens=np.zeros((2, 16), dtype=np.int64)))  # 15 positions
         except MoEAdaptError as err:
             error = str(err)
     (Path(root) / f"rank{rank}.json").write_text(
@@ -110,12 +109,10 @@ def test_tensor_parallel_2_matches_1(megatron_cpu: None, tmp_path: Path, family:
     tiny_hf_model(family, vocab_size=VOCAB).save_pretrained(str(checkpoint))
     teacher = tmp_path / "teacher"
     tiny_hf_model("qwen3_moe", vocab_size=VOCAB).save_pretrained(str(teacher))
-    one = MegatronEngine(checkpoint, HFEngineConfig(**CFG))
+    one = MegatronEngine(checkpoint, AutoConfig(**CFG))
     want = _steps(one, tmp_path, "tp1")
     assert want[1]["l2_anchor"] > 1e-6  # step 2 moved away from the anchor
-    one = MegatronEngine(
-        checkpoint, HFEngineConfig(**KD_CFG, reference=str(checkpoint)), kd=KD, teacher=teacher
-    )
+    one = MegatronEngine(checkpoint, AutoConfig(**KD_CFG, reference=str(checkpoint)), kd=KD, teacher=teacher)
     kd = [one.step(_batch(3)), one.step(_batch(4))]
     assert kd[1]["kl_anchor"] > 1e-6 and kd[1]["kd_kl"] > 1e-4 and 0 < kd[1]["kd_selected"] < 1
 
@@ -142,7 +139,7 @@ def test_tensor_parallel_2_matches_1(megatron_cpu: None, tmp_path: Path, family:
         torch.testing.assert_close(zero1[key], tensor, rtol=0, atol=WEIGHT_ATOL, msg=f"zero1 {key}")
 
     # the TP=2 checkpoint of step 1 resumes in one process: step 2 as the TP=1 run took it
-    resumed = MegatronEngine(checkpoint, HFEngineConfig(**CFG))
+    resumed = MegatronEngine(checkpoint, AutoConfig(**CFG))
     resumed.load_sharded(tmp_path / "tp2_ckpt", load_checkpoint(tmp_path / "tp2_state")["engine"])
     again = resumed.step(_batch(4))
     for key in KEYS:
@@ -156,4 +153,4 @@ def test_tensor_parallel_refusals(megatron_cpu: None, tmp_path: Path) -> None:
 
         init_parallel(tensor_parallel=2)  # the fixture's parallel_state has TP = 1
     with pytest.raises(MoEAdaptConfigError, match="engine.tensor_parallel=0 is invalid"):
-        HFEngineConfig(tensor_parallel=0)
+        AutoConfig(tensor_parallel=0)

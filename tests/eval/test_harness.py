@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval")
 def model_and_tokenizer(checkpoints: dict[str, Path]):
     from transformers import AutoTokenizer
 
-    from moe_adapt.eval.perplexity import load_causal_lm
+    from moe_adapt.checkpoint.hf import load_causal_lm
 
     path = checkpoints["moe"]
     return load_causal_lm(path), AutoTokenizer.from_pretrained(path, local_files_only=True)

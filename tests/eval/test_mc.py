@@ -42,7 +42,7 @@ def test_malformed_lines_are_counted(tmp_path: Path) -> None:
 def test_batched_scores_match_single(checkpoints: dict[str, Path]) -> None:
     from transformers import AutoTokenizer
 
-    from moe_adapt.eval.perplexity import load_causal_lm
+    from moe_adapt.checkpoint.hf import load_causal_lm
 
     model = load_causal_lm(checkpoints["dense"])
     tok = AutoTokenizer.from_pretrained(checkpoints["dense"], local_files_only=True)

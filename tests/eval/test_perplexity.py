@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from moe_adapt.checkpoint.hf import load_causal_lm
 from moe_adapt.errors import CheckpointError, MoEAdaptError
-from moe_adapt.eval.perplexity import evaluate_perplexity, load_causal_lm, sliding_windows
+from moe_adapt.eval.perplexity import evaluate_perplexity, sliding_windows
 
 VOCAB = 97
 

@@ -104,7 +104,7 @@ def test_cpt_trains_and_resumes_bit_exactly(upcycled, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("cpt.engine=megatron", "the megatron engine needs CUDA"),
+        ("engine=megatron", "the megatron engine needs CUDA"),
         ("cpt.init_from=/nowhere", "cpt.init_from='/nowhere' is not an HF checkpoint folder"),
         ("cpt.max_steps=0", "cpt.max_steps=0 is invalid"),
     ],

@@ -29,12 +29,13 @@ from safetensors.torch import load_file
 from moe_adapt import distributed, runner
 from moe_adapt.checkpoint.trainer_state import load_checkpoint, save_checkpoint
 from moe_adapt.distributed import DistContext, context_from_env
+from moe_adapt.engines.batch import TrainBatch
 from moe_adapt.engines.data_parallel import rows_of
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig, resolve_parallel
+from moe_adapt.engines.hf import HFConfig, HFEngine
+from moe_adapt.engines.hf.parallel import resolve_parallel
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.stages import StageContext
-from moe_adapt.train.trainer import Batch
 from tests.cpt.conftest import save_tiny_qwen3_moe
 from tests.stages.test_cpt import SMALL
 from tests.stages.test_cpt import run as stage_run
@@ -100,7 +101,7 @@ def test_too_few_gpus_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_rows_of_takes_contiguous_slices_and_refuses_uneven_batches() -> None:
-    batch = Batch(np.arange(12).reshape(6, 2), loss_mask=np.ones((6, 1), bool), langs=("ar", "en"))
+    batch = TrainBatch(np.arange(12).reshape(6, 2), loss_mask=np.ones((6, 1), bool), langs=("ar", "en"))
     second = rows_of(batch, DistContext(rank=1, world_size=3))
     assert second.tokens.tolist() == [[4, 5], [6, 7]]
     assert second.loss_mask is not None and second.loss_mask.shape == (2, 1)
@@ -119,7 +120,7 @@ def test_engine_parallel_setting(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_parallel("fsdp2", DistContext()) == "none"
     assert "one process, so it trains as engine.parallel=none" in caplog.text
     with pytest.raises(MoEAdaptError, match=r"engine.parallel='zero3' is invalid: choose one of auto, none"):
-        HFEngineConfig(parallel="zero3")
+        HFConfig(parallel="zero3")
 
 
 # -- the engine: W processes == one process ---------------------------------------------------------
@@ -129,8 +130,8 @@ def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny_moe"), VOCAB, tie_word_embeddings=True)
 
 
-def _config(mode: str) -> HFEngineConfig:
-    return HFEngineConfig(
+def _config(mode: str) -> HFConfig:
+    return HFConfig(
         lr=3e-3,
         warmup_steps=1,
         decay_steps=10,
@@ -152,13 +153,13 @@ def _batches() -> list[Any]:
     few[2, 5:8] = True  # rank 1: 3
     none = np.zeros((ROWS, SEQ), bool)
     none[:2, 3:] = True  # rank 1: 0
-    lm = [tokens[0], Batch(tokens[1], loss_mask=few), Batch(tokens[2], loss_mask=none)]
+    lm = [tokens[0], TrainBatch(tokens[1], loss_mask=few), TrainBatch(tokens[2], loss_mask=none)]
     lang_ids = np.zeros((ROWS, SEQ), np.int64)
     lang_ids[2:] = 1
     topk_ids = torch.randint(0, VOCAB, (ROWS, SEQ, 4), generator=g).numpy()
     topk_logp = torch.log_softmax(3 * torch.randn(ROWS, SEQ, 4, generator=g), dim=-1).numpy() - 0.1
     kd = [
-        Batch(
+        TrainBatch(
             tokens[3 + i],
             loss_mask=mask,
             lang_ids=lang_ids,

@@ -80,6 +80,15 @@ class _Engine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n = int(state["n"])
 
+    # the checkpoint hooks of moe_adapt.engines.base.Engine: nothing on disk, the state in the trainer's
+    writes_folder = False
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        return self.state_dict()
+
+    def load(self, state: dict[str, Any], folder: Path | None = None, checkpoint: Path | None = None) -> None:
+        self.load_state_dict(state)
+
 
 def train(callbacks: list[Callback], max_steps: int, resume_from: dict[str, Any] | None = None) -> Trainer:
     trainer = Trainer(_Engine(), _Sampler(), callbacks, max_steps=max_steps, batch_size=BATCH)

@@ -14,7 +14,8 @@ import torch
 
 from moe_adapt.checkpoint.trainer_state import latest_checkpoint, list_checkpoints, load_checkpoint
 from moe_adapt.cpt import CurriculumConfig, MixtureBatch, MixtureConfig, MixtureSampler
-from moe_adapt.engines.hf import HFEngine, HFEngineConfig, lr_at
+from moe_adapt.engines.hf import HFConfig, HFEngine
+from moe_adapt.engines.optim import lr_at
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
 from moe_adapt.train.trainer import Trainer
@@ -82,7 +83,7 @@ def _sampler(shards: Path) -> ModVocab:
 
 
 def _engine(model: Path, **kw: Any) -> HFEngine:
-    cfg = HFEngineConfig(**{"lr": 3e-3, "warmup_steps": 2, "decay_steps": 40, **kw})
+    cfg = HFConfig(**{"lr": 3e-3, "warmup_steps": 2, "decay_steps": 40, **kw})
     return HFEngine(model, cfg)
 
 
@@ -201,7 +202,7 @@ def test_save_hf_round_trips(tiny_moe: Path, tmp_path: Path) -> None:
 
 
 def test_lr_schedule_and_multiplier(tiny_moe: Path) -> None:
-    cfg = HFEngineConfig(lr=1.0, warmup_steps=4, decay_steps=14, min_lr_ratio=0.1)
+    cfg = HFConfig(lr=1.0, warmup_steps=4, decay_steps=14, min_lr_ratio=0.1)
     assert [lr_at(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_at(cfg, 9) == pytest.approx(0.55)  # half-way through the cosine
     assert lr_at(cfg, 14) == pytest.approx(0.1) and lr_at(cfg, 100) == pytest.approx(0.1)
@@ -218,7 +219,7 @@ def test_clear_errors(tiny_moe: Path, tmp_path: Path) -> None:
     with pytest.raises(MoEAdaptError, match="no config.json"):
         HFEngine(tmp_path)
     with pytest.raises(MoEAdaptError, match="engine.reference=None"):
-        HFEngineConfig(kl_anchor_coef=0.1)
+        HFConfig(kl_anchor_coef=0.1)
     with pytest.raises(MoEAdaptError, match="appear twice"):
         Trainer(engine, None, [NaNGuardCallback(), NaNGuardCallback()], max_steps=1, batch_size=1)  # type: ignore[arg-type]
 
