@@ -171,13 +171,16 @@ from moe_adapt.__main__ import _exit_on_sigterm
 
 _exit_on_sigterm()
 out = Path(sys.argv[1])
+ready_r, ready_w = os.pipe()
 child = os.fork()
 if child == 0:  # a forked worker: SIGTERM still kills it outright, no cleanup runs
     try:
+        os.write(ready_w, b"1")  # running Python: a signal sent now is not lost in the fork's reset
         time.sleep(60)
     finally:
         (out / "child_cleaned").touch()
     os._exit(0)
+os.read(ready_r, 1)
 os.kill(child, signal.SIGTERM)
 _, status = os.waitpid(child, 0)
 (out / "child_status").write_text(str(os.waitstatus_to_exitcode(status)))
