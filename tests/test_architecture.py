@@ -153,3 +153,61 @@ def test_the_package_graph_collapses_modules_to_packages() -> None:
 def test_no_import_cycles_between_packages() -> None:
     cycle = find_cycle(package_graph(import_graph()))
     assert cycle is None, "package import cycle: " + " -> ".join(cycle or [])
+
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("__main__",),
+    ("runner",),
+    ("stages",),
+    ("config",),
+    ("demo", "data", "upcycle", "cpt", "distill", "eval"),
+    ("train",),
+    ("engines",),
+    ("checkpoint", "distributed"),
+    ("fs", "errors", "redact", "resume", "plots", ""),
+)
+"""The package's floors, top first (docs/architecture.md): a module imports only from its own package,
+from a lower floor, or from another package of the pipeline's floor (its libraries may use each
+other). ``""`` is ``moe_adapt/__init__.py``."""
+
+
+def floor_of(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for floor, names in enumerate(LAYERS):
+        if top in names:
+            return floor
+    raise AssertionError(f"{module} is on no floor of LAYERS: add its package to tests/test_architecture.py")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of ``graph`` that run up the floors, or sideways between packages of one floor other
+    than the pipeline's and the ground floor."""
+    pipeline, ground = floor_of("moe_adapt.data"), len(LAYERS) - 1
+    return [
+        f"{module} -> {target}"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if floor_of(target) < floor_of(module)
+        or (
+            floor_of(target) == floor_of(module) not in (pipeline, ground)
+            and module.split(".")[:2] != target.split(".")[:2]
+        )
+    ]
+
+
+def test_the_floor_check_flags_upward_and_sideways_imports() -> None:
+    graph = {
+        "moe_adapt.engines.base": {"moe_adapt.train.trainer", "moe_adapt.fs"},  # up, down
+        "moe_adapt.checkpoint.hf": {"moe_adapt.distributed"},  # sideways on one floor
+        "moe_adapt.cpt.sampler": {"moe_adapt.data.shards"},  # the pipeline's floor: allowed
+        "moe_adapt.train.trainer": {"moe_adapt.train.callbacks"},  # inside a package: allowed
+    }
+    assert upward_imports(graph) == [
+        "moe_adapt.checkpoint.hf -> moe_adapt.distributed",
+        "moe_adapt.engines.base -> moe_adapt.train.trainer",
+    ]
+
+
+def test_imports_run_down_the_floors() -> None:
+    upward = upward_imports(import_graph())
+    assert not upward, "imports that run up the floors: " + ", ".join(upward)
