@@ -62,6 +62,13 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Rename the finished folder ``tmp`` to ``final``, replacing an older ``final``: the old one is
+    moved aside first and removed after, so a crash leaves one of the two complete folders."""
+    tmp, final = Path(tmp), Path(final)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)

@@ -7,9 +7,7 @@ folder ``engine/`` that its ranks write together (see :mod:`moe_adapt.train.call
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +83,6 @@ def write_state_files(folder: Path, state: dict[str, Any]) -> None:
     skeleton, tensors = split_tensors(state)
     save_file(tensors, str(folder / TENSORS_FILE))
     atomic_write_json(folder / STATE_FILE, skeleton)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``final``, replacing an older ``final`` (as
-    :func:`moe_adapt.fs.atomic_dir` does at its end)."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

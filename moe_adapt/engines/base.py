@@ -37,6 +37,8 @@ import torch
 from moe_adapt.checkpoint.hf import DTYPES
 from moe_adapt.engines import router_health
 from moe_adapt.engines.batch import TrainBatch
+from moe_adapt.engines.kd import frozen_models
+from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.engines.optim import scheduled_lr
 from moe_adapt.errors import CheckpointError, invalid
 
@@ -151,10 +153,11 @@ class EngineConfig:
 class Engine(abc.ABC):
     """What the trainer and the stages use of a training engine.
 
-    Subclasses set :attr:`cfg`, :attr:`model`, :attr:`vocab_size`, :attr:`optimizer`,
-    :attr:`lr_multiplier` and :attr:`steps` in their constructor and implement the abstract methods;
-    :meth:`step` is shared (see the module docstring). With several processes every rank calls
-    :meth:`step`, :meth:`state_dict` and :meth:`save_hf` in the same order (they are collective).
+    Subclasses set :attr:`cfg`, :attr:`model`, :attr:`vocab_size`, :attr:`optimizer`, :attr:`device`
+    and :attr:`lr_multiplier` in their constructor, then call :meth:`_init_training_state` (the step
+    counter, anchors, KD models), and implement the abstract methods; :meth:`step` is shared (see the
+    module docstring). With several processes every rank calls :meth:`step`, :meth:`state_dict` and
+    :meth:`save_hf` in the same order (they are collective).
     """
 
     cfg: EngineConfig
@@ -169,6 +172,9 @@ class Engine(abc.ABC):
     optimizer: Any
     """``torch.optim.AdamW``, or megatron's chained distributed optimizer."""
 
+    device: torch.device
+    """Where this process trains (cuda:LOCAL_RANK, or the CPU)."""
+
     lr_multiplier: Callable[[int], float] | None
     """Scales the scheduled LR of each step (e.g. a curriculum's re-warm factor); a pure function of
     the step, so resume is exact."""
@@ -178,6 +184,29 @@ class Engine(abc.ABC):
 
     writes_folder: ClassVar[bool] = False
     """Whether :meth:`save` writes files into its folder (the checkpoint then records the folder)."""
+
+    def _init_training_state(
+        self, params: list[torch.Tensor], kd: KDSettings | None, teacher: Any, dtype: torch.dtype
+    ) -> None:
+        """The state every engine's step keeps beside its model and optimizer, set once by each
+        constructor after the optimizer: the schedule position, the last forward's routing and token
+        counts, the L2 anchor's starting weights of ``params``, and the KD settings with the frozen
+        models they need (:func:`~moe_adapt.engines.kd.frozen_models`)."""
+        self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
+        self._load_LE: torch.Tensor | None = None  # expert load of the last forward (metrics, bias update)
+        self._routed_tokens = 0
+        self._counted = (0.0, 0.0)  # label positions that count: this rank's and the global batch's
+        self._lang_counted: dict[str, float] = {}  # per language: KD positions (weights kd_selected/<lang>)
+        self._anchor: list[torch.Tensor] | None = None
+        if self.cfg.l2_anchor_coef > 0:
+            self._anchor = [p.detach().clone() for p in params]
+        self.kd = kd
+        """Token-level distillation settings; None trains on plain next-token cross-entropy."""
+        self.reference, self.teacher = frozen_models(
+            self.cfg, kd, teacher, dtype, self.device, self.vocab_size
+        )
+        """The KL anchor's reference model and token KD's online teacher (None: not used; without a
+        teacher the top-k log-probabilities come with each batch)."""
 
     # -- the contract --------------------------------------------------------------------------
     @property

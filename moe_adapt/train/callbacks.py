@@ -34,11 +34,11 @@ from moe_adapt.checkpoint.trainer_state import (
     ENGINE_DIR,
     SHARED_TMP,
     list_checkpoints,
-    replace_dir,
     write_state_files,
 )
 from moe_adapt.distributed import DistContext
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.fs import replace_dir
 
 if TYPE_CHECKING:
     from moe_adapt.train.trainer import Trainer

@@ -51,7 +51,7 @@ from moe_adapt.engines.base import Engine, fail
 from moe_adapt.engines.batch import TrainBatch, batch_field, batch_tokens
 from moe_adapt.engines.hf.config import HFConfig
 from moe_adapt.engines.hf.parallel import WholeForward, resolve_parallel, wrap_model
-from moe_adapt.engines.kd import frozen_models, token_kd_terms
+from moe_adapt.engines.kd import token_kd_terms
 from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.engines.optim import build_adamw
 from moe_adapt.errors import CheckpointError, MoEAdaptError
@@ -136,11 +136,6 @@ class HFEngine(Engine):
             self.router_bias = RouterBias.install(self.model, self.cfg.bias_update_rate)
         # what the training forward calls (the DDP wrapper)
         self._forward_model: Any = wrap_model(self.model, self.parallel, self.device, self.dist)
-        self._load_LE: torch.Tensor | None = None  # expert load of the last forward (metrics, bias update)
-        self._routed_tokens = 0
-        self._counted = (0.0, 0.0)  # label positions that count: this rank's and the global batch's
-        self._lang_counted: dict[str, float] = {}  # per language, for kd_selected/<lang>
-        self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._params = [p for _, p in named]
         decay = [p for p in self._params if p.dim() >= 2]
@@ -148,16 +143,7 @@ class HFEngine(Engine):
         # parameter names in the optimizer's order: its state is keyed by position in this list
         self._param_names = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
         self.optimizer = build_adamw(decay, no_decay, self.cfg, self.device)
-        self._anchor: list[torch.Tensor] | None = None
-        if self.cfg.l2_anchor_coef > 0:
-            self._anchor = [p.detach().clone() for p in self._params]
-        self.kd = kd
-        """Token-level distillation settings; None trains on plain next-token cross-entropy."""
-        self.reference, self.teacher = frozen_models(
-            self.cfg, kd, teacher, dtype, self.device, self.vocab_size
-        )
-        """The KL anchor's reference model and token KD's online teacher (None: not used; without a
-        teacher the top-k log-probabilities come with each batch)."""
+        self._init_training_state(self._params, kd, teacher, dtype)
 
     @property
     def eval_model(self) -> Any:

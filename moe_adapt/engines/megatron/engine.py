@@ -29,7 +29,7 @@ from moe_adapt.checkpoint.hf import DTYPES, load_causal_lm
 from moe_adapt.engines import data_parallel, objectives, router_health
 from moe_adapt.engines.base import Engine
 from moe_adapt.engines.batch import TrainBatch, batch_field, batch_tokens
-from moe_adapt.engines.kd import frozen_models, token_kd_terms
+from moe_adapt.engines.kd import token_kd_terms
 from moe_adapt.engines.megatron import export, routing, state
 from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
@@ -225,22 +225,8 @@ class MegatronEngine(Engine):
                 self.cfg,
                 self.device,
             )
-        self.steps = 0  # optimizer steps taken or skipped (the LR schedule position)
-        self._load_LE: torch.Tensor | None = None
         self._norm = torch.zeros(())  # the last gradient norm, for clipping by it
-        self._routed_tokens = 0
-        self._anchor: list[torch.Tensor] | None = None
-        if self.cfg.l2_anchor_coef > 0:
-            self._anchor = [p.detach().clone() for p in self._params]
-        self.kd = kd
-        """Token-level distillation settings; None trains on plain next-token cross-entropy."""
-        self.reference, self.teacher = frozen_models(
-            self.cfg, kd, teacher, dtype, self.device, self.vocab_size
-        )
-        """The KL anchor's reference model and token KD's online teacher (None: not used; without a
-        teacher the top-k log-probabilities come with each batch)."""
-        self._lang_counted: dict[str, float] = {}  # per language: KD positions (weights kd_selected/<lang>)
-        self._counted = (0.0, 0.0)  # label positions that count: this rank's and the global batch's
+        self._init_training_state(self._params, kd, teacher, dtype)
         self._loss_report_offset = 0.0
 
     def _update_router_bias(self, load_LE: torch.Tensor) -> None:
