@@ -19,6 +19,7 @@ overrides, the quiet ranks under torchrun) reports its composition errors the sa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -68,7 +69,11 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def _settings_under(path: str) -> list[str]:
+def _settings_under(path: str, schema: object = None) -> list[str]:
+    """The settings of the config node at ``path``: those of ``schema`` (the dataclass the node was
+    composed with, e.g. the chosen engine's) when it is one, else the root schema's node there."""
+    if dataclasses.is_dataclass(schema) and isinstance(schema, type):
+        return [f.name for f in dataclasses.fields(schema)]
     node: Any = OmegaConf.structured(Config)
     for part in [p for p in path.split(".") if p]:
         node = node.get(part) if isinstance(node, DictConfig) else None
@@ -93,7 +98,7 @@ def describe(ex: BaseException) -> str | None:
             return REMOVED_KEYS[key]
         if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key:
             parent = key.rpartition(".")[0]
-            known = _settings_under(parent)
+            known = _settings_under(parent, getattr(cause, "object_type", None))
             where = parent or "the top level"
             return (
                 f"{key} is not a setting; {where} has: {', '.join(known)}"

@@ -201,3 +201,16 @@ def test_sigterm_runs_cleanup_in_the_main_process_only(tmp_path):
     assert done.returncode == 128 + 15, done.stderr
     assert (tmp_path / "parent_cleaned").exists()
     assert (tmp_path / "child_status").read_text() == "-15" and not (tmp_path / "child_cleaned").exists()
+
+
+def test_a_key_of_another_engine_lists_the_chosen_engines_settings():
+    """engine=hf engine.expert_parallel=2: the line lists what engine=hf has (parallel), not the base."""
+    from moe_adapt.__main__ import describe
+    from moe_adapt.config import compose
+
+    with pytest.raises(Exception) as info:
+        compose(["engine=hf", "engine.expert_parallel=2", "run_dir=/x"])
+    line = describe(info.value)
+    assert line is not None and line.startswith("engine.expert_parallel is not a setting; engine has: ")
+    known = line.split("has: ", 1)[1].split(", ")
+    assert "parallel" in known and "lr" in known and "expert_parallel" not in known
