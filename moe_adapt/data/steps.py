@@ -20,7 +20,7 @@ from moe_adapt.data.config import DataConfig, SourceConfig
 from moe_adapt.data.jsonl import ReadStats, read_documents
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 
-log = logging.getLogger("moe_adapt.data.stage")
+log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 
