@@ -24,6 +24,7 @@ disk every node sees.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from moe_adapt import distributed
 from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_dir, atomic_write_json
+from moe_adapt.lock import RunLock
 from moe_adapt.redact import redact
 from moe_adapt.resume import MARKER, changed, fingerprint, read_marker, write_marker
 from moe_adapt.stages import STAGES, Stage, StageContext
@@ -80,10 +82,30 @@ def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
 def _run_stages(cfg: Config, raw: DictConfig, ctx: distributed.DistContext) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset readers log every file at INFO
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
-        atomic_write_json(run_dir / "config.json", redact(container))
+    lock = RunLock(run_dir)
+    distributed.run_on_main(lock.acquire, ctx)  # a busy run directory stops every rank
+    try:
+        if ctx.is_main:
+            _remove_leftovers(run_dir)
+            container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
+            atomic_write_json(run_dir / "config.json", redact(container))
+        return _each_stage(cfg, raw, ctx)
+    finally:
+        lock.release()
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Remove the hidden temporary folders of stages whose run died (``.<stage>.tmp-<pid>``,
+    ``.<stage>.old-<pid>`` of :func:`moe_adapt.fs.atomic_dir`): with the lock held, no live run owns
+    one."""
+    for path in sorted(run_dir.glob(".*.tmp-*")) + sorted(run_dir.glob(".*.old-*")):
+        if path.is_dir() and path.name[1:].split(".", 1)[0] in STAGES:
+            log.warning("removing %s, left by a run that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _each_stage(cfg: Config, raw: DictConfig, ctx: distributed.DistContext) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
     summaries: dict[str, Any] = {}
     upstream_ran = False
     for name in cfg.stages:
@@ -125,7 +147,41 @@ def _decide(
         )
     if upstream_ran and marker.is_file():
         log.info("%s: its inputs were just rebuilt, running it again", name)
+    _check_scratch(cfg, name, settings, upstream_ran)
     return {"run": True}
+
+
+def _check_scratch(cfg: Config, name: str, settings: dict[str, Any], upstream_ran: bool) -> None:
+    """Keep the scratch state of an earlier attempt only when it was made with these settings from
+    these inputs: refuse other settings (naming them) unless the stage is forced, and start over when
+    the stage is forced or a stage before it was just rebuilt."""
+    work, stamp = _scratch(cfg, name), _scratch_stamp(cfg, name)
+    if not work.is_dir() and not stamp.is_file():
+        return
+    if name in cfg.force or upstream_ran:
+        why = f"force=[{name}]" if name in cfg.force else "its inputs were just rebuilt"
+        log.warning("%s: starting over (%s): removing the unfinished attempt in %s", name, why, work)
+        _remove_scratch(work, keep_contents=False)
+        return
+    try:
+        made = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        made = {}
+    if made.get("fingerprint") == fingerprint(settings):
+        log.info("%s: resuming the unfinished attempt in %s", name, work)
+        return
+    changes = changed(made.get("settings", {}), settings) if made else []
+    made_with = f"other settings ({'; '.join(changes[:4])})" if changes else "settings it does not record"
+    raise MoEAdaptConfigError(
+        f"stage {name} has an unfinished attempt in {work} made with {made_with}: run with those "
+        f"settings to resume it, or force=[{name}] to start over"
+    )
+
+
+def _scratch_stamp(cfg: Config, name: str) -> Path:
+    """Where the runner records the settings of a stage's scratch state: ``<run_dir>/.work/<name>.json``
+    (beside the folder, so the stage's own caches inside it never touch it)."""
+    return Path(cfg.run_dir) / ".work" / f"{name}.json"
 
 
 def _scratch(cfg: Config, name: str) -> Path:
@@ -134,12 +190,15 @@ def _scratch(cfg: Config, name: str) -> Path:
 
 
 def _remove_scratch(work: Path, *, keep_contents: bool) -> None:
-    """Remove ``work`` (only if empty with ``keep_contents``), then ``.work`` once it is empty."""
+    """Remove ``work`` and its settings stamp (only if empty with ``keep_contents``), then ``.work`` once
+    it is empty."""
     if keep_contents:
         if work.is_dir() and not any(work.iterdir()):
             work.rmdir()
+            work.with_name(f"{work.name}.json").unlink(missing_ok=True)
     else:
         shutil.rmtree(work, ignore_errors=True)
+        work.with_name(f"{work.name}.json").unlink(missing_ok=True)
     if work.parent.is_dir() and not any(work.parent.iterdir()):
         work.parent.rmdir()
 
@@ -150,6 +209,8 @@ def _run_and_mark(stage: Stage, cfg: Config, final: Path, settings: dict[str, An
     start = time.perf_counter()
     work = _scratch(cfg, stage.name)
     work.mkdir(parents=True, exist_ok=True)
+    made_with = {"stage": stage.name, "fingerprint": fingerprint(settings), "settings": redact(settings)}
+    atomic_write_json(_scratch_stamp(cfg, stage.name), made_with)
     with atomic_dir(final) as tmp:
         try:
             summary = stage.run(StageContext(cfg, tmp, work, distributed.current()))

@@ -74,3 +74,79 @@ def test_secrets_are_redacted():
     }
     kept = {"data": {"tokenize": {"tokenizer": "/tok"}}, "max_tokens": 5, "auth": "", "access_token": None}
     assert redact(kept) == kept  # tokenizer settings are not secrets; empty values stay as they are
+
+
+HOLDER = """
+import sys, time
+from moe_adapt.lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_run_at_a_time_holds_the_run_dir_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    import os
+    import subprocess
+    import sys
+
+    from moe_adapt.lock import LOCK_FILE, RunDirectoryBusy
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        with pytest.raises(RunDirectoryBusy, match=rf"run_dir={tmp_path} is in use by pid {holder.pid} on "):
+            run(tmp_path)
+        assert not (tmp_path / "init_dense").exists()  # nothing of the refused run was written
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays with its record
+        holder.wait()
+    assert (tmp_path / LOCK_FILE).is_file()
+    caplog.set_level("WARNING")
+    run(tmp_path)
+    assert f"taking over the lock left by pid {holder.pid}" in caplog.text
+    assert not (tmp_path / LOCK_FILE).exists() and (tmp_path / "upcycle").is_dir()
+    assert os.getpid() != holder.pid
+
+
+def test_an_unfinished_attempt_resumes_only_with_its_settings(tmp_path, monkeypatch):
+    """A stage that died leaves its scratch state with the settings it was made with: the same
+    settings resume it, other ones are refused by name, force=[stage] starts it over."""
+    seen: list[list[str]] = []
+
+    def crash_after_a_checkpoint(ctx):
+        seen.append(sorted(p.name for p in ctx.work.iterdir()))
+        (ctx.work / "step_000030").mkdir(exist_ok=True)
+        raise RuntimeError("killed")
+
+    stage = runner.Stage("init_dense", crash_after_a_checkpoint, ("init_dense", "seed"))
+    monkeypatch.setitem(runner.STAGES, "init_dense", stage)
+    for _ in range(2):  # the same settings: the second attempt finds the first one's state
+        with pytest.raises(RuntimeError, match="killed"):
+            run(tmp_path, "stages=[init_dense]")
+    assert seen == [[], ["step_000030"]]
+    with pytest.raises(
+        MoEAdaptConfigError,
+        match=r"stage init_dense has an unfinished attempt in .* made with other settings "
+        r"\(init_dense.hidden_size: 64 -> 32\).*force=\[init_dense\] to start over",
+    ):
+        run(tmp_path, "stages=[init_dense]", "init_dense.hidden_size=32")
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path, "stages=[init_dense]", "init_dense.hidden_size=32", "force=[init_dense]")
+    assert seen[-1] == []  # forced: started over
+
+
+def test_temporary_folders_of_dead_runs_are_removed(tmp_path):
+    (tmp_path / ".upcycle.tmp-999999").mkdir(parents=True)
+    (tmp_path / ".upcycle.tmp-999999" / "model").mkdir()
+    (tmp_path / ".init_dense.old-999999").mkdir()
+    (tmp_path / ".keep.tmp-1").mkdir()  # not a stage's: left alone
+    run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".keep.tmp-1",
+        "config.json",
+        "init_dense",
+        "upcycle",
+    ]

@@ -156,7 +156,9 @@ class MetricsCallback(Callback):
     """Appends one JSON line per step to ``path`` (``{"step": n, "time": ..., <metrics>}``).
 
     Its state is the file's length; on resume the file is cut back to it, so steps run after the
-    checkpoint by a crashed run are not listed twice.
+    checkpoint by a crashed run are not listed twice. A run that starts fresh (no checkpoint to resume
+    from) starts the file anew, so the steps of an attempt that died before its first checkpoint are
+    not listed twice either.
     """
 
     name = "metrics"
@@ -164,6 +166,12 @@ class MetricsCallback(Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.bytes = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.path.is_file() and self.path.stat().st_size > self.bytes:
+            log.info("metrics: cutting %s back to the %d bytes it resumes from", self.path, self.bytes)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(self.bytes)
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         record: dict[str, float | str] = {"step": step, "time": round(time.time(), 3)}

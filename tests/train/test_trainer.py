@@ -231,3 +231,36 @@ def test_anchor_terms(tiny_moe: Path) -> None:
     assert first["l2_anchor"] == 0.0 and first["kl_anchor"] == pytest.approx(0.0, abs=1e-6)
     second = engine.step(tokens)
     assert second["l2_anchor"] > 0 and second["kl_anchor"] > 0
+
+
+class _CountingEngine:
+    """Just enough of an engine for the loop: a loss that counts steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self, batch: object) -> dict[str, float]:
+        self.steps += 1
+        return {"loss": float(self.steps), "skipped": 0.0}
+
+
+class _Batches:
+    def next_batch(self, batch_size: int) -> np.ndarray:
+        return np.zeros((batch_size, 2), dtype=np.int64)
+
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
+
+
+def test_a_fresh_start_does_not_list_a_dead_attempts_steps_twice(tmp_path: Path) -> None:
+    """An attempt that died before its first checkpoint left steps 1-5 in metrics.jsonl; the next
+    attempt starts from step 0, so the file must start anew."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 6)))
+    trainer = Trainer(_CountingEngine(), _Batches(), [MetricsCallback(path)], max_steps=3, batch_size=2)  # type: ignore[arg-type]
+    trainer.fit()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] and [r["loss"] for r in lines] == [1.0, 2.0, 3.0]
