@@ -150,3 +150,24 @@ def test_temporary_folders_of_dead_runs_are_removed(tmp_path):
         "init_dense",
         "upcycle",
     ]
+
+
+def test_the_redaction_rule_hides_credentials_not_vocabulary_tokens():
+    cfg = {
+        "aws_access_key": "AKIA",
+        "ssh_private_key": "-----BEGIN",
+        "accessKey": "k",
+        "auth_token": "t",
+        "client_secret": "s",
+        "tokenize": {"eod_token": "<|endoftext|>", "pad_token": "<pad>", "tokenizer": "/tok"},
+        "max_new_tokens": 96,
+    }
+    assert redact(cfg) == {
+        "aws_access_key": "***",
+        "ssh_private_key": "***",
+        "accessKey": "***",
+        "auth_token": "***",
+        "client_secret": "***",
+        "tokenize": {"eod_token": "<|endoftext|>", "pad_token": "<pad>", "tokenizer": "/tok"},
+        "max_new_tokens": 96,
+    }

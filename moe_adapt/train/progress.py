@@ -57,11 +57,11 @@ def _redact(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _redact_arg(arg: str) -> str:
     """``+model.hf_token=abc`` -> ``+model.hf_token=***``; other arguments unchanged."""
-    from moe_adapt.redact import SECRET_KEY
+    from moe_adapt.redact import is_secret
 
     key, sep, value = arg.partition("=")
     last = key.lstrip("+~-").rsplit(".", 1)[-1].replace("-", "_")
-    return f"{key}=***" if sep and value and SECRET_KEY.search(last) else arg
+    return f"{key}=***" if sep and value and is_secret(last) else arg
 
 
 @contextlib.contextmanager
