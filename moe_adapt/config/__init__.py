@@ -6,10 +6,11 @@ dataclass), so every YAML file, recipe and command-line override is merged into 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from moe_adapt.config.schema import STAGE_ORDER, Config, ModelConfig
@@ -65,6 +66,7 @@ def to_config(cfg: DictConfig) -> Config:
 
     Raises :class:`MoEAdaptConfigError` with one line naming the key, the value and what is allowed.
     """
+    _refuse_unknown_keys(cfg)
     try:
         obj: Any = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
@@ -78,6 +80,29 @@ def to_config(cfg: DictConfig) -> Config:
         raise MoEAdaptConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {msg}") from None
     assert isinstance(obj, Config)
     return obj
+
+
+def _refuse_unknown_keys(node: DictConfig | ListConfig, path: str = "") -> None:
+    """Refuse a key that no schema declares. ``+key=value`` adds keys even to typed nodes, and turning
+    the config into objects would drop them silently (``+upcycle.num_expert=8`` would do nothing)."""
+    if node._is_none() or node._is_missing() or node._is_interpolation():
+        return
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            if isinstance(item, DictConfig | ListConfig):
+                _refuse_unknown_keys(item, f"{path}[{i}]")
+        return
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in map(str, node):
+        where = f"{path}.{key}" if path else key
+        if known is not None and key not in known:
+            raise MoEAdaptConfigError(
+                f"{where} is not a setting; {path or 'the top level'} has: {', '.join(known)}"
+            )
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig):
+            _refuse_unknown_keys(child, where)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

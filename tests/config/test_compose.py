@@ -169,3 +169,25 @@ def test_every_option_is_documented():
             "logger",
         ):
             assert f"`{f.name}`" in text, f"{f.name} is not in docs/"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+upcycle.num_expert=8", r"upcycle.num_expert is not a setting; upcycle has: method, num_experts"),
+        ("+epochs=3", r"epochs is not a setting; the top level has: stages, force"),
+        ("+engine.expert_parallel=2", r"engine.expert_parallel is not a setting; engine has: .*parallel"),
+    ],
+)
+def test_a_key_added_with_plus_that_no_schema_declares_is_refused(tmp_path, override, message):
+    """``+key=value`` adds a key even to a typed node; it must fail like any unknown key, not vanish."""
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    raw = compose([f"run_dir={tmp_path}", "model.dense=/m", "engine=hf", override])
+    with pytest.raises(MoEAdaptConfigError, match=message):
+        to_config(raw)
+
+
+def test_free_form_maps_still_take_new_keys(tmp_path):
+    raw = compose([f"run_dir={tmp_path}", "model.dense=/m", "+cpt.forgetting_bound.en=0.2"])
+    assert to_config(raw).cpt.forgetting_bound == {"en": 0.2}
