@@ -23,15 +23,19 @@ disk every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe_adapt import distributed
@@ -75,8 +79,29 @@ def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
 
     Starts the process group when launched by torchrun (and ends it on return).
     """
-    with distributed.session() as ctx:
+    with distributed.session() as ctx, deterministic_kernels(cfg.deterministic):
         return _run_stages(cfg, raw, ctx)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool) -> Iterator[None]:
+    """Within the block, torch picks deterministic kernels (``on``) or its fastest ones; the process's
+    previous choice is restored after it.
+
+    ``warn_only``: an op with no deterministic kernel warns, naming itself, instead of failing the run.
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first call to be deterministic.
+    """
+    was_on, was_warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
 
 
 def _run_stages(cfg: Config, raw: DictConfig, ctx: distributed.DistContext) -> dict[str, Any]:

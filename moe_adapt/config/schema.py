@@ -74,6 +74,14 @@ class Config:
     seed: int = 0
     """Seed for everything random (router init, drop re-initialisation, probes, demo model)."""
 
+    deterministic: bool = True
+    """Deterministic kernels (``torch.use_deterministic_algorithms``; megatron-core's
+    ``deterministic_mode``): the same config, seed, thread count and machine give bit-identical metrics
+    and weights, across processes and across a kill and resume. Without it, multi-threaded CPU kernels
+    (the MoE's token scatter and gather backward) sum in a different order on each run. Measured cost
+    on the CPU demo's cpt stage: docs/config.md. An op with no deterministic kernel warns, naming
+    itself, rather than failing the run. Not part of any stage's fingerprint."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     """The dense model."""
 

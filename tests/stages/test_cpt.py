@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +106,60 @@ def test_cpt_trains_and_resumes_bit_exactly(upcycled, tmp_path, monkeypatch):
     run(crashed, "stages=[cpt]")
     assert losses(crashed) == losses(straight)  # bit for bit, on CPU
     assert not (crashed / ".work").exists()
+
+
+def cpt_process(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """The cpt stage of ``run_dir`` as its own process, at two threads whatever the machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).parents[2])}
+    args = ["+recipe=tiny", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *SMALL, "stages=[cpt]"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe_adapt", *args, *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def outputs(run_dir: Path) -> dict[str, object]:
+    """Everything cpt computed: metrics (less wall-clock times), held-out losses and the weights."""
+    rows = [json.loads(line) for line in (run_dir / "cpt" / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "metrics": [{k: v for k, v in row.items() if k != "time"} for row in rows],
+        "heldout": (run_dir / "cpt" / "heldout.jsonl").read_text(),
+        "weights": hashlib.sha256((run_dir / "cpt" / "model" / "model.safetensors").read_bytes()).hexdigest(),
+    }
+
+
+def test_separate_processes_at_two_threads_give_bit_identical_runs_even_when_killed(upcycled, tmp_path):
+    """Two threads: without deterministic kernels the MoE's scatter/gather backward sums in another
+    order on every run, and the two uninterrupted runs below part from the second step."""
+    runs = {}
+    for name in ("first", "second"):
+        runs[name] = tmp_path / name
+        shutil.copytree(upcycled, runs[name])
+        proc = cpt_process(runs[name])
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    assert outputs(runs["first"]) == outputs(runs["second"])
+
+    killed = tmp_path / "killed"
+    shutil.copytree(upcycled, killed)
+    proc = cpt_process(killed)
+    checkpoints = killed / ".work" / "cpt" / "checkpoints"
+    while proc.poll() is None and not list(checkpoints.glob("step_*")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before its first checkpoint was seen"
+    resumed = cpt_process(killed)
+    err, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert re.search(r"resuming from \S*step_0000\d\d", err)
+    assert outputs(killed) == outputs(runs["first"])
+    again = cpt_process(runs["first"], "deterministic=false")  # a run setting, not fingerprinted
+    err, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and "cpt: complete in" in err, err
 
 
 @pytest.mark.parametrize(

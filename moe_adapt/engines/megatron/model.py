@@ -145,6 +145,7 @@ def transformer_config_from_hf(
         moe_grouped_gemm=grouped_gemm,
         moe_shared_expert_intermediate_size=arch.shared_expert_size or None,
         moe_shared_expert_gate=arch.shared_expert_gate,
+        deterministic_mode=torch.are_deterministic_algorithms_enabled(),  # the run's `deterministic`
     )
     kwargs.update(overrides)
     if kwargs["moe_grouped_gemm"] and kwargs["params_dtype"] != torch.bfloat16:
