@@ -47,11 +47,23 @@ def fingerprint(obj: Any) -> str:
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
-    """The marker record of ``folder``, or None when the folder is not finished."""
+    """The marker record of ``folder``, or None when the folder is not finished.
+
+    A marker that cannot be read as a JSON object (truncated or overwritten: the marker is written last
+    and atomically, so a damaged one was not written by us) is not trusted: it is logged as a warning
+    naming the file and the folder counts as not finished, so its work is done again.
+    """
     path = folder / MARKER
     if not path.is_file():
         return None
-    record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        log.warning("%s is damaged (%s): treating %s as not finished", path, err, folder)
+        return None
+    if not isinstance(record, dict):
+        log.warning("%s is damaged (not a JSON object): treating %s as not finished", path, folder)
+        return None
     return record
 
 
@@ -100,7 +112,11 @@ class StepCache:
         if self.fingerprint is not None:
             path = root / stamp
             if path.is_file():
-                old = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+                try:
+                    old = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+                except (OSError, ValueError, AttributeError) as err:  # damaged: settings unknown
+                    log.warning("%s: %s is damaged (%s)", what, path, err)
+                    old = None
                 if old != self.fingerprint:
                     log.warning("%s: settings changed since %s was started; starting over", what, root)
                     shutil.rmtree(root)

@@ -161,7 +161,11 @@ def _decide(
 ) -> dict[str, Any]:
     """``{"skip": summary}`` for a complete stage made with these settings, else ``{"run": True}``."""
     if marker.is_file() and name not in cfg.force and not upstream_ran:
-        done = read_marker(marker.parent) or {}
+        done = read_marker(marker.parent)  # None when the marker is damaged (and logged): not complete
+        if done is None:
+            log.warning("%s: running it again, since its marker %s cannot be trusted", name, marker)
+            _check_scratch(cfg, name, settings, upstream_ran)
+            return {"run": True}
         if done.get("fingerprint") == fingerprint(settings):
             log.info("%s: complete in %s, skipping (force=[%s] runs it again)", name, marker.parent, name)
             return {"skip": done.get("summary", {})}

@@ -92,3 +92,26 @@ def test_resume_is_on_the_ground_floor() -> None:
     ours = {m for m in imported if m.split(".")[0] == "moe_adapt"}
     assert ours <= {"moe_adapt.fs", "moe_adapt.errors"}
     assert all(m.split(".")[0] in sys.stdlib_module_names or m in ours or m == "__future__" for m in imported)
+
+
+def test_a_damaged_marker_is_named_and_its_unit_is_done_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The marker is written last and atomically: one cut short was not written by us, so its folder
+    counts as unfinished (issue 12)."""
+    cache = StepCache(tmp_path / "work", {"a": 1}, what="test")
+    cache.mark("one", {"docs": 1})
+    marker = tmp_path / "work" / "one" / MARKER
+    marker.write_text(marker.read_text()[:15])
+    caplog.set_level("WARNING")
+    assert read_marker(marker.parent) is None
+    assert f"{marker} is damaged" in caplog.text
+    assert cache.done("one") is None
+    (marker.parent / MARKER).write_text("[1, 2]")  # valid JSON, not a record
+    assert read_marker(marker.parent) is None
+
+    stamp = tmp_path / "work" / resume.STAMP
+    stamp.write_text('{"finger')
+    StepCache(tmp_path / "work", {"a": 1}, what="test")  # a damaged stamp: settings unknown, start over
+    assert f"{stamp} is damaged" in caplog.text
+    assert not (tmp_path / "work" / "one").exists()

@@ -65,6 +65,26 @@ def test_a_crashing_stage_leaves_no_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
+def test_a_stage_whose_marker_is_damaged_runs_again(tmp_path, monkeypatch, caplog):
+    """A truncated _COMPLETE.json is not trusted: the stage is run again, with a warning naming the
+    file, instead of a JSON traceback (issue 12)."""
+    runs = []
+
+    def stage(ctx):
+        runs.append(1)
+        return {"n": len(runs)}
+
+    monkeypatch.setitem(runner.STAGES, "init_dense", runner.Stage("init_dense", stage, ("seed",)))
+    run(tmp_path, "stages=[init_dense]")
+    marker = tmp_path / "init_dense" / MARKER
+    marker.write_text(marker.read_text()[:30])
+    caplog.set_level("WARNING")
+    assert run(tmp_path, "stages=[init_dense]")["init_dense"] == {"n": 2}
+    assert f"{marker} is damaged" in caplog.text
+    assert json.loads(marker.read_text())["summary"] == {"n": 2}
+    assert run(tmp_path, "stages=[init_dense]")["init_dense"] == {"n": 2}  # whole again: skipped
+
+
 def test_secrets_are_redacted():
     cfg = {"logger": {"wandb_api_key": "abc", "project": "p"}, "hf_token": "t", "x": [{"password": "pw"}]}
     assert redact(cfg) == {

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from moe_adapt.checkpoint.router_bias import load_router_bias
 from moe_adapt.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
@@ -62,8 +63,8 @@ def load_causal_lm(
     themselves and pass False).
 
     Raises:
-        CheckpointError: ``path`` is not a folder with ``config.json`` and safetensors weights, or
-            transformers cannot load it.
+        CheckpointError: ``path`` is not a folder with ``config.json`` and safetensors weights, a
+            weights file is truncated or corrupt (named), or transformers cannot load it.
     """
     from transformers import AutoModelForCausalLM
 
@@ -72,15 +73,18 @@ def load_causal_lm(
         raise CheckpointError(f"checkpoint {str(folder)!r} does not exist or is not a directory")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not an HF checkpoint folder (no config.json)")
-    if not any(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
         raise CheckpointError(
             f"{folder} holds no .safetensors weights (only safetensors checkpoints are read)"
         )
+    for file in weights:  # a truncated or corrupt file is named, not reported by safetensors' Rust
+        SafetensorsReader(file).close()  # raises CheckpointError naming the file
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise CheckpointError(f"cannot load checkpoint {str(folder)!r} as a causal LM: {err}") from err
     if device is not None:
         model.to(device)  # type: ignore[arg-type]  # transformers types .to() too narrowly

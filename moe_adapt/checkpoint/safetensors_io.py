@@ -74,7 +74,11 @@ class SafetensorsReader:
             self._f: io.BufferedReader = open(self.path, "rb")  # noqa: SIM115 (closed in close())
         except OSError as e:
             raise CheckpointError(f"cannot open {self.path}: {e.strerror}") from None
-        self.tensors, self.metadata, self._data_start = self._read_header()
+        try:
+            self.tensors, self.metadata, self._data_start = self._read_header()
+        except BaseException:
+            self._f.close()  # a corrupt file is not left open
+            raise
 
     def _read_header(self) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
         size = os.fstat(self._f.fileno()).st_size

@@ -2,25 +2,41 @@
 tensor of the trainer state) and ``state.json`` (the rest, with ``{"__tensor__": "<key>"}`` where a
 tensor was). Nothing is pickled, so loading a checkpoint never runs code. A sharded engine adds a
 folder ``engine/`` that its ranks write together (see :mod:`moe_adapt.train.callbacks`).
+
+A run resumes from the newest *intact* checkpoint (:func:`latest_checkpoint`): each candidate's files
+are opened and checked (:func:`checkpoint_problem`: ``state.json`` parses and holds the expected keys,
+the safetensors header is whole and fits the file, every tensor ``state.json`` names is there), and a
+damaged one (a disk that filled up, a copy cut short) is logged as a warning, renamed
+``damaged-step_NNNNNN`` (so pruning never keeps it in place of a good one) and passed over for the one
+before it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moe_adapt.checkpoint.safetensors_io import SafetensorsReader
 from moe_adapt.errors import CheckpointError, MoEAdaptError
 from moe_adapt.fs import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 ENGINE_DIR = "engine"
 """Folder of a checkpoint that a sharded engine's ranks write together."""
+DAMAGED_PREFIX = "damaged-"
+"""A damaged checkpoint ``step_NNNNNN`` is renamed ``damaged-step_NNNNNN``: kept to look at, never resumed."""
 _TENSOR_TAG = "__tensor__"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 SHARED_TMP = re.compile(r"^\.step_(\d{6,})\.tmp-shared$")
@@ -92,10 +108,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{folder} is not a training checkpoint (needs {STATE_FILE} and {TENSORS_FILE})"
         )
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(f"cannot read checkpoint {folder}: {problem}")
     try:
         skeleton = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
         tensors = load_file(str(folder / TENSORS_FILE))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"cannot read checkpoint {folder}: {err}") from None
     state: dict[str, Any] = join_tensors(skeleton, tensors)
     return state
@@ -110,7 +129,83 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under ``root``, or None."""
-    complete = [p for p in list_checkpoints(root) if (p / STATE_FILE).is_file()]
-    return complete[-1] if complete else None
+def _tensor_keys(skeleton: Any) -> Iterable[str]:
+    """The tensor keys a :func:`split_tensors` skeleton refers to."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_TENSOR_TAG}:
+            yield str(skeleton[_TENSOR_TAG])
+            return
+        for v in skeleton.values():
+            yield from _tensor_keys(v)
+    elif isinstance(skeleton, list):
+        for v in skeleton:
+            yield from _tensor_keys(v)
+
+
+def checkpoint_problem(folder: str | Path, keys: Iterable[str] = ()) -> str | None:
+    """What is wrong with the checkpoint ``folder`` (one phrase), or None when it looks intact.
+
+    Opens every file the checkpoint needs without loading the tensors: ``state.json`` must parse to
+    an object holding ``keys``; ``tensors.safetensors`` must have a whole header whose tensors fit the
+    file's size, and hold every tensor ``state.json`` names.
+    """
+    folder = Path(folder)
+    state_file, tensors_file = folder / STATE_FILE, folder / TENSORS_FILE
+    for needed in (state_file, tensors_file):
+        if not needed.is_file():
+            return f"{needed.name} is missing"
+    try:
+        skeleton = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} is not valid JSON ({err})"
+    if not isinstance(skeleton, dict):
+        return f"{STATE_FILE} is not a JSON object"
+    missing = [k for k in keys if k not in skeleton]
+    if missing:
+        return f"{STATE_FILE} lacks {', '.join(missing)}"
+    try:
+        with SafetensorsReader(tensors_file) as reader:
+            names = set(reader.tensors)
+    except CheckpointError as err:
+        return str(err).replace(f"{tensors_file} ", f"{TENSORS_FILE} ", 1)
+    absent = sorted(set(_tensor_keys(skeleton)) - names)
+    if absent:
+        return f"{TENSORS_FILE} lacks tensor {absent[0]!r} that {STATE_FILE} names"
+    return None
+
+
+def latest_checkpoint(
+    root: str | Path, problem: Callable[[Path], str | None] = checkpoint_problem
+) -> Path | None:
+    """The newest intact checkpoint folder under ``root``, or None.
+
+    ``problem(folder)`` says what is wrong with a candidate (:func:`checkpoint_problem` by default; the
+    trainer adds its keys and the engine's folder). A damaged one is logged as a warning naming it and
+    the problem, renamed ``damaged-step_NNNNNN`` (call this on one process only) and passed over for
+    the one before it; when every checkpoint is damaged, a warning says training starts from scratch.
+    """
+    found = list_checkpoints(root)
+    damaged = 0
+    for folder in reversed(found):
+        what = problem(folder)
+        if what is None:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", folder)
+            return folder
+        damaged += 1
+        aside = folder.with_name(DAMAGED_PREFIX + folder.name)
+        log.warning(
+            "checkpoint %s is damaged: %s; setting it aside as %s and falling back to the one before it",
+            folder, what, aside.name,
+        )  # fmt: skip
+        if aside.exists():
+            aside = aside.with_name(f"{aside.name}-{os.getpid()}")
+        try:
+            os.replace(folder, aside)
+        except OSError as err:
+            raise CheckpointError(
+                f"checkpoint {folder} is damaged ({what}) and cannot be set aside ({err}): remove it"
+            ) from None
+    if damaged:
+        log.warning("no intact checkpoint in %s (%d damaged): training starts from scratch", root, damaged)
+    return None

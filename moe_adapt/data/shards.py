@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -196,9 +197,61 @@ def write_shards(
     return manifest
 
 
-def open_shard(out_dir: str | Path, prefix: str) -> Any:
-    """Open shard ``prefix`` under ``out_dir`` as a megatron-core ``IndexedDataset`` (mmap)."""
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = 34
+"""Bytes of a megatron-core index header: magic (9), version (8), dtype code (1), sequence count (8),
+document count (8). Then int32 sequence lengths, int64 sequence pointers (bytes into the ``.bin``),
+int64 document indices."""
+_RERUN = "rerun the data stage with force=[data]"
+
+
+def check_shard(out_dir: str | Path, prefix: str) -> None:
+    """Refuse, in one line naming the file, a shard whose ``.idx`` is not a whole megatron-core index
+    or whose ``.bin`` is not the size its index says (a copy cut short, a disk that filled up): read
+    as they are, the memmaps would hand out short or garbage documents."""
     path = Path(out_dir) / prefix
-    if not Path(str(path) + ".idx").is_file() or not Path(str(path) + ".bin").is_file():
+    idx, bin_ = Path(f"{path}.idx"), Path(f"{path}.bin")
+    if not idx.is_file() or not bin_.is_file():
         raise MoEAdaptError(f"shard {path}.bin/.idx not found")
-    return _indexed_dataset_module().IndexedDataset(str(path), mmap=True)
+    idx_size, bin_size = idx.stat().st_size, bin_.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER)
+    version = struct.unpack("<Q", head[9:17])[0] if len(head) == _IDX_HEADER else None
+    if version != 1 or head[:9] != _IDX_MAGIC:
+        raise MoEAdaptError(
+            f"shard index {idx} is truncated or corrupt: {idx_size} bytes, no megatron-core index "
+            f"header; {_RERUN}"
+        )
+    try:
+        itemsize = np.dtype(_indexed_dataset_module().DType.dtype_from_code(head[17])).itemsize
+    except ValueError:
+        raise MoEAdaptError(
+            f"shard index {idx} is corrupt: unknown dtype code {head[17]}; {_RERUN}"
+        ) from None
+    sequences, documents = struct.unpack("<QQ", head[18:_IDX_HEADER])
+    expected_idx = _IDX_HEADER + sequences * (4 + 8) + documents * 8
+    if idx_size < expected_idx:
+        raise MoEAdaptError(
+            f"shard index {idx} is truncated: {idx_size} bytes, but its header expects {expected_idx} "
+            f"({sequences} sequences, {documents} documents); {_RERUN}"
+        )
+    expected_bin = 0
+    if sequences:
+        last_length = np.fromfile(idx, np.int32, 1, offset=_IDX_HEADER + 4 * (sequences - 1))[0]
+        last_pointer = np.fromfile(
+            idx, np.int64, 1, offset=_IDX_HEADER + 4 * sequences + 8 * (sequences - 1)
+        )[0]
+        expected_bin = int(last_pointer) + int(last_length) * itemsize
+    if bin_size != expected_bin:
+        how = "truncated" if bin_size < expected_bin else "longer than its index says"
+        raise MoEAdaptError(
+            f"shard {bin_} is {how}: {bin_size} bytes, but its index {idx.name} expects {expected_bin}; "
+            f"{_RERUN}"
+        )
+
+
+def open_shard(out_dir: str | Path, prefix: str) -> Any:
+    """Open shard ``prefix`` under ``out_dir`` as a megatron-core ``IndexedDataset`` (mmap), once
+    :func:`check_shard` found its two files whole."""
+    check_shard(out_dir, prefix)
+    return _indexed_dataset_module().IndexedDataset(str(Path(out_dir) / prefix), mmap=True)

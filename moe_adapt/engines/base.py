@@ -241,6 +241,13 @@ class Engine(abc.ABC):
         the whole :meth:`state_dict` is returned."""
         return self.state_dict()
 
+    def checkpoint_problem(self, folder: Path) -> str | None:
+        """What is wrong with the ``folder`` :meth:`save` wrote into a checkpoint (one phrase), or None
+        when its files look intact; opens files, loads nothing (a resume passes over a damaged
+        checkpoint for the one before it). By default the engine writes no folder, so a checkpoint that
+        has one is another engine's, which :meth:`load` refuses by name: nothing to say here."""
+        return None
+
     def load(self, state: dict[str, Any], folder: Path | None = None, checkpoint: Path | None = None) -> None:
         """Collective: restore what :meth:`save` returned (``state``) and, when it wrote one, its
         ``folder``; ``checkpoint`` names the checkpoint folder in errors.

@@ -45,16 +45,20 @@ def train_into_folder(
     from the latest checkpoint in ``work/checkpoints``; write the model to ``model_dir`` and, when
     ``curves`` is given, draw ``work/metrics.jsonl`` (with the held-out losses of ``heldout``) there.
 
+    A damaged newest checkpoint (a file cut short, missing or not parseable) is logged, set aside and
+    passed over for the one before it; with none intact, training starts from scratch
+    (:func:`~moe_adapt.checkpoint.trainer_state.latest_checkpoint`).
     ``on_fresh_start`` runs when no checkpoint was found (e.g. a held-out measurement at step 0).
     With ``dist`` (several processes) every rank resumes from the checkpoint rank 0 found (the work
     folder must be on a shared disk) and only rank 0 draws the curves; ``save_hf`` writes on rank 0
     and returns on every rank once the folder is there. Returns the trainer (its ``step`` reached).
     """
     trainer = Trainer(engine, batches, callbacks, max_steps=max_steps, batch_size=batch_size)
-    found = latest_checkpoint(work / "checkpoints")
-    latest: str | Path | None = found
+    latest: str | Path | None = None
+    if dist is None or dist.is_main:  # one process checks the candidates and sets damaged ones aside
+        latest = latest_checkpoint(work / "checkpoints", trainer.checkpoint_problem)
     if dist is not None:
-        latest = distributed.broadcast_from_main(str(found) if found is not None else None, dist)
+        latest = distributed.broadcast_from_main(str(latest) if latest is not None else None, dist)
     if latest is not None:
         log.info("%s: resuming from %s", name, latest)
         trainer.resume(latest)

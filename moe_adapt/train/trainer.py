@@ -16,6 +16,7 @@ Shape legend: ``B`` sequences per batch, ``T1`` seq_len + 1 packed tokens.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from moe_adapt.checkpoint.trainer_state import load_checkpoint
+from moe_adapt.checkpoint.trainer_state import STATE_FILE, checkpoint_problem, load_checkpoint
 from moe_adapt.engines.base import Engine
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.train.callbacks import Callback
@@ -32,6 +33,8 @@ from moe_adapt.train.callbacks import Callback
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+STATE_KEYS = ("version", "step", "engine", "sampler")
+"""What every trainer checkpoint's ``state.json`` holds (checked before a resume picks it)."""
 
 
 class HasTokens(Protocol):
@@ -155,6 +158,22 @@ class Trainer:
         extra = sorted(set(saved) - {cb.name for cb in self.callbacks})
         if extra:
             log.warning("resume: the checkpoint has state for callbacks %s that this run does not use", extra)
+
+    def checkpoint_problem(self, checkpoint_dir: str | Path) -> str | None:
+        """What is wrong with the checkpoint ``checkpoint_dir`` for this trainer (one phrase), or None:
+        its files are opened and checked (:func:`~moe_adapt.checkpoint.trainer_state.checkpoint_problem`
+        with the trainer's keys), and so is the engine's folder when it wrote one
+        (:meth:`Engine.checkpoint_problem`). Nothing is loaded; for :func:`latest_checkpoint`."""
+        folder = Path(checkpoint_dir)
+        problem = checkpoint_problem(folder, STATE_KEYS)
+        if problem is not None:
+            return problem
+        sharded = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("engine_dir")
+        if sharded is None:
+            return None
+        if str(sharded) in ("", ".", "..") or Path(str(sharded)).name != str(sharded):
+            return f"engine_dir={sharded!r} is not a folder name inside it"
+        return self.engine.checkpoint_problem(folder / str(sharded))
 
     def resume(self, checkpoint_dir: str | Path) -> None:
         """Restore everything from a ``step_NNNNNN`` folder written by ``CheckpointCallback``.

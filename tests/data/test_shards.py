@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,30 @@ def test_shard_errors(tiny_tokenizer: Path, tmp_path: Path) -> None:
         DOCS[:1], tiny_tokenizer / "tokenizer.json", tmp_path, ShardConfig(eod_token=None)
     )
     assert manifest["eod_id"] is None and manifest["totals"]["tokens"] == manifest["shards"][0]["tokens"]
+
+
+@pytest.mark.parametrize(
+    ("ext", "keep", "message"),
+    [
+        (".bin", -1, r"shard {bin} is truncated: {size} bytes, but its index {name}\.idx expects {full}"),
+        (".bin", 0, r"shard {bin} is truncated: 0 bytes, but its index {name}\.idx expects {full}"),
+        (".idx", -1, r"shard index {idx} is truncated: {size} bytes, but its header expects"),
+        (".idx", 10, r"shard index {idx} is truncated or corrupt: 10 bytes, no megatron-core index header"),
+    ],
+)
+def test_a_truncated_shard_is_named_with_its_size_and_the_fix(
+    tiny_tokenizer: Path, tmp_path: Path, ext: str, keep: int, message: str
+) -> None:
+    """A ``.bin`` or ``.idx`` cut short (a full disk, a copy that died) is refused in one line naming
+    the file and its size against what the index expects, and how to rebuild it (issue 12)."""
+    manifest = write_shards(DOCS, tiny_tokenizer, tmp_path, ShardConfig())
+    name = manifest["shards"][0]["prefix"]
+    path = tmp_path / f"{name}{ext}"
+    full = (tmp_path / f"{name}.bin").stat().st_size
+    size = path.stat().st_size - 1 if keep < 0 else keep
+    with open(path, "r+b") as fh:
+        fh.truncate(size)
+    bin_, idx = re.escape(str(tmp_path / f"{name}.bin")), re.escape(str(tmp_path / f"{name}.idx"))
+    expected = message.format(bin=bin_, idx=idx, name=re.escape(name), size=size, full=full)
+    with pytest.raises(MoEAdaptError, match=expected + r".*rerun the data stage with force=\[data\]"):
+        open_shard(tmp_path, name)

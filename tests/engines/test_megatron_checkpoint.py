@@ -285,10 +285,12 @@ def test_bad_folders_raise_clear_errors(
 ) -> None:
     good = ep1_run["root"] / "step_000002"
     megatron = _trainer(hf_checkpoints[FAMILY], [])
+    assert megatron.checkpoint_problem(good) is None  # what a resume checks before picking it
 
     missing = tmp_path / "missing" / "step_000002"
     shutil.copytree(good, missing)
     shutil.rmtree(missing / ENGINE_DIR)
+    assert megatron.checkpoint_problem(missing) == "its sharded model and optimizer folder engine/ is missing"
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(missing / ENGINE_DIR))} is missing"):
         megatron.resume(missing)
 
@@ -296,6 +298,7 @@ def test_bad_folders_raise_clear_errors(
     shutil.copytree(good, empty)
     shutil.rmtree(empty / ENGINE_DIR)
     (empty / ENGINE_DIR).mkdir()
+    assert megatron.checkpoint_problem(empty) == "engine/metadata.json is missing"
     with pytest.raises(CheckpointError, match="not a megatron dist_checkpointing folder"):
         megatron.resume(empty)
 
@@ -303,6 +306,7 @@ def test_bad_folders_raise_clear_errors(
     shutil.copytree(good, torn)
     for shard in (torn / ENGINE_DIR).glob("*.distcp"):
         shard.unlink()
+    assert megatron.checkpoint_problem(torn) == "engine/ holds no *.distcp shard"
     with pytest.raises(CheckpointError, match=rf"cannot read the sharded checkpoint {re.escape(str(torn))}"):
         megatron.resume(torn)
 

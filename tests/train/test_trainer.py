@@ -18,6 +18,7 @@ from moe_adapt.engines.hf import HFConfig, HFEngine
 from moe_adapt.engines.optim import lr_at
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
+from moe_adapt.train.phase import train_into_folder
 from moe_adapt.train.trainer import Trainer
 from tests.cpt.conftest import bilingual, save_tiny_qwen3_moe
 
@@ -143,6 +144,35 @@ def test_checkpoint_is_safetensors_and_json_only(
     assert isinstance(state["engine"]["model"]["lm_head.weight"], torch.Tensor)
     with pytest.raises(MoEAdaptError, match="not a training checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_a_crashed_phase_resumes_from_the_newest_intact_checkpoint(
+    tiny_moe: Path, make_shards: MakeShards, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newest checkpoint cut short (a full disk, a copy that died) is named in a warning and
+    passed over: train_into_folder resumes from the one before it (issue 12)."""
+    shards = make_shards(bilingual(docs=30, buckets=1))
+    work = tmp_path / "work"
+
+    def phase(max_steps: int) -> Record:
+        record = Record()
+        cbs: list[Callback] = [CheckpointCallback(work / "checkpoints", every=1, keep_last=None), record]
+        train_into_folder(
+            "phase", _engine(tiny_moe), _sampler(shards), cbs,
+            max_steps=max_steps, batch_size=2, work=work, model_dir=work / "model", curves=None,
+        )  # fmt: skip
+        return record
+
+    phase(3)
+    newest = work / "checkpoints" / "step_000003"
+    with open(newest / "tensors.safetensors", "r+b") as fh:
+        fh.truncate(1000)
+    caplog.set_level("WARNING")
+    resumed = phase(4)
+    assert f"checkpoint {newest} is damaged: tensors.safetensors" in caplog.text
+    assert [s for s, _ in resumed.steps] == [3, 4]  # from step 2, the newest intact one
+    assert (work / "checkpoints" / "damaged-step_000003").is_dir()
+    assert [p.name for p in list_checkpoints(work / "checkpoints")][-2:] == ["step_000003", "step_000004"]
 
 
 def test_nan_guard_skips_a_bad_step_and_stops_after_k(tiny_moe: Path, make_shards: MakeShards) -> None:

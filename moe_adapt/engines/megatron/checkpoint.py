@@ -46,6 +46,7 @@ Shape legend: ``R`` ranks, ``N`` bytes of one RNG state.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from itertools import chain
@@ -60,7 +61,7 @@ from moe_adapt.errors import CheckpointError, MoEAdaptError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "gather_rng", "load_sharded", "restore_rng", "save_sharded"]
+__all__ = ["FORMAT", "folder_problem", "gather_rng", "load_sharded", "restore_rng", "save_sharded"]
 
 FORMAT = "megatron-core dist_checkpointing (torch_dist)"
 """What :func:`save_sharded` writes; recorded in the returned part and checked on load."""
@@ -185,6 +186,32 @@ def save_sharded(path: Path, model: torch.nn.Module, optimizer: Any) -> dict[str
         "layout": model_layout(model_sharded),
         "optimizer": {"step": step, "param_groups": groups},
     }
+
+
+def folder_problem(path: Path) -> str | None:
+    """What is wrong with the dist_checkpointing folder ``path`` of a trainer checkpoint (one phrase),
+    or None when its files look intact: the folder is there, ``metadata.json`` is a JSON object,
+    ``torch.distributed.checkpoint``'s ``.metadata`` (not empty) and at least one ``*.distcp`` shard
+    are there. Reads no tensors (and unpickles nothing): a resume uses it to pass over a
+    damaged checkpoint for the one before it."""
+    if not path.is_dir():
+        return f"its sharded model and optimizer folder {path.name}/ is missing"
+    try:
+        config = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{path.name}/metadata.json is missing"
+    except (OSError, ValueError) as err:
+        return f"{path.name}/metadata.json is not valid JSON ({err})"
+    if not isinstance(config, dict):
+        return f"{path.name}/metadata.json is not a JSON object"
+    plan = path / ".metadata"
+    if not plan.is_file():
+        return f"{path.name}/.metadata is missing"
+    if plan.stat().st_size == 0:  # (a *.distcp shard may be empty: a rank with nothing to write)
+        return f"{path.name}/.metadata is empty"
+    if not any(path.glob("*.distcp")):
+        return f"{path.name}/ holds no *.distcp shard"
+    return None
 
 
 def _check_folder(path: Path, meta: Mapping[str, Any]) -> None:

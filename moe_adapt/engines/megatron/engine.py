@@ -30,6 +30,7 @@ from moe_adapt.engines import data_parallel, objectives, router_health
 from moe_adapt.engines.base import Engine
 from moe_adapt.engines.batch import TrainBatch, batch_field, batch_tokens
 from moe_adapt.engines.kd import token_kd_terms
+from moe_adapt.engines.megatron import checkpoint as dist_ckpt
 from moe_adapt.engines.megatron import export, routing, state
 from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.engines.megatron.hf_arch import read_hf_arch
@@ -527,6 +528,11 @@ class MegatronEngine(Engine):
         """Collective: the model and optimizer into ``folder`` with dist_checkpointing
         (:meth:`save_sharded`); returns the rest of the state."""
         return self.save_sharded(folder)
+
+    def checkpoint_problem(self, folder: Path) -> str | None:
+        """What is wrong with the dist_checkpointing ``folder`` of a checkpoint, or None
+        (:func:`.checkpoint.folder_problem`)."""
+        return dist_ckpt.folder_problem(folder)
 
     def load(
         self, state_: dict[str, Any], folder: Path | None = None, checkpoint: Path | None = None
