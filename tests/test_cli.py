@@ -269,6 +269,8 @@ def test_secrets_given_on_the_command_line_reach_no_file(tmp_path):
         env=env,
     )
     assert sweep.returncode == 0, sweep.stderr
+    assert "#0 : " in sweep.stdout and "access_key=***" in sweep.stdout  # the launcher's line, redacted
+    assert all(s not in p.stdout + p.stderr for p in (refused, accepted, sweep) for s in secrets)
     # a sweep whose jobs fail to compose: multirun.yaml is written, no job starts
     failed = cli(
         "-m",
