@@ -32,6 +32,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from moe_adapt.config import REMOVED_KEYS, Config, conf_dir, register, to_config
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.redact import secret_override_keys
 
 _FULL_ERROR = "HYDRA_FULL_ERROR"
 _users_full_error: list[str | None] = []
@@ -126,6 +127,24 @@ def _quiet_other_ranks(args: list[str]) -> list[str]:
     ]
 
 
+_DIRNAME_EXCLUDE = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def _secrets_out_of_dirnames(args: list[str]) -> list[str]:
+    """Keep the keys of secret-looking overrides (``+hf_token=...``) out of ``${hydra.job.override_dirname}``,
+    which a run or sweep directory's name may use: added to Hydra's ``exclude_keys``, to the user's own
+    list when the command line gives one (one given in a YAML file is replaced)."""
+    keys = secret_override_keys(args)
+    if not keys:
+        return args
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == _DIRNAME_EXCLUDE and value.startswith("[") and value.endswith("]"):
+            merged = ",".join([value[1:-1].strip(), *keys] if value[1:-1].strip() else keys)
+            return [*args[:i], f"{key}=[{merged}]", *args[i + 1 :]]
+    return [*args, f"{_DIRNAME_EXCLUDE}=[{','.join(keys)}]"]
+
+
 def _exit_on_sigterm() -> None:
     """Leave through ``SystemExit`` on SIGTERM, as on Ctrl-C.
 
@@ -151,7 +170,7 @@ def _exit_on_sigterm() -> None:
 def main() -> None:
     """Console entry point (``moe-adapt``)."""
     _exit_on_sigterm()
-    sys.argv = [sys.argv[0], *_quiet_other_ranks(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *_secrets_out_of_dirnames(_quiet_other_ranks(sys.argv[1:]))]
     # Hydra prints composition errors over several lines; with HYDRA_FULL_ERROR=1 it raises them to
     # us instead, and the user gets one line. _app gives the user's value back once composed.
     _users_full_error.append(os.environ.get(_FULL_ERROR))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def build_dense(path: Path, family: str, seed: int = 0, **overrides: object) -> 
                 p.normal_(0.0, 0.15)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def pickle_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint ``src`` whose weights are a pickle (``pytorch_model.bin``, no safetensors), as
+    older checkpoints are saved (transformers 5 writes safetensors even with ``safe_serialization=False``)."""
+    from safetensors.torch import load_file
+
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.suffix != ".safetensors" and file.is_file():
+            shutil.copy2(file, dst / file.name)
+    torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -164,7 +164,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("engines",),
     ("checkpoint", "distributed"),
-    ("fs", "errors", "lock", "redact", "resume", "plots", ""),
+    ("fs", "errors", "lock", "redact", "resume", "plots", "hydra_dumps", ""),
 )
 """The package's floors, top first (docs/architecture.md): a module imports only from its own package,
 from a lower floor, or from another package of the pipeline's floor (its libraries may use each

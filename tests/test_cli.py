@@ -214,3 +214,114 @@ def test_a_key_of_another_engine_lists_the_chosen_engines_settings():
     assert line is not None and line.startswith("engine.expert_parallel is not a setting; engine has: ")
     known = line.split("has: ", 1)[1].split(", ")
     assert "parallel" in known and "lr" in known and "expert_parallel" not in known
+
+
+def secrets_on_disk(root: Path, secrets: tuple[str, ...]) -> list[str]:
+    """Every file and folder under ``root`` whose name or bytes hold one of ``secrets``."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        names = str(path.relative_to(root))
+        content = path.read_bytes() if path.is_file() else b""
+        found += [f"{names}: {s}" for s in secrets if s in names or s.encode() in content]
+    return found
+
+
+def test_secrets_given_on_the_command_line_reach_no_file(tmp_path):
+    """Hydra dumps the config and the overrides (.hydra/*.yaml, multirun.yaml) before the job starts, and
+    names directories after the overrides with ${hydra.job.override_dirname}: a secret given as an
+    override must leave no trace there, whether the config refuses its key (exit 2) or accepts it."""
+    from moe_adapt.eval.report import load_sweep
+
+    env = {"PYTHONPATH": str(ROOT)}
+    secrets = ("hf_SECRET123", "hf_SECRET456", "hf_SECRET789", "31415926", "27182818", "hf_SECRETsweep")
+    # refused: top-level and nested keys the schema lacks; a Hydra setting (an environment variable)
+    refused = cli(
+        "stages=[]",
+        "+hf_token=hf_SECRET123",
+        "++logger.foo.api_key=hf_SECRET456",
+        "+hydra.job.env_set.HF_TOKEN=hf_SECRET789",
+        f"hydra.run.dir={tmp_path}/refused/" + "${hydra.job.override_dirname}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert refused.returncode == 2 and "is not a setting" in refused.stderr, refused.stderr
+    # accepted (a free-form mapping takes any key): the run writes config.json
+    accepted = cli(
+        "stages=[]",
+        "+cpt.forgetting_bound.access_key=31415926.5",
+        f"hydra.run.dir={tmp_path}/ok",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["cpt"]["forgetting_bound"] == {
+        "access_key": "***"
+    }
+    # a sweep: multirun.yaml and each job's dumps, job folders named after the overrides
+    sweep = cli(
+        "-m",
+        "stages=[]",
+        "seed=1,2",
+        "+cpt.forgetting_bound.access_key=27182818.5",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert sweep.returncode == 0, sweep.stderr
+    assert "#0 : " in sweep.stdout and "access_key=***" in sweep.stdout  # the launcher's line, redacted
+    assert all(s not in p.stdout + p.stderr for p in (refused, accepted, sweep) for s in secrets)
+    # a sweep whose jobs fail to compose: multirun.yaml is written, no job starts
+    failed = cli(
+        "-m",
+        "stages=[]",
+        "+hf_token=hf_SECRETsweep",
+        "upcycle=nope,copy",
+        f"hydra.sweep.dir={tmp_path}/failed",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert failed.returncode == 2 and (tmp_path / "failed" / "multirun.yaml").is_file(), failed.stderr
+
+    for job in ("refused", "ok", "sweep/seed=1,stages=[]", "sweep/seed=2,stages=[]"):
+        job_dir = next((tmp_path / job).rglob(".hydra")).parent
+        assert {p.name for p in (job_dir / ".hydra").iterdir()} == {
+            "config.yaml",
+            "hydra.yaml",
+            "overrides.yaml",
+        }
+        assert (job_dir / "__main__.log").is_file()  # Hydra's job log is searched too
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+    assert secrets_on_disk(tmp_path, secrets) == []
+
+    # the report stage still reads the redacted overrides
+    for job in ("seed=1,stages=[]", "seed=2,stages=[]"):
+        (tmp_path / "sweep" / job / "m.json").write_text('{"loss": 1.0}')
+    runs = load_sweep(tmp_path / "sweep", metrics_path="m.json").runs
+    assert [(r.seed, r.overrides["cpt.forgetting_bound.access_key"]) for r in runs] == [
+        (1, "***"),
+        (2, "***"),
+    ]
+
+
+def test_secret_keys_stay_out_of_directory_names(monkeypatch):
+    """``${hydra.job.override_dirname}`` leaves out the keys of secret-looking overrides, added to the
+    user's own ``exclude_keys`` when given; torchrun's quiet ranks keep their overrides."""
+    from moe_adapt.__main__ import _quiet_other_ranks, _secrets_out_of_dirnames
+
+    exclude = "hydra.job.config.override_dirname.exclude_keys"
+    assert _secrets_out_of_dirnames(["seed=1"]) == ["seed=1"]
+    assert _secrets_out_of_dirnames(["-m", "+hf_token=x", "++a.b.api_key=y", "seed=1"]) == [
+        "-m",
+        "+hf_token=x",
+        "++a.b.api_key=y",
+        "seed=1",
+        f"{exclude}=[hf_token,a.b.api_key]",
+    ]
+    assert _secrets_out_of_dirnames([f"{exclude}=[seed]", "+hf_token=x"]) == [
+        f"{exclude}=[seed,hf_token]",
+        "+hf_token=x",
+    ]
+    monkeypatch.setenv("RANK", "1")
+    args = _secrets_out_of_dirnames(_quiet_other_ranks(["+hf_token=x"]))
+    assert args[:2] == ["+hf_token=x", "hydra.output_subdir=null"] and args[-1] == f"{exclude}=[hf_token]"

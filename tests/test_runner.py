@@ -191,3 +191,57 @@ def test_the_redaction_rule_hides_credentials_not_vocabulary_tokens():
         "tokenize": {"eod_token": "<|endoftext|>", "pad_token": "<pad>", "tokenizer": "/tok"},
         "max_new_tokens": 96,
     }
+
+
+def test_hydra_dumps_hide_secret_overrides_and_their_copies():
+    from moe_adapt.redact import redact_dump
+
+    dump = {
+        "hydra": {
+            "overrides": {
+                "task": ["+hf_token=s3cr3t", "seed=1", "+a.b.api_key=k3y"],
+                "hydra": ["hydra.mode=RUN"],
+            },
+            "job": {
+                "override_dirname": "+a.b.api_key=k3y,+hf_token=s3cr3t,seed=1",
+                "env_set": {"HF_TOKEN": "e"},
+            },
+            "callbacks": {"redaction": {"_target_": "x.Y"}},
+        },
+        "model": {"dense": "/m", "password": "pw"},
+    }
+    assert redact_dump(dump) == {
+        "hydra": {
+            "overrides": {
+                "task": ["+hf_token=***", "seed=1", "+a.b.api_key=***"],
+                "hydra": ["hydra.mode=RUN"],
+            },
+            "job": {
+                "override_dirname": "+a.b.api_key=***,+hf_token=***,seed=1",
+                "env_set": {"HF_TOKEN": "***"},
+            },
+            "callbacks": {"redaction": {"_target_": "x.Y"}},
+        },
+        "model": {"dense": "/m", "password": "***"},
+    }
+    overrides = ["stages=[cpt]", "~x.password", "logger.secret=", "data.tokenize.eod_token=<|x|>"]
+    assert redact_dump(overrides) == overrides  # nothing to hide
+
+
+def test_the_hydra_callback_leaves_ranks_without_a_hydra_folder_alone(tmp_path):
+    """Under torchrun, ranks other than 0 run with ``hydra.output_subdir=null``: nothing to rewrite."""
+    from omegaconf import OmegaConf
+
+    from moe_adapt.hydra_dumps import RedactHydraDumps
+
+    def config(subdir: str | None) -> object:
+        return OmegaConf.create(
+            {"hydra": {"output_subdir": subdir, "mode": "RUN", "runtime": {"output_dir": str(tmp_path)}}}
+        )
+
+    RedactHydraDumps().on_job_start(config(None), task_function=print)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- +hf_token=abc\n- seed=1\n")
+    RedactHydraDumps().on_job_start(config(".hydra"), task_function=print)
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == "- +hf_token=***\n- seed=1\n"

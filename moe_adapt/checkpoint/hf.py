@@ -3,12 +3,15 @@ the dtype names of the configs and the side files copied beside new weights.
 
 Weights are read from safetensors only; a folder with nothing but ``pytorch_model.bin`` (a pickle)
 is refused rather than unpickled. :func:`load_causal_lm` is the one place a transformers model is
-loaded from a folder (engines, teacher, evaluation, verification).
+loaded from a folder (engines, teacher, evaluation, verification, the difficulty scorer's reference
+model). Code shipped with a checkpoint runs only with ``model.trust_remote_code=true``, and then with
+a warning (:func:`warn_remote_code`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +26,8 @@ from moe_adapt.errors import CheckpointError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -48,19 +53,51 @@ SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES, "chat_template.json")
 """Files copied from the source checkpoint next to the new weights (tokenizer, generation config)."""
 
 
+def pickle_only_error(what: str, path: str | Path) -> CheckpointError:
+    """The error for a checkpoint folder whose weights are pickles (``pytorch_model.bin``, ``*.pt``)."""
+    return CheckpointError(
+        f"{what}={path} holds only pickle weights (*.bin/*.pt); moe_adapt reads safetensors only, since "
+        "unpickling can run arbitrary code. Convert it once, in an environment you trust: "
+        "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+    )
+
+
+_warned_remote_code: set[str] = set()
+"""The checkpoints :func:`warn_remote_code` has warned about in this process."""
+
+
+def warn_remote_code(path: str | Path) -> None:
+    """Log a warning, once per process and checkpoint, that the checkpoint's own Python code will run
+    (``trust_remote_code=True`` reaches transformers)."""
+    where = str(Path(path).absolute())
+    if where in _warned_remote_code:
+        return
+    _warned_remote_code.add(where)
+    log.warning(
+        "model.trust_remote_code=true: the Python code shipped with the checkpoint %s will run in this "
+        "process, with your permissions; use it only with checkpoints whose code you have read or trust",
+        where,
+    )
+
+
 def load_causal_lm(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     *,
     device: str | torch.device | None = None,
     router_bias: bool = True,
+    trust_remote_code: bool = False,
+    strict: bool = False,
+    what: str = "checkpoint",
 ) -> PreTrainedModel:
-    """A transformers causal LM from a local HF checkpoint folder (safetensors only; no download, no
-    remote code), in eval mode, on ``device`` (None: where transformers puts it, the CPU).
+    """A transformers causal LM from a local HF checkpoint folder (safetensors only; no download), in
+    eval mode, on ``device`` (None: where transformers puts it, the CPU).
 
     With ``router_bias`` the router biases of aux-loss-free balancing are re-installed when the folder
     has ``router_bias.json``, so the model routes as in training (the engines read that file
-    themselves and pass False).
+    themselves and pass False). ``trust_remote_code`` runs the modelling code shipped with the
+    checkpoint (``model.trust_remote_code``; a warning says so). With ``strict`` a missing, unexpected
+    or mismatched tensor is an error. ``what`` names the setting that gave ``path`` in errors.
 
     Raises:
         CheckpointError: ``path`` is not a folder with ``config.json`` and safetensors weights, a
@@ -70,27 +107,42 @@ def load_causal_lm(
 
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {str(folder)!r} does not exist or is not a directory")
+        raise CheckpointError(f"{what}={folder} does not exist or is not a directory")
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} is not an HF checkpoint folder (no config.json)")
+        raise CheckpointError(f"{what}={folder} is not an HF checkpoint folder (no config.json)")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise pickle_only_error(what, folder)
         raise CheckpointError(
-            f"{folder} holds no .safetensors weights (only safetensors checkpoints are read)"
+            f"{what}={folder} holds no .safetensors weights (only safetensors checkpoints are read)"
         )
     for file in weights:  # a truncated or corrupt file is named, not reported by safetensors' Rust
         SafetensorsReader(file).close()  # raises CheckpointError naming the file
+    if trust_remote_code:
+        warn_remote_code(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=strict,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise CheckpointError(f"cannot load checkpoint {str(folder)!r} as a causal LM: {err}") from err
+        raise CheckpointError(f"cannot load {what}={folder} as a causal LM: {err}") from err
+    model, info = loaded if strict else (loaded, {})
+    problems = {
+        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if problems:
+        raise CheckpointError(f"{what}={folder} does not load cleanly in transformers: {problems}")
     if device is not None:
-        model.to(device)  # type: ignore[arg-type]  # transformers types .to() too narrowly
+        model.to(device)
     if router_bias:
         load_router_bias(model, folder)
-    return model.eval()
+    return model.eval()  # type: ignore[no-any-return]
 
 
 class HFCheckpoint:
@@ -142,12 +194,7 @@ class HFCheckpoint:
         if (self.path / "model.safetensors").is_file():
             return ["model.safetensors"]
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
-            raise CheckpointError(
-                f"{self.what}={self.path} holds only pickle weights (*.bin/*.pt); "
-                "moe_adapt reads safetensors "
-                "only, since unpickling can run arbitrary code. Convert it once with "
-                "model.save_pretrained(dir, safe_serialization=True) in an environment you trust"
-            )
+            raise pickle_only_error(self.what, self.path)
         raise CheckpointError(
             f"{self.what}={self.path} has no model.safetensors or model.safetensors.index.json"
         )

@@ -53,7 +53,8 @@ SCORERS: dict[str, Scorer] = {"compression": compression_ratio, "ttr": type_toke
 class PerplexityScorer:
     """Mean token NLL (log-perplexity) of a text under a local HF causal LM, scored in batches.
 
-    Loads with ``local_files_only=True`` (never downloads) and without ``trust_remote_code``.
+    Loads with :func:`~moe_adapt.checkpoint.hf.load_causal_lm` (never downloads, safetensors weights
+    only, no ``trust_remote_code``): a folder of pickle weights (``pytorch_model.bin``) is refused.
     Calling it scores one text; :meth:`batch` scores many with one padded forward per ``batch_size``.
     Texts are cut to ``max_tokens`` tokens.
     """
@@ -61,18 +62,20 @@ class PerplexityScorer:
     def __init__(
         self, model_path: str | Path, *, max_tokens: int = 512, batch_size: int = 16, device: str = "cpu"
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from moe_adapt.checkpoint.hf import load_causal_lm
 
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise MoEAdaptConfigError(
                 f"data.difficulty.reference_model={str(model_path)!r} is not a local HF checkpoint folder"
             )
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        self.model = model.to(device).eval()
+        model: Any = load_causal_lm(path, device=device, what="data.difficulty.reference_model")
+        self.model = model
         self.device, self.max_tokens, self.batch_size = device, max_tokens, batch_size
 
     def __call__(self, text: str) -> float:

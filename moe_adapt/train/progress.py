@@ -55,20 +55,13 @@ def _redact(config: Mapping[str, Any]) -> dict[str, Any]:
     return redacted
 
 
-def _redact_arg(arg: str) -> str:
-    """``+model.hf_token=abc`` -> ``+model.hf_token=***``; other arguments unchanged."""
-    from moe_adapt.redact import is_secret
-
-    key, sep, value = arg.partition("=")
-    last = key.lstrip("+~-").rsplit(".", 1)[-1].replace("-", "_")
-    return f"{key}=***" if sep and value and is_secret(last) else arg
-
-
 @contextlib.contextmanager
 def _redacted_argv() -> Iterator[None]:
     """wandb records ``sys.argv`` in the run's metadata: hide secret-looking overrides meanwhile."""
+    from moe_adapt.redact import redact_override
+
     original = sys.argv
-    sys.argv = [_redact_arg(a) for a in original]
+    sys.argv = [redact_override(a) for a in original]
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from moe_adapt.checkpoint.hf import warn_remote_code
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.upcycle.sizing import Sizing
 
@@ -90,7 +91,10 @@ TARGETS: dict[str, TargetLayout] = {
 
 
 def load_source_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """Read a dense checkpoint's config with transformers (normalised rope, head_dim, layer types)."""
+    """Read a dense checkpoint's config with transformers (normalised rope, head_dim, layer types);
+    ``trust_remote_code`` runs the checkpoint's own configuration code (with a warning)."""
+    if trust_remote_code:
+        warn_remote_code(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as e:

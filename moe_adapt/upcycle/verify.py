@@ -10,25 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from moe_adapt.errors import CheckpointError
+from moe_adapt.checkpoint.hf import load_causal_lm
 
 log = logging.getLogger(__name__)
 
 
-def load_fp32(path: str | Path, trust_remote_code: bool = False) -> Any:
-    """Load a checkpoint in fp32 for checking; any missing or unexpected tensor is an error."""
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True
+def load_fp32(path: str | Path, trust_remote_code: bool = False, what: str = "checkpoint") -> Any:
+    """Load a checkpoint in fp32 for checking (safetensors only); any missing or unexpected tensor is an
+    error."""
+    return load_causal_lm(
+        path, torch.float32, router_bias=False, trust_remote_code=trust_remote_code, strict=True, what=what
     )
-    model, info = loaded
-    problems = {
-        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-    }
-    if problems:
-        raise CheckpointError(f"{path} does not load cleanly in transformers: {problems}")
-    return model.eval()
 
 
 def probe_tokens(vocab_size: int, probes: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -62,8 +55,8 @@ def verify_checkpoints(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Load both checkpoints in fp32 and compare their logits on random probes."""
-    dense = load_fp32(dense_path, trust_remote_code)
-    moe = load_fp32(moe_path)
+    dense = load_fp32(dense_path, trust_remote_code, what="model.dense")
+    moe = load_fp32(moe_path, what="the upcycled checkpoint")
     tokens_PT = probe_tokens(dense.config.vocab_size, probes, seq_len, seed)
     result = compare_logits(dense, moe, tokens_PT)
     del dense, moe

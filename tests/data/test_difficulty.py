@@ -69,3 +69,23 @@ def test_perplexity_scorer_batches_like_single_texts(tmp_path) -> None:
     docs = [{"text": t, "lang": "en"} for t in texts]
     combined = score_documents(docs, {"perplexity": 1.0}, extra_scorers={"perplexity": scorer})
     assert combined.shape == (5,)
+
+
+def test_a_reference_model_of_pickle_weights_is_refused(tmp_path) -> None:
+    """data.difficulty.reference_model goes through the one loader: a pytorch_model.bin is never
+    unpickled, the error names the setting and the conversion."""
+    from moe_adapt.data.difficulty import PerplexityScorer
+    from moe_adapt.demo.dense import build_tokenizer
+    from moe_adapt.errors import CheckpointError
+    from tests.conftest import build_dense, pickle_checkpoint
+
+    tok = build_tokenizer()
+    safe = build_dense(tmp_path / "safe", "llama", vocab_size=len(tok))
+    tok.save_pretrained(safe)
+    pickled = pickle_checkpoint(safe, tmp_path / "pickled")
+    assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        PerplexityScorer(pickled)
+    line = str(info.value)
+    assert f"data.difficulty.reference_model={pickled}" in line and "\n" not in line
+    assert "safetensors only" in line and "safe_serialization=True" in line

@@ -25,12 +25,12 @@ from rich.console import Console
 
 from moe_adapt.config import compose, conf_dir
 from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.redact import redact_override
 from moe_adapt.train.callbacks import Callback
 from moe_adapt.train.progress import (
     LoggerConfig,
     ProgressCallback,
     WandbCallback,
-    _redact_arg,
     logging_callbacks,
 )
 from moe_adapt.train.trainer import Trainer
@@ -367,8 +367,8 @@ def test_wandb_failing_to_start_or_log_only_warns(
 
 
 def test_secret_looking_overrides_are_hidden_from_wandb_metadata() -> None:
-    assert _redact_arg("+model.hf_token=abc") == "+model.hf_token=***"
-    assert _redact_arg("--wandb-api-key=abc") == "--wandb-api-key=***"
-    assert _redact_arg("logger.password=") == "logger.password="  # nothing to hide
-    assert _redact_arg("model.tokenizer=/t") == "model.tokenizer=/t"
-    assert _redact_arg("stages=[cpt]") == "stages=[cpt]"
+    assert redact_override("+model.hf_token=abc") == "+model.hf_token=***"
+    assert redact_override("--wandb-api-key=abc") == "--wandb-api-key=***"
+    assert redact_override("logger.password=") == "logger.password="  # nothing to hide
+    assert redact_override("model.tokenizer=/t") == "model.tokenizer=/t"
+    assert redact_override("stages=[cpt]") == "stages=[cpt]"
