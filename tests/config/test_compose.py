@@ -191,3 +191,26 @@ def test_a_key_added_with_plus_that_no_schema_declares_is_refused(tmp_path, over
 def test_free_form_maps_still_take_new_keys(tmp_path):
     raw = compose([f"run_dir={tmp_path}", "model.dense=/m", "+cpt.forgetting_bound.en=0.2"])
     assert to_config(raw).cpt.forgetting_bound == {"en": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["engine.betas=[0.9]"], r"^engine.betas=\[0.9\] is invalid: give exactly two values"),
+        (["engine.betas=[1.5,0.9]"], r"^engine.betas=\[1.5, 0.9\] is invalid: .* each in \[0, 1\)"),
+        (["engine.betas=[0.9,-0.1]"], r"^engine.betas=\[0.9, -0.1\] is invalid"),
+        (["engine=megatron", "engine.betas=[0.9,0.95,0.99]"], r"^engine.betas=\[0.9, 0.95, 0.99\] is invalid"),
+        (["engine.eps=0"], r"^engine.eps=0.0 is invalid: must be a finite number > 0"),
+        (["engine.weight_decay=nan"], r"^engine.weight_decay=nan is invalid: must be a finite number >= 0"),
+        (["engine.grad_clip=inf"], r"^engine.grad_clip=inf is invalid"),
+        (["engine.lr=-1"], r"^engine.lr=-1.0 is invalid: must be a finite number > 0"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_key_set(tmp_path, overrides, message):
+    """Values that used to compose and then crash (or silently do nothing) in a stage fail here."""
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    raw = compose([f"run_dir={tmp_path}", "model.dense=/m", *overrides])
+    with pytest.raises(MoEAdaptConfigError, match=message) as err:
+        to_config(raw)
+    assert "\n" not in str(err.value)
