@@ -53,10 +53,10 @@ class DemoConfig:
     """Which demo languages to use: ar (hadith, role target), en (hadith, role english), he (Mishnah)."""
 
     max_docs: int | None = 3000
-    """Documents per language (null: all 34,177 hadiths)."""
+    """Documents per language, >= 1 (null: all 34,177 hadiths)."""
 
     benchmark_items: int = 50
-    """Parallel ar/en multiple-choice items made from held-out hadiths (0: none)."""
+    """Parallel ar/en multiple-choice items made from held-out hadiths, >= 0 (0: none)."""
 
     plant_benchmark: bool = True
     """Leave the benchmark's source hadiths in the corpus, so decontamination has something to find."""
@@ -119,10 +119,11 @@ class DecontamConfig:
     """Match on a single shared n-gram instead (aggressive)."""
 
     max_doc_freq: float = 0.001
-    """Ignore n-grams found in more than this share of training documents (formulaic openings)."""
+    """Ignore n-grams found in more than this share of training documents (formulaic openings): a
+    fraction in (0, 1] (1: no n-gram is ever common)."""
 
     min_common_docs: int = 5
-    """...but only n-grams found in at least this many documents count as common."""
+    """...but only n-grams found in at least this many documents count as common (>= 1)."""
 
     remove: bool = True
     """Remove matched documents; false only reports them (then data.max_contamination applies)."""
@@ -192,7 +193,7 @@ class DataConfig:
     """Share of each (source, language) held out for evaluation, chosen by a hash of the document id."""
 
     heldout_max_docs: int = 200
-    """At most this many held-out documents per (source, language)."""
+    """At most this many held-out documents per (source, language), >= 0 (0: none held out)."""
 
     max_contamination: float = 0.0
     """Largest share of training documents still matching a benchmark after decontamination."""
@@ -234,6 +235,20 @@ class DataConfig:
             _fail("data.decontam.n", self.decontam.n, "must be >= 1")
         if not 0 < self.decontam.min_overlap <= 1:
             _fail("data.decontam.min_overlap", self.decontam.min_overlap, "must be in (0, 1]")
+        if not 0 < self.decontam.max_doc_freq <= 1:
+            _fail(
+                "data.decontam.max_doc_freq",
+                self.decontam.max_doc_freq,
+                "must be a share of the training documents, in (0, 1]",
+            )
+        if self.decontam.min_common_docs < 1:
+            _fail("data.decontam.min_common_docs", self.decontam.min_common_docs, "must be >= 1")
+        if self.heldout_max_docs < 0:
+            _fail("data.heldout_max_docs", self.heldout_max_docs, "must be >= 0 (0: hold nothing out)")
+        if self.demo.max_docs is not None and self.demo.max_docs < 1:
+            _fail("data.demo.max_docs", self.demo.max_docs, "must be >= 1, or null for all")
+        if self.demo.benchmark_items < 0:
+            _fail("data.demo.benchmark_items", self.demo.benchmark_items, "must be >= 0 (0: none)")
         if not 0 <= self.max_contamination <= 1:
             _fail("data.max_contamination", self.max_contamination, "must be in [0, 1]")
         if not 0 <= self.langid.min_score <= 1:

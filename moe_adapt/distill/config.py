@@ -282,7 +282,15 @@ class TeacherConfig:
     """How the teacher is trained on the reference solutions (an sft phase)."""
 
     def __post_init__(self) -> None:
-        for name in ("train_per_lang", "test_per_lang", "max_operand", "hidden_size", "num_layers"):
+        for name in (
+            "train_per_lang",
+            "test_per_lang",
+            "max_operand",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+        ):
             if getattr(self, name) < 1:
                 _fail(f"teacher.{name}", getattr(self, name), "must be >= 1")
         if self.hidden_size % self.num_heads:

@@ -204,6 +204,13 @@ def test_free_form_maps_still_take_new_keys(tmp_path):
         (["engine.weight_decay=nan"], r"^engine.weight_decay=nan is invalid: must be a finite number >= 0"),
         (["engine.grad_clip=inf"], r"^engine.grad_clip=inf is invalid"),
         (["engine.lr=-1"], r"^engine.lr=-1.0 is invalid: must be a finite number > 0"),
+        (["data.heldout_max_docs=-5"], r"^data.heldout_max_docs=-5 is invalid: must be >= 0"),
+        (["data.decontam.max_doc_freq=5"], r"^data.decontam.max_doc_freq=5.0 is invalid: .* in \(0, 1\]"),
+        (["data.decontam.min_common_docs=0"], r"^data.decontam.min_common_docs=0 is invalid: must be >= 1"),
+        (["data.demo.max_docs=0"], r"^data.demo.max_docs=0 is invalid: must be >= 1, or null"),
+        (["teacher.num_heads=0"], r"^teacher.num_heads=0 is invalid: must be >= 1"),
+        (["upcycle.verify_tolerance=-1"], r"^upcycle.verify_tolerance=-1.0 is invalid: must be a finite"),
+        (["init_dense.max_position_embeddings=0"], r"^init_dense.max_position_embeddings=0 is invalid"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key_set(tmp_path, overrides, message):
