@@ -221,3 +221,26 @@ def test_a_bad_value_is_one_line_naming_the_key_set(tmp_path, overrides, message
     with pytest.raises(MoEAdaptConfigError, match=message) as err:
         to_config(raw)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "data.heldout_fraction=1.5",
+            r"^data.heldout_fraction=1.5 is invalid: must be in \[0, 1\) "
+            r"\(init_dense.pretrain.heldout_fraction follows it\)$",
+        ),
+        ("data.demo.benchmark_items=-1", r"^data.demo.benchmark_items=-1 is invalid: must be >= 0"),
+        ("init_dense.pretrain.heldout_fraction=2", r"^init_dense.pretrain.heldout_fraction=2.0 is invalid"),
+        ("data.sources=[{name: '',path: x}]", r"^data.sources\[0\].name='' is invalid"),
+    ],
+)
+def test_an_error_names_the_key_the_user_set_not_the_one_that_follows_it(tmp_path, override, message):
+    """init_dense.pretrain.heldout_fraction is ${data.heldout_fraction}: a bad data.heldout_fraction is
+    refused first where it is copied, and the message must still name data.heldout_fraction."""
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    raw = compose([f"run_dir={tmp_path}", "+recipe=tiny", override])
+    with pytest.raises(MoEAdaptConfigError, match=message):
+        to_config(raw)
