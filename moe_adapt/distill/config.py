@@ -88,7 +88,9 @@ class TrainPhaseConfig:
     """Packed rows per step."""
 
     seq_len: int = 512
-    """Tokens per packed row; prompt + response examples are packed without attending to each other."""
+    """Tokens per packed row; prompt + response examples are packed without attending to each other.
+    At most the student's max_position_embeddings (and an online teacher's), checked when the stage
+    starts."""
 
     lr: float = 1e-4
     """Peak learning rate (the engine group's schedule shape, warmup then cosine to the end)."""

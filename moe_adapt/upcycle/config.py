@@ -92,7 +92,8 @@ class UpcycleConfig:
     """Number of random probe sequences for verification."""
 
     verify_seq_len: int = 32
-    """Length of each probe sequence."""
+    """Length of each probe sequence; at most the max_position_embeddings of model.dense (checked when
+    the stage starts)."""
 
     verify_tolerance: float = 1e-5
     """Largest allowed relative logit difference (max |moe - dense| / max |dense|) for exact methods;

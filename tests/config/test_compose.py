@@ -199,7 +199,10 @@ def test_free_form_maps_still_take_new_keys(tmp_path):
         (["engine.betas=[0.9]"], r"^engine.betas=\[0.9\] is invalid: give exactly two values"),
         (["engine.betas=[1.5,0.9]"], r"^engine.betas=\[1.5, 0.9\] is invalid: .* each in \[0, 1\)"),
         (["engine.betas=[0.9,-0.1]"], r"^engine.betas=\[0.9, -0.1\] is invalid"),
-        (["engine=megatron", "engine.betas=[0.9,0.95,0.99]"], r"^engine.betas=\[0.9, 0.95, 0.99\] is invalid"),
+        (
+            ["engine=megatron", "engine.betas=[0.9,0.95,0.99]"],
+            r"^engine.betas=\[0.9, 0.95, 0.99\] is invalid",
+        ),
         (["engine.eps=0"], r"^engine.eps=0.0 is invalid: must be a finite number > 0"),
         (["engine.weight_decay=nan"], r"^engine.weight_decay=nan is invalid: must be a finite number >= 0"),
         (["engine.grad_clip=inf"], r"^engine.grad_clip=inf is invalid"),
