@@ -38,3 +38,13 @@ def config_error(key: str, value: object, allowed: str) -> MoEAdaptConfigError:
 def invalid(key: str, value: object, allowed: str) -> NoReturn:
     """Raise :func:`config_error` (``KEY=VALUE is invalid: ALLOWED``)."""
     raise config_error(key, value, allowed)
+
+
+def check_path_component(key: str, value: object) -> None:
+    """Refuse a user-given name that becomes one component of a path (``run_name``, a benchmark's
+    name), so it cannot reach outside its folder: not empty, not ``.`` or ``..``, no ``/``, ``\\`` or
+    NUL. Raises the one-line :func:`invalid` error naming ``key``."""
+    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        invalid(
+            key, value, "must be a single file name: not empty, not '.' or '..', without '/', '\\' or NUL"
+        )

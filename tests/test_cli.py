@@ -80,6 +80,18 @@ def test_user_errors_are_one_line(tmp_path, args, needle):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_run_name_that_leaves_runs_is_refused_before_hydra_makes_its_folder(tmp_path):
+    """hydra.run.dir is runs/<run_name>, made before the app starts: run_name=.. would write .hydra/
+    and the log beside runs/."""
+    proc = cli("model.dense=/x", "run_name=..", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "error: run_name='..' is invalid: must be a single file name: not empty, not '.' or '..', "
+        "without '/', '\\' or NUL"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cfg_job_prints_the_resolved_config():
     proc = cli("--cfg", "job", "+recipe=tiny", "upcycle.granularity=2", "upcycle.num_experts=8")
     assert proc.returncode == 0, proc.stderr

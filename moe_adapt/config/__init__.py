@@ -20,7 +20,7 @@ from moe_adapt.engines import AutoConfig
 from moe_adapt.engines.base import EngineConfig
 from moe_adapt.engines.hf.config import HFConfig
 from moe_adapt.engines.megatron.config import MegatronConfig
-from moe_adapt.errors import MoEAdaptConfigError, config_error
+from moe_adapt.errors import MoEAdaptConfigError, check_path_component, config_error
 
 __all__ = [
     "REMOVED_KEYS",
@@ -55,6 +55,9 @@ REMOVED_KEYS = {
 def register() -> None:
     """Register the schemas and the recipes (the ``recipe`` group) with Hydra's ConfigStore. Safe to call
     more than once. Raises :class:`MoEAdaptConfigError` for a recipe that is not valid YAML."""
+    # hydra.run.dir is runs/${run_name:${run_name}}: Hydra makes that folder before the app starts, so a
+    # run_name of '..' must be refused while the folder's name is worked out, not after
+    OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=Config)
     # each option of the engine group pulls in its own schema (conf/engine/<name>.yaml's defaults), so
@@ -62,6 +65,12 @@ def register() -> None:
     for name, schema in ENGINE_SCHEMAS.items():
         store.store(group="engine_schema", name=name, node=schema)
     store_recipes()
+
+
+def _run_name(name: object) -> object:
+    """The ``run_name`` resolver: ``name`` itself, once it is known to be a single folder name."""
+    check_path_component("run_name", name)
+    return name
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -7,7 +7,7 @@ from typing import Any
 
 from moe_adapt.data.clean import UNICODE_FORMS, CleanConfig
 from moe_adapt.data.dedup import DedupConfig
-from moe_adapt.errors import invalid
+from moe_adapt.errors import check_path_component, invalid
 
 SOURCE_FORMATS = ("jsonl", "parquet", "hf_disk")
 ROLES = ("target", "english", "anchor", "sft", "other")
@@ -93,7 +93,8 @@ class BenchmarkSource:
     """A benchmark whose items must not appear in the training data."""
 
     name: str = ""
-    """Name in the contamination report."""
+    """Name in the contamination report and of the data stage's copy, benchmarks/<name>.jsonl: unique,
+    and a single file name (not empty, not '.' or '..', without '/', '\\' or NUL)."""
 
     path: str = ""
     """JSONL of {question, choices, answer} items or {text} passages."""
@@ -218,6 +219,14 @@ class DataConfig:
                 _fail(f"{key}.role", s.role, f"choose one of {', '.join(ROLES)}")
             if s.max_docs is not None and s.max_docs < 1:
                 _fail(f"{key}.max_docs", s.max_docs, "must be >= 1 or null")
+        bench_names: set[str] = set()
+        for i, b in enumerate(self.decontam.benchmarks):
+            check_path_component(f"data.decontam.benchmarks[{i}].name", b.name)
+            if b.name in bench_names:
+                _fail(f"data.decontam.benchmarks[{i}].name", b.name, "benchmark names must be unique")
+            bench_names.add(b.name)
+            if not b.path:
+                _fail(f"data.decontam.benchmarks[{i}].path", b.path, "give a local JSONL or .txt file")
         bad = [lang for lang in self.demo.languages if lang not in ("ar", "en", "he")]
         if bad:
             _fail("data.demo.languages", list(self.demo.languages), "choose from ar, en, he")

@@ -214,6 +214,19 @@ def test_free_form_maps_still_take_new_keys(tmp_path):
         (["teacher.num_heads=0"], r"^teacher.num_heads=0 is invalid: must be >= 1"),
         (["upcycle.verify_tolerance=-1"], r"^upcycle.verify_tolerance=-1.0 is invalid: must be a finite"),
         (["init_dense.max_position_embeddings=0"], r"^init_dense.max_position_embeddings=0 is invalid"),
+        (["run_name=.."], r"^run_name='..' is invalid: must be a single file name"),
+        (
+            ["data.decontam.benchmarks=[{name: ../../x, path: /b.jsonl}]"],
+            r"^data.decontam.benchmarks\[0\].name='../../x' is invalid: must be a single file name",
+        ),
+        (
+            ["data.decontam.benchmarks=[{name: b, path: /b.jsonl},{name: b, path: /c.jsonl}]"],
+            r"^data.decontam.benchmarks\[1\].name='b' is invalid: benchmark names must be unique",
+        ),
+        (
+            ["eval.benchmarks=[{name: ../../x, files: {ar: /a.jsonl}}]"],
+            r"^eval.benchmarks\[0\].name='../../x'",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_key_set(tmp_path, overrides, message):
