@@ -70,6 +70,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
         (["model.dense=/x", "upcycle.top_k=6"], "upcycle.top_k=6 is invalid: must be a multiple"),
         (["model.dense=/does/not/exist"], "model.dense=/does/not/exist does not exist"),
         ([], "model.dense is required by stage upcycle"),
+        (["model.dense=/x", "seed=-1"], "seed=-1 is invalid: must be in [0, 2**32)"),
+        (["model.dense=/x", "engine.betas=[1.5,0.9]"], "engine.betas=[1.5, 0.9] is invalid"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, needle):

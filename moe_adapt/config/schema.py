@@ -73,7 +73,8 @@ class Config:
     """Where every stage writes its artifacts. Defaults to Hydra's run dir (runs/<run_name>)."""
 
     seed: int = 0
-    """Seed for everything random (router init, drop re-initialisation, probes, demo model)."""
+    """Seed for everything random (router init, drop re-initialisation, probes, demo model); in
+    [0, 2**32) (numpy's seeds are non-negative)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The dense model."""
@@ -152,6 +153,8 @@ class Config:
                 "set report.sweep_dir=runs/<name>-multirun/<time>"
             )
         check_path_component("run_name", self.run_name)
+        if not 0 <= self.seed < 2**32:
+            _fail("seed", self.seed, "must be in [0, 2**32)")
         self._check_pretrain_is_disjoint()
 
     def _check_pretrain_is_disjoint(self) -> None:

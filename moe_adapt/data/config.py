@@ -62,8 +62,8 @@ class DemoConfig:
     """Leave the benchmark's source hadiths in the corpus, so decontamination has something to find."""
 
     seed: int = 0
-    """Seed of the demo's sampling and benchmark items; fixed (not the run seed) so that a sweep over
-    seeds evaluates every run on the same items."""
+    """Seed of the demo's sampling and benchmark items, in [0, 2**32); fixed (not the run seed) so that
+    a sweep over seeds evaluates every run on the same items."""
 
 
 @dataclass
@@ -256,6 +256,8 @@ class DataConfig:
             _fail("data.heldout_max_docs", self.heldout_max_docs, "must be >= 0 (0: hold nothing out)")
         if self.demo.max_docs is not None and self.demo.max_docs < 1:
             _fail("data.demo.max_docs", self.demo.max_docs, "must be >= 1, or null for all")
+        if not 0 <= self.demo.seed < 2**32:
+            _fail("data.demo.seed", self.demo.seed, "must be in [0, 2**32)")
         if self.demo.benchmark_items < 0:
             _fail("data.demo.benchmark_items", self.demo.benchmark_items, "must be >= 0 (0: none)")
         if not 0 <= self.max_contamination <= 1:

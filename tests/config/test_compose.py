@@ -214,6 +214,8 @@ def test_free_form_maps_still_take_new_keys(tmp_path):
         (["teacher.num_heads=0"], r"^teacher.num_heads=0 is invalid: must be >= 1"),
         (["upcycle.verify_tolerance=-1"], r"^upcycle.verify_tolerance=-1.0 is invalid: must be a finite"),
         (["init_dense.max_position_embeddings=0"], r"^init_dense.max_position_embeddings=0 is invalid"),
+        (["seed=-1"], r"^seed=-1 is invalid: must be in \[0, 2\*\*32\)$"),
+        (["data.demo.seed=-1"], r"^data.demo.seed=-1 is invalid"),
         (["run_name=.."], r"^run_name='..' is invalid: must be a single file name"),
         (
             ["data.decontam.benchmarks=[{name: ../../x, path: /b.jsonl}]"],
