@@ -83,9 +83,15 @@ def _settings_under(path: str, schema: object = None) -> list[str]:
 
 def describe(ex: BaseException) -> str | None:
     """One line for an error the user can fix, or None for anything else."""
-    if isinstance(ex, MoEAdaptError):
-        return str(ex)
     from hydra.errors import HydraException, MissingConfigException
+
+    inner: BaseException | None = ex
+    for _ in range(8):  # ours, or ours wrapped by Hydra/OmegaConf: raised in a resolver (${run_name:...})
+        if isinstance(inner, MoEAdaptError):
+            return str(inner)
+        if not isinstance(inner, HydraException | OmegaConfBaseException):
+            break
+        inner = inner.__cause__ or inner.__context__
 
     if isinstance(ex, MissingConfigException):
         options = ", ".join(ex.options or [])

@@ -70,6 +70,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
         (["model.dense=/x", "upcycle.top_k=6"], "upcycle.top_k=6 is invalid: must be a multiple"),
         (["model.dense=/does/not/exist"], "model.dense=/does/not/exist does not exist"),
         ([], "model.dense is required by stage upcycle"),
+        (["model.dense=/x", "seed=-1"], "seed=-1 is invalid: must be in [0, 2**32)"),
+        (["model.dense=/x", "engine.betas=[1.5,0.9]"], "engine.betas=[1.5, 0.9] is invalid"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, needle):
@@ -78,6 +80,18 @@ def test_user_errors_are_one_line(tmp_path, args, needle):
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == [f"error: {errors[0].removeprefix('error: ')}"] and needle in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_name_that_leaves_runs_is_refused_before_hydra_makes_its_folder(tmp_path):
+    """hydra.run.dir is runs/<run_name>, made before the app starts: run_name=.. would write .hydra/
+    and the log beside runs/."""
+    proc = cli("model.dense=/x", "run_name=..", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "error: run_name='..' is invalid: must be a single file name: not empty, not '.' or '..', "
+        "without '/', '\\' or NUL"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cfg_job_prints_the_resolved_config():

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from moe_adapt.checkpoint.router_bias import load_router_bias
 from moe_adapt.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
-from moe_adapt.errors import CheckpointError
+from moe_adapt.errors import CheckpointError, config_error
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -78,6 +78,28 @@ def warn_remote_code(path: str | Path) -> None:
         "process, with your permissions; use it only with checkpoints whose code you have read or trust",
         where,
     )
+
+
+def check_seq_len(key: str, seq_len: int, model: str | os.PathLike[str], what: str) -> None:
+    """Refuse a sequence length the model was not built for: ``seq_len`` above the
+    ``max_position_embeddings`` of ``model``'s config.json (the stages call this before training, so
+    the error is one line naming the setting, not a crash inside the model or a silent extrapolation).
+
+    ``key`` is the setting that gave ``seq_len`` (``mixture.seq_len``), ``what`` the one that names the
+    model (``cpt.init_from``). A folder without a readable config.json, or a config without the field,
+    passes: loading the model reports those.
+
+    Raises:
+        MoEAdaptConfigError: ``KEY=SEQ_LEN is invalid: must be <= max_position_embeddings=N of WHAT=PATH``.
+    """
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    limit = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and seq_len > limit:
+        allowed = f"must be <= max_position_embeddings={limit} of {what}={model} (its config.json)"
+        raise config_error(key, seq_len, allowed)
 
 
 def load_causal_lm(

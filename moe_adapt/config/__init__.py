@@ -7,6 +7,7 @@ dataclass), so every YAML file, recipe and command-line override is merged into 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,7 +20,7 @@ from moe_adapt.engines import AutoConfig
 from moe_adapt.engines.base import EngineConfig
 from moe_adapt.engines.hf.config import HFConfig
 from moe_adapt.engines.megatron.config import MegatronConfig
-from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.errors import MoEAdaptConfigError, check_path_component, config_error
 
 __all__ = [
     "REMOVED_KEYS",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 SCHEMA_NAME = "moe_adapt_schema"
+_PLAIN_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\}")
+"""An interpolation that is only a reference to another key: ``${data.heldout_fraction}``."""
 ENGINE_SCHEMAS: dict[str, type[EngineConfig]] = {
     "hf": HFConfig,
     "megatron": MegatronConfig,
@@ -52,6 +55,9 @@ REMOVED_KEYS = {
 def register() -> None:
     """Register the schemas and the recipes (the ``recipe`` group) with Hydra's ConfigStore. Safe to call
     more than once. Raises :class:`MoEAdaptConfigError` for a recipe that is not valid YAML."""
+    # hydra.run.dir is runs/${run_name:${run_name}}: Hydra makes that folder before the app starts, so a
+    # run_name of '..' must be refused while the folder's name is worked out, not after
+    OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=Config)
     # each option of the engine group pulls in its own schema (conf/engine/<name>.yaml's defaults), so
@@ -59,6 +65,12 @@ def register() -> None:
     for name, schema in ENGINE_SCHEMAS.items():
         store.store(group="engine_schema", name=name, node=schema)
     store_recipes()
+
+
+def _run_name(name: object) -> object:
+    """The ``run_name`` resolver: ``name`` itself, once it is known to be a single folder name."""
+    check_path_component("run_name", name)
+    return name
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -73,13 +85,38 @@ def to_config(cfg: DictConfig) -> Config:
         raise MoEAdaptConfigError(
             f"{e.full_key or '?'} is required: it has no default (set {e.full_key}=...)"
         ) from None
-    except MoEAdaptConfigError:
-        raise
+    except MoEAdaptConfigError as e:
+        source = _interpolated_from(cfg, e.key) if e.key else None
+        if source is None:
+            raise
+        # the value came by interpolation (init_dense.pretrain.heldout_fraction: ${data.heldout_fraction}):
+        # name the key the user set, not the one that follows it
+        raise config_error(source, e.value, f"{e.allowed} ({e.key} follows it)") from None
     except OmegaConfBaseException as e:
         msg = (e.msg or type(e).__name__).splitlines()[0]
         raise MoEAdaptConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {msg}") from None
     assert isinstance(obj, Config)
     return obj
+
+
+def _interpolated_from(cfg: DictConfig, key: str) -> str | None:
+    """The key that ``key``'s value is interpolated from (``${data.heldout_fraction}``), following a
+    chain of plain interpolations; None when ``key`` holds its own value or is not a plain dotted key."""
+    source = None
+    for _ in range(8):  # a chain of plain references; OmegaConf already refuses cycles
+        node: Any = cfg
+        try:
+            for part in key.split("."):
+                node = node._get_node(part)
+        except (AttributeError, KeyError, OmegaConfBaseException):
+            return source
+        if node is None or not node._is_interpolation():
+            return source
+        match = _PLAIN_REFERENCE.fullmatch(str(node._value()))
+        if match is None:
+            return source
+        key = source = match.group(1)
+    return source
 
 
 def _refuse_unknown_keys(node: DictConfig | ListConfig, path: str = "") -> None:

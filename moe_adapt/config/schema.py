@@ -22,7 +22,7 @@ from moe_adapt.data.config import DataConfig
 from moe_adapt.demo.config import InitDenseConfig
 from moe_adapt.distill.config import DistillConfig, TeacherConfig
 from moe_adapt.engines.base import EngineConfig
-from moe_adapt.errors import MoEAdaptConfigError, invalid
+from moe_adapt.errors import MoEAdaptConfigError, check_path_component, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
 from moe_adapt.train.config import LoggerConfig
 from moe_adapt.upcycle.config import UpcycleConfig
@@ -66,13 +66,15 @@ class Config:
     """Stages to run again even if complete (their previous output is replaced at the end)."""
 
     run_name: str = "run"
-    """Name of the run directory under runs/; re-running the same name resumes and skips done stages."""
+    """Name of the run directory under runs/; re-running the same name resumes and skips done stages.
+    A single folder name: not empty, not '.' or '..', without '/', '\\' or NUL."""
 
     run_dir: str = "${hydra:runtime.output_dir}"
-    """Where every stage writes its artifacts. Defaults to Hydra's run dir (runs/${run_name})."""
+    """Where every stage writes its artifacts. Defaults to Hydra's run dir (runs/<run_name>)."""
 
     seed: int = 0
-    """Seed for everything random (router init, drop re-initialisation, probes, demo model)."""
+    """Seed for everything random (router init, drop re-initialisation, probes, demo model); in
+    [0, 2**32) (numpy's seeds are non-negative)."""
 
     deterministic: bool = True
     """Deterministic kernels (``torch.use_deterministic_algorithms``; megatron-core's
@@ -158,8 +160,9 @@ class Config:
                 "report.sweep_dir is required by stage report: "
                 "set report.sweep_dir=runs/<name>-multirun/<time>"
             )
-        if not self.run_name or "/" in self.run_name:
-            _fail("run_name", self.run_name, "must be a non-empty name without '/'")
+        check_path_component("run_name", self.run_name)
+        if not 0 <= self.seed < 2**32:
+            _fail("seed", self.seed, "must be in [0, 2**32)")
         self._check_pretrain_is_disjoint()
 
     def _check_pretrain_is_disjoint(self) -> None:

@@ -123,7 +123,8 @@ class MixtureConfig:
     """With exhaustion=repeat: most passes over any pool; one more is an error naming the source."""
 
     seq_len: int = 2048
-    """Tokens per training sequence; the sampler yields seq_len + 1 ids (inputs and shifted labels)."""
+    """Tokens per training sequence; the sampler yields seq_len + 1 ids (inputs and shifted labels).
+    At most the max_position_embeddings of cpt.init_from, checked when the cpt stage starts."""
 
     def __post_init__(self) -> None:
         if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:

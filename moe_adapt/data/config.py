@@ -7,7 +7,7 @@ from typing import Any
 
 from moe_adapt.data.clean import UNICODE_FORMS, CleanConfig
 from moe_adapt.data.dedup import DedupConfig
-from moe_adapt.errors import invalid
+from moe_adapt.errors import check_path_component, invalid
 
 SOURCE_FORMATS = ("jsonl", "parquet", "hf_disk")
 ROLES = ("target", "english", "anchor", "sft", "other")
@@ -53,17 +53,17 @@ class DemoConfig:
     """Which demo languages to use: ar (hadith, role target), en (hadith, role english), he (Mishnah)."""
 
     max_docs: int | None = 3000
-    """Documents per language (null: all 34,177 hadiths)."""
+    """Documents per language, >= 1 (null: all 34,177 hadiths)."""
 
     benchmark_items: int = 50
-    """Parallel ar/en multiple-choice items made from held-out hadiths (0: none)."""
+    """Parallel ar/en multiple-choice items made from held-out hadiths, >= 0 (0: none)."""
 
     plant_benchmark: bool = True
     """Leave the benchmark's source hadiths in the corpus, so decontamination has something to find."""
 
     seed: int = 0
-    """Seed of the demo's sampling and benchmark items; fixed (not the run seed) so that a sweep over
-    seeds evaluates every run on the same items."""
+    """Seed of the demo's sampling and benchmark items, in [0, 2**32); fixed (not the run seed) so that
+    a sweep over seeds evaluates every run on the same items."""
 
 
 @dataclass
@@ -93,7 +93,8 @@ class BenchmarkSource:
     """A benchmark whose items must not appear in the training data."""
 
     name: str = ""
-    """Name in the contamination report."""
+    """Name in the contamination report and of the data stage's copy, benchmarks/<name>.jsonl: unique,
+    and a single file name (not empty, not '.' or '..', without '/', '\\' or NUL)."""
 
     path: str = ""
     """JSONL of {question, choices, answer} items or {text} passages."""
@@ -119,10 +120,11 @@ class DecontamConfig:
     """Match on a single shared n-gram instead (aggressive)."""
 
     max_doc_freq: float = 0.001
-    """Ignore n-grams found in more than this share of training documents (formulaic openings)."""
+    """Ignore n-grams found in more than this share of training documents (formulaic openings): a
+    fraction in (0, 1] (1: no n-gram is ever common)."""
 
     min_common_docs: int = 5
-    """...but only n-grams found in at least this many documents count as common."""
+    """...but only n-grams found in at least this many documents count as common (>= 1)."""
 
     remove: bool = True
     """Remove matched documents; false only reports them (then data.max_contamination applies)."""
@@ -192,7 +194,7 @@ class DataConfig:
     """Share of each (source, language) held out for evaluation, chosen by a hash of the document id."""
 
     heldout_max_docs: int = 200
-    """At most this many held-out documents per (source, language)."""
+    """At most this many held-out documents per (source, language), >= 0 (0: none held out)."""
 
     max_contamination: float = 0.0
     """Largest share of training documents still matching a benchmark after decontamination."""
@@ -217,6 +219,14 @@ class DataConfig:
                 _fail(f"{key}.role", s.role, f"choose one of {', '.join(ROLES)}")
             if s.max_docs is not None and s.max_docs < 1:
                 _fail(f"{key}.max_docs", s.max_docs, "must be >= 1 or null")
+        bench_names: set[str] = set()
+        for i, b in enumerate(self.decontam.benchmarks):
+            check_path_component(f"data.decontam.benchmarks[{i}].name", b.name)
+            if b.name in bench_names:
+                _fail(f"data.decontam.benchmarks[{i}].name", b.name, "benchmark names must be unique")
+            bench_names.add(b.name)
+            if not b.path:
+                _fail(f"data.decontam.benchmarks[{i}].path", b.path, "give a local JSONL or .txt file")
         bad = [lang for lang in self.demo.languages if lang not in ("ar", "en", "he")]
         if bad:
             _fail("data.demo.languages", list(self.demo.languages), "choose from ar, en, he")
@@ -234,6 +244,22 @@ class DataConfig:
             _fail("data.decontam.n", self.decontam.n, "must be >= 1")
         if not 0 < self.decontam.min_overlap <= 1:
             _fail("data.decontam.min_overlap", self.decontam.min_overlap, "must be in (0, 1]")
+        if not 0 < self.decontam.max_doc_freq <= 1:
+            _fail(
+                "data.decontam.max_doc_freq",
+                self.decontam.max_doc_freq,
+                "must be a share of the training documents, in (0, 1]",
+            )
+        if self.decontam.min_common_docs < 1:
+            _fail("data.decontam.min_common_docs", self.decontam.min_common_docs, "must be >= 1")
+        if self.heldout_max_docs < 0:
+            _fail("data.heldout_max_docs", self.heldout_max_docs, "must be >= 0 (0: hold nothing out)")
+        if self.demo.max_docs is not None and self.demo.max_docs < 1:
+            _fail("data.demo.max_docs", self.demo.max_docs, "must be >= 1, or null for all")
+        if not 0 <= self.demo.seed < 2**32:
+            _fail("data.demo.seed", self.demo.seed, "must be in [0, 2**32)")
+        if self.demo.benchmark_items < 0:
+            _fail("data.demo.benchmark_items", self.demo.benchmark_items, "must be >= 0 (0: none)")
         if not 0 <= self.max_contamination <= 1:
             _fail("data.max_contamination", self.max_contamination, "must be in [0, 1]")
         if not 0 <= self.langid.min_score <= 1:

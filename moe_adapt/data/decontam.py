@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import unicodedata
 from collections import Counter
@@ -37,6 +38,8 @@ from moe_adapt.data.clean import normalize_arabic, strip_bidi_controls, strip_he
 from moe_adapt.data.jsonl import ReadStats, read_documents, write_documents
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 _WORD_RE = re.compile(r"[^\W_]+")
 
@@ -119,7 +122,8 @@ def item_text(obj: dict[str, Any]) -> str:
 def load_benchmark(path: str | Path) -> list[BenchmarkItem]:
     """Read benchmark items: JSONL ({question, choices, answer} or {text}) or .txt (one item per line).
 
-    Unreadable lines are skipped; a file with no usable item raises :class:`MoEAdaptError`.
+    Unreadable lines (not UTF-8, not a JSON object, too long) are skipped and counted in a warning
+    naming the file; a file with no usable item raises :class:`MoEAdaptError`.
     """
     path = Path(path)
     items: list[BenchmarkItem] = []
@@ -137,6 +141,9 @@ def load_benchmark(path: str | Path) -> list[BenchmarkItem]:
             for i, obj in enumerate(read_documents(path, text_key="text")):
                 if "question" not in obj:
                     items.append(BenchmarkItem(str(obj.get("id", f"{path.stem}/t{i}")), item_text(obj)))
+        unreadable = stats.invalid_utf8 + stats.invalid_json + stats.too_long
+        if unreadable:
+            log.warning("benchmark %s: skipped %d of %d lines as unreadable", path, unreadable, stats.lines)
     if not items:
         raise MoEAdaptError(
             f"benchmark {path} has no usable items (expected JSONL with 'question' or 'text', or a .txt file)"

@@ -129,7 +129,14 @@ class InitDenseConfig:
         families = ("llama", "mistral", "qwen2", "qwen3")
         if self.family not in families:
             _fail("init_dense.family", self.family, f"choose one of {', '.join(families)}")
-        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
                 _fail(f"init_dense.{name}", getattr(self, name), "must be >= 1")
         if self.vocab_size < 259:

@@ -88,7 +88,9 @@ class TrainPhaseConfig:
     """Packed rows per step."""
 
     seq_len: int = 512
-    """Tokens per packed row; prompt + response examples are packed without attending to each other."""
+    """Tokens per packed row; prompt + response examples are packed without attending to each other.
+    At most the student's max_position_embeddings (and an online teacher's), checked when the stage
+    starts."""
 
     lr: float = 1e-4
     """Peak learning rate (the engine group's schedule shape, warmup then cosine to the end)."""
@@ -282,7 +284,15 @@ class TeacherConfig:
     """How the teacher is trained on the reference solutions (an sft phase)."""
 
     def __post_init__(self) -> None:
-        for name in ("train_per_lang", "test_per_lang", "max_operand", "hidden_size", "num_layers"):
+        for name in (
+            "train_per_lang",
+            "test_per_lang",
+            "max_operand",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+        ):
             if getattr(self, name) < 1:
                 _fail(f"teacher.{name}", getattr(self, name), "must be >= 1")
         if self.hidden_size % self.num_heads:

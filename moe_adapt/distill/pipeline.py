@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from moe_adapt.checkpoint.hf import check_seq_len
 from moe_adapt.data.jsonl import write_documents
 from moe_adapt.distill.accuracy import evaluate_accuracy
 from moe_adapt.distill.config import SELECT_KD_DEFAULT_THETA, TRAINING_PHASES, DistillConfig
@@ -55,6 +56,12 @@ def _check_inputs(d: DistillConfig) -> None:
         _checkpoint_dir(d.teacher, "distill.teacher")
     if phases & set(TRAINING_PHASES):
         _checkpoint_dir(d.student, "distill.student")
+    for name in (p for p in TRAINING_PHASES if p in phases):
+        # each training phase starts from the one before, all from the student (same positions)
+        seq_len = getattr(d, name).seq_len
+        check_seq_len(f"distill.{name}.seq_len", seq_len, d.student or "", "distill.student")
+        if name in online:
+            check_seq_len(f"distill.{name}.seq_len", seq_len, d.teacher or "", "distill.teacher")
     kd_topk = [p for p in ("token_kd", "select_kd") if p in phases and getattr(d, p).teacher == "topk"]
     if kd_topk and "generate" in phases and d.generate.store_topk == 0:
         raise MoEAdaptConfigError(

@@ -80,14 +80,14 @@ class EngineConfig:
     max_steps); null keeps lr constant after warmup."""
 
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    """AdamW betas: exactly two values (first and second moment), each in [0, 1)."""
 
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon: a finite number > 0."""
 
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay (applied to matrices only, not to norms, biases or routers' 1-d
-    parameters)."""
+    """AdamW decoupled weight decay, a finite number >= 0 (applied to matrices only, not to norms,
+    biases or routers' 1-d parameters)."""
 
     grad_clip: float | None = 1.0
     """Clip the global gradient L2 norm to this value; null: no clipping (the norm is still reported)."""
@@ -133,11 +133,16 @@ class EngineConfig:
             fail("warmup_steps", self.warmup_steps, "must be >= 0")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
             fail("decay_steps", self.decay_steps, f"must be > warmup_steps={self.warmup_steps}, or null")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            fail("grad_clip", self.grad_clip, "must be > 0, or null for no clipping")
+        betas = list(self.betas)
+        if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+            fail("betas", betas, "give exactly two values [beta1, beta2], each in [0, 1)")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            fail("eps", self.eps, "must be a finite number > 0")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            fail("grad_clip", self.grad_clip, "must be a finite number > 0, or null for no clipping")
         for key in ("aux_loss_coef", "z_loss_coef", "l2_anchor_coef", "kl_anchor_coef", "weight_decay"):
-            if getattr(self, key) < 0:
-                fail(key, getattr(self, key), "must be >= 0")
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                fail(key, getattr(self, key), "must be a finite number >= 0")
         if self.kl_anchor_coef > 0 and not self.reference:
             fail("reference", self.reference, "set a reference checkpoint folder when kl_anchor_coef > 0")
         if self.dtype not in DTYPES:

@@ -46,7 +46,8 @@ class BenchmarkEntry:
     """Label used in metric names (``<model>/<name>.acc_<lang>``); letters, digits, _.-"""
 
     files: dict[str, str] = field(default_factory=dict)
-    """Language code -> JSONL file, one item a line: {id, source_key, question, choices, answer}."""
+    """Language code -> JSONL file, one item a line: {id, source_key, question, choices, answer}.
+    Malformed lines are skipped with a warning; a file with more than half of them bad is refused."""
 
     parallel_key: str = "source_key"
     """Item field that pairs the versions of one question across languages (bilingual metrics)."""

@@ -303,15 +303,6 @@ def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
             lang: load_mc_items(f, parallel_key=bench.parallel_key, key=f"eval.benchmarks[{i}].files.{lang}")
             for lang, f in bench.files.items()
         }
-        for lang, mc in benches[bench.name].items():
-            if mc.malformed:
-                log.warning(
-                    "eval: %s_%s: skipped %d malformed item(s) (%s)",
-                    bench.name,
-                    lang,
-                    mc.malformed,
-                    "; ".join(mc.examples[:2]),
-                )
     results: dict[str, Any] = {"models": {}}
     if heldout is not None:
         results["heldout"] = {

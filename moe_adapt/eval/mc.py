@@ -4,7 +4,10 @@ Each item is a JSONL line ``{"id", "source_key", "question", "choices": [...], "
 The score of choice ``c`` is ``sum_t log p(cont_t | question, cont_<t)`` over the tokens of
 ``delimiter + c`` (the question is encoded with the tokenizer's special tokens, the continuation
 without). The pick is the arg-max; ``acc_norm`` picks by score per character of the choice
-(lm-eval's ``acc_norm``). Malformed lines are counted and skipped, never fatal.
+(lm-eval's ``acc_norm``). Malformed lines are counted, skipped and warned about (the file and the first
+bad line); a file with no good item, or with more than :data:`MAX_MALFORMED_SHARE` of its lines bad,
+is refused: it is most likely not a benchmark of this format, and a score on what is left would not
+be the benchmark's.
 
 Tensor legend: ``B`` batch of (item, choice) requests, ``T`` time, ``V`` vocabulary.
 ``input_ids_BT``, ``attention_mask_BT``, ``cont_mask_BT`` (continuation targets), ``logprobs_BTV``.
@@ -26,7 +29,11 @@ from tqdm.auto import tqdm
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.eval.lm import target_logprobs
 
-__all__ = ["MCItem", "MCSet", "ScoredItem", "load_mc_items", "score_items"]
+__all__ = ["MAX_MALFORMED_SHARE", "MCItem", "MCSet", "ScoredItem", "load_mc_items", "score_items"]
+
+MAX_MALFORMED_SHARE = 0.5
+"""Largest share of a benchmark file's non-empty lines that may be malformed; above it the file is
+refused (a few bad lines are skipped with a warning, a file mostly of bad lines is not a benchmark)."""
 
 Encode = Callable[[str, bool], list[int]]
 """``encode(text, add_special_tokens) -> token ids``."""
@@ -105,11 +112,19 @@ def _check_item(obj: Any, parallel_key: str) -> tuple[MCItem | None, str]:
     return MCItem(str(item_id), question, tuple(choices), answer, pair_key), ""
 
 
-def load_mc_items(path: str | Path, *, parallel_key: str = "source_key", key: str = "file") -> MCSet:
-    """Read a JSONL benchmark file; malformed lines are counted in ``malformed`` and skipped.
+def load_mc_items(
+    path: str | Path,
+    *,
+    parallel_key: str = "source_key",
+    key: str = "file",
+    max_malformed_share: float = MAX_MALFORMED_SHARE,
+) -> MCSet:
+    """Read a JSONL benchmark file; malformed lines are counted in ``malformed``, skipped, and logged
+    in one warning naming the file, the count and the first bad line.
 
     Raises:
-        MoEAdaptError: naming ``key`` when the file does not exist or cannot be read.
+        MoEAdaptError: naming ``key`` when the file does not exist or cannot be read, holds no
+            well-formed item, or more than ``max_malformed_share`` of its non-empty lines are malformed.
     """
     p = Path(path)
     if not p.is_file():
@@ -138,6 +153,25 @@ def load_mc_items(path: str | Path, *, parallel_key: str = "source_key", key: st
             continue
         seen.add(item.id)
         out.items.append(item)
+    lines_used = len(out.items) + out.malformed
+    first = out.examples[0] if out.examples else ""
+    if not out.items:
+        why = f"all {out.malformed} lines are malformed (first: {first})" if out.malformed else "it is empty"
+        raise MoEAdaptError(f"{key}={str(p)!r} holds no multiple-choice item: {why}")
+    if out.malformed > max_malformed_share * lines_used:
+        raise MoEAdaptError(
+            f"{key}={str(p)!r}: {out.malformed} of {lines_used} lines are malformed, more than "
+            f"{max_malformed_share:.0%} (first: {first}); fix the file or check its format"
+        )
+    if out.malformed:
+        log.warning(
+            "%s=%r: skipped %d of %d lines as malformed (first: %s)",
+            key,
+            str(p),
+            out.malformed,
+            lines_used,
+            first,
+        )
     return out
 
 

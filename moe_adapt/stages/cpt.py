@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from moe_adapt.checkpoint.hf import check_seq_len
 from moe_adapt.cpt.heldout import HeldoutLossCallback, eval_model, forgetting_report, log_forgetting
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json
@@ -57,6 +58,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
     if not c.shards or not Path(c.shards, "manifest.json").is_file():
         raise MoEAdaptConfigError(f"cpt.shards={c.shards!r} has no manifest.json (run the data stage first)")
+    check_seq_len("mixture.seq_len", cfg.mixture.seq_len, c.init_from, "cpt.init_from")
     dist = ctx.dist
     if c.batch_size % dist.world_size:
         raise MoEAdaptConfigError(

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from moe_adapt.checkpoint.hf import check_seq_len
 from moe_adapt.config.schema import Config
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.fs import atomic_write_json
@@ -29,6 +30,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ucfg = cfg.upcycle
     assert cfg.model.dense is not None  # Config checks it when the upcycle stage is selected
     up = Upcycler(cfg.model.dense, ucfg, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+    if ucfg.verify != VerifyMode.none:  # before the conversion, not after it
+        check_seq_len("upcycle.verify_seq_len", ucfg.verify_seq_len, cfg.model.dense, "model.dense")
     try:
         log.info(
             "upcycle: %s -> %s, %s", up.source_config.model_type, up.layout.model_type, ucfg.method.value

@@ -5,6 +5,7 @@ Every field carries a docstring: this file is the reference for ``conf/upcycle/*
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -91,10 +92,12 @@ class UpcycleConfig:
     """Number of random probe sequences for verification."""
 
     verify_seq_len: int = 32
-    """Length of each probe sequence."""
+    """Length of each probe sequence; at most the max_position_embeddings of model.dense (checked when
+    the stage starts)."""
 
     verify_tolerance: float = 1e-5
-    """Largest allowed relative logit difference (max |moe - dense| / max |dense|) for exact methods."""
+    """Largest allowed relative logit difference (max |moe - dense| / max |dense|) for exact methods;
+    a finite number >= 0."""
 
     def __post_init__(self) -> None:
         key = "upcycle"
@@ -176,6 +179,8 @@ class UpcycleConfig:
             _fail(f"{key}.dtype", self.dtype, f"choose one of {', '.join(dtypes)}")
         if self.router_init_std <= 0:
             _fail(f"{key}.router_init_std", self.router_init_std, "must be > 0")
+        if not (self.verify_tolerance >= 0 and math.isfinite(self.verify_tolerance)):
+            _fail(f"{key}.verify_tolerance", self.verify_tolerance, "must be a finite number >= 0")
         if self.max_shard_mb < 1:
             _fail(f"{key}.max_shard_mb", self.max_shard_mb, "must be >= 1")
         if self.verify_probes < 1 or self.verify_seq_len < 1:

@@ -191,3 +191,74 @@ def test_a_key_added_with_plus_that_no_schema_declares_is_refused(tmp_path, over
 def test_free_form_maps_still_take_new_keys(tmp_path):
     raw = compose([f"run_dir={tmp_path}", "model.dense=/m", "+cpt.forgetting_bound.en=0.2"])
     assert to_config(raw).cpt.forgetting_bound == {"en": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["engine.betas=[0.9]"], r"^engine.betas=\[0.9\] is invalid: give exactly two values"),
+        (["engine.betas=[1.5,0.9]"], r"^engine.betas=\[1.5, 0.9\] is invalid: .* each in \[0, 1\)"),
+        (["engine.betas=[0.9,-0.1]"], r"^engine.betas=\[0.9, -0.1\] is invalid"),
+        (
+            ["engine=megatron", "engine.betas=[0.9,0.95,0.99]"],
+            r"^engine.betas=\[0.9, 0.95, 0.99\] is invalid",
+        ),
+        (["engine.eps=0"], r"^engine.eps=0.0 is invalid: must be a finite number > 0"),
+        (["engine.weight_decay=nan"], r"^engine.weight_decay=nan is invalid: must be a finite number >= 0"),
+        (["engine.grad_clip=inf"], r"^engine.grad_clip=inf is invalid"),
+        (["engine.lr=-1"], r"^engine.lr=-1.0 is invalid: must be a finite number > 0"),
+        (["data.heldout_max_docs=-5"], r"^data.heldout_max_docs=-5 is invalid: must be >= 0"),
+        (["data.decontam.max_doc_freq=5"], r"^data.decontam.max_doc_freq=5.0 is invalid: .* in \(0, 1\]"),
+        (["data.decontam.min_common_docs=0"], r"^data.decontam.min_common_docs=0 is invalid: must be >= 1"),
+        (["data.demo.max_docs=0"], r"^data.demo.max_docs=0 is invalid: must be >= 1, or null"),
+        (["teacher.num_heads=0"], r"^teacher.num_heads=0 is invalid: must be >= 1"),
+        (["upcycle.verify_tolerance=-1"], r"^upcycle.verify_tolerance=-1.0 is invalid: must be a finite"),
+        (["init_dense.max_position_embeddings=0"], r"^init_dense.max_position_embeddings=0 is invalid"),
+        (["seed=-1"], r"^seed=-1 is invalid: must be in \[0, 2\*\*32\)$"),
+        (["data.demo.seed=-1"], r"^data.demo.seed=-1 is invalid"),
+        (["run_name=.."], r"^run_name='..' is invalid: must be a single file name"),
+        (
+            ["data.decontam.benchmarks=[{name: ../../x, path: /b.jsonl}]"],
+            r"^data.decontam.benchmarks\[0\].name='../../x' is invalid: must be a single file name",
+        ),
+        (
+            ["data.decontam.benchmarks=[{name: b, path: /b.jsonl},{name: b, path: /c.jsonl}]"],
+            r"^data.decontam.benchmarks\[1\].name='b' is invalid: benchmark names must be unique",
+        ),
+        (
+            ["eval.benchmarks=[{name: ../../x, files: {ar: /a.jsonl}}]"],
+            r"^eval.benchmarks\[0\].name='../../x'",
+        ),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_key_set(tmp_path, overrides, message):
+    """Values that used to compose and then crash (or silently do nothing) in a stage fail here."""
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    raw = compose([f"run_dir={tmp_path}", "model.dense=/m", *overrides])
+    with pytest.raises(MoEAdaptConfigError, match=message) as err:
+        to_config(raw)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "data.heldout_fraction=1.5",
+            r"^data.heldout_fraction=1.5 is invalid: must be in \[0, 1\) "
+            r"\(init_dense.pretrain.heldout_fraction follows it\)$",
+        ),
+        ("data.demo.benchmark_items=-1", r"^data.demo.benchmark_items=-1 is invalid: must be >= 0"),
+        ("init_dense.pretrain.heldout_fraction=2", r"^init_dense.pretrain.heldout_fraction=2.0 is invalid"),
+        ("data.sources=[{name: '',path: x}]", r"^data.sources\[0\].name='' is invalid"),
+    ],
+)
+def test_an_error_names_the_key_the_user_set_not_the_one_that_follows_it(tmp_path, override, message):
+    """init_dense.pretrain.heldout_fraction is ${data.heldout_fraction}: a bad data.heldout_fraction is
+    refused first where it is copied, and the message must still name data.heldout_fraction."""
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    raw = compose([f"run_dir={tmp_path}", "+recipe=tiny", override])
+    with pytest.raises(MoEAdaptConfigError, match=message):
+        to_config(raw)

@@ -88,14 +88,16 @@ def test_deterministic() -> None:
     assert a.report == b.report
 
 
-def test_load_benchmark_formats(tmp_path: Path) -> None:
+def test_load_benchmark_formats(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     mc = tmp_path / "mc.jsonl"
     rows = [
         {"id": "m1", "question": "Who wrote it?", "choices": ["A", "B wrote"], "answer": 1},
         {"text": "a free text passage"},
     ]
     mc.write_text("\n".join(json.dumps(r) for r in rows) + "\n{bad\n", encoding="utf-8")
-    items = load_benchmark(mc)
+    with caplog.at_level("WARNING", logger="moe_adapt.data.decontam"):
+        items = load_benchmark(mc)
+    assert [r.getMessage() for r in caplog.records] == [f"benchmark {mc}: skipped 1 of 3 lines as unreadable"]
     assert [i.id for i in items] == ["m1", "mc/t0"]
     assert items[0].text == "Who wrote it?\nB wrote"
     assert item_text({"question": "q", "choices": ["x", "y"]}) == "q\nx\ny"

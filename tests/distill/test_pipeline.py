@@ -158,6 +158,19 @@ def test_bad_input(lm_factory, prompt_files, tmp_path) -> None:
     fails("generate .* must come before", "distill.phases=[seq_kd]")
     other = lm_factory("llama", seed=1, vocab_texts=("a completely different tokenizer text",) * 50)
     fails("same tokenizer", f"distill.teacher={other}", "distill.token_kd.teacher=online")
+    student = lm_factory("qwen3_moe")
+    fails(
+        rf"^distill.seq_kd.seq_len=1024 is invalid: must be <= max_position_embeddings=512 of "
+        rf"distill.student={student} \(its config.json\)$",
+        "distill.seq_kd.seq_len=1024",
+    )
+    short = lm_factory("llama", max_position_embeddings=256)
+    fails(
+        r"^distill.token_kd.seq_len=300 is invalid: .*=256 of distill.teacher=",
+        f"distill.teacher={short}",
+        "distill.token_kd.teacher=online",
+        "distill.token_kd.seq_len=300",
+    )
 
 
 def test_offline_kd_without_top_k_is_an_error(lm_factory) -> None:

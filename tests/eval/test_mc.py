@@ -29,7 +29,7 @@ def test_malformed_lines_are_counted(tmp_path: Path) -> None:
     ]
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(lines), encoding="utf-8")
-    mc = load_mc_items(path)
+    mc = load_mc_items(path, max_malformed_share=1.0)  # 7 of 9 bad: refused by default (see below)
     assert [i.id for i in mc.items] == ["a", "f"] and mc.items[1].pair_key is None
     assert mc.malformed == 7 and len(mc.examples) == 5
     assert mc.examples[0].startswith("line 2: invalid JSON")
@@ -66,3 +66,25 @@ def test_batched_scores_match_single(checkpoints: dict[str, Path]) -> None:
     want = sum(float(logp[len(ctx) - 1 + t, cont[t]]) for t in range(len(cont)))
     assert math.isclose(batched[0].loglik[0], want, abs_tol=1e-4)
     assert batched[0].pick == max(range(3), key=lambda c: batched[0].loglik[c])
+
+
+def test_bad_lines_are_warned_about_and_a_mostly_bad_file_is_refused(tmp_path: Path, caplog) -> None:
+    good = {"source_key": "k", "question": "q?", "choices": ["x", "y"], "answer": 1}
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join([json.dumps({**good, "id": str(i)}) for i in range(3)] + ["{oops"]), "utf-8")
+    with caplog.at_level("WARNING", logger="moe_adapt.eval"):
+        assert load_mc_items(path, key="eval.benchmarks[0].files.ar").malformed == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"eval.benchmarks[0].files.ar={str(path)!r}: skipped 1 of 4 lines as malformed "
+        "(first: line 4: invalid JSON (Expecting property name enclosed in double quotes))"
+    ]
+    path.write_text("\n".join([json.dumps({**good, "id": "a"}), "x", "y"]), "utf-8")
+    with pytest.raises(
+        MoEAdaptError, match=r"^f='.*b.jsonl': 2 of 3 lines are malformed, more than 50% \(first: line 2"
+    ):
+        load_mc_items(path, key="f")
+    path.write_text("x\n\n[1]\n", "utf-8")
+    with pytest.raises(
+        MoEAdaptError, match=r"holds no multiple-choice item: all 2 lines are malformed \(first: line 1"
+    ):
+        load_mc_items(path, key="f")

@@ -168,6 +168,10 @@ def test_separate_processes_at_two_threads_give_bit_identical_runs_even_when_kil
         ("engine=megatron", "the megatron engine needs CUDA"),
         ("cpt.init_from=/nowhere", "cpt.init_from='/nowhere' is not an HF checkpoint folder"),
         ("cpt.max_steps=0", "cpt.max_steps=0 is invalid"),
+        (
+            "mixture.seq_len=4096",
+            r"mixture.seq_len=4096 is invalid: must be <= max_position_embeddings=2048 of cpt.init_from=",
+        ),
     ],
 )
 def test_cpt_config_errors(upcycled, tmp_path, override, message):
