@@ -6,12 +6,70 @@ Every field carries a docstring: this file is the reference for ``conf/upcycle/*
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from moe_adapt.errors import invalid
+from moe_adapt.errors import MoEAdaptConfigError, config_error, invalid
 
 _fail = invalid
+
+
+LOW_PRECISION = ("bfloat16", "float16")
+"""Output dtypes in which multiplying a weight by an integer other than a power of two rounds it
+(fp32 rounds too, by at most half an fp32 ulp: within the logit check's fp32 noise)."""
+
+
+def is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def down_scale_rounds(granularity: int, shared_experts: int, dtype: str) -> bool:
+    """Whether the routed experts' down projections, multiplied by ``S = granularity - shared_experts``
+    (the router weights each of a copy's ``S`` shards ``1/S``), round in ``dtype``: in bfloat16 and
+    float16 only a power of two is an exact factor (barring overflow)."""
+    return dtype in LOW_PRECISION and not is_power_of_two(granularity - shared_experts)
+
+
+def down_scale_error(
+    granularity: int,
+    shared_experts: int,
+    dtype: str,
+    dtype_from: str,
+    fits: Callable[[int], bool] = lambda g: True,
+    shared_ok: bool = True,
+) -> MoEAdaptConfigError:
+    """The one-line refusal of a routed-shard count ``S`` that is not exact in ``dtype``.
+
+    ``dtype_from`` says where the dtype comes from (``upcycle.dtype=bfloat16``, or the dense checkpoint);
+    ``fits(g)`` whether granularity ``g`` divides the FFN width (to suggest only valid ones);
+    ``shared_ok`` whether changing shared_experts is a fix to suggest (the target has a shared expert).
+    """
+    s = granularity - shared_experts
+    powers = [2**i for i in range(12)]
+    grans = sorted(
+        (g for g in (shared_experts + p for p in powers) if fits(g)), key=lambda g: abs(g - granularity)
+    )
+    fixes = [" or ".join(f"upcycle.granularity={g}" for g in sorted(grans[:2]))] if grans else []
+    if shared_ok and shared_experts:
+        shared = sorted(
+            (n for n in (granularity - p for p in powers if p <= granularity) if n >= 0),
+            key=lambda n: abs(n - shared_experts),
+        )
+        fixes.append(" or ".join(f"upcycle.shared_experts={n}" for n in sorted(shared[:2])))
+    setting = (
+        f"granularity - shared_experts = {granularity} - {shared_experts}"
+        if shared_experts
+        else "granularity"
+    )
+    return config_error(
+        "upcycle.granularity",
+        granularity,
+        f"x{s} is not exact in {dtype} ({dtype_from}): the router weights each of a copy's {s} routed shards "
+        f"1/{s}, so their down projections are multiplied by {setting} = {s}, and only a power of two "
+        f"multiplies {dtype} weights exactly; use {', '.join([*fixes, 'upcycle.dtype=float32'])}, "
+        "or set upcycle.allow_inexact=true",
+    )
 
 
 class UpcycleMethod(str, Enum):
@@ -53,7 +111,9 @@ class UpcycleConfig:
     (granularity - shared_experts). Default: one full copy (granularity - shared_experts)."""
 
     granularity: int = 1
-    """Shards the dense FFN is split into; must divide the FFN width. copy requires 1."""
+    """Shards the dense FFN is split into; must divide the FFN width. copy requires 1. With bfloat16 or
+    float16 weights, granularity - shared_experts must be a power of two for exactness (the routed down
+    projections are multiplied by it; see docs/upcycle.md)."""
 
     shared_experts: int = 0
     """Shards (of granularity) that become an always-on shared expert (Qwen2-MoE layout only)."""
@@ -79,7 +139,9 @@ class UpcycleConfig:
     """Standard deviation of the normal router initialisation."""
 
     dtype: str = "auto"
-    """Weights dtype of the output: auto (the dense checkpoint's), float32, bfloat16 or float16."""
+    """Weights dtype of the output: auto (the dense checkpoint's), float32, bfloat16 or float16. A dtype
+    narrower than the checkpoint's rounds its weights once: the MoE then equals the dense model with its
+    weights rounded to this dtype. float32 keeps any granularity exact for a bf16/fp16 checkpoint."""
 
     max_shard_mb: int = 2048
     """Largest output safetensors file, in MiB; larger models are written as several shards + index."""
@@ -177,6 +239,15 @@ class UpcycleConfig:
         dtypes = ("auto", "float32", "bfloat16", "float16")
         if self.dtype not in dtypes:
             _fail(f"{key}.dtype", self.dtype, f"choose one of {', '.join(dtypes)}")
+        # after dtype is checked; drop_ratio > 0 is inexact anyway
+        if (
+            down_scale_rounds(self.granularity, self.shared_experts, self.dtype)
+            and not self.allow_inexact
+            and self.drop_ratio == 0
+        ):
+            raise down_scale_error(
+                self.granularity, self.shared_experts, self.dtype, f"upcycle.dtype={self.dtype}"
+            )
         if self.router_init_std <= 0:
             _fail(f"{key}.router_init_std", self.router_init_std, "must be > 0")
         if not (self.verify_tolerance >= 0 and math.isfinite(self.verify_tolerance)):

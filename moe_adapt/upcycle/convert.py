@@ -26,7 +26,7 @@ from moe_adapt.checkpoint.hf import DTYPES, HFCheckpoint
 from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.upcycle import copy, drop, fine_grained
-from moe_adapt.upcycle.config import UpcycleConfig, UpcycleMethod
+from moe_adapt.upcycle.config import UpcycleConfig, UpcycleMethod, down_scale_error, down_scale_rounds
 from moe_adapt.upcycle.experts import FFN, LayerExperts, Method, derive_seed, generator
 from moe_adapt.upcycle.layouts import (
     DENSE_FFN,
@@ -103,6 +103,11 @@ class Upcycler:
                 f"exactly: "
                 f"{'; '.join(self.inexact)}. Choose another upcycle.target or set upcycle.allow_inexact=true"
             )
+        expert_dtype = str(self._out_dtype(self.src.info(DENSE_FFN["gate"].format(layer=0)).dtype))
+        self.scale_rounding = self._scale_rounding(expert_dtype.removeprefix("torch."), ffn_width)
+        if self.scale_rounding is not None and not cfg.allow_inexact and cfg.drop_ratio == 0:
+            raise self.scale_rounding
+        self.rounded_to = self._rounded_to()
         self._layer_cache: tuple[int, LayerExperts] | None = None
         self._expert_cache: tuple[int, int, FFN] | None = None
 
@@ -152,10 +157,49 @@ class Upcycler:
             )
         return reasons
 
+    def _scale_rounding(self, dtype: str, ffn_width: int) -> MoEAdaptConfigError | None:
+        """The refusal when the routed down projections' factor ``S`` rounds ``dtype`` weights, else None.
+
+        Each of a copy's ``S`` routed shards gets router weight ``1/S`` (renormalised top-k over equal
+        logits, in every target), and no target can move that factor elsewhere: routers have no bias,
+        a constant logit offset cancels in the renormalisation, and Qwen2-MoE's shared-expert gate
+        only gates the shared expert. So the factor ``S`` sits in the weights, where bfloat16/float16
+        hold it exactly only for a power of two (docs/upcycle.md, "Exactness in bfloat16").
+        """
+        sz = self.sizing
+        if not down_scale_rounds(sz.granularity, sz.shared, dtype):
+            return None
+        source = f"upcycle.dtype={self.cfg.dtype}" if self.cfg.dtype != "auto" else f"model.dense is {dtype}"
+        return down_scale_error(
+            sz.granularity,
+            sz.shared,
+            dtype,
+            source,
+            fits=lambda g: g >= 1 and ffn_width % g == 0,
+            shared_ok=self.layout.has_shared_expert,
+        )
+
+    def _rounded_to(self) -> str | None:
+        """The output dtype when writing in it rounds some dense weight (``upcycle.dtype`` narrower than
+        the checkpoint's); then the MoE equals the dense model with its weights rounded to that dtype."""
+        if self.cfg.dtype == "auto":
+            return None
+        out = DTYPES[self.cfg.dtype]
+        for _, info in self.src.index.values():
+            if info.dtype != out and not (out.is_floating_point and out.itemsize > info.dtype.itemsize):
+                return self.cfg.dtype
+        return None
+
     @property
     def exact(self) -> bool:
-        """Whether the written model should equal the dense one (exact method, expressible target)."""
-        return not self.inexact and (self.cfg.method != UpcycleMethod.drop or self.cfg.drop_ratio == 0)
+        """Whether the written model should equal the dense one (exact method, expressible target, a
+        down-projection factor the output dtype holds exactly); when ``rounded_to`` is set, the dense one
+        with its weights rounded to that dtype."""
+        return (
+            not self.inexact
+            and self.scale_rounding is None
+            and (self.cfg.method != UpcycleMethod.drop or self.cfg.drop_ratio == 0)
+        )
 
     # ------------------------------------------------------------------------------------ plan
     def _out_dtype(self, source_dtype: torch.dtype) -> torch.dtype:
@@ -289,7 +333,11 @@ class Upcycler:
             "target": self.layout.model_type,
             "method": self.cfg.method.value,
             "exact": self.exact,
-            "inexact_reasons": self.inexact,
+            "inexact_reasons": self.inexact
+            + ([self.scale_rounding.allowed.split(";")[0]] if self.scale_rounding is not None else []),
+            "rounded_to": self.rounded_to,
+            "reference": "model.dense"
+            + (f" with its weights rounded to {self.rounded_to}" if self.rounded_to else ""),
             "sizing": {
                 "num_experts": sz.num_experts,
                 "top_k": sz.top_k,
