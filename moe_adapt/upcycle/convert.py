@@ -164,7 +164,7 @@ class Upcycler:
         logits, in every target), and no target can move that factor elsewhere: routers have no bias,
         a constant logit offset cancels in the renormalisation, and Qwen2-MoE's shared-expert gate
         only gates the shared expert. So the factor ``S`` sits in the weights, where bfloat16/float16
-        hold it exactly only for a power of two (docs/upcycle.md, "Exactness in bfloat16").
+        hold it exactly only for a power of two (docs/upcycle.md, "Exactness in bfloat16 and float16").
         """
         sz = self.sizing
         if not down_scale_rounds(sz.granularity, sz.shared, dtype):

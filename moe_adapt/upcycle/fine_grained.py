@@ -7,7 +7,8 @@ The dense FFN is a sum over its intermediate units, so splitting them into ``G``
 the same logit, so a top-k of ``m * S`` selects ``m`` whole copies, each shard with weight
 ``q_copy / S`` after renormalisation (the ``q`` sum to one). Scaling each routed shard's down
 projection by ``S`` therefore returns ``sum_copies q_copy * sum_s shard_s(x)`` = the routed part
-of the dense FFN, exactly.
+of the dense FFN, exactly. In bfloat16/float16 weights the factor ``S`` is exact only when it is
+a power of two; the Upcycler refuses other ``S`` there (docs/upcycle.md, "Exactness in bfloat16 and float16").
 
 megatron-core instead scales gate and down by ``s**(1/3)``, which is exact only for homogeneous
 activations; SwiGLU is not, hence its 7.3e-3 relative error at G=4 (shared/facts.md).
