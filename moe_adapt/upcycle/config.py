@@ -88,9 +88,10 @@ class RouterInit(str, Enum):
 
 
 class VerifyMode(str, Enum):
-    """Whether the upcycle stage compares the MoE's logits with the dense model's."""
+    """How the upcycle stage compares the MoE with the dense model (``moe_adapt/upcycle/verify.py``)."""
 
     auto = "auto"
+    layers = "layers"
     logits = "logits"
     none = "none"
 
@@ -147,19 +148,25 @@ class UpcycleConfig:
     """Largest output safetensors file, in MiB; larger models are written as several shards + index."""
 
     verify: VerifyMode = VerifyMode.auto
-    """logits: load both models in fp32 and compare logits on probe sequences before the output is
-    moved into place; auto: do so when both fit in half the available memory; none: skip."""
+    """layers: stream both checkpoints layer by layer in fp32 (memory: about one layer of each plus the
+    embeddings and head) and compare every layer's output and the final logits; auto: the same (it fits
+    at any size); logits: load both whole models with transformers and compare logits only (needs both
+    in memory); none: skip (the report then says ``"exact": null``). Runs before the output is moved
+    into place."""
 
     verify_probes: int = 4
-    """Number of random probe sequences for verification."""
+    """Number of random probe sequences for verification (the fixed English and Arabic sentences of
+    ``verify.PROBE_TEXTS`` are added when model.dense has a tokenizer)."""
 
     verify_seq_len: int = 32
     """Length of each probe sequence; at most the max_position_embeddings of model.dense (checked when
     the stage starts)."""
 
-    verify_tolerance: float = 1e-5
-    """Largest allowed relative logit difference (max |moe - dense| / max |dense|) for exact methods;
-    a finite number >= 0."""
+    verify_tolerance: float = 64.0
+    """Allowed error of an exact conversion, in units of fp32 rounding (eps = 2**-23 = 1.19e-7):
+    each layer's output may differ by verify_tolerance * eps relative (max |moe - dense| / max |dense|,
+    MoE layer on the dense layer's input), the final logits by verify_tolerance * eps * num_layers.
+    Exact conversions measure <= 5 eps per layer; a finite number >= 1."""
 
     def __post_init__(self) -> None:
         key = "upcycle"
@@ -250,8 +257,13 @@ class UpcycleConfig:
             )
         if self.router_init_std <= 0:
             _fail(f"{key}.router_init_std", self.router_init_std, "must be > 0")
-        if not (self.verify_tolerance >= 0 and math.isfinite(self.verify_tolerance)):
-            _fail(f"{key}.verify_tolerance", self.verify_tolerance, "must be a finite number >= 0")
+        if not (self.verify_tolerance >= 1 and math.isfinite(self.verify_tolerance)):
+            _fail(
+                f"{key}.verify_tolerance",
+                self.verify_tolerance,
+                "must be a finite number >= 1: it counts fp32 rounding units (default 64), not an "
+                "absolute relative error",
+            )
         if self.max_shard_mb < 1:
             _fail(f"{key}.max_shard_mb", self.max_shard_mb, "must be >= 1")
         if self.verify_probes < 1 or self.verify_seq_len < 1:
