@@ -270,7 +270,8 @@ class TrainingPlan:
         return self.memory.total * self.processes_here
 
     def as_dict(self) -> dict[str, Any]:
-        """The plan as JSON values (for a stage's summary)."""
+        """The plan as JSON values (for a stage's summary; the device's free memory stays out, so the
+        same settings give the same summary on any machine)."""
         m = self.memory
         return {
             "params_total": self.params.total,
@@ -291,8 +292,6 @@ class TrainingPlan:
             "tokens_per_step": self.tokens_per_step,
             "steps": self.steps,
             "total_tokens": self.total_tokens,
-            "device": self.device,
-            "device_bytes": self.available,
         }
 
     def describe(self) -> str:
@@ -435,7 +434,10 @@ def announce(
 def _gib(n: int | None) -> str:
     if n is None:
         return "unknown"
-    return f"{n / GiB:.2f} GiB" if n >= GiB // 100 else f"{n / 1024**2:.2f} MiB"
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def _count(n: int) -> str:

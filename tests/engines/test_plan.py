@@ -120,6 +120,16 @@ def test_plan_from_config_json(moe_dir):
         "cpt", HFConfig(l2_anchor_coef=0.1), moe_dir, steps=1, batch_size=1, seq_len=1
     ).memory
     assert anchored.extra == {"l2 anchor": 8288}
+    frozen = plan_training(
+        "token_kd",
+        HFConfig(dtype="bfloat16", kl_anchor_coef=0.1, reference=str(moe_dir)),
+        moe_dir,
+        steps=1,
+        batch_size=1,
+        seq_len=1,
+        teacher=moe_dir,
+    ).memory
+    assert frozen.extra == {"kl reference": 2072 * 2, "kd teacher": 2072 * 2}  # whole, in engine.dtype
     megatron = plan_training(
         "cpt", MegatronConfig(expert_parallel=2), moe_dir, steps=1, batch_size=2, seq_len=1, world_size=2
     )
@@ -134,7 +144,7 @@ def test_refuses_a_plan_the_device_cannot_hold(moe_dir, monkeypatch, caplog):
         plan_mod.announce(plan, check=True, device="cpu")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "needs 0.03 MiB per rank" in msg and "cpu available has 0.01 MiB" in msg
+    assert "needs 32.38 KiB per rank" in msg and "cpu available has 9.77 KiB" in msg
     assert "2.07K parameters" in msg and "engine.check_memory=false" in msg
     assert "training plan" in caplog.text  # the plan is logged before the refusal
 
