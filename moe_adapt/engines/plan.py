@@ -167,7 +167,8 @@ class Layout:
             return f"hf engine, {self.parallel} over {self.world_size} processes"
         opt = "distributed optimizer" if self.distributed_optimizer else "AdamW on every rank"
         return (
-            f"megatron engine over {self.world_size} process(es): tensor parallel {self.tensor_parallel}, "
+            f"megatron engine over {self.world_size} {'process' if self.world_size == 1 else 'processes'}: "
+            f"tensor parallel {self.tensor_parallel}, "
             f"expert parallel {self.expert_parallel}, {opt}"
         )
 

@@ -166,3 +166,12 @@ def test_cpu_processes_share_the_memory(moe_dir, monkeypatch):
     )
     with pytest.raises(MoEAdaptConfigError, match=r"x 2 processes"):
         plan.check("cpu")
+
+
+def test_check_memory_is_not_part_of_a_stage_fingerprint():
+    from omegaconf import OmegaConf
+
+    from moe_adapt.runner import _stage_settings
+
+    on, off = (OmegaConf.create({"engine": {"lr": 0.1, "check_memory": v}}) for v in (True, False))
+    assert _stage_settings(on, ("engine",)) == _stage_settings(off, ("engine",)) == {"engine": {"lr": 0.1}}
