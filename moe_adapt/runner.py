@@ -50,9 +50,10 @@ from moe_adapt.stages import STAGES, Stage, StageContext
 log = logging.getLogger("moe_adapt")
 
 
-LAYOUT_KEYS = ("engine.parallel",)
-"""Settings that decide how a stage runs (processes, sharding), not what it produces: they are left out
-of its fingerprint, so a stage made with one layout is reused, or resumed, under another."""
+LAYOUT_KEYS = ("engine.parallel", "engine.check_memory")
+"""Settings that decide how a stage runs (processes, sharding, the memory check), not what it produces:
+they are left out of its fingerprint, so a stage made with one layout is reused, or resumed, under
+another."""
 
 
 def _stage_settings(raw: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:

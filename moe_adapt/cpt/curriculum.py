@@ -163,6 +163,34 @@ class Curriculum:
         return s + (1.0 - s) * k / self.cfg.rewarm_steps
 
 
+def unreached_phases(cfg: CurriculumConfig, max_steps: int, tokens_per_step: int) -> str | None:
+    """A warning when training ends before the curriculum's last phase starts (the lengths of the
+    phases before it add up to ``max_steps`` or more, so the later phases never train), naming both
+    numbers; None when every phase trains. ``tokens_per_step`` converts ``phase_tokens``."""
+    lengths = cfg.phase_steps if cfg.phase_steps is not None else cfg.phase_tokens
+    if not lengths:
+        return None
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + int(n))
+    if cfg.phase_steps is not None:
+        start_steps = starts
+        total = f"curriculum.phase_steps {list(lengths)} sum to {starts[-1]:,} steps"
+    else:
+        start_steps = [-(-s // tokens_per_step) for s in starts]  # the first step at or after it
+        total = (
+            f"curriculum.phase_tokens {list(lengths)} sum to {starts[-1]:,} tokens "
+            f"({start_steps[-1]:,} steps of {tokens_per_step:,} tokens)"
+        )
+    reached = sum(1 for s in start_steps if s < max_steps)
+    if reached == len(start_steps):
+        return None
+    return (
+        f"{total} but cpt.max_steps={max_steps:,}: only {reached} of the curriculum's {len(start_steps)} "
+        f"phases train (phase {reached} onward never starts); raise cpt.max_steps or shorten the phases"
+    )
+
+
 def phase_at(
     cfg: CurriculumConfig,
     step: int,

@@ -375,4 +375,5 @@ def pretrain(
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "heldout_docs": {lang: len(t) for lang, t in texts.heldout.items()},
+        "plan": summary["plan"],
     }

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_adapt import distributed
 from moe_adapt.distill.config import TrainPhaseConfig
 from moe_adapt.distill.decoding import pad_id_of
 from moe_adapt.distill.generate import load_topk
@@ -26,6 +27,7 @@ from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, 
 from moe_adapt.engines import build_engine
 from moe_adapt.engines.base import EngineConfig
 from moe_adapt.engines.objectives import KDSettings
+from moe_adapt.engines.plan import announce, plan_training
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
 from moe_adapt.train.phase import train_into_folder
@@ -140,6 +142,17 @@ def run_train_phase(
         pcfg.steps,
     )
     ecfg = dataclasses.replace(engine_cfg, lr=pcfg.lr, warmup_steps=pcfg.warmup_steps, decay_steps=pcfg.steps)
+    training_plan = plan_training(
+        name,
+        ecfg,
+        init_from,
+        steps=pcfg.steps,
+        batch_size=pcfg.batch_size,
+        seq_len=pcfg.seq_len,
+        world_size=distributed.current().world_size,
+        teacher=teacher if kd is not None else None,
+    )
+    announce(training_plan, check=ecfg.check_memory)
     torch.manual_seed(seed)
     trained = build_engine(ecfg, init_from, kd=kd, teacher=teacher)
     all_callbacks: list[Callback] = [
@@ -162,6 +175,7 @@ def run_train_phase(
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     last = _last_metrics(work / "metrics.jsonl")
     return {
+        "plan": training_plan.as_dict(),
         "steps": trainer.step,
         "examples": len(examples),
         "rows": len(rows),

@@ -122,6 +122,11 @@ class EngineConfig:
     factor would drop (capacity = ceil(tokens·top_k/E·factor)). The engines are dropless; null logs 0,
     so both engines log the same keys."""
 
+    check_memory: bool = True
+    """Refuse, before loading any weight, a training phase whose plan (weights, gradients and optimizer
+    state per rank: :mod:`moe_adapt.engines.plan`) needs more memory than the device has; false trains
+    anyway (the plan is still logged, with a warning). Not part of a stage's fingerprint."""
+
     def __post_init__(self) -> None:
         if self.name not in ENGINES or (self.NAME and self.name != self.NAME):
             fail("name", self.name, "choose the engine with engine=hf|megatron|auto, not engine.name")
@@ -153,6 +158,8 @@ class EngineConfig:
             self.capacity_factor > 0 and math.isfinite(self.capacity_factor)
         ):
             fail("capacity_factor", self.capacity_factor, "must be a finite number > 0, or null (dropless)")
+        if not isinstance(self.check_memory, bool):
+            fail("check_memory", self.check_memory, "must be true or false")
 
 
 class Engine(abc.ABC):

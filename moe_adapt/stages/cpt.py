@@ -20,6 +20,7 @@ the stage folder.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 
 from moe_adapt.checkpoint.hf import check_seq_len
+from moe_adapt.cpt.curriculum import unreached_phases
 from moe_adapt.cpt.heldout import HeldoutLossCallback, eval_model, forgetting_report, log_forgetting
+from moe_adapt.engines.plan import announce, plan_training
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.fs import atomic_write_json
 from moe_adapt.stages.base import StageContext
@@ -39,6 +42,8 @@ from moe_adapt.train.callbacks import (
     main_only,
 )
 from moe_adapt.train.phase import train_into_folder
+
+log = logging.getLogger(__name__)
 
 KEYS = ("cpt", "mixture", "curriculum", "engine", "seed")
 DISTRIBUTED = True
@@ -65,6 +70,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             f"cpt.batch_size={c.batch_size} is invalid: with {dist.world_size} processes it must be a "
             f"multiple of {dist.world_size} (each process trains on an equal share of every batch)"
         )
+    training_plan = plan(ctx)
     torch.manual_seed(cfg.seed)
     sampler = MixtureSampler(c.shards, cfg.mixture, cfg.curriculum, cfg.seed, global_batch_size=c.batch_size)
     engine = build_engine(cfg.engine, c.init_from, lr_multiplier=sampler.curriculum.lr_factor)
@@ -112,6 +118,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         on_fresh_start=fresh_start,
     )
     summary: dict[str, Any] = {
+        "plan": training_plan,
         "model": "model",
         "steps": trainer.step,
         "tokens": trainer.step * c.batch_size * cfg.mixture.seq_len,
@@ -130,3 +137,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
             shutil.copy2(work / name, out / name)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def plan(ctx: StageContext) -> dict[str, Any]:
+    """Log the training plan (parameters, memory per rank, tokens: :mod:`moe_adapt.engines.plan`) and
+    warn when the curriculum is longer than ``cpt.max_steps``, before any weight is loaded; returns the
+    plan for the summary.
+
+    Raises:
+        MoEAdaptConfigError: the plan does not fit the device (unless ``engine.check_memory=false``).
+    """
+    cfg, dist = ctx.cfg, ctx.dist
+    c = cfg.cpt
+    assert c.init_from is not None  # run checked it
+    training_plan = plan_training(
+        "cpt",
+        cfg.engine,
+        c.init_from,
+        steps=c.max_steps,
+        batch_size=c.batch_size,
+        seq_len=cfg.mixture.seq_len,
+        world_size=dist.world_size,
+        key="cpt.init_from",
+    )
+    announce(training_plan, check=cfg.engine.check_memory, main=dist.is_main)
+    late = unreached_phases(cfg.curriculum, c.max_steps, c.batch_size * cfg.mixture.seq_len)
+    if late and dist.is_main:
+        log.warning("cpt: %s", late)
+    return training_plan.as_dict()

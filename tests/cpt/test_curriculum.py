@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_adapt.cpt.config import CurriculumConfig
-from moe_adapt.cpt.curriculum import Curriculum, phase_at
+from moe_adapt.cpt.curriculum import Curriculum, phase_at, unreached_phases
 from moe_adapt.errors import MoEAdaptConfigError
 
 
@@ -98,3 +98,17 @@ def test_describe_names_every_phase() -> None:
     want = "3 phases (easy_to_hard): buckets [0] for 40 steps, [1] for 30 steps, [2] to the end"
     assert c.describe() == want
     assert Curriculum(CurriculumConfig(), 3).describe() == "1 phase: buckets [0, 1, 2]"
+
+
+def test_a_curriculum_longer_than_max_steps_is_named() -> None:
+    steps = CurriculumConfig(phase_steps=[40, 30])  # three phases; the last starts at step 70
+    assert unreached_phases(steps, 71, tokens_per_step=8) is None
+    msg = unreached_phases(steps, 70, tokens_per_step=8)
+    assert msg is not None and "curriculum.phase_steps [40, 30] sum to 70 steps but cpt.max_steps=70" in msg
+    assert "only 2 of the curriculum's 3 phases train" in msg
+    assert "only 1 of" in (unreached_phases(steps, 30, tokens_per_step=8) or "")
+    tokens = CurriculumConfig(phase_tokens=[100, 100])  # 8 tokens a step: phase 2 starts at step 25
+    assert unreached_phases(tokens, 26, tokens_per_step=8) is None
+    msg = unreached_phases(tokens, 25, tokens_per_step=8)
+    assert msg is not None and "sum to 200 tokens (25 steps of 8 tokens) but cpt.max_steps=25" in msg
+    assert unreached_phases(CurriculumConfig(), 1, tokens_per_step=8) is None  # one phase: always reached
