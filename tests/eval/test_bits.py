@@ -170,3 +170,28 @@ def test_heldout_sizes_come_from_the_manifests_tokenizer(run_dir, tokenizer_dir,
     assert any(
         "cpt.heldout: no tokenizer" in r.getMessage() and "gone" in r.getMessage() for r in caplog.records
     )
+
+
+def test_scored_bytes_are_the_data_stages_text_bytes_less_the_unscored_tokens(tmp_path) -> None:
+    """End to end: shards written by the data stage's write_shards (which counts the raw text's bytes
+    and characters), read back by load_heldout, scored with stride < window: every token but each
+    document's first is scored, so the bytes scored plus the first tokens' bytes are the text's."""
+    pytest.importorskip("megatron.core")
+    from moe_adapt.data.shards import write_shards
+    from moe_adapt.eval.heldout import load_heldout
+
+    texts = {"en": ["The quick brown fox.", "Ibn Umar narrated it"], "ar": ["حدثنا قتيبة بن سعيد", "عن نافع"]}
+    tok = byte_tokenizer([t for ts in texts.values() for t in ts] * 5)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    docs = [{"text": t, "lang": lang, "source": "s"} for lang, ts in texts.items() for t in ts]
+    manifest = write_shards(docs, tmp_path / "tokenizer.json", tmp_path / "heldout")
+    held = load_heldout(tmp_path / "heldout")
+    assert held.token_sizes is not None and held.token_sizes.method == "byte_level"
+    res = evaluate_perplexity(
+        Uniform(tok.get_vocab_size()), held.docs, window=4, stride=2, token_sizes=held.token_sizes
+    )
+    for row in manifest["shards"]:
+        lang = row["lang"]
+        first = held.token_sizes.count([int(d[0]) for d in held.docs[lang]])
+        assert res[lang].bytes + first[0] == row["bytes"] == sum(len(t.encode()) for t in texts[lang])
+        assert res[lang].chars + first[1] == row["chars"] == sum(len(t) for t in texts[lang])
