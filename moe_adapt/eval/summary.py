@@ -83,7 +83,9 @@ def render_markdown(results: dict[str, Any], contamination: Path | None = None) 
             "",
             "Loss is nats per token (perplexity in brackets): it depends on how many tokens the tokenizer "
             "spends on the text, so it does not compare across languages. Bits per byte (of the UTF-8 text "
-            "the scored tokens spell) does: compare languages and tokenizers with it.",
+            "the scored tokens spell) does not depend on the tokenizer: compare languages and tokenizers "
+            "with it, remembering that an Arabic letter is two UTF-8 bytes and an English one one "
+            "(`eval.json` also has bits per character).",
         ]
         if held.get("bytes_from") is None:
             md.append("No tokenizer sized the held-out text, so there are no bits per byte (n/a).")
