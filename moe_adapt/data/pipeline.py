@@ -309,6 +309,7 @@ def _finish(
         "train": _shard_table(manifest),
         "heldout": _shard_table(heldout) if heldout else {},
     }
+    stats["fertility"] = fertility(stats["train"], stats["heldout"])
     atomic_write_json(out / "stats.json", stats)
     (out / "stats.md").write_text(render_stats(stats), encoding="utf-8")
     for line in render_stats(stats).splitlines():
@@ -329,17 +330,48 @@ def _bucket_table(docs: list[Doc]) -> dict[str, list[int]]:
     return {lang: [c[b] for b in sorted(c)] for lang, c in sorted(table.items())}
 
 
+_TEXT_SIZES = ("text_tokens", "words", "chars", "bytes")
+
+
 def _shard_table(manifest: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per language: documents, tokens (EOD included) and the size of the text tokenized."""
     table: dict[str, dict[str, int]] = {}
     for s in manifest["shards"]:
-        row = table.setdefault(s["lang"], {"documents": 0, "tokens": 0})
+        row = table.setdefault(s["lang"], {"documents": 0, "tokens": 0, **dict.fromkeys(_TEXT_SIZES, 0)})
         row["documents"] += s["documents"]
         row["tokens"] += s["tokens"]
+        for k in _TEXT_SIZES:
+            row[k] += int(s.get(k, 0))
     return table
 
 
+def fertility(*tables: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """The tokenizer's fertility per language over the text of ``tables`` (:func:`_shard_table`s):
+    ``tokens_per_word`` (whitespace-separated words), ``tokens_per_char``, ``tokens_per_byte`` (UTF-8)
+    and ``bytes_per_char``, counting the text's own tokens (EOD left out). A language whose text has no
+    word is left out.
+    """
+    totals: dict[str, dict[str, int]] = {}
+    for table in tables:
+        for lang, row in table.items():
+            total = totals.setdefault(lang, dict.fromkeys(_TEXT_SIZES, 0))
+            for k in _TEXT_SIZES:
+                total[k] += int(row.get(k, 0))
+    return {
+        lang: {
+            "tokens_per_word": round(t["text_tokens"] / t["words"], 4),
+            "tokens_per_char": round(t["text_tokens"] / t["chars"], 4),
+            "tokens_per_byte": round(t["text_tokens"] / t["bytes"], 4),
+            "bytes_per_char": round(t["bytes"] / t["chars"], 4),
+        }
+        for lang, t in sorted(totals.items())
+        if t["words"] > 0
+    }
+
+
 def render_stats(stats: dict[str, Any]) -> str:
-    """A Markdown table of documents per step and language, then tokens per language."""
+    """A Markdown table of documents per step and language, then tokens per language and the
+    tokenizer's fertility per language."""
     steps = stats["steps"]
     langs = sorted({lang for s in steps.values() for lang in s.get("languages", {})})
     names = [n for n in steps if "languages" in steps[n]]
@@ -360,4 +392,19 @@ def render_stats(stats: dict[str, Any]) -> str:
     for split in ("train", "heldout"):
         cells = [f"{stats[split].get(lang, {}).get('tokens', 0):,} tok" for lang in langs]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    fert = stats.get("fertility", {})
+    if fert:
+        lines += [
+            "",
+            "Tokenizer fertility (train + held-out text, EOD left out): tokens per whitespace-separated "
+            "word, per character and per UTF-8 byte.",
+            "",
+            "| language | tokens/word | tokens/char | tokens/byte | bytes/char |",
+            "|---|---|---|---|---|",
+        ]
+        for lang, f in fert.items():
+            lines.append(
+                f"| {lang} | {f['tokens_per_word']:.3f} | {f['tokens_per_char']:.3f} | "
+                f"{f['tokens_per_byte']:.3f} | {f['bytes_per_char']:.3f} |"
+            )
     return "\n".join(lines) + "\n"

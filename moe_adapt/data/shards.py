@@ -92,12 +92,19 @@ class _Shard:
         self.builder = module.IndexedDatasetBuilder(str(self.tmp) + ".bin", dtype=dtype)
         self.documents = 0
         self.tokens = 0
+        # size of the text tokenized, for the tokenizer's fertility: its tokens without EOD,
+        # whitespace-separated words, characters and UTF-8 bytes
+        self.text = {"text_tokens": 0, "words": 0, "chars": 0, "bytes": 0}
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: list[int], text: str = "", text_tokens: int = 0) -> None:
         arr = np.asarray(ids, dtype=np.int64)
         self.builder.add_document(arr, [arr.size])
         self.documents += 1
         self.tokens += int(arr.size)
+        self.text["text_tokens"] += text_tokens
+        self.text["words"] += len(text.split())
+        self.text["chars"] += len(text)
+        self.text["bytes"] += len(text.encode("utf-8"))
 
     def close(self) -> None:
         self.builder.finalize(str(self.tmp) + ".idx")
@@ -114,7 +121,9 @@ def write_shards(
     """Tokenize ``docs`` into one megatron-core shard per (source, lang, bucket) under ``out_dir``.
 
     Returns the manifest (also written to ``out_dir/manifest.json``): per shard its prefix, source,
-    lang, bucket, documents, tokens and dtype; totals; the tokenizer path, vocabulary size and EOD id.
+    lang, bucket, documents, tokens (EOD included) and the size of the text tokenized (``text_tokens``:
+    without EOD; ``words``, ``chars``, ``bytes``: UTF-8); totals; the dtype, the tokenizer path,
+    vocabulary size and EOD id.
     Documents with empty text or that tokenize to nothing are skipped and counted.
     """
     cfg = config or ShardConfig()
@@ -143,6 +152,7 @@ def write_shards(
             if not ids:
                 skipped += 1
                 continue
+            text_tokens = len(ids)
             if eod_id is not None:
                 ids.append(eod_id)
             key = (
@@ -152,7 +162,7 @@ def write_shards(
             )
             if key not in shards:
                 shards[key] = _Shard(module, out, shard_name(*key), dtype)
-            shards[key].add(ids)
+            shards[key].add(ids, doc["text"], text_tokens)
 
     batch: list[dict[str, Any]] = []
     for doc in docs:
@@ -177,6 +187,7 @@ def write_shards(
                 "bucket": bucket,
                 "documents": shard.documents,
                 "tokens": shard.tokens,
+                **shard.text,
             }
         )
     manifest = {

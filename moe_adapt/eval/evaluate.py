@@ -1,6 +1,7 @@
 """The ``eval`` stage's work: every checkpoint of ``eval.models`` on held-out text, benchmarks and routing.
 
-Per model: per-language held-out loss/perplexity (sliding window) from the data stage's shards;
+Per model: per-language held-out loss/perplexity and bits per byte/character (sliding window) from the
+data stage's shards;
 multiple-choice accuracy per language by log-likelihood, with ECE and, on parallel items, LPG and
 CLCS; expert-routing analysis with heatmaps for MoE checkpoints; lm-eval tasks when
 ``eval.harness_tasks`` is set. Outputs (paths relative to the stage folder):
@@ -171,6 +172,8 @@ def _flat(name: str, result: dict[str, Any]) -> dict[str, float]:
     for lang, r in result.get("heldout", {}).items():
         out[f"{name}/loss_{lang}"] = r["mean_loss"]
         out[f"{name}/ppl_{lang}"] = r["ppl"]
+        out[f"{name}/bpb_{lang}"] = r.get("bits_per_byte")
+        out[f"{name}/bpc_{lang}"] = r.get("bits_per_char")
     for bench, b in result.get("benchmarks", {}).items():
         for lang, r in b["languages"].items():
             for k in ("acc", "acc_norm", "ece"):
@@ -215,7 +218,12 @@ def evaluate_model(
         result["heldout"] = {}
         for lang in tqdm(heldout.docs, desc=f"{name} held-out", leave=False, mininterval=2):
             ppl = evaluate_perplexity(
-                model, {lang: heldout.docs[lang]}, window=window, stride=stride, batch_size=ecfg.batch_size
+                model,
+                {lang: heldout.docs[lang]},
+                window=window,
+                stride=stride,
+                batch_size=ecfg.batch_size,
+                token_sizes=heldout.token_sizes,
             )
             result["heldout"][lang] = ppl[lang].to_dict()
         result["window"], result["stride"] = window, stride
@@ -293,7 +301,11 @@ def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
     heldout = None
     if ecfg.heldout is not None:
         heldout = load_heldout(
-            ecfg.heldout, languages=ecfg.languages, max_docs=ecfg.max_docs_per_language, seed=seed
+            ecfg.heldout,
+            languages=ecfg.languages,
+            max_docs=ecfg.max_docs_per_language,
+            seed=seed,
+            tokenizer=ecfg.tokenizer,
         )
     else:
         log.warning("eval: eval.heldout is null; skipping held-out loss and routing analysis")
@@ -310,6 +322,7 @@ def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
             "documents": {lang: len(d) for lang, d in heldout.docs.items()},
             "available": heldout.available,
             "tokens": heldout.tokens,
+            "bytes_from": heldout.token_sizes.method if heldout.token_sizes is not None else None,
         }
     results["benchmarks"] = {
         name: {
@@ -355,5 +368,7 @@ def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
         "report": "report.md",
         "models": [m.name for m in ecfg.models],
         "malformed_items": malformed,
-        "headline": {k: round(v, 4) for k, v in metrics.items() if "/loss_" in k or ".acc_" in k},
+        "headline": {
+            k: round(v, 4) for k, v in metrics.items() if "/loss_" in k or "/bpb_" in k or ".acc_" in k
+        },
     }

@@ -3,11 +3,16 @@
 The manifest lists one shard per (source, language, difficulty bucket); every shard of a language
 is pooled. With ``max_docs`` a seeded sample of the language's documents is kept (the same
 documents for every model, so losses are comparable), in shard order.
+
+The shards keep token ids, not text. The size of the text the ids spell (for bits per byte, see
+:mod:`moe_adapt.eval.bits`) is read off the tokenizer that wrote them, named in the manifest
+(``tokenizer``), or the ``tokenizer`` given when that one is gone.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,9 @@ from typing import Any
 import numpy as np
 
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.eval.bits import TokenSizes, token_sizes
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HeldOut", "load_heldout"]
 
@@ -29,6 +37,9 @@ class HeldOut:
     """Language -> documents in the shards before sampling."""
     manifest: dict[str, Any] = field(default_factory=dict)
     """The manifest as read."""
+    token_sizes: TokenSizes | None = None
+    """Bytes and characters per token id of the shards' tokenizer (None when it could not be loaded:
+    then no bits per byte are reported)."""
 
     @property
     def tokens(self) -> dict[str, int]:
@@ -43,8 +54,12 @@ def load_heldout(
     max_docs: int | None = None,
     seed: int = 0,
     key: str = "eval.heldout",
+    tokenizer: str | Path | None = None,
 ) -> HeldOut:
     """Read held-out documents per language from ``heldout_dir``.
+
+    The text sizes (:attr:`HeldOut.token_sizes`) come from the manifest's tokenizer, else from
+    ``tokenizer`` (same vocabulary); with neither a warning says bits per byte are not reported.
 
     Raises:
         MoEAdaptError: naming ``key`` when the folder or its manifest is missing or unreadable, a
@@ -91,4 +106,35 @@ def load_heldout(
         docs[lang] = [np.asarray(datasets[s][1][i], dtype=np.int64) for s, i in refs]
         if not any(d.size >= 2 for d in docs[lang]):
             raise MoEAdaptError(f"{key}: language {lang!r} has no held-out document of 2+ tokens")
-    return HeldOut(docs=docs, available=available, manifest=manifest)
+    return HeldOut(
+        docs=docs, available=available, manifest=manifest, token_sizes=_sizes(manifest, tokenizer, key)
+    )
+
+
+def _sizes(manifest: dict[str, Any], fallback: str | Path | None, key: str) -> TokenSizes | None:
+    """The token sizes of the manifest's tokenizer (else ``fallback``), checked against its vocabulary."""
+    from moe_adapt.data.shards import load_tokenizer
+
+    tried = []
+    for source in (manifest.get("tokenizer"), fallback):
+        if not source or not Path(source).exists():
+            tried += [str(source)] if source else []
+            continue
+        try:
+            tok = load_tokenizer(source)
+        except MoEAdaptError as err:
+            tried.append(f"{source} ({err})")
+            continue
+        eod = manifest.get("eod_id")
+        sizes = token_sizes(tok, zero_ids=[eod] if isinstance(eod, int) else [])
+        vocab = manifest.get("vocab_size")
+        if isinstance(vocab, int) and sizes.bytes_V.size < vocab:
+            tried.append(f"{source} (vocabulary {sizes.bytes_V.size} < the shards' {vocab})")
+            continue
+        return sizes
+    log.warning(
+        "%s: no tokenizer to size the held-out text (tried %s); bits per byte are not reported",
+        key,
+        ", ".join(tried) or "none: the manifest names no tokenizer",
+    )
+    return None

@@ -8,7 +8,11 @@ once. With ``stride < window`` every token after a document's first is scored, e
 the first token of every chunk is not scored (it has no context inside its window).
 
 Losses are natural-log negative log-likelihoods: ``mean_loss = nll_sum / tokens`` (nats per token)
-and ``ppl = exp(mean_loss)``.
+and ``ppl = exp(mean_loss)``. Given the tokenizer's :class:`~moe_adapt.eval.bits.TokenSizes`, the
+same ``nll_sum`` is also divided by the size of the text the scored tokens spell:
+``bits_per_byte = nll_sum / ln 2 / bytes`` and ``bits_per_char = nll_sum / ln 2 / chars`` (a token
+that is not scored adds neither loss nor bytes; EOD and other special tokens add no bytes). These
+compare across languages and tokenizers; nats per token does not.
 
 Tensor legend: ``B`` batch of windows, ``T`` time (positions in a window), ``V`` vocabulary.
 ``input_ids_BT``, ``attention_mask_BT``, ``score_mask_BT`` (which targets to count),
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from moe_adapt.errors import MoEAdaptError
+from moe_adapt.eval.bits import TokenSizes, bits
 from moe_adapt.eval.lm import target_logprobs
 
 __all__ = [
@@ -63,6 +68,14 @@ class LanguagePerplexity:
     """``nll_sum / tokens``, nats per token."""
     ppl: float
     """``exp(mean_loss)``."""
+    bytes: int | None = None
+    """UTF-8 bytes of the text the scored tokens spell (None without token sizes)."""
+    chars: int | None = None
+    """Characters of that text (None without token sizes)."""
+    bits_per_byte: float | None = None
+    """``nll_sum / ln 2 / bytes``: comparable across languages and tokenizers."""
+    bits_per_char: float | None = None
+    """``nll_sum / ln 2 / chars``."""
 
     def to_dict(self) -> dict[str, float | int]:
         """Return a JSON-able dict."""
@@ -146,6 +159,7 @@ def evaluate_perplexity(
     stride: int | None = None,
     batch_size: int = 8,
     pad_id: int = 0,
+    token_sizes: TokenSizes | None = None,
 ) -> dict[str, LanguagePerplexity]:
     """Per-language loss and perplexity of ``model`` on tokenised documents.
 
@@ -158,9 +172,13 @@ def evaluate_perplexity(
             (disjoint chunks). Use e.g. ``window // 2`` so every token has context.
         batch_size: windows per forward pass (windows are right-padded with ``pad_id``, masked out).
         pad_id: token id used for padding; any valid id works since padded positions are masked.
+        token_sizes: bytes and characters per token id of the tokenizer that made ``sequences``
+            (:func:`moe_adapt.eval.bits.token_sizes`); with it the result also has ``bytes``,
+            ``chars``, ``bits_per_byte`` and ``bits_per_char`` of the scored text.
 
     Returns:
-        language -> :class:`LanguagePerplexity` (``to_dict()`` gives tokens, nll_sum, mean_loss, ppl).
+        language -> :class:`LanguagePerplexity` (``to_dict()`` gives tokens, nll_sum, mean_loss, ppl,
+        and bytes, chars, bits_per_byte, bits_per_char: None without ``token_sizes``).
 
     Raises:
         MoEAdaptError: on a bad setting, a non-1-D or out-of-vocabulary sequence, or a language
@@ -202,8 +220,20 @@ def evaluate_perplexity(
                     nll_sum += nll
                     tokens += count
                 mean_loss = nll_sum / tokens
+                n_bytes = n_chars = None
+                if token_sizes is not None:
+                    # the scored targets of every window, exactly those whose NLL was summed
+                    scored_N = torch.cat([docs[w.doc][w.score_from : w.end] for w in windows])
+                    n_bytes, n_chars = token_sizes.count(scored_N.numpy())
                 results[lang] = LanguagePerplexity(
-                    tokens=tokens, nll_sum=nll_sum, mean_loss=mean_loss, ppl=math.exp(mean_loss)
+                    tokens=tokens,
+                    nll_sum=nll_sum,
+                    mean_loss=mean_loss,
+                    ppl=math.exp(mean_loss),
+                    bytes=n_bytes,
+                    chars=n_chars,
+                    bits_per_byte=bits(nll_sum, n_bytes),
+                    bits_per_char=bits(nll_sum, n_chars),
                 )
     finally:
         model.train(was_training)

@@ -24,7 +24,9 @@ def _columns(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """(header, path into a model's result) for the short table."""
     cols: list[tuple[str, list[str]]] = []
     langs = list(results.get("heldout", {}).get("documents", {}))
-    cols += [(f"loss_{lang}", ["heldout", lang, "mean_loss"]) for lang in langs]
+    for lang in langs:
+        cols += [(f"loss_{lang}", ["heldout", lang, "mean_loss"])]
+        cols += [(f"bpb_{lang}", ["heldout", lang, "bits_per_byte"])]
     for bench, per_lang in results.get("benchmarks", {}).items():
         cols += [
             (f"{bench}.acc_{lang}", ["benchmarks", bench, "languages", lang, "acc"]) for lang in per_lang
@@ -41,7 +43,8 @@ def _get(d: Any, path: list[str]) -> Any:
 
 
 def log_table(results: dict[str, Any]) -> list[str]:
-    """A short fixed-width table, one row per model: held-out loss and accuracy per language."""
+    """A short fixed-width table, one row per model: held-out loss (nats/token),
+    bits per byte and accuracy per language."""
     cols = _columns(results)
     names = list(results["models"])
     width = max([5, *(len(n) for n in names)])
@@ -66,7 +69,7 @@ def render_markdown(results: dict[str, Any], contamination: Path | None = None) 
     held = results.get("heldout")
     if held:
         langs = list(held["documents"])
-        md += ["## Held-out loss (nats/token) and perplexity", ""]
+        md += ["## Held-out loss and bits per byte", ""]
         md.append(
             f"From `{held['dir']}`: "
             + ", ".join(
@@ -76,12 +79,27 @@ def render_markdown(results: dict[str, Any], contamination: Path | None = None) 
             )
             + ". Lower is better; the loss on the anchor language measures forgetting."
         )
-        md += ["", "| model | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
+        md += [
+            "",
+            "Loss is nats per token (perplexity in brackets): it depends on how many tokens the tokenizer "
+            "spends on the text, so it does not compare across languages. Bits per byte (of the UTF-8 text "
+            "the scored tokens spell) does not depend on the tokenizer: compare languages and tokenizers "
+            "with it, remembering that an Arabic letter is two UTF-8 bytes and an English one one "
+            "(`eval.json` also has bits per character).",
+        ]
+        if held.get("bytes_from") is None:
+            md.append("No tokenizer sized the held-out text, so there are no bits per byte (n/a).")
+        head = " | ".join(f"{lang} loss (ppl) | {lang} bits/byte" for lang in langs)
+        md += ["", f"| model | {head} |", "|---" * (2 * len(langs) + 1) + "|"]
         for n, r in models.items():
             h = r.get("heldout", {})
-            cells = [
-                f"{h[lang]['mean_loss']:.4f} ({h[lang]['ppl']:.2f})" if lang in h else "—" for lang in langs
-            ]
+            cells: list[str] = []
+            for lang in langs:
+                x = h.get(lang)
+                if x is None:
+                    cells += ["—", "—"]
+                    continue
+                cells += [f"{x['mean_loss']:.4f} ({x['ppl']:.2f})", _num(x.get("bits_per_byte"))]
             md.append(f"| {n} | " + " | ".join(cells) + " |")
         md.append("")
     for bench, per_lang in results.get("benchmarks", {}).items():

@@ -91,7 +91,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         held = load_heldout(c.heldout, max_docs=c.eval_docs, seed=cfg.seed, key="cpt.heldout")
         heldout_cb = HeldoutLossCallback(
-            held.docs, work / "heldout.jsonl", c.eval_every, cfg.mixture.seq_len, write=dist.is_main
+            held.docs,
+            work / "heldout.jsonl",
+            c.eval_every,
+            cfg.mixture.seq_len,
+            write=dist.is_main,
+            token_sizes=held.token_sizes,
         )
         callbacks.append(heldout_cb)
 
@@ -126,7 +131,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if heldout_cb is not None and heldout_cb.history:
         first, last = heldout_cb.history[0], heldout_cb.history[-1]
         summary["heldout_before"], summary["heldout_after"] = first, last
-        summary["heldout_delta"] = {k: round(last[k] - first[k], 6) for k in last if k.startswith("loss_")}
+        summary["heldout_delta"] = {
+            k: round(last[k] - first[k], 6) for k in last if k.startswith(("loss_", "bpb_")) and k in first
+        }
         if c.forgetting_bound:
             summary["forgetting"] = forgetting_report(first, last, c.forgetting_bound)
     if not dist.is_main:

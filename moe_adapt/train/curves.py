@@ -6,6 +6,7 @@
 * **loss**: ``loss`` at every step (faint) and its exponential moving average, with ``lm_loss`` and
   ``kd_loss`` smoothed the same way where they differ from ``loss``;
 * **held-out loss** per language (``loss_<lang>`` of ``heldout.jsonl``): forgetting shows here;
+* **held-out bits/byte** per language (``bpb_<lang>``, when written): the unit that compares languages;
 * **data mix**: each source's share of the sequences so far (from ``data/<source>``, each batch's
   share; with equal batches their running mean);
 * **learning rate**, **gradient norm** (log scale);
@@ -110,6 +111,10 @@ def plot_training_curves(
     panels.append(("training loss (each step, EMA)", losses, "loss", rows, False))
     languages = sorted({k for row in held for k in row if k.startswith("loss_")})
     panels.append(("held-out loss", [(k, k.removeprefix("loss_")) for k in languages], "points", held, False))
+    per_byte = sorted({k for row in held for k in row if k.startswith("bpb_")})
+    panels.append(
+        ("held-out bits/byte", [(k, k.removeprefix("bpb_")) for k in per_byte], "points", held, False)
+    )
     sources = sorted(k for k in keys if k.startswith("data/"))
     panels.append(("data mix: share of sequences so far", [(k, k[5:]) for k in sources], "mean", rows, False))
     panels.append(("learning rate", [("lr", "lr")], "raw", rows, False))

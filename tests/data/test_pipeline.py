@@ -103,6 +103,11 @@ def test_stage_counts_removals_and_writes_readable_shards(corpus, tiny_tokenizer
     assert (out / "heldout" / "manifest.json").is_file() and summary["heldout_documents"] > 0
     assert (out / "benchmarks" / "qa.jsonl").is_file()
     assert "| quality |" in (out / "stats.md").read_text()
+    # the tokenizer's fertility per language: Arabic letters are two UTF-8 bytes, English ones one
+    fert = stats["fertility"]
+    assert set(fert) == {"ar", "en"} and fert["ar"]["bytes_per_char"] > 1.5 > fert["en"]["bytes_per_char"]
+    assert all(f["tokens_per_word"] >= 1 and 0 < f["tokens_per_byte"] <= 1 for f in fert.values())
+    assert "| language | tokens/word |" in (out / "stats.md").read_text()
     assert not (tmp_path / ".work" / "data").exists()  # cleaned up after success
 
 

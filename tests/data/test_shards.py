@@ -100,3 +100,46 @@ def test_a_truncated_shard_is_named_with_its_size_and_the_fix(
     expected = message.format(bin=bin_, idx=idx, name=re.escape(name), size=size, full=full)
     with pytest.raises(MoEAdaptError, match=expected + r".*rerun the data stage with force=\[data\]"):
         open_shard(tmp_path, name)
+
+
+def test_manifest_sizes_the_text_and_stats_give_the_tokenizers_fertility(tmp_path: Path) -> None:
+    """With one token per UTF-8 byte (no merges) fertility is known by hand: an Arabic letter is two
+    bytes, so two tokens; EOD is left out of the text's tokens."""
+    from moe_adapt.data.pipeline import _shard_table, fertility, render_stats
+    from tests.eval.test_bits import byte_tokenizer
+
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    docs = [
+        {"text": "ab cd", "lang": "en", "source": "s"},  # 5 bytes, 5 chars, 2 words
+        {"text": "abc", "lang": "en", "source": "s"},  # 3 bytes, 3 chars, 1 word
+        {"text": "سل ما", "lang": "ar", "source": "s"},  # 9 bytes, 5 chars, 2 words
+    ]
+    manifest = write_shards(docs, tmp_path / "tokenizer.json", tmp_path / "out")
+    rows = {s["lang"]: s for s in manifest["shards"]}
+    assert {k: rows["en"][k] for k in ("tokens", "text_tokens", "words", "chars", "bytes")} == {
+        "tokens": 10,  # 8 byte tokens + 2 EOD
+        "text_tokens": 8,
+        "words": 3,
+        "chars": 8,
+        "bytes": 8,
+    }
+    assert (rows["ar"]["text_tokens"], rows["ar"]["words"], rows["ar"]["chars"], rows["ar"]["bytes"]) == (
+        9,
+        2,
+        5,
+        9,
+    )
+    table = _shard_table(manifest)
+    fert = fertility(table, {"ar": table["ar"]})  # splits add up: the Arabic text counted twice
+    one = {"tokens_per_char": 1.0, "tokens_per_byte": 1.0, "bytes_per_char": 1.0}
+    assert fert["en"] == {"tokens_per_word": round(8 / 3, 4), **one}
+    assert fert["ar"] == {
+        "tokens_per_word": 4.5,
+        "tokens_per_char": 1.8,
+        "tokens_per_byte": 1.0,
+        "bytes_per_char": 1.8,
+    }
+    assert fertility({"en": {"documents": 1, "tokens": 3}}) == {}  # an old manifest without text sizes
+    md = render_stats({"steps": {}, "train": table, "heldout": {}, "fertility": fert})
+    assert "| language | tokens/word | tokens/char | tokens/byte | bytes/char |" in md
+    assert "| ar | 4.500 | 1.800 | 1.000 | 1.800 |" in md

@@ -79,12 +79,35 @@ def test_routing_files_and_report(result: tuple[Path, dict]) -> None:
     assert "| hadith_qa_ar | 6 | 2 | 2 |" in md  # the per-benchmark contamination row
 
 
+def test_bits_per_byte_beside_the_loss(result: tuple[Path, dict]) -> None:
+    """Every held-out loss has its bits per byte/char, from the manifest's tokenizer, in eval.json,
+    metrics.json and report.md."""
+    out = result[0]
+    data = json.loads((out / "eval.json").read_text())
+    # the fixture's tokenizer splits on whitespace and has no decoder: sizes by decoding each token
+    assert data["heldout"]["bytes_from"] == "decode"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, model in data["models"].items():
+        for lang, h in model["heldout"].items():
+            assert 0 < h["chars"] <= h["bytes"]
+            assert h["bits_per_byte"] == pytest.approx(h["nll_sum"] / math.log(2) / h["bytes"])
+            assert h["bits_per_char"] == pytest.approx(h["nll_sum"] / math.log(2) / h["chars"])
+            assert metrics[f"{name}/bpb_{lang}"] == h["bits_per_byte"]
+        # Arabic letters are two UTF-8 bytes, English ones one
+        ar, en = model["heldout"]["ar"], model["heldout"]["en"]
+        assert ar["bytes"] / ar["chars"] > 1.5 > en["bytes"] / en["chars"]
+    md = (out / "report.md").read_text()
+    assert "| model | ar loss (ppl) | ar bits/byte | en loss (ppl) | en bits/byte |" in md
+    bpb = data["models"]["dense"]["heldout"]["ar"]["bits_per_byte"]
+    assert f"| {bpb:.4f} |" in md
+
+
 def test_logs_table(run_dir: Path, checkpoints: dict[str, Path], tmp_path: Path, make_cfg, caplog) -> None:
     cfg = make_cfg(run_dir, {"dense": checkpoints["dense"]}, benchmarks=[], max_docs_per_language=2)
     with caplog.at_level(logging.INFO, logger="moe_adapt.eval"):
         run_eval(cfg, tmp_path)
     lines = [r.getMessage() for r in caplog.records if r.name == "moe_adapt.eval"]
-    assert any("loss_ar" in m and "loss_en" in m for m in lines)
+    assert any("loss_ar" in m and "bpb_ar" in m and "loss_en" in m and "bpb_en" in m for m in lines)
     assert any(m.startswith("eval: dense ") for m in lines)
     assert json.loads((tmp_path / "eval.json").read_text())["heldout"]["documents"] == {"ar": 2, "en": 2}
 

@@ -67,15 +67,21 @@ def test_cpt_trains_and_resumes_bit_exactly(upcycled, tmp_path, monkeypatch):
         straight, "stages=[cpt]", "++cpt.forgetting_bound.en=100.0", "++cpt.forgetting_bound.he=0.1"
     )["cpt"]
     assert summary["steps"] == 6 and (straight / "cpt" / "model" / "config.json").is_file()
-    assert set(summary["heldout_delta"]) == {"loss_ar", "loss_en"}
+    assert set(summary["heldout_delta"]) == {"loss_ar", "loss_en", "bpb_ar", "bpb_en"}
     before, after = summary["heldout_before"], summary["heldout_after"]
+    per_nat = before["bpb_en"] / before["loss_en"]  # tokens / bytes / ln 2 of the en held-out text
     assert summary["forgetting"] == {
         "en": {
+            "unit": "nats/token",
             "bound": 100.0,
             "before": before["loss_en"],
             "after": after["loss_en"],
             "rise": summary["heldout_delta"]["loss_en"],
             "held": True,
+            "before_bpb": before["bpb_en"],
+            "after_bpb": after["bpb_en"],
+            "rise_bpb": summary["heldout_delta"]["bpb_en"],
+            "bound_bpb": round(100.0 * per_nat, 6),
         },
         "he": {"bound": 0.1, "held": None, "note": "the held-out set has no he documents"},
     }
@@ -88,6 +94,18 @@ def test_cpt_trains_and_resumes_bit_exactly(upcycled, tmp_path, monkeypatch):
     assert [
         r["step"] for r in map(json.loads, (straight / "cpt" / "heldout.jsonl").read_text().splitlines())
     ] == [0, 3, 6]
+    # both units at every evaluation: the held-out text is fixed, so bits/byte over nats/token is one
+    # constant per language (tokens / bytes / ln 2), and the demo tokenizer spends more tokens per
+    # byte on English (one-byte letters) than on Arabic (two-byte letters)
+    held = [json.loads(line) for line in (straight / "cpt" / "heldout.jsonl").read_text().splitlines()]
+    assert all(
+        {f"{u}_{lang}" for u in ("loss", "bpb", "bpc") for lang in ("ar", "en")} <= set(r) for r in held
+    )
+    for lang in ("ar", "en"):
+        ratios = [r[f"bpb_{lang}"] / r[f"loss_{lang}"] for r in held]
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-4)
+        assert all(r[f"bpc_{lang}"] >= r[f"bpb_{lang}"] for r in held)  # a character is 1+ bytes
+    assert held[0]["bpb_ar"] / held[0]["loss_ar"] < held[0]["bpb_en"] / held[0]["loss_en"]
 
     crashed = tmp_path / "crashed"
     shutil.copytree(upcycled, crashed)
@@ -183,8 +201,9 @@ def test_forgetting_report_checks_each_bounded_language():
     before = {"step": 0, "loss_ar": 9.0, "loss_en": 4.0}
     after = {"step": 90, "loss_ar": 3.0, "loss_en": 4.25}
     report = forgetting_report(before, after, {"en": 0.3, "ar": 0.0})
-    assert report["en"] == {"bound": 0.3, "before": 4.0, "after": 4.25, "rise": 0.25, "held": True}
-    assert report["ar"] == {"bound": 0.0, "before": 9.0, "after": 3.0, "rise": -6.0, "held": True}
+    unit = {"unit": "nats/token"}
+    assert report["en"] == {**unit, "bound": 0.3, "before": 4.0, "after": 4.25, "rise": 0.25, "held": True}
+    assert report["ar"] == {**unit, "bound": 0.0, "before": 9.0, "after": 3.0, "rise": -6.0, "held": True}
     assert forgetting_report(before, after, {"en": 0.2})["en"]["held"] is False  # a rise of 0.25 > 0.2
     assert forgetting_report(before, after, {"en": 0.25})["en"]["held"] is True  # the bound is inclusive
     assert forgetting_report(before, after, {"he": 0.1})["he"]["held"] is None  # not measured
@@ -200,6 +219,25 @@ def test_a_breached_bound_is_reported_and_warned_not_fatal(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("forgetting en" in w and "+0.5000 nats/token" in w and "EXCEEDED" in w for w in warnings)
     assert any("bound for he not checked" in w for w in warnings)
+
+
+def test_forgetting_report_gives_the_bound_in_bits_per_byte_too(caplog):
+    """The bound stays in nats/token; with bpb in the records the rise and the bound are also given
+    in bits per byte, the bound scaled by the held-out text's tokens / bytes / ln 2."""
+    from moe_adapt.cpt.heldout import log_forgetting
+
+    before = {"step": 0, "loss_en": 4.0, "bpb_en": 2.0}  # 2.0 / 4.0: 0.5 bits/byte per nat/token
+    after = {"step": 9, "loss_en": 4.25, "bpb_en": 2.125}
+    report = forgetting_report(before, after, {"en": 0.3})
+    assert report["en"]["held"] is True and report["en"]["rise"] == 0.25
+    assert (report["en"]["rise_bpb"], report["en"]["bound_bpb"]) == (0.125, 0.15)
+    caplog.set_level("INFO")
+    log_forgetting(report)
+    assert any(
+        "+0.2500 nats/token), bound +0.3000 nats/token; bits/byte 2.0000 -> 2.1250 (+0.1250), bound +0.1500"
+        in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.mark.parametrize(
