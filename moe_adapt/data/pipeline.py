@@ -85,17 +85,19 @@ def is_heldout(doc: Doc, fraction: float) -> bool:
 
 
 def _eod_token(tokenizer_dir: Path, setting: str | None) -> str | None:
+    """``data.tokenize.eod_token``; ``auto`` reads the eos_token of the tokenizer_config.json in the
+    tokenizer's folder, or beside its tokenizer.json when the setting names the file."""
     if setting != "auto":
         return setting
-    config = tokenizer_dir / "tokenizer_config.json" if tokenizer_dir.is_dir() else None
-    if config is not None and config.is_file():
+    config = (tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent) / "tokenizer_config.json"
+    if config.is_file():
         eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
         if isinstance(eos, str):
             return eos
     raise MoEAdaptConfigError(
-        f"data.tokenize.eod_token=auto found no eos_token in {tokenizer_dir}; "
+        f"data.tokenize.eod_token=auto found no eos_token in {config} (for {tokenizer_dir}); "
         "set data.tokenize.eod_token to a token of the vocabulary, or null"
     )
 

@@ -220,3 +220,17 @@ def test_parquet_and_saved_dataset_sources(corpus, tiny_tokenizer, tmp_path, fmt
     cfg.run_dir = str(tmp_path / "run2")
     with pytest.raises(MoEAdaptConfigError, match="text_key='text' is not a column"):
         run(cfg)
+
+
+def test_eod_token_auto_from_a_tokenizer_json_file(tmp_path):
+    """data.tokenize.tokenizer may name the tokenizer.json file: eod_token=auto reads the
+    tokenizer_config.json beside it, as it does in the folder (issue 13)."""
+    from moe_adapt.data.pipeline import _eod_token
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(MoEAdaptConfigError, match="found no eos_token"):
+        _eod_token(tmp_path / "tokenizer.json", "auto")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    assert _eod_token(tmp_path / "tokenizer.json", "auto") == "</s>"
+    assert _eod_token(tmp_path, "auto") == "</s>"
+    assert _eod_token(tmp_path / "tokenizer.json", "<eod>") == "<eod>"
