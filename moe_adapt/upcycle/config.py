@@ -213,4 +213,5 @@ class UpcycleConfig:
             others = "; ".join(f"{k}={v!r} ({reason})" for k, v, reason, _, _ in problems[1:])
             fixes = " ".join(fix for *_, fix in problems)
             k, v, reason, _, _ = problems[0]
-            raise config_error(k, v, f"{reason}; also invalid: {others}. Set together: {fixes} (or {inexact})")
+            allowed = f"{reason}; also invalid: {others}. Set together: {fixes} (or {inexact})"
+            raise config_error(k, v, allowed)
