@@ -153,8 +153,6 @@ class Config:
                 "model.dense is required by stage upcycle: set model.dense=/path/to/hf_dense_checkpoint "
                 "(a local folder with config.json and *.safetensors)"
             )
-        if "eval" in self.stages and not self.eval.models:
-            _fail("eval.models", [], "stage eval needs at least one {name, path} checkpoint")
         if "report" in self.stages and not self.report.sweep_dir:
             raise MoEAdaptConfigError(
                 "report.sweep_dir is required by stage report: "

@@ -64,7 +64,9 @@ class EvalConfig:
     """The ``eval`` stage: held-out loss, benchmark accuracy, bilingual metrics, routing, harness."""
 
     models: list[ModelEntry] = field(default_factory=list)
-    """Checkpoints to evaluate, each {name, path}; at least one is needed when the stage runs."""
+    """Checkpoints to evaluate, each {name, path}. Empty (the default): the eval stage takes model.dense
+    (as ``dense``) and the newest model of the run directory: distill/model (``distill``), else cpt/model
+    (``cpt``), else upcycle/model (``moe``)."""
 
     heldout: str | None = None
     """Folder of held-out shards with manifest.json (the data stage's ``data/heldout``); null skips
