@@ -70,7 +70,8 @@ class Config:
     A single folder name: not empty, not '.' or '..', without '/', '\\' or NUL."""
 
     run_dir: str = "${hydra:runtime.output_dir}"
-    """Where every stage writes its artifacts. Defaults to Hydra's run dir (runs/<run_name>)."""
+    """Where every stage writes its artifacts. Defaults to Hydra's run dir (runs/<run_name>, or a sweep's
+    job folder); when set, Hydra's run dir (.hydra/, the log) follows it (conf/config.yaml)."""
 
     seed: int = 0
     """Seed for everything random (router init, drop re-initialisation, probes, demo model); in
