@@ -226,6 +226,37 @@ def import_gguf(
     )
 
 
+def import_into_run(src: str | Path, run_dir: str | Path) -> Path:
+    """``model.dense=FILE.gguf``: the HF folder ``<run_dir>/import/<stem>/`` imported from ``src``, made
+    by :func:`import_gguf` unless an earlier run made it from the same file (path, size and mtime,
+    recorded in its ``gguf_import.json``)."""
+    src = Path(src)
+    dest = Path(run_dir) / "import" / src.stem
+    if not src.is_file():
+        raise CheckpointError(f"model.dense={src} does not exist (a .gguf file is imported into {dest})")
+    stat = src.stat()
+    origin = {"source": str(src.absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = dest / "gguf_import.json"
+    try:
+        done = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        done = None
+    if isinstance(done, dict) and all(done.get(k) == v for k, v in origin.items()):
+        log.info("model.dense: %s was imported from %s already", dest, src)
+        return dest
+    log.info("model.dense: importing %s into %s", src, dest)
+    report = import_gguf(src, dest, force=True)
+    done = json.loads(record.read_text(encoding="utf-8"))
+    (dest / "gguf_import.json").write_text(json.dumps(done | origin, indent=2) + "\n")
+    log.info(
+        "model.dense: %d tensors, %.1f MiB in %.1f s",
+        report.tensors,
+        report.bytes_written / 2**20,
+        report.seconds,
+    )
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moe_adapt.checkpoint.gguf",

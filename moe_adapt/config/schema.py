@@ -35,7 +35,8 @@ class ModelConfig:
     """The dense model the pipeline starts from."""
 
     dense: str | None = None
-    """Path to a local Hugging Face dense checkpoint directory (config.json + *.safetensors).
+    """Path to a local Hugging Face dense checkpoint directory (config.json + *.safetensors), or a
+    ``.gguf`` file that the runner imports into ``<run_dir>/import/<stem>/`` first (docs/upcycle.md).
     Required by the upcycle stage (so it is checked when that stage is selected, not always)."""
 
     trust_remote_code: bool = False

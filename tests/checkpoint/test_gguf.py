@@ -207,3 +207,23 @@ def test_smollm2_matches_transformers_gguf_loader(tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(dest))
     ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     assert torch.equal(_logits(imported, ids), _logits(reference, ids))
+
+
+def test_model_dense_may_be_a_gguf_file(tmp_path: Path) -> None:
+    """model.dense=FILE.gguf: the runner imports it into <run_dir>/import/<stem>/ once, and the stages
+    read that folder."""
+    from moe_adapt.config import compose, to_config
+    from moe_adapt.runner import run_pipeline
+
+    src, _ = write_tiny_gguf(tmp_path, "llama")
+    run_dir = tmp_path / "run"
+    raw = compose([f"run_dir={run_dir}", f"model.dense={src}", "stages=[upcycle]", "upcycle.num_experts=8"])
+    summary = run_pipeline(to_config(raw), raw)["upcycle"]
+    imported = run_dir / "import" / "tiny-llama"
+    assert json.loads((imported / "gguf_import.json").read_text())["size"] == src.stat().st_size
+    assert summary["verify"]["top1_agreement"] == 1.0
+    assert (run_dir / "upcycle" / "model" / "tokenizer.json").is_file()
+    stamp = (imported / "model.safetensors").stat().st_mtime_ns
+    raw = compose([f"run_dir={run_dir}", f"model.dense={src}", "stages=[upcycle]", "upcycle.num_experts=8"])
+    run_pipeline(to_config(raw), raw)  # the same file: neither imported nor upcycled again
+    assert (imported / "model.safetensors").stat().st_mtime_ns == stamp
