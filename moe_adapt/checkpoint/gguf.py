@@ -198,7 +198,10 @@ def import_gguf(
             w = gguf.dequantize(t.data, t.tensor_type)  # numpy, rows first: the HF layout
             if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
                 w = unpermute_rotary(w, heads if ".attn_q." in t.name else kv_heads)
-            tensor = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a copy: never the mmap
+            w = np.asarray(w, dtype=np.float32)
+            if np.may_share_memory(w, t.data):  # an F32 tensor comes back as a view of the mapped file
+                w = w.copy()
+            tensor = torch.from_numpy(w).to(dtype)
             writer.write(name, tensor)
             parameters += tensor.numel()
             quant_types[t.tensor_type.name] = quant_types.get(t.tensor_type.name, 0) + 1
