@@ -24,6 +24,7 @@ disk every node sees.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -115,9 +116,22 @@ def _run_stages(cfg: Config, raw: DictConfig, ctx: distributed.DistContext) -> d
             _remove_leftovers(run_dir)
             container = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
             atomic_write_json(run_dir / "config.json", redact(container))
+        if cfg.model.dense and str(cfg.model.dense).endswith(".gguf"):
+            cfg = _with_imported_dense(cfg, ctx)
         return _each_stage(cfg, raw, ctx)
     finally:
         lock.release()
+
+
+def _with_imported_dense(cfg: Config, ctx: distributed.DistContext) -> Config:
+    """``model.dense=FILE.gguf``: rank 0 imports it into ``<run_dir>/import/<stem>/`` (once; a re-run
+    reuses it) and every stage sees that folder as ``model.dense``. The stages' settings keep the
+    file's path, so the same file resumes the run."""
+    from moe_adapt.checkpoint.gguf import import_into_run
+
+    src = str(cfg.model.dense)
+    folder = distributed.run_on_main(lambda: str(import_into_run(src, cfg.run_dir)), ctx)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dense=folder))
 
 
 def _remove_leftovers(run_dir: Path) -> None:

@@ -339,3 +339,21 @@ def test_secret_keys_stay_out_of_directory_names(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     args = _secrets_out_of_dirnames(_quiet_other_ranks(["+hf_token=x"]))
     assert args[:2] == ["+hf_token=x", "hydra.output_subdir=null"] and args[-1] == f"{exclude}=[hf_token]"
+
+
+def test_hydra_files_follow_run_dir(tmp_path):
+    """run_dir=DIR puts Hydra's .hydra/ and log in DIR, not in ./runs/run (issue 13); secrets in the
+    overrides are still redacted there; without run_dir they go to runs/<run_name> as before."""
+    run_dir = tmp_path / "elsewhere" / "my_run"
+    proc = cli("stages=[]", f"run_dir={run_dir}", "+cpt.forgetting_bound.access_key=31415926.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in run_dir.iterdir()} >= {".hydra", "__main__.log", "config.json"}
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert not any("31415926" in p.read_text() for p in (run_dir / ".hydra").iterdir())
+    assert not (tmp_path / "runs").exists()
+    proc = cli("stages=[]", "run_name=plain", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "plain" / ".hydra" / "config.yaml").is_file()
+    assert json.loads((tmp_path / "runs" / "plain" / "config.json").read_text())["run_dir"] == str(
+        tmp_path / "runs" / "plain"
+    )

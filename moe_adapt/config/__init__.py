@@ -58,6 +58,7 @@ def register() -> None:
     # hydra.run.dir is runs/${run_name:${run_name}}: Hydra makes that folder before the app starts, so a
     # run_name of '..' must be refused while the folder's name is worked out, not after
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+    OmegaConf.register_new_resolver("run_dir_or", _run_dir_or, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=Config)
     # each option of the engine group pulls in its own schema (conf/engine/<name>.yaml's defaults), so
@@ -71,6 +72,21 @@ def _run_name(name: object) -> object:
     """The ``run_name`` resolver: ``name`` itself, once it is known to be a single folder name."""
     check_path_component("run_name", name)
     return name
+
+
+RUN_DIR_DEFAULT = "${hydra:runtime.output_dir}"
+"""``run_dir``'s default: the folder Hydra made for the job (``hydra.run.dir``, or a sweep's job folder)."""
+
+
+def _run_dir_or(default: object, *, _root_: DictConfig) -> object:
+    """The ``run_dir_or`` resolver of ``hydra.run.dir``: ``run_dir`` when the user set it, else
+    ``default`` (``runs/<run_name>``). So ``run_dir=/x`` puts Hydra's ``.hydra/`` and log in ``/x`` too,
+    while the default ``run_dir`` (which is Hydra's output folder) makes no cycle."""
+    node = _root_._get_node("run_dir")
+    raw = node._value() if node is not None else None  # type: ignore[union-attr]
+    if raw is None or raw == RUN_DIR_DEFAULT:
+        return default
+    return _root_.run_dir
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -35,7 +35,8 @@ class ModelConfig:
     """The dense model the pipeline starts from."""
 
     dense: str | None = None
-    """Path to a local Hugging Face dense checkpoint directory (config.json + *.safetensors).
+    """Path to a local Hugging Face dense checkpoint directory (config.json + *.safetensors), or a
+    ``.gguf`` file that the runner imports into ``<run_dir>/import/<stem>/`` first (docs/upcycle.md).
     Required by the upcycle stage (so it is checked when that stage is selected, not always)."""
 
     trust_remote_code: bool = False
@@ -70,7 +71,8 @@ class Config:
     A single folder name: not empty, not '.' or '..', without '/', '\\' or NUL."""
 
     run_dir: str = "${hydra:runtime.output_dir}"
-    """Where every stage writes its artifacts. Defaults to Hydra's run dir (runs/<run_name>)."""
+    """Where every stage writes its artifacts. Defaults to Hydra's run dir (runs/<run_name>, or a sweep's
+    job folder); when set, Hydra's run dir (.hydra/, the log) follows it (conf/config.yaml)."""
 
     seed: int = 0
     """Seed for everything random (router init, drop re-initialisation, probes, demo model); in
@@ -153,8 +155,6 @@ class Config:
                 "model.dense is required by stage upcycle: set model.dense=/path/to/hf_dense_checkpoint "
                 "(a local folder with config.json and *.safetensors)"
             )
-        if "eval" in self.stages and not self.eval.models:
-            _fail("eval.models", [], "stage eval needs at least one {name, path} checkpoint")
         if "report" in self.stages and not self.report.sweep_dir:
             raise MoEAdaptConfigError(
                 "report.sweep_dir is required by stage report: "

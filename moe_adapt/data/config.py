@@ -150,7 +150,8 @@ class TokenizeConfig:
     """Tokenization into megatron-core indexed shards."""
 
     tokenizer: str | None = None
-    """Folder with tokenizer.json (default: model.dense)."""
+    """Folder with tokenizer.json, or the tokenizer.json file itself (default: model.dense). eod_token=auto
+    reads tokenizer_config.json from the folder, or from beside the file."""
 
     eod_token: str | None = "auto"
     """Token appended to each document: auto (the tokenizer's eos_token), a token, or null for none."""

@@ -27,15 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from moe_adapt.data.clean import CleanConfig, clean_text
 from moe_adapt.data.config import DataConfig
 from moe_adapt.data.jsonl import ReadStats, read_documents, write_documents
 from moe_adapt.data.steps import (
@@ -50,7 +50,7 @@ from moe_adapt.data.steps import (
     run_step,
 )
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.fs import atomic_write_json
+from moe_adapt.fs import atomic_write_json, atomic_write_text
 from moe_adapt.resume import StepCache
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,19 @@ def is_heldout(doc: Doc, fraction: float) -> bool:
 
 
 def _eod_token(tokenizer_dir: Path, setting: str | None) -> str | None:
+    """``data.tokenize.eod_token``; ``auto`` reads the eos_token of the tokenizer_config.json in the
+    tokenizer's folder, or beside its tokenizer.json when the setting names the file."""
     if setting != "auto":
         return setting
-    config = tokenizer_dir / "tokenizer_config.json" if tokenizer_dir.is_dir() else None
-    if config is not None and config.is_file():
+    config = (tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent) / "tokenizer_config.json"
+    if config.is_file():
         eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
         if isinstance(eos, str):
             return eos
     raise MoEAdaptConfigError(
-        f"data.tokenize.eod_token=auto found no eos_token in {tokenizer_dir}; "
+        f"data.tokenize.eod_token=auto found no eos_token in {config} (for {tokenizer_dir}); "
         "set data.tokenize.eod_token to a token of the vocabulary, or null"
     )
 
@@ -184,9 +186,40 @@ def build_corpus(dcfg: DataConfig, out: Path, work: Path, *, tokenizer: str, see
     if bench_files:
         (out / "benchmarks").mkdir()
         for name, path in bench_files.items():
-            shutil.copy2(path, out / "benchmarks" / f"{name}.jsonl")
+            write_clean_benchmark(path, out / "benchmarks" / f"{name}.jsonl", dcfg.clean)
 
     return _finish(dcfg, docs, steps, Path(tokenizer), out)
+
+
+_BENCHMARK_TEXT_KEYS = ("question", "text", "context", "passage")
+
+
+def write_clean_benchmark(src: Path, dest: Path, clean: CleanConfig) -> None:
+    """Copy the benchmark ``src`` to ``dest`` with its text (question, text, context, passage and every
+    choice of a JSONL item) cleaned like the training text, so that the eval stage and lm-eval score
+    the text the model was trained on (the demo's Arabic hadiths carry U+200F marks that cleaning
+    strips). Other fields are kept; a file that is not JSONL (``.txt``) is cleaned line by line."""
+    text = src.read_text(encoding="utf-8", errors="replace")
+    lines = []
+    for line in text.splitlines():
+        if src.suffix == ".txt":
+            lines.append(clean_text(line, clean))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            lines.append(line)  # kept as it was: load_benchmark skips it with a warning
+            continue
+        if isinstance(obj, dict):
+            for key in _BENCHMARK_TEXT_KEYS:
+                if isinstance(obj.get(key), str):
+                    obj[key] = clean_text(obj[key], clean)
+            if isinstance(obj.get("choices"), list):
+                obj["choices"] = [clean_text(c, clean) if isinstance(c, str) else c for c in obj["choices"]]
+            if isinstance(obj.get("answer"), str):
+                obj["answer"] = clean_text(obj["answer"], clean)
+        lines.append(json.dumps(obj, ensure_ascii=False))
+    atomic_write_text(dest, "".join(f"{line}\n" for line in lines))
 
 
 def _decontaminate(
@@ -205,9 +238,11 @@ def _decontaminate(
     )
     step = StepStats("decontam")
     start = time.perf_counter()
-    result, kept = decontaminate(
-        lambda: docs, {n: load_benchmark(p) for n, p in bench_files.items()}, settings
-    )
+    benchmarks = {  # compared as the training text is: cleaned the same way
+        n: [replace(item, text=clean_text(item.text, dcfg.clean)) for item in load_benchmark(p)]
+        for n, p in bench_files.items()
+    }
+    result, kept = decontaminate(lambda: docs, benchmarks, settings)
     list(counted(step, docs, out=False))
     out_docs = list(counted(step, kept, out=True)) if d.remove else list(counted(step, docs, out=True))
     step.seconds = time.perf_counter() - start

@@ -64,7 +64,9 @@ class EvalConfig:
     """The ``eval`` stage: held-out loss, benchmark accuracy, bilingual metrics, routing, harness."""
 
     models: list[ModelEntry] = field(default_factory=list)
-    """Checkpoints to evaluate, each {name, path}; at least one is needed when the stage runs."""
+    """Checkpoints to evaluate, each {name, path}. Empty (the default): the eval stage takes model.dense
+    (as ``dense``) and the newest model of the run directory: distill/model (``distill``), else cpt/model
+    (``cpt``), else upcycle/model (``moe``)."""
 
     heldout: str | None = None
     """Folder of held-out shards with manifest.json (the data stage's ``data/heldout``); null skips
@@ -98,6 +100,11 @@ class EvalConfig:
 
     benchmarks: list[BenchmarkEntry] = field(default_factory=list)
     """Multiple-choice benchmarks scored by log-likelihood of each choice given the question."""
+
+    benchmark_max_items: int | None = None
+    """Items scored per benchmark and language (null = all): the first N of the ``source_lang`` file,
+    and in every other language the items parallel to those (same ``parallel_key``), else its first N.
+    For quick checks; the harness has its own cap, harness_limit."""
 
     ece_bins: int = 10
     """Equal-width confidence bins of the expected calibration error."""
@@ -181,6 +188,8 @@ class EvalConfig:
             _fail("eval.confidence", self.confidence, "must be in (0, 1), e.g. 0.95")
         if self.harness_num_fewshot < 0:
             _fail("eval.harness_num_fewshot", self.harness_num_fewshot, "must be >= 0")
+        if self.benchmark_max_items is not None and self.benchmark_max_items < 1:
+            _fail("eval.benchmark_max_items", self.benchmark_max_items, "must be >= 1 or null")
         if self.harness_limit is not None and self.harness_limit < 1:
             _fail("eval.harness_limit", self.harness_limit, "must be >= 1 or null")
 

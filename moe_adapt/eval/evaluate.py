@@ -80,6 +80,21 @@ def _load_model(path: str, ecfg: EvalConfig, index: int) -> torch.nn.Module:
         raise MoEAdaptError(f"eval.models[{index}].path={path!r}: {err}") from err
 
 
+def cap_items(sets: dict[str, MCSet], max_items: int | None, source_lang: str) -> dict[str, MCSet]:
+    """``eval.benchmark_max_items``: the first ``max_items`` items of the ``source_lang`` set (else of
+    the first language), and in each other language the items parallel to those, falling back to its
+    first ``max_items`` when it has no parallel keys. ``None``: the sets unchanged."""
+    if max_items is None or not sets:
+        return sets
+    lead = sets.get(source_lang) or next(iter(sets.values()))
+    keys = {it.pair_key for it in lead.items[:max_items] if it.pair_key is not None}
+    capped = {}
+    for lang, mc in sets.items():
+        items = [it for it in mc.items if it.pair_key in keys][:max_items] if keys else []
+        capped[lang] = dataclasses.replace(mc, items=items or mc.items[:max_items])
+    return capped
+
+
 def _load_tokenizer(model_path: str, ecfg: EvalConfig, heldout: HeldOut | None) -> Any:
     """The tokenizer for benchmark text: eval.tokenizer, else the checkpoint's, else the manifest's."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -311,10 +326,16 @@ def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
         log.warning("eval: eval.heldout is null; skipping held-out loss and routing analysis")
     benches: dict[str, dict[str, MCSet]] = {}
     for i, bench in enumerate(ecfg.benchmarks):
-        benches[bench.name] = {
-            lang: load_mc_items(f, parallel_key=bench.parallel_key, key=f"eval.benchmarks[{i}].files.{lang}")
-            for lang, f in bench.files.items()
-        }
+        benches[bench.name] = cap_items(
+            {
+                lang: load_mc_items(
+                    f, parallel_key=bench.parallel_key, key=f"eval.benchmarks[{i}].files.{lang}"
+                )
+                for lang, f in bench.files.items()
+            },
+            ecfg.benchmark_max_items,
+            bench.source_lang,
+        )
     results: dict[str, Any] = {"models": {}}
     if heldout is not None:
         results["heldout"] = {

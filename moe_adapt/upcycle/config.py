@@ -206,29 +206,7 @@ class UpcycleConfig:
         if self.top_k is not None and self.top_k < 1:
             _fail(f"{key}.top_k", self.top_k, "must be >= 1")
         if not self.allow_inexact:
-            if self.top_k is not None and self.top_k % routed:
-                _fail(
-                    f"{key}.top_k",
-                    self.top_k,
-                    f"must be a multiple of the routed shards per copy, "
-                    f"granularity - shared_experts = {routed} "
-                    f"(got remainder {self.top_k % routed}); or set upcycle.allow_inexact=true",
-                )
-            if self.num_experts is not None and self.num_experts % routed:
-                _fail(
-                    f"{key}.num_experts",
-                    self.num_experts,
-                    f"must be a multiple of granularity - shared_experts = {routed} so experts form whole "
-                    f"copies of the FFN (got remainder {self.num_experts % routed}); "
-                    "or set upcycle.allow_inexact=true",
-                )
-            if self.router_init == RouterInit.random and routed > 1:
-                _fail(
-                    f"{key}.router_init",
-                    self.router_init.value,
-                    f"random rows cannot keep the {routed} shards of a copy together; use virtual_group "
-                    "or set upcycle.allow_inexact=true",
-                )
+            self._check_exact(key, routed)
         if self.num_experts is not None and self.top_k is not None and self.top_k > self.num_experts:
             _fail(f"{key}.top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
         if self.method == UpcycleMethod.drop:
@@ -272,3 +250,51 @@ class UpcycleConfig:
                 (self.verify_probes, self.verify_seq_len),
                 "probes and length must be >= 1",
             )
+
+    def _check_exact(self, key: str, routed: int) -> None:
+        """Refuse the settings that would make the MoE differ from the dense model, all of them in one
+        error: ``upcycle=drop upcycle.granularity=4`` conflicts with both the group's top_k and its
+        router_init, and the user should learn both (and the overrides that fix them) at once."""
+        inexact = "upcycle.allow_inexact=true"
+        problems: list[tuple[str, object, str, str, str]] = []  # key, value, reason, alternative, fix
+        if self.top_k is not None and self.top_k % routed:
+            problems.append(
+                (
+                    f"{key}.top_k",
+                    self.top_k,
+                    f"must be a multiple of the routed shards per copy, "
+                    f"granularity - shared_experts = {routed} (got remainder {self.top_k % routed})",
+                    f"; or set {inexact}",
+                    f"{key}.top_k={routed * max(1, round(self.top_k / routed))}",
+                )
+            )
+        if self.num_experts is not None and self.num_experts % routed:
+            problems.append(
+                (
+                    f"{key}.num_experts",
+                    self.num_experts,
+                    f"must be a multiple of granularity - shared_experts = {routed} so experts form whole "
+                    f"copies of the FFN (got remainder {self.num_experts % routed})",
+                    f"; or set {inexact}",
+                    f"{key}.num_experts={routed * max(1, round(self.num_experts / routed))}",
+                )
+            )
+        if self.router_init == RouterInit.random and routed > 1:
+            problems.append(
+                (
+                    f"{key}.router_init",
+                    self.router_init.value,
+                    f"random rows cannot keep the {routed} shards of a copy together; use virtual_group",
+                    f" or set {inexact}",
+                    f"{key}.router_init=virtual_group",
+                )
+            )
+        if len(problems) == 1:
+            k, v, reason, alternative, _ = problems[0]
+            _fail(k, v, reason + alternative)
+        if problems:
+            others = "; ".join(f"{k}={v!r} ({reason})" for k, v, reason, _, _ in problems[1:])
+            fixes = " ".join(fix for *_, fix in problems)
+            k, v, reason, _, _ = problems[0]
+            allowed = f"{reason}; also invalid: {others}. Set together: {fixes} (or {inexact})"
+            raise config_error(k, v, allowed)

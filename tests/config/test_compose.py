@@ -262,3 +262,19 @@ def test_an_error_names_the_key_the_user_set_not_the_one_that_follows_it(tmp_pat
     raw = compose([f"run_dir={tmp_path}", "+recipe=tiny", override])
     with pytest.raises(MoEAdaptConfigError, match=message):
         to_config(raw)
+
+
+def test_drop_at_granularity_4_names_every_conflict_at_once(tmp_path):
+    """`upcycle=drop upcycle.granularity=4` conflicts with the group's top_k=2 and router_init=random:
+    one error names both and the overrides that fix them, which then compose (issue 13)."""
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    base = [f"run_dir={tmp_path}", "model.dense=/m", "upcycle=drop", "upcycle.granularity=4"]
+    with pytest.raises(MoEAdaptConfigError) as err:
+        to_config(compose(base))
+    message = str(err.value)
+    assert message.startswith("upcycle.top_k=2 is invalid") and "upcycle.router_init='random'" in message
+    assert "Set together: upcycle.top_k=4 upcycle.router_init=virtual_group" in message
+    assert "\n" not in message
+    cfg = to_config(compose([*base, "upcycle.top_k=4", "upcycle.router_init=virtual_group"]))
+    assert cfg.upcycle.granularity == 4 and cfg.upcycle.drop_ratio == 0.5

@@ -101,7 +101,12 @@ def test_stage_counts_removals_and_writes_readable_shards(corpus, tiny_tokenizer
     buckets = {(s["lang"], s["bucket"]) for s in manifest["shards"]}
     assert buckets == {(lang, str(b)) for lang in ("ar", "en") for b in range(3)}
     assert (out / "heldout" / "manifest.json").is_file() and summary["heldout_documents"] > 0
-    assert (out / "benchmarks" / "qa.jsonl").is_file()
+    source, copy = lines(corpus["dir"] / "bench.jsonl"), lines(out / "benchmarks" / "qa.jsonl")
+    assert "\u200f" in json.dumps(source, ensure_ascii=False)  # the hadiths' RIGHT-TO-LEFT MARKs...
+    assert "\u200f" not in json.dumps(copy, ensure_ascii=False)  # ...are cleaned away as in training text
+    assert [(x["id"], x["answer"], len(x["choices"])) for x in copy] == [
+        (x["id"], x["answer"], len(x["choices"])) for x in source
+    ]
     assert "| quality |" in (out / "stats.md").read_text()
     # the tokenizer's fertility per language: Arabic letters are two UTF-8 bytes, English ones one
     fert = stats["fertility"]
@@ -225,3 +230,36 @@ def test_parquet_and_saved_dataset_sources(corpus, tiny_tokenizer, tmp_path, fmt
     cfg.run_dir = str(tmp_path / "run2")
     with pytest.raises(MoEAdaptConfigError, match="text_key='text' is not a column"):
         run(cfg)
+
+
+def test_eod_token_auto_from_a_tokenizer_json_file(tmp_path):
+    """data.tokenize.tokenizer may name the tokenizer.json file: eod_token=auto reads the
+    tokenizer_config.json beside it, as it does in the folder (issue 13)."""
+    from moe_adapt.data.pipeline import _eod_token
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(MoEAdaptConfigError, match="found no eos_token"):
+        _eod_token(tmp_path / "tokenizer.json", "auto")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    assert _eod_token(tmp_path / "tokenizer.json", "auto") == "</s>"
+    assert _eod_token(tmp_path, "auto") == "</s>"
+    assert _eod_token(tmp_path / "tokenizer.json", "<eod>") == "<eod>"
+
+
+def test_benchmark_copies_are_cleaned_like_training_text(tmp_path):
+    """The eval stage and lm-eval score the data stage's copies of the benchmarks: their text is
+    cleaned as the training text is (issue 13); other fields and unparsable lines are kept."""
+    from moe_adapt.data.clean import CleanConfig
+    from moe_adapt.data.pipeline import write_clean_benchmark
+
+    item = {"id": 7, "question": "قال\u200f  النبي", "choices": ["أ\u200fب", 3], "answer": 0, "x": "\u200f"}
+    src = tmp_path / "b.jsonl"
+    src.write_text(json.dumps(item, ensure_ascii=False) + "\nnot json\n", encoding="utf-8")
+    write_clean_benchmark(src, tmp_path / "out.jsonl", CleanConfig())
+    first, second = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(first) == {**item, "question": "قال النبي", "choices": ["أب", 3]}
+    assert second == "not json"
+    txt = tmp_path / "b.txt"
+    txt.write_text("a\u200fb\n", encoding="utf-8")
+    write_clean_benchmark(txt, tmp_path / "t.jsonl", CleanConfig())
+    assert (tmp_path / "t.jsonl").read_text(encoding="utf-8") == "ab\n"
