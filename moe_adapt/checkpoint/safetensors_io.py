@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -127,6 +128,25 @@ class SafetensorsReader:
         if not buf:
             return torch.empty(t.shape, dtype=t.dtype)
         return torch.frombuffer(buf, dtype=t.dtype).reshape(t.shape)
+
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a copy-on-write map of its bytes in the file: no read until pages are touched.
+
+        Only this tensor's pages are mapped, and the map is unmapped when the last tensor made from it
+        is freed, so resident memory stays bounded by the tensors the caller keeps. Writing a slice of
+        it to another file copies page-cache bytes once, without a read into a fresh buffer first;
+        writes to it stay private to the process.
+        """
+        t = self.tensors[name]
+        if t.end == t.begin:
+            return torch.empty(t.shape, dtype=t.dtype)
+        start = self._data_start + t.begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(
+            self._f.fileno(), start + (t.end - t.begin) - aligned, access=mmap.ACCESS_COPY, offset=aligned
+        )
+        data = torch.frombuffer(m, dtype=torch.uint8, count=t.end - t.begin, offset=start - aligned)
+        return data.view(t.dtype).reshape(t.shape)
 
     def close(self) -> None:
         self._f.close()

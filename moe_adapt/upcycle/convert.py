@@ -206,7 +206,7 @@ class Upcycler:
         return source_dtype if self.cfg.dtype == "auto" else DTYPES[self.cfg.dtype]
 
     def _dense_ffn(self, layer: int) -> FFN:
-        get = lambda proj: self.src.get(DENSE_FFN[proj].format(layer=layer))  # noqa: E731
+        get = lambda proj: self.src.view(DENSE_FFN[proj].format(layer=layer))  # noqa: E731
         return FFN(get("gate"), get("up"), get("down"))
 
     def _layer(self, layer: int) -> LayerExperts:
@@ -235,7 +235,7 @@ class Upcycler:
         if name in self.src:
             info = self.src.info(name)
             dtype = self._out_dtype(info.dtype)
-            return Planned(PlannedTensor(name, dtype, info.shape), lambda: self.src.get(name).to(dtype))
+            return Planned(PlannedTensor(name, dtype, info.shape), lambda: self.src.view(name).to(dtype))
         shape = self.dense_part[name]
         fill = 0.0 if name.endswith(".bias") else 1.0  # a missing bias is zero (exact); a norm starts at one
         dtype = self._out_dtype(self.src.info("model.embed_tokens.weight").dtype)
