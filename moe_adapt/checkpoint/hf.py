@@ -237,6 +237,14 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path} has no tensor {name!r}") from None
         return self._reader(file).get(name)
 
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor mapped from its file (copy-on-write; :meth:`SafetensorsReader.view`)."""
+        try:
+            file, _ = self.index[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}") from None
+        return self._reader(file).view(name)
+
     def __contains__(self, name: str) -> bool:
         return name in self.index
 

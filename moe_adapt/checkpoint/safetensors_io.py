@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,25 @@ class SafetensorsReader:
             return torch.empty(t.shape, dtype=t.dtype)
         return torch.frombuffer(buf, dtype=t.dtype).reshape(t.shape)
 
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a copy-on-write map of its bytes in the file: no read until pages are touched.
+
+        Only this tensor's pages are mapped, and the map is unmapped when the last tensor made from it
+        is freed, so resident memory stays bounded by the tensors the caller keeps. Writing a slice of
+        it to another file copies page-cache bytes once, without a read into a fresh buffer first;
+        writes to it stay private to the process.
+        """
+        t = self.tensors[name]
+        if t.end == t.begin:
+            return torch.empty(t.shape, dtype=t.dtype)
+        start = self._data_start + t.begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(
+            self._f.fileno(), start + (t.end - t.begin) - aligned, access=mmap.ACCESS_COPY, offset=aligned
+        )
+        data = torch.frombuffer(m, dtype=torch.uint8, count=t.end - t.begin, offset=start - aligned)
+        return data.view(t.dtype).reshape(t.shape)
+
     def close(self) -> None:
         self._f.close()
 
@@ -152,6 +173,13 @@ class PlannedTensor:
         for d in self.shape:
             n *= d
         return n
+
+
+def _sync_and_close(f: io.BufferedWriter) -> None:
+    try:
+        os.fsync(f.fileno())
+    finally:
+        f.close()
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -190,14 +218,28 @@ class ShardedWriter:
         )
         self._f: io.BufferedWriter | None = None
         self._shard = -1
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncs: list[Future[None]] = []
         self.total_bytes = sum(t.nbytes for t in plan)
 
     def _finish_shard(self) -> None:
+        """Flush the open shard and fsync it (on disk before the folder is renamed into place) on a
+        background thread, so that the next shard is written while this one goes to disk."""
         if self._f is not None:
             self._f.flush()
-            os.fsync(self._f.fileno())  # on disk before the folder is renamed into place
-            self._f.close()
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+            self._syncs.append(self._syncer.submit(_sync_and_close, self._f))
             self._f = None
+
+    def _wait_for_syncs(self) -> None:
+        """Wait for every shard's fsync; raises the first one's error."""
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        syncs, self._syncs = self._syncs, []
+        for done in syncs:
+            done.result()
 
     def _open(self, index: int) -> None:
         self._finish_shard()
@@ -241,6 +283,7 @@ class ShardedWriter:
         if leftover is not None:
             raise ValueError(f"tensor {leftover[1].name!r} was planned but never written")
         self._finish_shard()
+        self._wait_for_syncs()
         weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}

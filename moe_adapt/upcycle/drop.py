@@ -61,4 +61,5 @@ class DropExperts:
 
 def upcycle(dense: FFN, sizing: Sizing, cfg: UpcycleConfig, seed: int) -> DropExperts:
     """Fine-grained (or, at granularity 1, copied) experts with ``cfg.drop_ratio`` of units redrawn."""
-    return DropExperts(fine_grained.upcycle(dense, sizing, cfg, seed), cfg.drop_ratio, seed)
+    # fp32 shards (no dtype): the redrawn units' mean and std are those of the unrounded scaled weights
+    return DropExperts(fine_grained.FineGrainedExperts(dense, sizing), cfg.drop_ratio, seed)

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from moe_adapt.checkpoint.hf import DTYPES
 from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.sizing import Sizing
 
@@ -30,10 +31,18 @@ class FFN:
     up_IH: torch.Tensor
     down_HI: torch.Tensor
 
-    def rows(self, sl: slice, down_scale: float = 1.0) -> FFN:
-        """The FFN restricted to intermediate units ``sl``, its output scaled by ``down_scale``."""
+    def rows(self, sl: slice, down_scale: float = 1.0, dtype: torch.dtype | None = None) -> FFN:
+        """The FFN restricted to intermediate units ``sl``, its output scaled by ``down_scale``.
+
+        The scaled down projection is fp32, or ``dtype`` when that is the dtype it will be written in
+        and the checkpoint's own: torch multiplies bfloat16/float16 in fp32 and rounds once, so the
+        bits are those of the fp32 product cast to ``dtype``, at a sixth of the cost (one pass).
+        """
         down = self.down_HI[:, sl]
-        return FFN(self.gate_IH[sl], self.up_IH[sl], down.float() * down_scale if down_scale != 1.0 else down)
+        if down_scale == 1.0:
+            return FFN(self.gate_IH[sl], self.up_IH[sl], down)
+        scaled = down * down_scale if dtype == down.dtype else down.float() * down_scale
+        return FFN(self.gate_IH[sl], self.up_IH[sl], scaled)
 
 
 class LayerExperts(Protocol):
@@ -46,6 +55,12 @@ class LayerExperts(Protocol):
     def shared(self) -> FFN | None:
         """The always-on shared expert (all shared shards together), or None."""
         ...
+
+
+def write_dtype(cfg: UpcycleConfig, dense: FFN) -> torch.dtype | None:
+    """The dtype the experts are written in when ``upcycle.dtype`` names one of the float dtypes, else
+    (``auto``) the dense FFN's own; None for any other name."""
+    return dense.down_HI.dtype if cfg.dtype == "auto" else DTYPES.get(cfg.dtype)
 
 
 Method = Callable[[FFN, Sizing, UpcycleConfig, int], LayerExperts]

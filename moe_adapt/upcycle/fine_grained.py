@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from moe_adapt.upcycle.config import UpcycleConfig
-from moe_adapt.upcycle.experts import FFN
+from moe_adapt.upcycle.experts import FFN, write_dtype
 from moe_adapt.upcycle.sizing import Sizing
 
 
@@ -27,10 +29,12 @@ from moe_adapt.upcycle.sizing import Sizing
 class FineGrainedExperts:
     dense: FFN
     sizing: Sizing
+    dtype: torch.dtype | None = None
+    """The dtype the experts are written in (scaled shards are rounded to it once); None: fp32."""
 
     def routed(self, expert: int) -> FFN:
         s = self.sizing.routed_per_copy
-        return self.dense.rows(self.sizing.shard_slice(expert % s), down_scale=float(s))
+        return self.dense.rows(self.sizing.shard_slice(expert % s), down_scale=float(s), dtype=self.dtype)
 
     def shared(self) -> FFN | None:
         if not self.sizing.shared:
@@ -41,4 +45,4 @@ class FineGrainedExperts:
 
 def upcycle(dense: FFN, sizing: Sizing, cfg: UpcycleConfig, seed: int) -> FineGrainedExperts:
     """Shards of the dense FFN, replicated; routed shards' down projections scaled by ``S``."""
-    return FineGrainedExperts(dense, sizing)
+    return FineGrainedExperts(dense, sizing, write_dtype(cfg, dense))

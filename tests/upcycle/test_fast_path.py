@@ -1,0 +1,49 @@
+"""The upcycle's fast path (issue 13, speed) writes the same bytes as the straightforward one.
+
+Fast: source tensors are mapped (``HFCheckpoint.view``), unchanged slices go to the writer without a
+copy, and scaled shards are multiplied in the output dtype when it is the checkpoint's own.
+Reference: every tensor read into fresh memory (``HFCheckpoint.get``) and every scaling done in fp32,
+then cast, as before the fast path existed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moe_adapt.checkpoint.hf import HFCheckpoint
+from moe_adapt.upcycle import fine_grained
+from tests.upcycle.test_bf16 import dense_in, settings, upcycle  # noqa: F401 (dense_in is a fixture)
+
+CASES = [
+    # (family, source dtype, upcycle settings)
+    ("llama", "bfloat16", settings("mixtral", 4, 0)),
+    ("llama", "float32", settings("mixtral", 2, 0)),
+    ("qwen2", "bfloat16", settings("qwen2_moe", 6, 2)),
+    ("qwen3", "float16", settings("qwen3_moe", 2, 0)),
+    ("llama", "bfloat16", {**settings("mixtral", 2, 0), "dtype": "float32"}),
+    ("llama", "float32", {**settings("mixtral", 4, 0), "dtype": "bfloat16"}),
+    ("llama", "bfloat16", {**settings("mixtral", 3, 0), "allow_inexact": True}),
+    ("llama", "bfloat16", {**settings("mixtral", 1, 0), "method": "copy"}),
+    ("llama", "bfloat16", {**settings("mixtral", 2, 0), "method": "drop", "drop_ratio": 0.5}),
+]
+
+
+def weights(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors*"))}
+
+
+@pytest.mark.parametrize(("family", "dtype", "kw"), CASES)
+def test_fast_path_writes_the_reference_bytes(dense_in, tmp_path, monkeypatch, family, dtype, kw):  # noqa: F811
+    dense = dense_in(family, dtype)
+    kw = {"verify": "none", **kw}
+    upcycle(dense, tmp_path / "fast", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(HFCheckpoint, "view", HFCheckpoint.get)
+        m.setattr(fine_grained, "write_dtype", lambda cfg, dense: None)
+        upcycle(dense, tmp_path / "reference", **kw)
+    fast, reference = weights(tmp_path / "fast"), weights(tmp_path / "reference")
+    assert fast and fast.keys() == reference.keys()
+    for name in fast:
+        assert fast[name] == reference[name], name
