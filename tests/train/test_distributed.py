@@ -432,10 +432,16 @@ def test_cpt_under_torchrun_crashes_resumes_and_matches_one_process(upcycled: Pa
         tmp_path / "cwd", ["-m", "moe_adapt"], two, "stages=[init_dense,cpt]", "engine.parallel=fsdp2"
     )
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    # only rank 0 wrote: the same files as one process, no scratch or temporary folders left behind
-    assert sorted(p.name for p in two.rglob("*")) == sorted(p.name for p in one.rglob("*"))
+    # only rank 0 wrote: the same files as one process (plus Hydra's, which follow run_dir), no scratch
+    # or temporary folders left behind
+    hydra_files = {".hydra", "config.yaml", "hydra.yaml", "overrides.yaml", "__main__.log"}
+    assert sorted(p.name for p in two.rglob("*") if p.name not in hydra_files) == sorted(
+        p.name for p in one.rglob("*")
+    )
+    dumps = sorted(p.name for p in (two / ".hydra").iterdir())
+    assert dumps == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert not list((tmp_path / "cwd" / "tmp").glob("moe_adapt-cpt-rank*"))
-    hydra_log = (tmp_path / "cwd" / "runs" / "tiny" / "__main__.log").read_text()
+    hydra_log = (two / "__main__.log").read_text()
     assert "process 0 of 2" in hydra_log and "process 1 of 2" not in hydra_log
     assert "init_dense: complete" in hydra_log
     # the layout is not part of the stage's fingerprint: one process reuses the FSDP2 run's stage

@@ -122,17 +122,20 @@ def test_tolerance_counts_rounding_units():
 
 
 MEASURE = """
-import json, resource, sys
+import json, sys
 import torch
 torch.set_num_threads(1)
 import transformers.models.llama.modeling_llama, transformers.models.mixtral.modeling_mixtral
 from moe_adapt.upcycle.verify import verify_layerwise, verify_checkpoints
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * resource.getpagesize()  # resident now, not the import's peak
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the resident size now: the imports' peak is not measured
+before = status("VmRSS")
 fn = verify_layerwise if sys.argv[3] == "layers" else verify_checkpoints
 fn(sys.argv[1], sys.argv[2], probes=2, seq_len=16, seed=0)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"before": before, "after": after}))
+print(json.dumps({"before": before, "after": status("VmHWM")}))
 """
 
 
