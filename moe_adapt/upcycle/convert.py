@@ -10,17 +10,15 @@ Legend: ``E`` routed experts, ``H`` hidden size, ``Ie`` expert width.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from moe_adapt.checkpoint.hf import DTYPES, HFCheckpoint
 from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
@@ -33,6 +31,7 @@ from moe_adapt.upcycle.layouts import (
     TargetLayout,
     attention_mismatch,
     build_target_config,
+    dense_tensors,
     inexact_reasons,
     load_source_config,
     resolve_target,
@@ -40,6 +39,9 @@ from moe_adapt.upcycle.layouts import (
 )
 from moe_adapt.upcycle.router import init_router
 from moe_adapt.upcycle.sizing import Sizing, solve
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 METHODS: dict[UpcycleMethod, Method] = {
     UpcycleMethod.copy: copy.upcycle,
@@ -125,12 +127,7 @@ class Upcycler:
 
     def _dense_part(self) -> dict[str, tuple[int, ...]]:
         """Every non-FFN tensor the target model expects, with its shape."""
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="Initializing zero-element tensors"
-            )  # zero-width shared
-            model = AutoModelForCausalLM.from_config(self.target_config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".mlp." not in k}
+        expected = dense_tensors(self.target_config, self.layout)
         if getattr(self.target_config, "tie_word_embeddings", False) and "lm_head.weight" not in self.src:
             expected.pop("lm_head.weight", None)
         return expected
