@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_adapt.checkpoint.hf import DTYPES, HFCheckpoint
-from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
+from moe_adapt.checkpoint.safetensors_io import FileBytes, PlannedTensor, ShardedWriter
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.upcycle import copy, drop, fine_grained
 from moe_adapt.upcycle.config import UpcycleConfig, UpcycleMethod, down_scale_error, down_scale_rounds
@@ -58,7 +58,7 @@ while the gate still receives gradients and can learn to open or close."""
 @dataclass
 class Planned:
     tensor: PlannedTensor
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | FileBytes]
 
 
 class Upcycler:
@@ -232,6 +232,8 @@ class Upcycler:
         if name in self.src:
             info = self.src.info(name)
             dtype = self._out_dtype(info.dtype)
+            if dtype == info.dtype:  # unchanged bytes: the writer copies them file to file
+                return Planned(PlannedTensor(name, dtype, info.shape), partial(self.src.file_bytes, name))
             return Planned(PlannedTensor(name, dtype, info.shape), lambda: self.src.view(name).to(dtype))
         shape = self.dense_part[name]
         fill = 0.0 if name.endswith(".bias") else 1.0  # a missing bias is zero (exact); a norm starts at one
@@ -244,8 +246,18 @@ class Upcycler:
             dtype
         )
 
-    def _expert_tensor(self, layer: int, expert: int | None, proj: str, dtype: torch.dtype) -> torch.Tensor:
-        """One projection of routed expert ``expert``, or of the shared expert when ``expert`` is None."""
+    def _expert_tensor(
+        self, layer: int, expert: int | None, proj: str, dtype: torch.dtype
+    ) -> torch.Tensor | FileBytes:
+        """One projection of routed expert ``expert``, or of the shared expert when ``expert`` is None.
+        A gate or up projection that is unchanged rows of the dense one (in its dtype) is returned as
+        where those bytes are, for the writer to copy file to file."""
+        if proj != "down":
+            name = DENSE_FFN[proj].format(layer=layer)
+            source_rows = getattr(self._layer(layer), "source_rows", None)
+            rows = source_rows(expert) if source_rows is not None else None
+            if rows is not None and self.src.info(name).dtype == dtype:
+                return self.src.file_bytes(name, rows)
         ffn = self._routed(layer, expert) if expert is not None else self._shared(layer)
         t = {"gate": ffn.gate_IH, "up": ffn.up_IH, "down": ffn.down_HI}[proj]
         if expert is None and proj == "down":

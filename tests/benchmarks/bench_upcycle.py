@@ -55,7 +55,8 @@ try:  # this process's own peak; ru_maxrss includes the forking parent's size
     rss = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
 except (OSError, StopIteration):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "import": imported, "peak_rss": rss, "bytes": report["bytes"], "params": report["params"]}))
+result = {"seconds": seconds, "import": imported, "peak_rss": rss}
+print(json.dumps({**result, "bytes": report["bytes"], "params": report["params"]}))
 """
 
 
@@ -148,7 +149,8 @@ def main() -> None:
             ups.append(result["seconds"])
             rss.append(result["peak_rss"])
             print(
-                f"run {r}: upcycle {result['seconds']:.2f} s (after {result['import']:.2f} s of imports), cp {cps[-1]:.2f} s, "
+                f"run {r}: upcycle {result['seconds']:.2f} s (after {result['import']:.2f} s of imports), "
+                f"cp {cps[-1]:.2f} s, "
                 f"peak RSS {rss[-1] / 2**30:.2f} GiB, output {result['bytes'] / 2**30:.2f} GiB, "
                 f"{result['params']['total'] / 1e9:.2f}B params "
                 f"({result['params']['active_fraction']:.3f} active)"

@@ -10,7 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_adapt.upcycle.layouts import TARGETS, dense_tensors
 
-COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+COMMON = dict(
+    num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=96
+)
 CASES = [
     ("mixtral", dict(intermediate_size=32)),
     ("mixtral", dict(intermediate_size=32, head_dim=24, tie_word_embeddings=True)),
