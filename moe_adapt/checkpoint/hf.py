@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from moe_adapt.checkpoint.router_bias import load_router_bias
-from moe_adapt.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
+from moe_adapt.checkpoint.safetensors_io import FileBytes, SafetensorsReader, TensorInfo
 from moe_adapt.errors import CheckpointError, config_error
 
 if TYPE_CHECKING:
@@ -244,6 +244,15 @@ class HFCheckpoint:
         except KeyError:
             raise CheckpointError(f"{self.path} has no tensor {name!r}") from None
         return self._reader(file).view(name)
+
+    def file_bytes(self, name: str, rows: slice | None = None) -> FileBytes:
+        """Where one tensor's bytes (or its rows ``rows``) are in its file, for the writer to copy
+        unchanged (:meth:`SafetensorsReader.file_bytes`)."""
+        try:
+            file, _ = self.index[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}") from None
+        return self._reader(file).file_bytes(name, rows)
 
     def __contains__(self, name: str) -> bool:
         return name in self.index

@@ -10,20 +10,18 @@ Legend: ``E`` routed experts, ``H`` hidden size, ``Ie`` expert width.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from moe_adapt.checkpoint.hf import DTYPES, HFCheckpoint
-from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
+from moe_adapt.checkpoint.safetensors_io import FileBytes, PlannedTensor, ShardedWriter
 from moe_adapt.errors import CheckpointError, MoEAdaptConfigError
 from moe_adapt.upcycle import copy, drop, fine_grained
 from moe_adapt.upcycle.config import UpcycleConfig, UpcycleMethod, down_scale_error, down_scale_rounds
@@ -33,6 +31,7 @@ from moe_adapt.upcycle.layouts import (
     TargetLayout,
     attention_mismatch,
     build_target_config,
+    dense_tensors,
     inexact_reasons,
     load_source_config,
     resolve_target,
@@ -40,6 +39,9 @@ from moe_adapt.upcycle.layouts import (
 )
 from moe_adapt.upcycle.router import init_router
 from moe_adapt.upcycle.sizing import Sizing, solve
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 METHODS: dict[UpcycleMethod, Method] = {
     UpcycleMethod.copy: copy.upcycle,
@@ -56,7 +58,7 @@ while the gate still receives gradients and can learn to open or close."""
 @dataclass
 class Planned:
     tensor: PlannedTensor
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | FileBytes]
 
 
 class Upcycler:
@@ -125,12 +127,7 @@ class Upcycler:
 
     def _dense_part(self) -> dict[str, tuple[int, ...]]:
         """Every non-FFN tensor the target model expects, with its shape."""
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="Initializing zero-element tensors"
-            )  # zero-width shared
-            model = AutoModelForCausalLM.from_config(self.target_config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".mlp." not in k}
+        expected = dense_tensors(self.target_config, self.layout)
         if getattr(self.target_config, "tie_word_embeddings", False) and "lm_head.weight" not in self.src:
             expected.pop("lm_head.weight", None)
         return expected
@@ -235,6 +232,8 @@ class Upcycler:
         if name in self.src:
             info = self.src.info(name)
             dtype = self._out_dtype(info.dtype)
+            if dtype == info.dtype:  # unchanged bytes: the writer copies them file to file
+                return Planned(PlannedTensor(name, dtype, info.shape), partial(self.src.file_bytes, name))
             return Planned(PlannedTensor(name, dtype, info.shape), lambda: self.src.view(name).to(dtype))
         shape = self.dense_part[name]
         fill = 0.0 if name.endswith(".bias") else 1.0  # a missing bias is zero (exact); a norm starts at one
@@ -247,8 +246,18 @@ class Upcycler:
             dtype
         )
 
-    def _expert_tensor(self, layer: int, expert: int | None, proj: str, dtype: torch.dtype) -> torch.Tensor:
-        """One projection of routed expert ``expert``, or of the shared expert when ``expert`` is None."""
+    def _expert_tensor(
+        self, layer: int, expert: int | None, proj: str, dtype: torch.dtype
+    ) -> torch.Tensor | FileBytes:
+        """One projection of routed expert ``expert``, or of the shared expert when ``expert`` is None.
+        A gate or up projection that is unchanged rows of the dense one (in its dtype) is returned as
+        where those bytes are, for the writer to copy file to file."""
+        if proj != "down":
+            name = DENSE_FFN[proj].format(layer=layer)
+            source_rows = getattr(self._layer(layer), "source_rows", None)
+            rows = source_rows(expert) if source_rows is not None else None
+            if rows is not None and self.src.info(name).dtype == dtype:
+                return self.src.file_bytes(name, rows)
         ffn = self._routed(layer, expert) if expert is not None else self._shared(layer)
         t = {"gate": ffn.gate_IH, "up": ffn.up_IH, "down": ffn.down_HI}[proj]
         if expert is None and proj == "down":

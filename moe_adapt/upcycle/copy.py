@@ -23,6 +23,10 @@ class CopyExperts:
     def shared(self) -> FFN | None:
         return None
 
+    def source_rows(self, expert: int | None) -> slice | None:
+        """Every expert's gate and up are the dense ones, unchanged."""
+        return slice(None) if expert is not None else None
+
 
 def upcycle(dense: FFN, sizing: Sizing, cfg: UpcycleConfig, seed: int) -> CopyExperts:
     """E identical experts (``sizing.granularity`` is 1 for this method)."""

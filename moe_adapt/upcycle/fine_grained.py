@@ -37,10 +37,16 @@ class FineGrainedExperts:
         return self.dense.rows(self.sizing.shard_slice(expert % s), down_scale=float(s), dtype=self.dtype)
 
     def shared(self) -> FFN | None:
-        if not self.sizing.shared:
-            return None
+        rows = self.source_rows(None)
+        return None if rows is None else self.dense.rows(rows)
+
+    def source_rows(self, expert: int | None) -> slice | None:
+        """The dense rows that are routed expert ``expert``'s (None: the shared expert's) gate and up,
+        unchanged; None when there is no shared expert."""
         w, s, g = self.sizing.expert_width, self.sizing.routed_per_copy, self.sizing.granularity
-        return self.dense.rows(slice(s * w, g * w))
+        if expert is not None:
+            return self.sizing.shard_slice(expert % s)
+        return slice(s * w, g * w) if self.sizing.shared else None
 
 
 def upcycle(dense: FFN, sizing: Sizing, cfg: UpcycleConfig, seed: int) -> FineGrainedExperts:

@@ -213,6 +213,42 @@ def build_target_config(
     return AutoConfig.for_model(layout.model_type, **common, **extra)
 
 
+def dense_tensors(config: PretrainedConfig, layout: TargetLayout) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the target model outside its FFNs (``.mlp.``), with its shape, in the order of
+    the model's ``state_dict`` (``lm_head.weight`` included, tied or not).
+
+    Derived from the config instead of instantiating the model (on the meta device that cost ~1.8 s
+    of the upcycle's set-up, mostly importing the modelling code); ``tests/upcycle/test_layouts.py``
+    checks it against the models transformers builds.
+    """
+    h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    if layout.model_type == "qwen2_moe":
+        qkv_bias, o_bias = bool(config.qkv_bias), False
+    elif layout.model_type == "qwen3_moe":
+        qkv_bias = o_bias = bool(config.attention_bias)
+    else:
+        qkv_bias = o_bias = False
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for layer in range(config.num_hidden_layers):
+        a = f"model.layers.{layer}.self_attn."
+        for proj, width in (("q", heads * head_dim), ("k", kv * head_dim), ("v", kv * head_dim)):
+            out[f"{a}{proj}_proj.weight"] = (width, h)
+            if qkv_bias:
+                out[f"{a}{proj}_proj.bias"] = (width,)
+        out[f"{a}o_proj.weight"] = (h, heads * head_dim)
+        if o_bias:
+            out[f"{a}o_proj.bias"] = (h,)
+        if QK_NORM in layout.required:
+            out[f"{a}q_norm.weight"] = (head_dim,)
+            out[f"{a}k_norm.weight"] = (head_dim,)
+        out[f"model.layers.{layer}.input_layernorm.weight"] = (h,)
+        out[f"model.layers.{layer}.post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (config.vocab_size, h)
+    return out
+
+
 def attention_mismatch(source: PretrainedConfig, target: PretrainedConfig) -> list[str]:
     """Differences between the two configs that change the attention (windows)."""
     if layer_windows(source) != layer_windows(target):

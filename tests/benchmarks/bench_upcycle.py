@@ -10,7 +10,12 @@ needs little memory), then, ``--repeats`` times each and in the same run:
 - copies the upcycled output folder with ``cp -r`` and ``sync`` (the baseline: moving the same
   bytes to disk; the upcycle fsyncs its shards too).
 
-Each measurement starts after a ``sync``, so neither pays for the other's write-back.
+Each measurement starts after a ``sync``, so neither pays for the other's write-back, and both read
+bytes that are in the page cache: the upcycle reads the dense checkpoint built just before (written,
+so cached), ``cp`` reads the output the upcycle just wrote. The upcycle's time starts after its
+process has started and imported ``moe_adapt.upcycle.convert`` (torch); that import is printed
+separately. Peak RSS is the child's own high-water mark (``VmHWM``): ``ru_maxrss`` would report the
+parent's resident size, which a forked child inherits until ``exec`` (Linux keeps the larger).
 
 Prints the medians and the ratio upcycle / cp. Goals (issue 13): ratio <= 1.5, peak RSS < 1 GiB.
 """
@@ -33,18 +38,25 @@ from moe_adapt.checkpoint.safetensors_io import PlannedTensor, ShardedWriter
 
 UPCYCLE = r"""
 import json, resource, sys, time
+t0 = time.perf_counter()
 from pathlib import Path
 from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.convert import Upcycler
 dense, out, experts, granularity = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 start = time.perf_counter()
+imported = start - t0
 up = Upcycler(dense, UpcycleConfig(num_experts=experts, granularity=granularity, verify="none"), seed=0)
 out.mkdir()
 report = up.write(out, progress=False)
 up.close()
 seconds = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "peak_rss": rss, "bytes": report["bytes"], "params": report["params"]}))
+try:  # this process's own peak; ru_maxrss includes the forking parent's size
+    status = Path("/proc/self/status").read_text()
+    rss = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
+except (OSError, StopIteration):
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result = {"seconds": seconds, "import": imported, "peak_rss": rss}
+print(json.dumps({**result, "bytes": report["bytes"], "params": report["params"]}))
 """
 
 
@@ -137,7 +149,8 @@ def main() -> None:
             ups.append(result["seconds"])
             rss.append(result["peak_rss"])
             print(
-                f"run {r}: upcycle {result['seconds']:.2f} s, cp {cps[-1]:.2f} s, "
+                f"run {r}: upcycle {result['seconds']:.2f} s (after {result['import']:.2f} s of imports), "
+                f"cp {cps[-1]:.2f} s, "
                 f"peak RSS {rss[-1] / 2**30:.2f} GiB, output {result['bytes'] / 2**30:.2f} GiB, "
                 f"{result['params']['total'] / 1e9:.2f}B params "
                 f"({result['params']['active_fraction']:.3f} active)"

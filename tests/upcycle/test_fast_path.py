@@ -1,7 +1,9 @@
 """The upcycle's fast path (issue 13, speed) writes the same bytes as the straightforward one.
 
 Fast: source tensors are mapped (``HFCheckpoint.view``), unchanged slices go to the writer without a
-copy, and scaled shards are multiplied in the output dtype when it is the checkpoint's own.
+copy, unchanged whole tensors and gate/up row ranges are copied file to file by the kernel
+(``HFCheckpoint.file_bytes``), and scaled shards are multiplied in the output dtype when it is the
+checkpoint's own.
 Reference: every tensor read into fresh memory (``HFCheckpoint.get``) and every scaling done in fp32,
 then cast, as before the fast path existed.
 """
@@ -41,9 +43,34 @@ def test_fast_path_writes_the_reference_bytes(dense_in, tmp_path, monkeypatch, f
     upcycle(dense, tmp_path / "fast", **kw)
     with monkeypatch.context() as m:
         m.setattr(HFCheckpoint, "view", HFCheckpoint.get)
+        m.setattr(
+            HFCheckpoint, "file_bytes", lambda self, name, rows=None: self.get(name)[rows or slice(None)]
+        )
         m.setattr(fine_grained, "write_dtype", lambda cfg, dense: None)
         upcycle(dense, tmp_path / "reference", **kw)
     fast, reference = weights(tmp_path / "fast"), weights(tmp_path / "reference")
     assert fast and fast.keys() == reference.keys()
     for name in fast:
         assert fast[name] == reference[name], name
+
+
+def test_kernel_copy_fallback_writes_the_same_bytes(dense_in, tmp_path, monkeypatch):  # noqa: F811
+    """Where ``copy_file_range`` is refused (another file system on an old kernel), the bytes are
+    read and written instead."""
+    import errno
+    import os
+
+    from moe_adapt.checkpoint import safetensors_io
+
+    dense = dense_in("llama", "bfloat16")
+    upcycle(dense, tmp_path / "kernel", verify="none", **settings("mixtral", 4, 0))
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "copy_file_range", refuse, raising=False)
+        m.setattr(safetensors_io, "_KERNEL_COPY", True)
+        upcycle(dense, tmp_path / "fallback", verify="none", **settings("mixtral", 4, 0))
+        assert safetensors_io._KERNEL_COPY is False
+    assert weights(tmp_path / "kernel") == weights(tmp_path / "fallback")
