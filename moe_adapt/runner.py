@@ -136,10 +136,12 @@ def _with_imported_dense(cfg: Config, ctx: distributed.DistContext) -> Config:
 
 def _remove_leftovers(run_dir: Path) -> None:
     """Remove the hidden temporary folders of stages whose run died (``.<stage>.tmp-<pid>``,
-    ``.<stage>.old-<pid>`` of :func:`moe_adapt.fs.atomic_dir`): with the lock held, no live run owns
-    one."""
-    for path in sorted(run_dir.glob(".*.tmp-*")) + sorted(run_dir.glob(".*.old-*")):
-        if path.is_dir() and path.name[1:].split(".", 1)[0] in STAGES:
+    ``.<stage>.old-<pid>`` of :func:`moe_adapt.fs.atomic_dir`), and those of GGUF imports in
+    ``import/``: with the lock held, no live run owns one."""
+    found = [p for p in run_dir.glob(".*.*-*") if p.name[1:].split(".", 1)[0] in STAGES]
+    found += list((run_dir / "import").glob(".*.*-*"))
+    for path in sorted(found):
+        if path.is_dir() and path.name.rsplit("-", 1)[0].rsplit(".", 1)[-1] in ("tmp", "old"):
             log.warning("removing %s, left by a run that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
 

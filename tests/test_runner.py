@@ -163,13 +163,17 @@ def test_temporary_folders_of_dead_runs_are_removed(tmp_path):
     (tmp_path / ".upcycle.tmp-999999" / "model").mkdir()
     (tmp_path / ".init_dense.old-999999").mkdir()
     (tmp_path / ".keep.tmp-1").mkdir()  # not a stage's: left alone
+    (tmp_path / "import" / ".smol.tmp-999999").mkdir(parents=True)  # a GGUF import that died
+    (tmp_path / "import" / "smol").mkdir()  # a finished one: kept
     run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".keep.tmp-1",
         "config.json",
+        "import",
         "init_dense",
         "upcycle",
     ]
+    assert [p.name for p in (tmp_path / "import").iterdir()] == ["smol"]
 
 
 def test_the_redaction_rule_hides_credentials_not_vocabulary_tokens():
