@@ -8,6 +8,7 @@ from typing import Any
 
 from moe_adapt.checkpoint.hf import check_seq_len
 from moe_adapt.config.schema import Config
+from moe_adapt.engines.plan import available_memory_bytes
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.fs import atomic_write_json
 from moe_adapt.stages.base import StageContext
@@ -15,7 +16,6 @@ from moe_adapt.upcycle.config import VerifyMode
 from moe_adapt.upcycle.convert import Upcycler
 from moe_adapt.upcycle.verify import (
     EPS32,
-    available_memory_bytes,
     judge,
     streaming_bytes,
     tolerances,

@@ -461,14 +461,3 @@ def streaming_bytes(dense_path: str | Path, moe_path: str | Path) -> int:
         finally:
             ckpt.close()
     return total
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where it cannot be read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
