@@ -3,8 +3,9 @@
 The ``safetensors`` library reads through an mmap (every page touched stays in the process's
 resident set until the file is closed) and writes a file from a dict of in-memory tensors. To
 convert a model larger than memory we need neither: :class:`SafetensorsReader` reads one tensor's
-bytes with ``readinto`` into a fresh buffer, and :class:`ShardedWriter` writes each shard's header
-first (shapes and dtypes are known in advance) and then streams the tensors in header order.
+bytes with positional reads into a fresh buffer, and :class:`ShardedWriter` writes each shard's
+header first (shapes and dtypes are known in advance) and then each tensor at its planned offset,
+in any order and from several threads.
 Files are in the standard format (8-byte little-endian header length, JSON header, raw data), so
 ``safetensors`` and ``transformers`` read them as usual.
 """
@@ -17,7 +18,7 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,12 +122,15 @@ class SafetensorsReader:
         return tensors, metadata, 8 + n
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into newly allocated memory."""
+        """Read one tensor into newly allocated memory (thread-safe)."""
         t = self.tensors[name]
         buf = bytearray(t.end - t.begin)
-        self._f.seek(self._data_start + t.begin)
-        if self._f.readinto(buf) != len(buf):
-            raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
+        view, offset = memoryview(buf), self._data_start + t.begin
+        while view:  # positional reads: safe from several threads at once
+            n = os.preadv(self._f.fileno(), [view], offset)
+            if n == 0:
+                raise CheckpointError(f"{self.path}: short read for tensor {name!r} (file truncated?)")
+            view, offset = view[n:], offset + n
         if not buf:
             return torch.empty(t.shape, dtype=t.dtype)
         return torch.frombuffer(buf, dtype=t.dtype).reshape(t.shape)
@@ -208,45 +212,51 @@ class FileBytes:
 
 _KERNEL_COPY = hasattr(os, "copy_file_range")
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
+_CHUNK = 64 * 2**20
 
 
-def _copy_file_bytes(src: FileBytes, f: io.BufferedWriter) -> None:
-    """Append ``src``'s bytes to ``f``: ``os.copy_file_range`` where the kernel and file systems allow
-    it (Linux; across file systems since 5.3), else ``pread`` and ``write`` in 64 MiB chunks."""
+def _short_read(src: FileBytes) -> CheckpointError:
+    return CheckpointError(f"short read copying {src.nbytes} bytes at offset {src.offset} (file truncated?)")
+
+
+def _copy_file_bytes(src: FileBytes, fd: int, at: int) -> None:
+    """Write ``src``'s bytes at offset ``at`` of ``fd``: ``os.copy_file_range`` where the kernel and
+    file systems allow it (Linux; across file systems since 5.3), else ``pread`` and ``pwrite`` in
+    64 MiB chunks. Both are positional, so several threads may copy into one file at once."""
     global _KERNEL_COPY
-    f.flush()
-    out = f.fileno()
     offset, left = src.offset, src.nbytes
     while left and _KERNEL_COPY:
         try:
-            n = os.copy_file_range(src.fd, out, left, offset)  # appends at out's position
+            n = os.copy_file_range(src.fd, fd, left, offset, at)
         except OSError as e:
             if e.errno not in _NO_KERNEL_COPY:
                 raise
             _KERNEL_COPY = False
             break
         if n == 0:
-            raise CheckpointError(
-                f"short read copying {src.nbytes} bytes at offset {src.offset} (file truncated?)"
-            )
-        offset, left = offset + n, left - n
+            raise _short_read(src)
+        offset, at, left = offset + n, at + n, left - n
     while left:
-        chunk = os.pread(src.fd, min(left, 64 * 2**20), offset)
+        chunk = os.pread(src.fd, min(left, _CHUNK), offset)
         if not chunk:
-            raise CheckpointError(
-                f"short read copying {src.nbytes} bytes at offset {src.offset} (file truncated?)"
-            )
-        f.write(chunk)
-        offset, left = offset + len(chunk), left - len(chunk)
-    f.flush()
-    f.seek(0, os.SEEK_END)  # the buffered file learns the position the kernel copy moved
+            raise _short_read(src)
+        _pwrite_all(fd, chunk, at)
+        offset, at, left = offset + len(chunk), at + len(chunk), left - len(chunk)
 
 
-def _sync_and_close(f: io.BufferedWriter) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
+    """``os.pwrite`` until all of ``data`` is written (one call writes at most ~2 GiB on Linux)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view[:_CHUNK], at)
+        view, at = view[n:], at + n
+
+
+def _sync_and_close(fd: int) -> None:
     try:
-        os.fsync(f.fileno())
+        os.fsync(fd)
     finally:
-        f.close()
+        os.close(fd)
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -272,48 +282,37 @@ def shard_file_names(n: int) -> list[str]:
 class ShardedWriter:
     """Writes a planned list of tensors as HF-style sharded safetensors, one tensor at a time.
 
-    Call :meth:`write` with the tensors in plan order; :meth:`close` checks that all arrived and
-    writes ``model.safetensors.index.json`` when there is more than one shard.
+    Every tensor's place is fixed by the plan, so each shard's header is written when the writer is
+    made and each tensor goes straight to its offset: :meth:`write` accepts the tensors in any order
+    and from several threads at once. A shard is fsynced on a background thread as soon as its last
+    tensor has arrived, so it goes to disk while later shards are still being written. :meth:`close`
+    checks that every tensor arrived, waits for the fsyncs and writes ``model.safetensors.index.json``
+    when there is more than one shard; :meth:`abort` closes the files after an error.
     """
 
     def __init__(self, directory: str | os.PathLike[str], plan: list[PlannedTensor], max_shard_bytes: int):
         self.dir = Path(directory)
         self.shards = plan_shards(plan, max_shard_bytes)
         self.names = shard_file_names(len(self.shards))
-        self._order: Iterator[tuple[int, PlannedTensor]] = (
-            (i, t) for i, shard in enumerate(self.shards) for t in shard
-        )
-        self._f: io.BufferedWriter | None = None
-        self._shard = -1
-        self._syncer: ThreadPoolExecutor | None = None
-        self._syncs: list[Future[None]] = []
         self.total_bytes = sum(t.nbytes for t in plan)
+        self._lock = threading.Lock()
+        self._slots: dict[str, tuple[int, int, PlannedTensor]] = {}  # name -> (shard, file offset, plan)
+        self._left = [len(shard) for shard in self.shards]  # tensors each shard still waits for
+        self._fds: list[int | None] = []
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self._syncs: list[Future[None]] = []
+        try:
+            for index, shard in enumerate(self.shards):
+                self._fds.append(self._open(index, shard))
+        except BaseException:
+            self.abort()
+            raise
 
-    def _finish_shard(self) -> None:
-        """Flush the open shard and fsync it (on disk before the folder is renamed into place) on a
-        background thread, so that the next shard is written while this one goes to disk."""
-        if self._f is not None:
-            self._f.flush()
-            if self._syncer is None:
-                self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
-            self._syncs.append(self._syncer.submit(_sync_and_close, self._f))
-            self._f = None
-
-    def _wait_for_syncs(self) -> None:
-        """Wait for every shard's fsync; raises the first one's error."""
-        if self._syncer is not None:
-            self._syncer.shutdown(wait=True)
-            self._syncer = None
-        syncs, self._syncs = self._syncs, []
-        for done in syncs:
-            done.result()
-
-    def _open(self, index: int) -> None:
-        self._finish_shard()
-        self._shard = index
+    def _open(self, index: int, shard: list[PlannedTensor]) -> int:
+        """Create shard ``index`` at its full size with its header; note where each tensor goes."""
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
-        for t in self.shards[index]:
+        for t in shard:
             header[t.name] = {
                 "dtype": DTYPE_NAMES[t.dtype],
                 "shape": list(t.shape),
@@ -322,41 +321,77 @@ class ShardedWriter:
             offset += t.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
-        self._f = open(self.dir / self.names[index], "wb")  # noqa: SIM115 (closed in close())
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
+        start = 8 + len(blob)
+        fd = os.open(self.dir / self.names[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(fd, struct.pack("<Q", len(blob)) + blob, 0)
+            os.ftruncate(fd, start + offset)
+        except BaseException:
+            os.close(fd)
+            raise
+        for t in shard:
+            self._slots[t.name] = (index, start, t)
+            start += t.nbytes
+        return fd
 
     def write(self, name: str, tensor: torch.Tensor | FileBytes) -> None:
-        """Append the next tensor; it must match the plan's name, dtype and shape. A
-        :class:`FileBytes` is copied from its file by the kernel."""
-        try:
-            index, expected = next(self._order)
-        except StopIteration:
-            raise ValueError(f"tensor {name!r} was not planned") from None
-        if (name, tensor.dtype, tuple(tensor.shape)) != (expected.name, expected.dtype, expected.shape):
+        """Write one planned tensor at its place; it must match the plan's dtype and shape and arrive
+        once. A :class:`FileBytes` is copied from its file by the kernel. Thread-safe."""
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is not None and (tensor.dtype, tuple(tensor.shape)) == (slot[2].dtype, slot[2].shape):
+                del self._slots[name]
+        if slot is None:
+            raise ValueError(f"tensor {name!r} was not planned, or was written already")
+        index, at, expected = slot
+        if (tensor.dtype, tuple(tensor.shape)) != (expected.dtype, expected.shape):
             raise ValueError(
                 f"expected {expected.name} {expected.dtype} {expected.shape}, got {name} {tensor.dtype} "
                 f"{tuple(tensor.shape)}"
             )
-        if index != self._shard:
-            self._open(index)
-        assert self._f is not None
+        fd = self._fds[index]
+        assert fd is not None, "writing into a closed writer"
         if isinstance(tensor, FileBytes):
-            _copy_file_bytes(tensor, self._f)
-            return
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        if data.numel():
-            self._f.write(data.view(torch.uint8).numpy().data)  # a view: no copy of the bytes
+            _copy_file_bytes(tensor, fd, at)
+        else:
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            if data.numel():
+                _pwrite_all(fd, data.view(torch.uint8).numpy().data, at)  # a view: no copy of the bytes
+        with self._lock:
+            self._left[index] -= 1
+            if self._left[index] == 0:
+                self._sync(index)
+
+    def _sync(self, index: int) -> None:
+        """fsync and close shard ``index`` in the background (on disk before its folder is renamed)."""
+        fd, self._fds[index] = self._fds[index], None
+        if fd is not None:
+            self._syncs.append(self._syncer.submit(_sync_and_close, fd))
 
     def close(self) -> dict[str, str]:
-        """Finish the last shard and write the index; returns the weight map (tensor -> file)."""
-        leftover = next(self._order, None)
+        """Wait for every shard to be on disk and write the index; returns the weight map (tensor ->
+        file). Raises if a planned tensor was never written."""
+        leftover = next(iter(self._slots), None)
         if leftover is not None:
-            raise ValueError(f"tensor {leftover[1].name!r} was planned but never written")
-        self._finish_shard()
-        self._wait_for_syncs()
+            self.abort()
+            raise ValueError(f"tensor {leftover!r} was planned but never written")
+        with self._lock:
+            for shard in range(len(self.shards)):  # a shard of no tensors (an empty plan)
+                self._sync(shard)
+        self._syncer.shutdown(wait=True)
+        syncs, self._syncs = self._syncs, []
+        for done in syncs:
+            done.result()  # the first fsync error
         weight_map = {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return weight_map
+
+    def abort(self) -> None:
+        """Close every file without waiting for the disk (after an error: the folder is discarded)."""
+        self._syncer.shutdown(wait=True)
+        for index, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[index] = None

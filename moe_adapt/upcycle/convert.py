@@ -10,8 +10,11 @@ Legend: ``E`` routed experts, ``H`` hidden size, ``Ie`` expert width.
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -55,10 +58,19 @@ sigmoid gives 0.5 for every token and doubling the shared down projection keeps 
 while the gate still receives gradients and can learn to open or close."""
 
 
+WRITE_THREADS = 4
+"""Most threads that make and write tensors at once (fewer on a machine with fewer cores). Copying
+bytes through the page cache is bound by one core per thread: on 2 cores, 2 threads write the
+0.87B → 1.41B benchmark (tests/benchmarks/bench_upcycle.py) in about half the time of one."""
+
+
 @dataclass
 class Planned:
     tensor: PlannedTensor
     produce: Callable[[], torch.Tensor | FileBytes]
+    expert: tuple[int, int | None] | None = None
+    """(layer, expert; None for the shared one) for an expert's projections: they are made and written
+    together, by one thread, so that an expert computed for its gate is reused for its down."""
 
 
 class Upcycler:
@@ -110,8 +122,7 @@ class Upcycler:
         if self.scale_rounding is not None and not cfg.allow_inexact and cfg.drop_ratio == 0:
             raise self.scale_rounding
         self.rounded_to = self._rounded_to()
-        self._layer_cache: tuple[int, LayerExperts] | None = None
-        self._expert_cache: tuple[int, int, FFN] | None = None
+        self._local = threading.local()  # each writing thread's current layer and expert
 
     # ----------------------------------------------------------------------------------- checks
     def _check_dense_ffn(self) -> None:
@@ -207,19 +218,21 @@ class Upcycler:
         return FFN(get("gate"), get("up"), get("down"))
 
     def _layer(self, layer: int) -> LayerExperts:
-        if self._layer_cache is None or self._layer_cache[0] != layer:
-            self._layer_cache = None  # free the previous layer's dense FFN first
-            self._expert_cache = None
+        """This thread's experts of ``layer`` (each writing thread keeps the layer it is in)."""
+        cached: tuple[int, LayerExperts] | None = getattr(self._local, "layer", None)
+        if cached is None or cached[0] != layer:
+            self._local.layer = self._local.expert = None  # free the previous layer's dense FFN first
             experts = METHODS[self.cfg.method](
                 self._dense_ffn(layer), self.sizing, self.cfg, derive_seed(self.seed, layer)
             )
-            self._layer_cache = (layer, experts)
-        return self._layer_cache[1]
+            cached = self._local.layer = (layer, experts)
+        return cached[1]
 
     def _routed(self, layer: int, expert: int) -> FFN:
-        if self._expert_cache is None or self._expert_cache[:2] != (layer, expert):
-            self._expert_cache = (layer, expert, self._layer(layer).routed(expert))
-        return self._expert_cache[2]
+        cached: tuple[int, int, FFN] | None = getattr(self._local, "expert", None)
+        if cached is None or cached[:2] != (layer, expert):
+            cached = self._local.expert = (layer, expert, self._layer(layer).routed(expert))
+        return cached[2]
 
     def _shared(self, layer: int) -> FFN:
         shared = self._layer(layer).shared()
@@ -288,41 +301,59 @@ class Upcycler:
                     t = PlannedTensor(
                         pattern.format(layer=layer, expert=e), dtype, shapes(sz.expert_width)[proj]
                     )
-                    out.append(Planned(t, partial(self._expert_tensor, layer, e, proj, dtype)))
+                    out.append(Planned(t, partial(self._expert_tensor, layer, e, proj, dtype), (layer, e)))
             if self.layout.shared is not None and self.layout.shared_gate is not None:
                 for proj, pattern in self.layout.shared.items():
                     t = PlannedTensor(pattern.format(layer=layer), dtype, shapes(sz.shared_width)[proj])
-                    out.append(Planned(t, partial(self._expert_tensor, layer, None, proj, dtype)))
+                    out.append(
+                        Planned(t, partial(self._expert_tensor, layer, None, proj, dtype), (layer, None))
+                    )
                 gate = PlannedTensor(self.layout.shared_gate.format(layer=layer), dtype, (1, h))
                 out.append(Planned(gate, partial(torch.zeros, 1, h, dtype=dtype)))
         return out
 
     # ----------------------------------------------------------------------------------- write
-    def write(self, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-        """Write weights, config, tokenizer and generation config into ``out_dir`` (an empty folder)."""
+    def write(self, out_dir: Path, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+        """Write weights, config, tokenizer and generation config into ``out_dir`` (an empty folder).
+
+        Tensors are made and written by ``threads`` threads (default: :data:`WRITE_THREADS`, at most
+        one per core), each tensor at its planned place in its shard, so the files do not depend on
+        the number of threads. Work is handed out in plan order with at most two tasks per thread in
+        flight: memory holds a few output tensors, not a layer.
+        """
         plan = self.plan()
         writer = ShardedWriter(out_dir, [p.tensor for p in plan], self.cfg.max_shard_mb * 2**20)
         bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="upcycle", disable=not progress)
-        # Make the next tensor on a worker thread while this one is written: compute overlaps the
-        # disk, and memory holds at most two output tensors. Producers run in order on that one thread.
-        # Slicing and scaling are memory-bound: one torch thread; more only spin (OpenMP) on the core
-        # the writer needs (measured: 0.9 s of 5.9 s on 2 cores).
-        threads = torch.get_num_threads()
+        if threads is None:
+            threads = min(
+                WRITE_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            )
+
+        def run(task: list[Planned]) -> int:
+            for p in task:
+                writer.write(p.tensor.name, p.produce())
+            return sum(p.tensor.nbytes for p in task)
+
+        # Slicing and scaling are memory-bound: one torch thread each; more only spin (OpenMP) on the
+        # cores the writers need.
+        torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="upcycle") as pool:
-                pending = pool.submit(plan[0].produce) if plan else None
-                for i, p in enumerate(plan):
-                    assert pending is not None
-                    tensor = pending.result()
-                    pending = pool.submit(plan[i + 1].produce) if i + 1 < len(plan) else None
-                    writer.write(p.tensor.name, tensor)
-                    del tensor
-                    bar.update(p.tensor.nbytes)
+            with bar, ThreadPoolExecutor(max(threads, 1), thread_name_prefix="upcycle") as pool:
+                pending: deque[Future[int]] = deque()
+                for task in _tasks(plan):
+                    if len(pending) >= 2 * threads:
+                        bar.update(pending.popleft().result())
+                    pending.append(pool.submit(run, task))
+                while pending:
+                    bar.update(pending.popleft().result())
             writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         finally:
-            torch.set_num_threads(threads)
-        self._layer_cache = self._expert_cache = None
+            torch.set_num_threads(torch_threads)
+            self._local = threading.local()
         self.target_config.save_pretrained(out_dir)
         copied = self.src.copy_side_files(out_dir)
         return {
@@ -388,3 +419,14 @@ class Upcycler:
 
     def close(self) -> None:
         self.src.close()
+
+
+def _tasks(plan: list[Planned]) -> list[list[Planned]]:
+    """The plan cut into units of work: each expert's projections together, every other tensor alone."""
+    tasks: list[list[Planned]] = []
+    for p in plan:
+        if p.expert is not None and tasks and tasks[-1][-1].expert == p.expert:
+            tasks[-1].append(p)
+        else:
+            tasks.append([p])
+    return tasks

@@ -13,9 +13,12 @@ needs little memory), then, ``--repeats`` times each and in the same run:
 Each measurement starts after a ``sync``, so neither pays for the other's write-back, and both read
 bytes that are in the page cache: the upcycle reads the dense checkpoint built just before (written,
 so cached), ``cp`` reads the output the upcycle just wrote. The upcycle's time starts after its
-process has started and imported ``moe_adapt.upcycle.convert`` (torch); that import is printed
-separately. Peak RSS is the child's own high-water mark (``VmHWM``): ``ru_maxrss`` would report the
-parent's resident size, which a forked child inherits until ``exec`` (Linux keeps the larger).
+process has started and imported ``moe_adapt.upcycle.convert`` (torch, transformers) and the
+source's and target's configuration classes (transformers imports each model's on first use: ~1 s
+on this machine, once per process, whatever the model's size; ``python -m moe_adapt`` has imported
+transformers before any stage starts); those imports are printed separately. Peak RSS is the
+child's own high-water mark (``VmHWM``): ``ru_maxrss`` would report the parent's resident size,
+which a forked child inherits until ``exec`` (Linux keeps the larger).
 
 Prints the medians and the ratio upcycle / cp. Goals (issue 13): ratio <= 1.5, peak RSS < 1 GiB.
 """
@@ -42,12 +45,16 @@ t0 = time.perf_counter()
 from pathlib import Path
 from moe_adapt.upcycle.config import UpcycleConfig
 from moe_adapt.upcycle.convert import Upcycler
+from transformers import AutoConfig
+for model_type in ("llama", "mixtral"):  # transformers imports a model's config classes on first use
+    AutoConfig.for_model(model_type)
 dense, out, experts, granularity = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+threads = int(sys.argv[5]) if int(sys.argv[5]) > 0 else None
 start = time.perf_counter()
 imported = start - t0
 up = Upcycler(dense, UpcycleConfig(num_experts=experts, granularity=granularity, verify="none"), seed=0)
 out.mkdir()
-report = up.write(out, progress=False)
+report = up.write(out, progress=False, threads=threads)
 up.close()
 seconds = time.perf_counter() - start
 try:  # this process's own peak; ru_maxrss includes the forking parent's size
@@ -112,6 +119,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--experts", type=int, default=8, help="routed experts (granularity 4: 2 copies)")
     ap.add_argument("--granularity", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="writing threads (0: the upcycle's default)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()
@@ -135,6 +143,7 @@ def main() -> None:
                     str(out),
                     str(args.experts),
                     str(args.granularity),
+                    str(args.threads),
                 ],
                 capture_output=True,
                 text=True,

@@ -58,9 +58,37 @@ def test_writer_refuses_out_of_plan_tensors(tmp_path):
     w = ShardedWriter(tmp_path, [PlannedTensor("a", torch.float32, (2,))], 100)
     with pytest.raises(ValueError, match="expected a"):
         w.write("a", torch.zeros(3))
+    with pytest.raises(ValueError, match="'b' was not planned"):
+        w.write("b", torch.zeros(2))
+    w.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="written already"):
+        w.write("a", torch.zeros(2))
+    w.close()
     w2 = ShardedWriter(tmp_path, [PlannedTensor("a", torch.float32, (2,))], 100)
     with pytest.raises(ValueError, match="never written"):
         w2.close()
+
+
+def test_writer_takes_tensors_in_any_order_from_several_threads(tmp_path):
+    """Each tensor goes to its planned offset: reversed and concurrent writes give the same files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    tensors = {f"t{i}": torch.randn(i + 1, 17).to(torch.bfloat16) for i in range(40)}
+    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    (tmp_path / "ordered").mkdir()
+    (tmp_path / "threads").mkdir()
+    w = ShardedWriter(tmp_path / "ordered", plan, 4096)
+    for k, v in tensors.items():
+        w.write(k, v)
+    w.close()
+    w = ShardedWriter(tmp_path / "threads", plan, 4096)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda k: w.write(k, tensors[k]), reversed(list(tensors))))
+    w.close()
+    ordered = {f.name: f.read_bytes() for f in (tmp_path / "ordered").iterdir()}
+    assert len(ordered) > 3
+    assert ordered == {f.name: f.read_bytes() for f in (tmp_path / "threads").iterdir()}
 
 
 def test_plan_shards_keeps_order_and_limit():

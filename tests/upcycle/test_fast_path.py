@@ -16,6 +16,8 @@ import pytest
 
 from moe_adapt.checkpoint.hf import HFCheckpoint
 from moe_adapt.upcycle import fine_grained
+from moe_adapt.upcycle.config import UpcycleConfig
+from moe_adapt.upcycle.convert import Upcycler
 from tests.upcycle.test_bf16 import dense_in, settings, upcycle  # noqa: F401 (dense_in is a fixture)
 
 CASES = [
@@ -74,3 +76,23 @@ def test_kernel_copy_fallback_writes_the_same_bytes(dense_in, tmp_path, monkeypa
         upcycle(dense, tmp_path / "fallback", verify="none", **settings("mixtral", 4, 0))
         assert safetensors_io._KERNEL_COPY is False
     assert weights(tmp_path / "kernel") == weights(tmp_path / "fallback")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[-1]], ids=["mixtral", "qwen2_shared", "drop"])
+def test_the_files_do_not_depend_on_the_number_of_writing_threads(dense_in, tmp_path, case):  # noqa: F811
+    """Threads take experts in plan order but finish in any order; each tensor lands at its planned
+    offset, so one thread and four write the same bytes, across several shards."""
+    family, dtype, kw = case
+    dense = dense_in(family, dtype)
+    kw = {"verify": "none", **kw, "num_experts": 24 * kw["top_k"], "max_shard_mb": 1}
+    written = {}
+    for threads in (1, 4):
+        up = Upcycler(str(dense), UpcycleConfig(**kw), seed=0)  # type: ignore[arg-type]
+        try:
+            (tmp_path / str(threads)).mkdir()
+            up.write(tmp_path / str(threads), progress=False, threads=threads)
+        finally:
+            up.close()
+        written[threads] = weights(tmp_path / str(threads))
+    assert len(written[1]) > 2  # several shards and their index
+    assert written[1] == written[4]
