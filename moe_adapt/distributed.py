@@ -291,6 +291,24 @@ def local_only() -> Iterator[None]:
         _override.pop()
 
 
+def multirun_refusal(env: Mapping[str, str] | None = None) -> str | None:
+    """The one line that refuses a Hydra multirun (``-m``) in a torchrun process, or None outside one.
+
+    Under torchrun every process would run the whole sweep in-process, starting and ending its
+    process group once per job (rank 1 dies in gloo); a sweep runs outside torchrun, with
+    ``hydra/launcher=torchrun`` starting one torchrun per job.
+    """
+    env = os.environ if env is None else env
+    found = [f"{k}={env[k]}" for k in ("RANK", "WORLD_SIZE") if env.get(k, "") != ""]
+    if not found:
+        return None
+    return (
+        f"-m (a Hydra multirun) under torchrun ({', '.join(found)}) is refused: every process would run "
+        "the whole sweep; run the sweep outside torchrun with hydra/launcher=torchrun "
+        "hydra.launcher.nproc_per_node=N (launch/README.md, Sweeps)"
+    )
+
+
 # -- collectives ------------------------------------------------------------------------------------
 def barrier(ctx: DistContext | None = None) -> None:
     """Wait until every rank gets here (long timeout: rank 0 may be writing a large checkpoint)."""
