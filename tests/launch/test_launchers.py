@@ -210,3 +210,29 @@ def test_launcher_options_compose() -> None:
         slurm = compose("config", ["+recipe=tiny", "hydra/launcher=slurm"], return_hydra_config=True)
         assert (slurm.hydra.launcher.nodes, slurm.hydra.launcher.tasks_per_node) == (1, 8)
         assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+def test_torchrun_launcher_command_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.moe_adapt_launchers.torchrun_launcher import USERS_FULL_ERROR, TorchrunLauncher
+    from moe_adapt.errors import MoEAdaptConfigError
+
+    launcher = TorchrunLauncher(nproc_per_node=4, torchrun_args=["--local-ranks-filter=0"], python="py")
+    hydra_overrides = [
+        "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=4", "hydra.sweep.dir=/s",
+        "hydra.sweeper.params={}", "hydra.mode=MULTIRUN", "hydra.verbose=true",
+    ]  # fmt: skip
+    launcher.config = OmegaConf.create({"hydra": {"overrides": {"hydra": hydra_overrides}}})
+    assert launcher.command(["+recipe=tiny", "seed=1"], "/runs/my sweep/3") == [
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "--local-ranks-filter=0",
+        "-m", "moe_adapt", "+recipe=tiny", "seed=1", "hydra.verbose=true", "hydra.run.dir='/runs/my sweep/3'",
+    ]  # fmt: skip
+    # the jobs get the user's HYDRA_FULL_ERROR back, not the 1 the entry point holds while composing
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setenv(USERS_FULL_ERROR, "")
+    env = launcher.job_env()
+    assert "HYDRA_FULL_ERROR" not in env and USERS_FULL_ERROR not in env
+    assert cli._USERS_FULL_ERROR == USERS_FULL_ERROR
+    with pytest.raises(MoEAdaptConfigError, match=r"hydra\.launcher\.nproc_per_node=0 is invalid"):
+        TorchrunLauncher(nproc_per_node=0)
