@@ -31,10 +31,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from moe_adapt.config import REMOVED_KEYS, Config, conf_dir, register, to_config
+from moe_adapt.distributed import multirun_refusal
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.redact import secret_override_keys
 
 _FULL_ERROR = "HYDRA_FULL_ERROR"
+_USERS_FULL_ERROR = "MOE_ADAPT_USERS_HYDRA_FULL_ERROR"
+"""While :func:`main` holds ``HYDRA_FULL_ERROR=1``: the user's own value ("" = unset), in the
+environment, so that the jobs the torchrun sweep launcher starts get it back
+(``hydra_plugins/moe_adapt_launchers/torchrun_launcher.py``: same name)."""
 _users_full_error: list[str | None] = []
 """While :func:`main` has set ``HYDRA_FULL_ERROR=1`` for composing: the user's own value (None: unset).
 Empty otherwise."""
@@ -48,6 +53,7 @@ def _full_error_asked() -> bool:
 def _give_back_full_error() -> None:
     """Put the user's ``HYDRA_FULL_ERROR`` back (a no-op once done, or when main() did not set it)."""
     if _users_full_error:
+        os.environ.pop(_USERS_FULL_ERROR, None)
         asked = _users_full_error.pop()
         if asked is None:
             os.environ.pop(_FULL_ERROR, None)
@@ -173,13 +179,22 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, leave)
 
 
+def _multirun_asked(args: list[str]) -> bool:
+    """Whether the command line asks for a multirun (``-m``, ``--multirun``, ``hydra.mode=MULTIRUN``)."""
+    return any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
+
+
 def main() -> None:
     """Console entry point (``moe-adapt``)."""
     _exit_on_sigterm()
+    if _multirun_asked(sys.argv[1:]) and (line := multirun_refusal()) is not None:
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [sys.argv[0], *_secrets_out_of_dirnames(_quiet_other_ranks(sys.argv[1:]))]
     # Hydra prints composition errors over several lines; with HYDRA_FULL_ERROR=1 it raises them to
     # us instead, and the user gets one line. _app gives the user's value back once composed.
     _users_full_error.append(os.environ.get(_FULL_ERROR))
+    os.environ[_USERS_FULL_ERROR] = os.environ.get(_FULL_ERROR) or ""
     os.environ[_FULL_ERROR] = "1"
     try:
         register()

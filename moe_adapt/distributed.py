@@ -9,6 +9,14 @@ of a node drives ``cuda:LOCAL_RANK``), gloo on CPU. Without those variables (or 
 ``WORLD_SIZE=1``) there is one process, no group is started and every code path is the
 single-process one.
 
+SLURM tasks started by ``srun`` without torchrun (the ``submitit_slurm`` sweep launcher: one task per
+GPU) join one process group too: when ``RANK`` and ``WORLD_SIZE`` are absent, ``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID`` and ``SLURM_NTASKS_PER_NODE`` stand in for ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (:func:`torchrun_env_from_slurm`), provided
+the job exported ``MASTER_ADDR`` (the first node) and ``MASTER_PORT``, as
+``conf/hydra/launcher/submitit_slurm.yaml``'s ``setup`` lines do. Without ``MASTER_ADDR`` a SLURM
+task stays one process (a warning says so when ``SLURM_NTASKS`` > 1).
+
 The rules every several-process component follows:
 
 - every rank runs the same training code in lockstep and takes every decision (skip a step, stop,
@@ -108,8 +116,42 @@ def _int(env: Mapping[str, str], key: str) -> int:
         _fail(f"{key}={raw!r} is not an integer")
 
 
+def torchrun_env_from_slurm(env: Mapping[str, str]) -> dict[str, str] | None:
+    """torchrun's variables as a SLURM task's environment gives them, or None when ``env`` is not a
+    SLURM task of a several-task job with ``MASTER_ADDR`` exported (or torchrun's variables are set).
+
+    ``SLURM_PROCID`` -> ``RANK``, ``SLURM_NTASKS`` -> ``WORLD_SIZE``, ``SLURM_LOCALID`` ->
+    ``LOCAL_RANK``, ``SLURM_NTASKS_PER_NODE`` (or ``SLURM_NTASKS / SLURM_JOB_NUM_NODES``) ->
+    ``LOCAL_WORLD_SIZE``; ``MASTER_ADDR`` and ``MASTER_PORT`` are taken as they are.
+    """
+    if any(env.get(k, "") != "" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    procid, ntasks = env.get("SLURM_PROCID", ""), env.get("SLURM_NTASKS", "")
+    if procid == "" or ntasks == "":
+        return None
+    if env.get("MASTER_ADDR", "") == "":
+        if ntasks.isdigit() and int(ntasks) > 1:
+            log.warning(
+                "SLURM_NTASKS=%s but MASTER_ADDR is not set: this task runs as one process; export "
+                "MASTER_ADDR and MASTER_PORT in the job (launch/README.md, SLURM sweeps) to train together",
+                ntasks,
+            )
+        return None
+    mapped = {"RANK": procid, "WORLD_SIZE": ntasks, "MASTER_ADDR": env["MASTER_ADDR"]}
+    for key, slurm_key in (("LOCAL_RANK", "SLURM_LOCALID"), ("MASTER_PORT", "MASTER_PORT")):
+        if env.get(slurm_key, "") != "":
+            mapped[key] = env[slurm_key]
+    per_node, nodes = env.get("SLURM_NTASKS_PER_NODE", ""), env.get("SLURM_JOB_NUM_NODES", "")
+    if per_node.isdigit():  # "8"; heterogeneous jobs write "8(x2),4": fall back on tasks / nodes
+        mapped["LOCAL_WORLD_SIZE"] = per_node
+    elif nodes.isdigit() and ntasks.isdigit() and int(nodes) > 0:
+        mapped["LOCAL_WORLD_SIZE"] = str(int(ntasks) // int(nodes))
+    return mapped
+
+
 def context_from_env(env: Mapping[str, str] | None = None, *, cuda: bool | None = None) -> DistContext:
-    """The :class:`DistContext` torchrun's variables describe (``env`` defaults to ``os.environ``).
+    """The :class:`DistContext` torchrun's variables describe (``env`` defaults to ``os.environ``);
+    without them, those of a SLURM task (:func:`torchrun_env_from_slurm`).
 
     ``cuda`` (default: whether CUDA is available) picks nccl and ``cuda:LOCAL_RANK`` over gloo and
     the CPU. Starts nothing.
@@ -120,6 +162,7 @@ def context_from_env(env: Mapping[str, str] | None = None, *, cuda: bool | None 
             several processes, or more local ranks than visible GPUs.
     """
     env = os.environ if env is None else env
+    env = torchrun_env_from_slurm(env) or env
     cuda = torch.cuda.is_available() if cuda is None else cuda
     present = {k for k in _ENV_KEYS if env.get(k, "") != ""}
     if not present & {"RANK", "WORLD_SIZE"}:
@@ -246,6 +289,24 @@ def local_only() -> Iterator[None]:
         yield
     finally:
         _override.pop()
+
+
+def multirun_refusal(env: Mapping[str, str] | None = None) -> str | None:
+    """The one line that refuses a Hydra multirun (``-m``) in a torchrun process, or None outside one.
+
+    Under torchrun every process would run the whole sweep in-process, starting and ending its
+    process group once per job (rank 1 dies in gloo); a sweep runs outside torchrun, with
+    ``hydra/launcher=torchrun`` starting one torchrun per job.
+    """
+    env = os.environ if env is None else env
+    found = [f"{k}={env[k]}" for k in ("RANK", "WORLD_SIZE") if env.get(k, "") != ""]
+    if not found:
+        return None
+    return (
+        f"-m (a Hydra multirun) under torchrun ({', '.join(found)}) is refused: every process would run "
+        "the whole sweep; run the sweep outside torchrun with hydra/launcher=torchrun "
+        "hydra.launcher.nproc_per_node=N (launch/README.md, Sweeps)"
+    )
 
 
 # -- collectives ------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The eval stage: per-language perplexity, expert-routing analysis, bilingual benchmark metrics,
-bootstrap CIs over seeds and the sweep report.
+CIs over seeds (t-intervals) and the sweep report.
 
 - :mod:`.perplexity`: per-language loss/perplexity of any HF causal LM (strided sliding window).
 - :mod:`.routing`: per-layer, per-language expert usage of HF MoE checkpoints, JSD, plots.
 - :mod:`.bilingual`: accuracy, LPG, CLCS and ECE on parallel multiple-choice items.
-- :mod:`.stats`: percentile bootstrap CIs and seed-paired differences.
+- :mod:`.stats`: t-intervals over seeds, item-level percentile bootstrap CIs, seed-paired differences.
 - :mod:`.report`: Markdown + JSON + plots for a Hydra multirun sweep.
 - :mod:`.config`: ``EvalConfig`` / ``ReportConfig`` (the ``eval`` and ``report`` config groups).
 - :mod:`.evaluate`: the ``eval`` stage's work (:func:`~.evaluate.evaluate`; the stage itself is

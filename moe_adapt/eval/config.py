@@ -196,7 +196,8 @@ class EvalConfig:
 
 @dataclass
 class ReportConfig:
-    """The ``report`` stage: one Markdown report with bootstrap CIs over a Hydra multirun sweep."""
+    """The ``report`` stage: one Markdown report with CIs over a Hydra multirun sweep (t-intervals over
+    seeds; a percentile bootstrap from 30 seeds on: :func:`moe_adapt.eval.stats.seed_interval`)."""
 
     sweep_dir: str | None = None
     """The multirun folder (holding 0/, 1/, ... each with .hydra/); required when the stage runs."""
@@ -214,7 +215,7 @@ class ReportConfig:
     """A contamination.json to include as a table (must exist when set); null = none."""
 
     n_resamples: int = 10000
-    """Bootstrap resamples for every interval."""
+    """Bootstrap resamples, for the intervals over 30 or more seeds (fewer: a t-interval, no resampling)."""
 
     confidence: float = 0.95
     """Coverage of the intervals."""

@@ -1,13 +1,15 @@
-"""Markdown report of a Hydra multirun sweep: metrics per condition over seeds, with bootstrap CIs.
+"""Markdown report of a Hydra multirun sweep: metrics per condition over seeds, with CIs.
 
 A sweep directory holds one sub-directory per run (``0/``, ``1/``, ...), each with
 ``.hydra/overrides.yaml`` (a YAML list such as ``["curriculum.order=easy_to_hard", "seed=1"]``) and a
 metrics file (default ``eval/metrics.json``: a flat JSON object of metric name -> number).
 
 Runs are grouped into *conditions* by their overrides other than the seed key. Each metric is
-averaged over seeds with a percentile bootstrap CI, and every pair of conditions is compared on
-the difference ``A − B`` paired by seed. A run whose metrics are missing or unreadable is listed
-under "Failed runs" and left out; it does not stop the report.
+averaged over seeds with a Student t-interval (a percentile bootstrap from
+:data:`~moe_adapt.eval.stats.BOOTSTRAP_MIN_N` seeds on: :func:`~moe_adapt.eval.stats.seed_interval`),
+and every pair of conditions is compared on the difference ``A − B`` paired by seed, with the same
+kind of interval. The report names the method of its intervals. A run whose metrics are missing or
+unreadable is listed under "Failed runs" and left out; it does not stop the report.
 
 Outputs in ``out_dir`` (default: the sweep directory): ``report.md``, ``report.json`` (the same
 numbers) and ``plots/<metric>.png`` (mean and CI per condition, seeds as dots).
@@ -29,7 +31,7 @@ import yaml
 
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.eval.config import ReportConfig
-from moe_adapt.eval.stats import bootstrap_ci, paired_difference
+from moe_adapt.eval.stats import BOOTSTRAP, BOOTSTRAP_MIN_N, T_INTERVAL, paired_difference, seed_interval
 from moe_adapt.fs import atomic_write_text
 from moe_adapt.plots import new_figure, save_figure
 
@@ -269,7 +271,8 @@ def _plot_metric(
     ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_xlabel("condition")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean over seeds with {conf}% bootstrap CI")
+    methods = sorted({aggregates[c][metric].get("method", BOOTSTRAP) for c in labels})
+    ax.set_title(f"{metric}: mean over seeds with {conf}% CI ({', '.join(methods) or 'none'})")
     ax.grid(axis="y", alpha=0.3)
     if labels:
         ax.legend(fontsize=8)
@@ -298,7 +301,9 @@ def build_report(
         metrics: metric names to report (default: every metric any run reported, sorted).
         metrics_path: metrics file inside each run directory.
         seed_key: the override that names the seed; runs are paired on it.
-        n_resamples, confidence, bootstrap_seed: bootstrap settings (see :mod:`moe_adapt.eval.stats`).
+        n_resamples, confidence, bootstrap_seed: interval settings (the resamples and their seed
+            matter only from :data:`~moe_adapt.eval.stats.BOOTSTRAP_MIN_N` seeds on, where the
+            interval is a percentile bootstrap; see :mod:`moe_adapt.eval.stats`).
 
     Returns:
         The path of ``report.md``.
@@ -323,7 +328,7 @@ def build_report(
         for m in names:
             vals = [r.metrics[m] for r in runs if m in r.metrics]
             if vals:
-                aggregates[label][m] = bootstrap_ci(vals, **boot).to_dict()
+                aggregates[label][m] = seed_interval(vals, **boot).to_dict()
     comparisons: list[dict[str, Any]] = []
     for a, b in itertools.combinations(groups, 2):
         for m in names:
@@ -344,12 +349,9 @@ def build_report(
     )
     if fixed:
         md.append("Fixed overrides: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()) + ".")
-    md += ["", f"Percentile bootstrap, {n_resamples} resamples, seed {bootstrap_seed}."]
-    if min(len(runs) for runs in groups.values()) < 5:
-        md.append(
-            "With fewer than 5 seeds a percentile bootstrap interval is too narrow; read it as a rough range."
-        )
-    md.append("")
+    methods = {d["method"] for agg in aggregates.values() for d in agg.values()}
+    methods |= {c["method"] for c in comparisons}
+    md += ["", f"Intervals: {_methods_text(methods, n_resamples, bootstrap_seed)}", ""]
     md += [f"## Metrics by condition (mean [{conf_pct} CI])", ""]
     labels = list(groups)  # one column per condition, one row per metric: readable with many metrics
     md += [
@@ -384,6 +386,7 @@ def build_report(
         "swept": swept,
         "fixed": fixed,
         "bootstrap": boot,
+        "interval_methods": sorted(methods),
         "conditions": {
             label: {
                 "runs": [r.name for r in runs],
@@ -397,6 +400,23 @@ def build_report(
     }
     atomic_write_text(out / "report.json", json.dumps(_no_nan(report_json), indent=1, allow_nan=False))
     return atomic_write_text(out / "report.md", "\n".join(md))
+
+
+def _methods_text(methods: set[str], n_resamples: int, bootstrap_seed: int) -> str:
+    """The sentence that names how the report's intervals were made."""
+    parts = []
+    if T_INTERVAL in methods:
+        parts.append(
+            f"Student t-interval over seeds (mean ± t(n−1) · s/√n; used below {BOOTSTRAP_MIN_N} seeds, "
+            "where a percentile bootstrap is too narrow)"
+        )
+    if BOOTSTRAP in methods:
+        parts.append(
+            f"percentile bootstrap ({n_resamples} resamples, seed {bootstrap_seed}; "
+            f"used from {BOOTSTRAP_MIN_N} seeds on)"
+        )
+    text = "; ".join(parts) or "none (no metric)"
+    return text[0].upper() + text[1:] + "."
 
 
 def _no_nan(obj: Any) -> Any:
@@ -416,7 +436,8 @@ def _safe(name: str) -> str:
 
 def write_report(rcfg: ReportConfig, out: Path, *, seed: int) -> dict[str, Any]:
     """Aggregate ``rcfg.sweep_dir`` into ``out`` (the ``report`` stage); returns the stage summary
-    (relative paths). ``seed`` seeds the bootstrap."""
+    (relative paths). ``seed`` seeds the bootstrap (used from
+    :data:`~moe_adapt.eval.stats.BOOTSTRAP_MIN_N` seeds on)."""
     if not rcfg.sweep_dir:
         raise MoEAdaptConfigError(
             "report.sweep_dir=None is invalid: stage report needs the multirun folder, "

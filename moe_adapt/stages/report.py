@@ -18,5 +18,5 @@ DISTRIBUTED = False
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    """Aggregate ``report.sweep_dir`` into the stage folder, bootstrapping with ``seed``."""
+    """Aggregate ``report.sweep_dir`` into the stage folder, (``seed`` seeds the bootstrap, used from 30 seeds on)."""
     return write_report(ctx.cfg.report, ctx.out, seed=ctx.cfg.seed)

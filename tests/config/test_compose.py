@@ -46,8 +46,8 @@ def test_no_private_hydra_api():
     """Hydra's ``hydra._internal`` modules may change in any release: the package uses the public API."""
     import ast
 
-    root = conf_dir().parent / "moe_adapt"
-    for path in root.rglob("*.py"):
+    roots = [conf_dir().parent / "moe_adapt", conf_dir().parent / "hydra_plugins"]
+    for path in (p for root in roots for p in root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom):

@@ -68,7 +68,11 @@ def test_report_renders_with_cis_paired_differences_and_failed_runs(sweep: Path,
     report = json.loads((sweep / "report.json").read_text())
     diff = next(c for c in report["comparisons"] if c["metric"] == "target_loss")
     assert diff["mean"] == pytest.approx(-0.1 / 3)
-    assert -0.04 - 1e-9 <= diff["low"] <= diff["mean"] <= diff["high"] <= -0.03 + 1e-9
+    # a Student t-interval over the 3 seeds: mean ± t(2) · s/√3 with t(2) = 4.303 and s = 0.00577
+    half = 4.302652729911275 * 0.005773502691896257 / 3**0.5
+    assert (diff["low"], diff["high"]) == pytest.approx((-0.1 / 3 - half, -0.1 / 3 + half))
+    assert diff["method"] == "Student t" and report["interval_methods"] == ["Student t"]
+    assert "Intervals: Student t-interval over seeds" in md and "bootstrap (" not in md
     agg = report["conditions"]["easy_to_hard"]["metrics"]["acc"]
     assert agg["mean"] == pytest.approx((0.61 + 0.63 + 0.60) / 3) and agg["n"] == 3
     assert "## Failed runs" in md and "| 6 | no metrics file 6/eval/metrics.json |" in md

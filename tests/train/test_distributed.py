@@ -71,6 +71,35 @@ def test_context_from_env() -> None:
     assert ctx.is_distributed and not ctx.is_main
 
 
+SLURM_TASK = {  # task 5 of a 2-node x 4-task job, as srun starts it (submitit_slurm's setup exports MASTER_*)
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS_PER_NODE": "4",
+    "SLURM_JOB_NUM_NODES": "2",
+    "MASTER_ADDR": "node001",
+    "MASTER_PORT": "24242",
+}
+
+
+def test_context_from_slurm_env(caplog: pytest.LogCaptureFixture) -> None:
+    ctx = context_from_env(SLURM_TASK, cuda=False)
+    got = (ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, ctx.backend)
+    assert got == (5, 8, 1, 4, "gloo")
+    # heterogeneous tasks per node ("4(x2)"): tasks / nodes
+    uneven = {**SLURM_TASK, "SLURM_NTASKS_PER_NODE": "4(x2)"}
+    assert context_from_env(uneven, cuda=False).local_world_size == 4
+    # torchrun's variables win (launch/slurm.sbatch: srun starts one torchrun per node)
+    assert context_from_env({**SLURM_TASK, **GOOD}, cuda=False).world_size == 2
+    # no MASTER_ADDR: one process, and a warning that says what is missing
+    with caplog.at_level("WARNING", logger="moe_adapt.distributed"):
+        assert context_from_env({**SLURM_TASK, "MASTER_ADDR": ""}, cuda=False) == DistContext()
+    assert "SLURM_NTASKS=8 but MASTER_ADDR is not set" in caplog.text
+    assert context_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, cuda=False) == DistContext()
+    with pytest.raises(MoEAdaptError, match="MASTER_PORT is not set"):
+        context_from_env({**SLURM_TASK, "MASTER_PORT": ""}, cuda=False)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
