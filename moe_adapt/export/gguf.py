@@ -412,7 +412,7 @@ def read_gguf_state(path: str | Path, src: str | Path) -> Iterator[tuple[str, to
             p = plans.get(t.name)
             if p is None:
                 raise MoEAdaptError(f"{path}: tensor {t.name} was not written from {src}")
-            data = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(p.shape)
+            data = np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(p.shape)
             if p.transform == "permute_q":
                 data = _unpermute(data, int(cfg["num_attention_heads"]))
             elif p.transform == "permute_k":
