@@ -77,7 +77,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> dic
 def heldout_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     """Held-out shards (ar, en) as the data stage writes them."""
     pytest.importorskip("megatron.core")
-    from moe_adapt.data.shards import write_shards
+    from moe_adapt.data.shards import ShardConfig, write_shards
 
     root = tmp_path_factory.mktemp("heldout")
     tokenizer.backend_tokenizer.save(str(root / "tokenizer.json"))
@@ -86,5 +86,5 @@ def heldout_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Pat
         for lang, sents in (("ar", AR), ("en", EN))
         for i, s in enumerate(sents)
     ]
-    write_shards(docs, root / "tokenizer.json", root / "heldout")
+    write_shards(docs, root / "tokenizer.json", root / "heldout", ShardConfig(eod_token="<|eos|>"))
     return root / "heldout"
