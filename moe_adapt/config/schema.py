@@ -130,7 +130,8 @@ class Config:
     """Settings of the eval stage (moe_adapt/eval/config.py)."""
 
     export: ExportConfig = field(default_factory=ExportConfig)
-    """Settings of the export stage: pruned / GGUF artefacts and their retention (moe_adapt/export/config.py)."""
+    """Settings of the export stage: pruned / GGUF artefacts and their retention
+    (moe_adapt/export/config.py)."""
 
     report: ReportConfig = field(default_factory=ReportConfig)
     """Settings of the report stage: statistics over a multirun sweep (moe_adapt/eval/config.py)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from moe_adapt.errors import invalid
 
-__all__ = ["METHODS", "PLANNED", "ExpertPruneConfig", "ExportConfig", "GGUFConfig", "GGUF_TYPES"]
+__all__ = ["GGUF_TYPES", "METHODS", "PLANNED", "ExpertPruneConfig", "ExportConfig", "GGUFConfig"]
 
 METHODS = ("expert_prune", "gguf")
 """The export methods built so far, each writing its own folder ``<stage>/<method>/``."""
@@ -112,9 +112,17 @@ class ExportConfig:
     def __post_init__(self) -> None:
         for m in self.methods:
             if m in PLANNED:
-                _fail("export.methods", list(self.methods), f"{m!r} is not built yet; built: {', '.join(METHODS)}")
+                _fail(
+                    "export.methods",
+                    list(self.methods),
+                    f"{m!r} is not built yet; built: {', '.join(METHODS)}",
+                )
             if m not in METHODS:
-                _fail("export.methods", list(self.methods), f"unknown method {m!r}; methods: {', '.join(METHODS)}")
+                _fail(
+                    "export.methods",
+                    list(self.methods),
+                    f"unknown method {m!r}; methods: {', '.join(METHODS)}",
+                )
         if len(set(self.methods)) != len(self.methods):
             _fail("export.methods", list(self.methods), "list each method once")
         if self.window < 2:

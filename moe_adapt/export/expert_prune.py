@@ -112,7 +112,9 @@ class RoutingCounts:
             layer_ids = [int(i) for i in doc["layer_ids"]]
             counts = {str(g): np.asarray(c, dtype=np.int64) for g, c in doc["counts"].items()}
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise MoEAdaptError(f"export.expert_prune.routing={str(path)!r} is not a routing.json: {err}") from None
+            raise MoEAdaptError(
+                f"export.expert_prune.routing={str(path)!r} is not a routing.json: {err}"
+            ) from None
         return cls(layer_ids, counts, str(path))
 
 
@@ -182,7 +184,8 @@ def choose_experts(
         mask_LE[row, chosen] = True
     lost_GL = (counts_GLE * mask_LE[None]).sum(axis=2)
     mass = {
-        "definition": "share of the language's top-k assignments (all MoE layers) that went to a dropped expert",
+        "definition": "share of the language's top-k assignments (all MoE layers) that went to a "
+        "dropped expert",
         "per_language": {g: float(lost_GL[i].sum() / per_layer_GL[i].sum()) for i, g in enumerate(langs)},
         "per_layer": {g: (lost_GL[i] / per_layer_GL[i]).tolist() for i, g in enumerate(langs)},
         "usage": usage_LE.tolist(),
@@ -219,7 +222,9 @@ def _plan(
                 how[name] = ("rows", (name, rows))
                 continue
             if fused:
-                raise MoEAdaptError(f"{ckpt.path}: fused expert tensor {name} {info.shape} has no expert axis of {e}")
+                raise MoEAdaptError(
+                    f"{ckpt.path}: fused expert tensor {name} {info.shape} has no expert axis of {e}"
+                )
         plan.append(PlannedTensor(name, info.dtype, info.shape))
         how[name] = ("copy", name)
     return plan, how
@@ -270,7 +275,7 @@ def prune(src: str | Path, dst: str | Path, dropped: Mapping[int, Sequence[int]]
             _prune_router_bias(Path(src), tmp, layout, dropped)
     finally:
         ckpt.close()
-    report = {
+    report: dict[str, Any] = {
         "num_experts": {"before": layout.num_experts, "after": layout.num_experts - n_drop},
         "top_k": layout.top_k,
         "dropped": {str(k): list(v) for k, v in sorted(dropped.items())},

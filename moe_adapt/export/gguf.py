@@ -72,7 +72,9 @@ def _gguf() -> Any:
     try:
         import gguf
     except ImportError as err:  # pragma: no cover - gguf is a dependency of the dev and gguf extras
-        raise MoEAdaptError("export.methods has gguf: install the gguf package (pip install 'moe-adapt[gguf]')") from err
+        raise MoEAdaptError(
+            "export.methods has gguf: install the gguf package (pip install 'moe-adapt[gguf]')"
+        ) from err
     return gguf
 
 
@@ -92,7 +94,9 @@ class GGUFTensorPlan:
 
 
 def _refuse(what: str, why: str) -> MoEAdaptError:
-    return MoEAdaptError(f"export.methods has gguf but {what}: {why}; drop gguf from export.methods for this model")
+    return MoEAdaptError(
+        f"export.methods has gguf but {what}: {why}; drop gguf from export.methods for this model"
+    )
 
 
 def check_expressible(ckpt: HFCheckpoint) -> str:
@@ -113,11 +117,17 @@ def check_expressible(ckpt: HFCheckpoint) -> str:
     ) != "default":
         raise _refuse(f"{model_type} uses rope scaling {rope or rope_params}", "not written by this exporter")
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
-        raise _refuse(f"{model_type} uses sliding-window attention", f"llama.cpp's {arch} attends to the full context")
+        raise _refuse(
+            f"{model_type} uses sliding-window attention", f"llama.cpp's {arch} attends to the full context"
+        )
     if model_type == "qwen3_moe" and not cfg.get("norm_topk_prob", False):
-        raise _refuse("qwen3_moe has norm_topk_prob=false", "llama.cpp's qwen3moe always renormalises the top-k weights")
+        raise _refuse(
+            "qwen3_moe has norm_topk_prob=false", "llama.cpp's qwen3moe always renormalises the top-k weights"
+        )
     if model_type == "qwen2_moe" and cfg.get("norm_topk_prob", False):
-        raise _refuse("qwen2_moe has norm_topk_prob=true", "llama.cpp's qwen2moe does not renormalise the top-k weights")
+        raise _refuse(
+            "qwen2_moe has norm_topk_prob=true", "llama.cpp's qwen2moe does not renormalise the top-k weights"
+        )
     if arch in ("llama", "qwen3moe", "qwen3") and any(
         ".self_attn." in n and n.endswith(".bias") for n in ckpt.index
     ):
@@ -147,10 +157,12 @@ def plan_tensors(ckpt: HFCheckpoint, arch_name: str) -> list[GGUFTensorPlan]:
     plans: list[GGUFTensorPlan] = []
 
     def gguf_name(hf: str) -> str:
-        base, suffix = (hf.rsplit(".", 1) + [""])[:2] if hf.endswith((".weight", ".bias")) else (hf, "")
+        base, suffix = hf.rsplit(".", 1) if hf.endswith((".weight", ".bias")) else (hf, "")
         mapped = name_map.get_name(base)
         if mapped is None:
-            raise MoEAdaptError(f"export gguf: {ckpt.path} tensor {hf!r} has no name in gguf's {arch_name} map")
+            raise MoEAdaptError(
+                f"export gguf: {ckpt.path} tensor {hf!r} has no name in gguf's {arch_name} map"
+            )
         return f"{mapped}.{suffix}" if suffix else mapped
 
     for kind, item in order:
@@ -173,7 +185,11 @@ def plan_tensors(ckpt: HFCheckpoint, arch_name: str) -> list[GGUFTensorPlan]:
         if f:
             layer, block, what = int(f.group(1)), f.group(2), f.group(3)
             if what == "down_proj":
-                plans.append(GGUFTensorPlan(gguf_name(f"model.layers.{layer}.{block}.experts.down_proj.weight"), shape, (name,)))
+                plans.append(
+                    GGUFTensorPlan(
+                        gguf_name(f"model.layers.{layer}.{block}.experts.down_proj.weight"), shape, (name,)
+                    )
+                )
             else:
                 half = (shape[0], shape[1] // 2, shape[2])
                 for part in ("gate", "up"):
@@ -273,7 +289,9 @@ def write_gguf(
                 writer.add_tensor_info(p.name, p.shape, np.dtype(dtype), nbytes)
             else:
                 byte_shape = gguf.quants.quant_shape_to_byte_shape(p.shape, qtype)
-                writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype)
+                writer.add_tensor_info(
+                    p.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
+                )
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             writer.write_header_to_file(tmp)
@@ -289,8 +307,21 @@ def write_gguf(
             raise
     finally:
         ckpt.close()
-    report = {"file": dest.name, "arch": arch, "type": file_type, "tensors": types, "bytes": dest.stat().st_size}
-    log.info("export gguf: %s (%s, %s): %.2f MiB, tensors %s", dest.name, arch, file_type, report["bytes"] / 2**20, types)
+    report = {
+        "file": dest.name,
+        "arch": arch,
+        "type": file_type,
+        "tensors": types,
+        "bytes": dest.stat().st_size,
+    }
+    log.info(
+        "export gguf: %s (%s, %s): %.2f MiB, tensors %s",
+        dest.name,
+        arch,
+        file_type,
+        dest.stat().st_size / 2**20,
+        types,
+    )
     return report
 
 
@@ -331,7 +362,9 @@ def _tokenizer_fields(folder: Path, cfg: dict[str, Any], pre_tokenizer: str) -> 
     gguf = _gguf()
     file = folder / "tokenizer.json"
     if not file.is_file():
-        raise MoEAdaptError(f"export gguf: {folder} has no tokenizer.json; llama.cpp needs the tokenizer in the file")
+        raise MoEAdaptError(
+            f"export gguf: {folder} has no tokenizer.json; llama.cpp needs the tokenizer in the file"
+        )
     spec = json.loads(file.read_text(encoding="utf-8"))
     model = spec.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):

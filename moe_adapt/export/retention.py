@@ -52,7 +52,12 @@ def measure(
         max_pos = int(getattr(model.config, "max_position_embeddings", window) or window)
         w = min(window, max_pos)
         result = evaluate_perplexity(
-            model, heldout.docs, window=w, stride=min(stride, w), batch_size=batch_size, token_sizes=heldout.token_sizes
+            model,
+            heldout.docs,
+            window=w,
+            stride=min(stride, w),
+            batch_size=batch_size,
+            token_sizes=heldout.token_sizes,
         )
     finally:
         del model
@@ -69,7 +74,9 @@ def gguf_as_checkpoint(gguf_file: str | Path, src: str | Path, dest: str | Path)
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    save_file(dict(read_gguf_state(gguf_file, src)), str(dest / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        dict(read_gguf_state(gguf_file, src)), str(dest / "model.safetensors"), metadata={"format": "pt"}
+    )
     for name in ("config.json", *SIDE_FILES):
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, dest / name)
@@ -124,7 +131,11 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
     )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"], f"{r['bytes'] / 2**20:.3f}", f"{r['compression']:.2f}" if r["compression"] else "-"]
+        cells = [
+            r["name"],
+            f"{r['bytes'] / 2**20:.3f}",
+            f"{r['compression']:.2f}" if r["compression"] else "-",
+        ]
         for lang in langs:
             h = (r.get("heldout") or {}).get(lang)
             if h is None:
@@ -132,14 +143,19 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
                 continue
             bpb = h.get("bits_per_byte")
             ret = r["retention_pct"].get(lang)
-            cells += [f"{h['ppl']:.4f}", f"{bpb:.4f}" if bpb is not None else "-", f"{ret:.2f}" if ret else "-"]
+            cells += [
+                f"{h['ppl']:.4f}",
+                f"{bpb:.4f}" if bpb is not None else "-",
+                f"{ret:.2f}" if ret else "-",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     prune = extra.get("expert_prune")
     if prune:
         lines += ["", "## expert_prune", ""]
         lines.append(
             f"{prune['num_experts']['before']} → {prune['num_experts']['after']} routed experts per layer "
-            f"(top-{prune['top_k']} kept); {100 * prune['params_removed_share']:.2f}% of the parameters removed "
+            f"(top-{prune['top_k']} kept); {100 * prune['params_removed_share']:.2f}% of the parameters "
+            "removed "
             f"({prune['params']['removed']:,} of {prune['params']['before']:,})."
         )
         lines.append("")

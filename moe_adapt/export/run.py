@@ -51,7 +51,9 @@ def _precheck(ecfg: ExportConfig, source: Path) -> None:
         ckpt.close()
 
 
-def _routing(ecfg: ExportConfig, source: Path, heldout: HeldOut | None, eval_dir: Path | None) -> RoutingCounts:
+def _routing(
+    ecfg: ExportConfig, source: Path, heldout: HeldOut | None, eval_dir: Path | None
+) -> RoutingCounts:
     """The routing counts expert_prune decides on: ``export.expert_prune.routing``, else the eval
     stage's of the same model, else counted here on held-out documents."""
     pcfg = ecfg.expert_prune
@@ -94,7 +96,11 @@ def export(
     heldout = None
     if ecfg.heldout is not None:
         heldout = load_heldout(
-            ecfg.heldout, languages=ecfg.languages, max_docs=ecfg.max_docs_per_language, seed=seed, key="export.heldout"
+            ecfg.heldout,
+            languages=ecfg.languages,
+            max_docs=ecfg.max_docs_per_language,
+            seed=seed,
+            key="export.heldout",
         )
     settings = dict(window=ecfg.window, stride=ecfg.stride, batch_size=ecfg.batch_size)
     rows: list[dict[str, Any]] = [{"name": "source", "path": str(source), "bytes": disk_bytes(source)}]
@@ -148,5 +154,8 @@ def export(
         "methods": list(ecfg.methods),
         "report": "report.md",
         "retention": "retention.json",
-        "artefacts": {r["name"]: {"path": r["path"], "bytes": r["bytes"], "retention_pct": r["retention_pct"]} for r in rows},
+        "artefacts": {
+            r["name"]: {"path": r["path"], "bytes": r["bytes"], "retention_pct": r["retention_pct"]}
+            for r in rows
+        },
     }

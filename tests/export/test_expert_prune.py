@@ -31,7 +31,10 @@ def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_choose_drops_the_least_used_per_layer_and_reports_mass() -> None:
-    counts = {"ar": np.array([[50, 0, 30, 20, 0, 0, 0, 0]] * 2), "en": np.array([[0, 40, 0, 0, 60, 0, 0, 0]] * 2)}
+    counts = {
+        "ar": np.array([[50, 0, 30, 20, 0, 0, 0, 0]] * 2),
+        "en": np.array([[0, 40, 0, 0, 60, 0, 0, 0]] * 2),
+    }
     layout = type("L", (), {"num_experts": 8, "top_k": 2, "blocks": {0: "mlp", 1: "mlp"}})()
     dropped, mass = choose_experts(RoutingCounts([0, 1], counts, "t"), layout, 4)  # type: ignore[arg-type]
     assert dropped == {0: [3, 5, 6, 7], 1: [3, 5, 6, 7]}  # the three unused, then usage 0.1
@@ -41,7 +44,9 @@ def test_choose_drops_the_least_used_per_layer_and_reports_mass() -> None:
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_prune_removes_what_it_reports_and_loads(tmp_path: Path, checkpoints: dict[str, Path], kind: str) -> None:
+def test_prune_removes_what_it_reports_and_loads(
+    tmp_path: Path, checkpoints: dict[str, Path], kind: str
+) -> None:
     from transformers import AutoModelForCausalLM
 
     src = checkpoints[kind]
@@ -55,8 +60,16 @@ def test_prune_removes_what_it_reports_and_loads(tmp_path: Path, checkpoints: di
     before, after = HFCheckpoint(src), HFCheckpoint(tmp_path / "pruned")
     expert_names = [n for n in before.index if ".experts." in n]
     per_expert = len(expert_names) // (8 * len(dropped))
-    removed = sum(before.info(n).numel for n in expert_names if int(n.split(".experts.")[1].split(".")[0]) in dropped[int(n.split(".")[2])])
-    router_rows = sum(3 * before.info(n).shape[1] for n in before.index if n.endswith("gate.weight") and before.info(n).shape[0] == 8)
+    removed = sum(
+        before.info(n).numel
+        for n in expert_names
+        if int(n.split(".experts.")[1].split(".")[0]) in dropped[int(n.split(".")[2])]
+    )
+    router_rows = sum(
+        3 * before.info(n).shape[1]
+        for n in before.index
+        if n.endswith("gate.weight") and before.info(n).shape[0] == 8
+    )
     assert report["params"]["removed"] == removed + router_rows
     assert len([n for n in after.index if ".experts." in n]) == 5 * per_expert * len(dropped)
     for layer, gone in dropped.items():  # every kept expert is the source's, byte for byte, renumbered
@@ -65,8 +78,16 @@ def test_prune_removes_what_it_reports_and_loads(tmp_path: Path, checkpoints: di
             for n in before.index:
                 prefix = f"model.layers.{layer}."
                 if n.startswith(prefix) and f".experts.{old}." in n:
-                    assert torch.equal(after.get(n.replace(f".experts.{old}.", f".experts.{new}.")), before.get(n))
-        router = next(n for n in before.index if n.startswith(f"model.layers.{layer}.") and n.endswith("gate.weight") and before.info(n).shape[0] == 8)
+                    assert torch.equal(
+                        after.get(n.replace(f".experts.{old}.", f".experts.{new}.")), before.get(n)
+                    )
+        router = next(
+            n
+            for n in before.index
+            if n.startswith(f"model.layers.{layer}.")
+            and n.endswith("gate.weight")
+            and before.info(n).shape[0] == 8
+        )
         assert torch.equal(after.get(router), before.get(router)[kept])
     before.close()
     after.close()
@@ -77,7 +98,9 @@ def test_prune_removes_what_it_reports_and_loads(tmp_path: Path, checkpoints: di
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_prune_nothing_gives_identical_logits(tmp_path: Path, checkpoints: dict[str, Path], kind: str) -> None:
+def test_prune_nothing_gives_identical_logits(
+    tmp_path: Path, checkpoints: dict[str, Path], kind: str
+) -> None:
     src = checkpoints[kind]
     ckpt = HFCheckpoint(src)
     layout = moe_layout(ckpt)
@@ -89,7 +112,9 @@ def test_prune_nothing_gives_identical_logits(tmp_path: Path, checkpoints: dict[
     assert torch.equal(_logits(tmp_path / "same", ids), _logits(src, ids))
 
 
-def test_pruned_model_is_the_source_without_those_experts(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+def test_pruned_model_is_the_source_without_those_experts(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
     """The pruned model computes what the source computes when its routers may not pick the dropped
     experts (their logits set to -inf): the kept experts and router rows line up after renumbering."""
     import torch.nn.functional as F
@@ -100,7 +125,7 @@ def test_pruned_model_is_the_source_without_those_experts(tmp_path: Path, checkp
     prune(src, tmp_path / "p", dropped)
     ref = AutoModelForCausalLM.from_pretrained(str(src)).eval()
 
-    def masked(router: torch.nn.Module, gone: list[int]):  # noqa: ANN202
+    def masked(router: torch.nn.Module, gone: list[int]):
         def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             logits_TE = F.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
             logits_TE[:, gone] = float("-inf")
@@ -119,12 +144,16 @@ def test_pruned_model_is_the_source_without_those_experts(tmp_path: Path, checkp
 
 
 def test_bad_input_is_one_line(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    with pytest.raises(MoEAdaptError, match=r"expert_prune needs an MoE checkpoint: .* has no routed experts"):
+    with pytest.raises(
+        MoEAdaptError, match=r"expert_prune needs an MoE checkpoint: .* has no routed experts"
+    ):
         prune(checkpoints["llama"], tmp_path / "x", {0: [1]})
     ckpt = HFCheckpoint(checkpoints["mixtral"])
     layout = moe_layout(ckpt)
     ckpt.close()
-    with pytest.raises(MoEAdaptConfigError, match=r"drop_per_layer=7 is invalid: it leaves 1 experts .* \(at most 6\)"):
+    with pytest.raises(
+        MoEAdaptConfigError, match=r"drop_per_layer=7 is invalid: it leaves 1 experts .* \(at most 6\)"
+    ):
         choose_experts(_counts([0, 1]), layout, 7)
     with pytest.raises(MoEAdaptConfigError, match=r"languages=\['fr'\] is invalid"):
         choose_experts(_counts([0, 1]), layout, 1, ["fr"])

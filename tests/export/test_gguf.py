@@ -30,7 +30,9 @@ def _logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> dict[tuple[str, str], Path]:
+def files(
+    tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]
+) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     for kind in ("mixtral", "qwen3_moe"):
@@ -60,7 +62,11 @@ def test_layout_is_llama_cpps(files: dict[tuple[str, str], Path], kind: str) -> 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_f16_logprobs_match_hf(
-    tmp_path: Path, files: dict[tuple[str, str], Path], checkpoints: dict[str, Path], kind: str, tokenizer: Any
+    tmp_path: Path,
+    files: dict[tuple[str, str], Path],
+    checkpoints: dict[str, Path],
+    kind: str,
+    tokenizer: Any,
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +79,9 @@ def test_f16_logprobs_match_hf(
         got = _logprobs(AutoModelForCausalLM.from_pretrained(str(back)).eval(), ids)
         errors[t] = float(((got - want).abs() / want.abs()).max())
     assert errors["f16"] < 1e-3
-    assert errors["f16"] < errors["q8_0"] < errors["q4_0"] < 0.2  # quantized: close, and worse with fewer bits
+    assert (
+        errors["f16"] < errors["q8_0"] < errors["q4_0"] < 0.2
+    )  # quantized: close, and worse with fewer bits
     sizes = {t: files[kind, t].stat().st_size for t in ("f16", "q8_0", "q4_0")}
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
 
@@ -96,7 +104,9 @@ def test_transformers_gguf_loader_reads_the_same_weights(
         ).eval()
         ours = AutoModelForCausalLM.from_pretrained(str(gguf_as_checkpoint(file, src, tmp_path / t))).eval()
         assert torch.equal(_logprobs(theirs, ids), _logprobs(ours, ids))
-    gguf_tok = AutoTokenizer.from_pretrained(str(files["qwen3_moe", "f16"].parent), gguf_file="model-f16.gguf")
+    gguf_tok = AutoTokenizer.from_pretrained(
+        str(files["qwen3_moe", "f16"].parent), gguf_file="model-f16.gguf"
+    )
     assert gguf_tok(TEXT).input_ids == tokenizer(TEXT).input_ids
 
 
@@ -105,16 +115,22 @@ def test_refusals_write_nothing(tmp_path: Path, checkpoints: dict[str, Path]) ->
     shutil.copytree(checkpoints["qwen3_moe"], bad)
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "norm_topk_prob": False}))
-    with pytest.raises(MoEAdaptError, match=r"qwen3_moe has norm_topk_prob=false: llama.cpp's qwen3moe always"):
+    with pytest.raises(
+        MoEAdaptError, match=r"qwen3_moe has norm_topk_prob=false: llama.cpp's qwen3moe always"
+    ):
         write_gguf(bad, tmp_path / "out" / "m.gguf", "f16")
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "router_bias.json").write_text("{}")
-    with pytest.raises(MoEAdaptError, match=r"has router_bias.json: llama.cpp's experts have no selection bias"):
+    with pytest.raises(
+        MoEAdaptError, match=r"has router_bias.json: llama.cpp's experts have no selection bias"
+    ):
         write_gguf(bad, tmp_path / "out" / "m.gguf", "f16")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_a_write_that_dies_leaves_no_file(tmp_path: Path, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_that_dies_leaves_no_file(
+    tmp_path: Path, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from moe_adapt.export import gguf as export_gguf
 
     def boom(*args: object) -> None:

@@ -19,7 +19,12 @@ from moe_adapt.stages.export import source_model
 
 def _cfg(heldout: Path | None, **kw: Any) -> ExportConfig:
     return ExportConfig(
-        heldout=str(heldout) if heldout else None, window=32, stride=16, batch_size=4, max_docs_per_language=4, **kw
+        heldout=str(heldout) if heldout else None,
+        window=32,
+        stride=16,
+        batch_size=4,
+        max_docs_per_language=4,
+        **kw,
     )
 
 
@@ -34,7 +39,9 @@ def test_export_measures_every_artefact(tmp_path: Path, run_dir: Path, heldout_d
     assert src == run_dir / "cpt" / "model"
     out = tmp_path / "export"
     out.mkdir()
-    cfg = _cfg(heldout_dir, expert_prune=ExpertPruneConfig(drop_per_layer=2), gguf=GGUFConfig(types=["f16", "q4_0"]))
+    cfg = _cfg(
+        heldout_dir, expert_prune=ExpertPruneConfig(drop_per_layer=2), gguf=GGUFConfig(types=["f16", "q4_0"])
+    )
     summary = export(cfg, src, out, seed=0, eval_dir=run_dir / "eval")
     assert set(summary["artefacts"]) == {"source", "expert_prune", "gguf-f16", "gguf-q4_0"}
     doc = json.loads((out / "retention.json").read_text())
@@ -54,14 +61,19 @@ def test_export_measures_every_artefact(tmp_path: Path, run_dir: Path, heldout_d
 
 def test_expert_prune_reads_the_eval_stages_routing(tmp_path: Path, run_dir: Path, heldout_dir: Path) -> None:
     src = run_dir / "cpt" / "model"
-    routing = {"layer_ids": [0, 1], "counts": {"ar": [[9, 0, 9, 9, 9, 9, 9, 9]] * 2, "en": [[9, 0, 9, 9, 9, 9, 9, 1]] * 2}}
+    routing = {
+        "layer_ids": [0, 1],
+        "counts": {"ar": [[9, 0, 9, 9, 9, 9, 9, 9]] * 2, "en": [[9, 0, 9, 9, 9, 9, 9, 1]] * 2},
+    }
     (run_dir / "eval" / "routing" / "cpt").mkdir(parents=True)
     (run_dir / "eval" / "routing" / "cpt" / "routing.json").write_text(json.dumps(routing))
     models = {"cpt": {"path": str(src), "routing": {"json": "routing/cpt/routing.json"}}}
     (run_dir / "eval" / "eval.json").write_text(json.dumps({"models": models}))
     out = tmp_path / "export"
     out.mkdir()
-    cfg = _cfg(None, methods=["expert_prune"], expert_prune=ExpertPruneConfig(drop_per_layer=2, languages=["en"]))
+    cfg = _cfg(
+        None, methods=["expert_prune"], expert_prune=ExpertPruneConfig(drop_per_layer=2, languages=["en"])
+    )
     export(cfg, src, out, seed=0, eval_dir=run_dir / "eval")
     report = json.loads((out / "expert_prune" / "report.json").read_text())
     assert report["dropped"] == {"0": [1, 7], "1": [1, 7]}
@@ -69,13 +81,24 @@ def test_expert_prune_reads_the_eval_stages_routing(tmp_path: Path, run_dir: Pat
     assert report["routed_mass_lost"]["source"].endswith("routing/cpt/routing.json")
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, checkpoints: dict[str, Path], heldout_dir: Path) -> None:
+def test_bad_input_is_one_line_and_writes_nothing(
+    tmp_path: Path, checkpoints: dict[str, Path], heldout_dir: Path
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(MoEAdaptError, match=r"^expert_prune needs an MoE checkpoint: .*'llama'.* no routed experts$"):
+    with pytest.raises(
+        MoEAdaptError, match=r"^expert_prune needs an MoE checkpoint: .*'llama'.* no routed experts$"
+    ):
         export(_cfg(heldout_dir), checkpoints["llama"], out, seed=0)
-    with pytest.raises(MoEAdaptConfigError, match=r"^export.expert_prune.drop_per_layer=7 is invalid: leaves fewer"):
-        export(_cfg(heldout_dir, expert_prune=ExpertPruneConfig(drop_per_layer=7)), checkpoints["mixtral"], out, seed=0)
+    with pytest.raises(
+        MoEAdaptConfigError, match=r"^export.expert_prune.drop_per_layer=7 is invalid: leaves fewer"
+    ):
+        export(
+            _cfg(heldout_dir, expert_prune=ExpertPruneConfig(drop_per_layer=7)),
+            checkpoints["mixtral"],
+            out,
+            seed=0,
+        )
     with pytest.raises(MoEAdaptConfigError, match=r"^export.heldout=None is invalid with expert_prune"):
         export(_cfg(None, methods=["expert_prune"]), checkpoints["mixtral"], out, seed=0)
     assert list(out.iterdir()) == []
@@ -86,9 +109,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, checkpoints: d
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("export.methods=[gptq]", r"^export.methods=\['gptq'\] is invalid: 'gptq' is not built yet; built: expert_prune, gguf$"),
-        ("export.methods=[zip]", r"^export.methods=\['zip'\] is invalid: unknown method 'zip'; methods: expert_prune, gguf$"),
-        ("export.gguf.types=[q2_k]", r"^export.gguf.types=\['q2_k'\] is invalid: pick one or more of f32, f16, q8_0, q4_0$"),
+        (
+            "export.methods=[gptq]",
+            r"^export.methods=\['gptq'\] is invalid: 'gptq' is not built yet; built: expert_prune, gguf$",
+        ),
+        (
+            "export.methods=[zip]",
+            r"^export.methods=\['zip'\] is invalid: unknown method 'zip'; methods: expert_prune, gguf$",
+        ),
+        (
+            "export.gguf.types=[q2_k]",
+            r"^export.gguf.types=\['q2_k'\] is invalid: pick one or more of f32, f16, q8_0, q4_0$",
+        ),
         ("export.stride=999", r"^export.stride=999 is invalid: must be in \[1, export.window=256\]$"),
     ],
 )
