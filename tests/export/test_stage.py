@@ -129,3 +129,30 @@ def test_config_errors_are_one_line(tmp_path: Path, override: str, message: str)
 
     with pytest.raises(MoEAdaptConfigError, match=message):
         to_config(compose([f"run_dir={tmp_path}", "stages=[export]", override]))
+
+
+def test_the_runner_runs_the_stage_and_skips_it_when_complete(
+    tmp_path: Path, run_dir: Path, heldout_dir: Path
+) -> None:
+    from moe_adapt.config import compose, to_config
+    from moe_adapt.runner import MARKER, run_pipeline
+
+    overrides = [
+        f"run_dir={run_dir}",
+        "stages=[export]",
+        f"export.heldout={heldout_dir}",
+        "export.window=32",
+        "export.stride=16",
+        "export.max_docs_per_language=2",
+        "export.gguf.types=[q8_0]",
+        "logger=none",
+    ]
+    raw = compose(overrides)
+    run_pipeline(to_config(raw), raw)
+    stage = run_dir / "export"
+    assert (stage / MARKER).is_file() and (stage / "gguf" / "model-q8_0.gguf").is_file()
+    assert (stage / "expert_prune" / "model" / "model.safetensors").is_file()
+    before = (stage / "retention.json").stat().st_mtime_ns
+    raw = compose(overrides)
+    run_pipeline(to_config(raw), raw)  # complete with the same settings: skipped
+    assert (stage / "retention.json").stat().st_mtime_ns == before
