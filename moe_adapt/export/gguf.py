@@ -329,7 +329,8 @@ def _write_metadata(writer: Any, cfg: dict[str, Any], arch: str, file_type: str,
     heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     rope = cfg.get("rope_parameters") or {}
-    writer.add_name(str(cfg.get("_name_or_path") or cfg.get("model_type")))
+    # a name, not a path; never "mistral" (transformers then reads a llama-arch file as Mistral)
+    writer.add_name(f"moe_adapt-{cfg.get('model_type')}")
     writer.add_context_length(int(cfg["max_position_embeddings"]))
     writer.add_embedding_length(int(cfg["hidden_size"]))
     writer.add_block_count(int(cfg["num_hidden_layers"]))
