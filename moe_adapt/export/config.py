@@ -103,6 +103,10 @@ class ExportConfig:
     batch_size: int = 8
     """Sequences per forward pass while measuring."""
 
+    device: str = "auto"
+    """Torch device for measuring and routing counts: auto (cuda if available, else cpu), cpu, cuda,
+    cuda:1, ... Weights are measured in float32."""
+
     expert_prune: ExpertPruneConfig = field(default_factory=ExpertPruneConfig)
     """Settings of the expert_prune method."""
 

@@ -41,13 +41,26 @@ def disk_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def device_of(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def measure(
-    model_dir: str | Path, heldout: HeldOut, *, window: int, stride: int, batch_size: int
+    model_dir: str | Path,
+    heldout: HeldOut,
+    *,
+    window: int,
+    stride: int,
+    batch_size: int,
+    device: str = "cpu",
 ) -> dict[str, dict[str, Any]]:
     """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``."""
     from moe_adapt.eval.perplexity import evaluate_perplexity
 
-    model = load_causal_lm(model_dir, torch.float32, device="cpu")
+    model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
     try:
         max_pos = int(getattr(model.config, "max_position_embeddings", window) or window)
         w = min(window, max_pos)
@@ -84,12 +97,12 @@ def gguf_as_checkpoint(gguf_file: str | Path, src: str | Path, dest: str | Path)
 
 
 def measure_gguf(
-    gguf_file: str | Path, src: str | Path, heldout: HeldOut, *, window: int, stride: int, batch_size: int
+    gguf_file: str | Path, src: str | Path, heldout: HeldOut, **settings: Any
 ) -> dict[str, dict[str, Any]]:
     """:func:`measure` of the weights in ``gguf_file`` (see :func:`gguf_as_checkpoint`)."""
     with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
         folder = gguf_as_checkpoint(gguf_file, src, Path(tmp) / "model")
-        return measure(folder, heldout, window=window, stride=stride, batch_size=batch_size)
+        return measure(folder, heldout, **settings)
 
 
 def _quality(r: dict[str, Any]) -> tuple[float, str]:

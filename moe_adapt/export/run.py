@@ -16,10 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.checkpoint.hf import HFCheckpoint, load_causal_lm
+from moe_adapt.errors import MoEAdaptConfigError, config_error
 from moe_adapt.eval.heldout import HeldOut, load_heldout
 from moe_adapt.export.config import ExportConfig
 from moe_adapt.export.expert_prune import RoutingCounts, choose_experts, find_eval_routing, moe_layout, prune
-from moe_adapt.export.retention import disk_bytes, measure, measure_gguf, retention_table, write_outputs
+from moe_adapt.export.retention import (
+    device_of,
+    disk_bytes,
+    measure,
+    measure_gguf,
+    retention_table,
+    write_outputs,
+)
 from moe_adapt.fs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -33,10 +41,7 @@ def _precheck(ecfg: ExportConfig, source: Path) -> None:
     try:
         if "expert_prune" in ecfg.methods:
             layout = moe_layout(ckpt)
-            choose_ok = ecfg.expert_prune.drop_per_layer <= layout.num_experts - layout.top_k
-            if not choose_ok:
-                from moe_adapt.errors import config_error
-
+            if ecfg.expert_prune.drop_per_layer > layout.num_experts - layout.top_k:
                 raise config_error(
                     "export.expert_prune.drop_per_layer",
                     ecfg.expert_prune.drop_per_layer,
@@ -64,8 +69,6 @@ def _routing(
         log.info("export: expert_prune uses the eval stage's routing %s", found)
         return RoutingCounts.from_json(found)
     if heldout is None:
-        from moe_adapt.errors import MoEAdaptConfigError
-
         raise MoEAdaptConfigError(
             "export.heldout=None is invalid with expert_prune: no routing.json of this model was found "
             "(export.expert_prune.routing=null and the eval stage did not analyse it), so routing must be "
@@ -74,7 +77,7 @@ def _routing(
     from moe_adapt.eval.routing import collect_routing_counts
 
     log.info("export: counting routing on held-out documents (%s)", ", ".join(heldout.docs))
-    model = load_causal_lm(source, device="cpu")
+    model = load_causal_lm(source, device=device_of(ecfg.device))
     try:
         layer_ids, counts = collect_routing_counts(
             model, heldout.docs, batch_size=ecfg.batch_size, max_length=pcfg.routing_max_tokens
@@ -102,7 +105,9 @@ def export(
             seed=seed,
             key="export.heldout",
         )
-    settings = dict(window=ecfg.window, stride=ecfg.stride, batch_size=ecfg.batch_size)
+    settings: dict[str, Any] = dict(
+        window=ecfg.window, stride=ecfg.stride, batch_size=ecfg.batch_size, device=ecfg.device
+    )
     rows: list[dict[str, Any]] = [{"name": "source", "path": str(source), "bytes": disk_bytes(source)}]
     if heldout is not None:
         rows[0]["heldout"] = measure(source, heldout, **settings)
