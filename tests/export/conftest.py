@@ -22,7 +22,8 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def tiny_model(kind: str, vocab: int, seed: int = 0) -> torch.nn.Module:
-    """A random tiny ``mixtral``, ``qwen3_moe`` or ``llama`` (hidden 64, 2 layers, 8 experts, top-2)."""
+    """A random tiny ``mixtral``, ``qwen3_moe``, ``qwen2_moe`` (shared expert, top-k not renormalised,
+    as Qwen1.5-MoE) or ``llama`` (hidden 64, 2 layers, 8 experts, top-2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     common: dict[str, Any] = dict(
@@ -50,6 +51,16 @@ def tiny_model(kind: str, vocab: int, seed: int = 0) -> torch.nn.Module:
             norm_topk_prob=True,
             head_dim=16,
         )
+    elif kind == "qwen2_moe":
+        extra = dict(
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            use_sliding_window=False,
+        )
     else:
         extra = dict(intermediate_size=128)
     torch.manual_seed(seed)
@@ -63,10 +74,10 @@ def tiny_model(kind: str, vocab: int, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> dict[str, Path]:
-    """``{"mixtral": dir, "qwen3_moe": dir, "llama": dir}``, each with weights and the tokenizer."""
+    """``{kind: dir}`` for mixtral, qwen3_moe, qwen2_moe and llama, each with weights and the tokenizer."""
     root = tmp_path_factory.mktemp("ckpt")
     out = {}
-    for kind in ("mixtral", "qwen3_moe", "llama"):
+    for kind in ("mixtral", "qwen3_moe", "qwen2_moe", "llama"):
         tiny_model(kind, len(tokenizer)).save_pretrained(root / kind)
         tokenizer.save_pretrained(root / kind)
         out[kind] = root / kind

@@ -43,7 +43,7 @@ def test_choose_drops_the_least_used_per_layer_and_reports_mass() -> None:
     assert dropped_ar == {0: [1, 4, 5, 6], 1: [1, 4, 5, 6]} and mass_ar["per_language"] == {"ar": 0.0}
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_prune_removes_what_it_reports_and_loads(
     tmp_path: Path, checkpoints: dict[str, Path], kind: str
 ) -> None:
@@ -89,6 +89,9 @@ def test_prune_removes_what_it_reports_and_loads(
             and before.info(n).shape[0] == 8
         )
         assert torch.equal(after.get(router), before.get(router)[kept])
+    for n in before.index:  # everything but routed experts and routers: unchanged (the shared expert too)
+        if ".experts." not in n and not (n.endswith("gate.weight") and before.info(n).shape[0] == 8):
+            assert torch.equal(after.get(n), before.get(n)), n
     before.close()
     after.close()
     model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"), output_loading_info=True)
@@ -97,7 +100,7 @@ def test_prune_removes_what_it_reports_and_loads(
     assert getattr(model.config, key) == 5
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_prune_nothing_gives_identical_logits(
     tmp_path: Path, checkpoints: dict[str, Path], kind: str
 ) -> None:

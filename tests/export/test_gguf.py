@@ -160,3 +160,39 @@ def test_llama_cpp_runs_the_file(
     hf = AutoModelForCausalLM.from_pretrained(str(checkpoints[kind])).eval()
     want = _logprobs(hf, torch.tensor([ids]))[0].double()
     assert float(((got - want).abs() / want.abs()).max()) < 1e-2  # llama.cpp's f16 matmuls
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "llama"])
+def test_qwen2_moe_and_dense_llama_through_transformers_loader(
+    tmp_path: Path, checkpoints: dict[str, Path], kind: str, tokenizer: Any
+) -> None:
+    """Qwen2-MoE (shared expert and its 1-D gate) and a dense Llama (llama.cpp's q/k permutation, the
+    one the Mixtral file uses too): f16 log-probs of transformers' own GGUF loader within 1e-3 of the
+    HF model. For Llama transformers reads every setting from the file's metadata alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = checkpoints[kind]
+    file = tmp_path / "model-f16.gguf"
+    write_gguf(src, file, "f16")
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    want = _logprobs(AutoModelForCausalLM.from_pretrained(str(src)).eval(), ids)
+    config = {"config": AutoConfig.from_pretrained(src)} if kind == "qwen2_moe" else {}
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=file.name, dtype=torch.float32, **config
+    ).eval()
+    got = _logprobs(theirs, ids)
+    assert float(((got - want).abs() / want.abs()).max()) < 1e-3
+    ours = AutoModelForCausalLM.from_pretrained(str(gguf_as_checkpoint(file, src, tmp_path / "hf"))).eval()
+    assert torch.equal(_logprobs(ours, ids), got)
+
+
+def test_qwen2_moe_with_renormalised_top_k_is_refused(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["qwen2_moe"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "norm_topk_prob": True}))
+    with pytest.raises(
+        MoEAdaptError, match=r"^export.methods has gguf but qwen2_moe has norm_topk_prob=true: "
+    ):
+        write_gguf(bad, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
