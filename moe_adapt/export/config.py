@@ -107,6 +107,10 @@ class ExportConfig:
     """Torch device for measuring and routing counts: auto (cuda if available, else cpu), cpu, cuda,
     cuda:1, ... Weights are measured in float32."""
 
+    benchmarks: bool = False
+    """Also score every artefact on the eval stage's multiple-choice benchmarks (``eval.benchmarks``,
+    ``eval.benchmark_max_items``, its scoring and bootstrap CIs) and report accuracy retention."""
+
     expert_prune: ExpertPruneConfig = field(default_factory=ExpertPruneConfig)
     """Settings of the expert_prune method."""
 

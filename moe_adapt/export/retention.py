@@ -3,7 +3,7 @@
 Held-out loss is the eval stage's (:func:`moe_adapt.eval.perplexity.evaluate_perplexity` on the data
 stage's shards, read by :func:`moe_adapt.eval.heldout.load_heldout`), so the numbers compare with
 ``eval/metrics.json``. A GGUF file is measured with the weights llama.cpp would use: its tensors
-dequantized (:func:`moe_adapt.export.gguf.read_gguf_state`) and run by transformers; llama.cpp itself
+dequantized (:func:`gguf_as_checkpoint`) and run by transformers; llama.cpp itself
 also quantizes activations in its q8_0/q4_0 matrix products, which this does not reproduce.
 
 **Retention** of a language: ``100 * bpb_source / bpb_artifact`` (bits per byte; nats per token when
@@ -13,6 +13,7 @@ Outputs: ``retention.json`` and ``report.md`` in the stage folder.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 
 from moe_adapt.checkpoint.hf import SIDE_FILES, load_causal_lm
+from moe_adapt.errors import MoEAdaptError
+from moe_adapt.eval.config import EvalConfig
 from moe_adapt.eval.heldout import HeldOut
 from moe_adapt.fs import atomic_write_text
 
@@ -78,6 +81,47 @@ def measure(
     return {lang: r.to_dict() for lang, r in result.items()}
 
 
+def load_benchmarks(ecfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """The eval stage's benchmarks (``eval.benchmarks``, capped by ``eval.benchmark_max_items``) as
+    ``{bench: {lang: MCSet}}``; missing files are refused by name."""
+    from moe_adapt.eval.evaluate import cap_items
+    from moe_adapt.eval.mc import load_mc_items
+
+    out = {}
+    for i, bench in enumerate(ecfg.benchmarks):
+        for lang, f in bench.files.items():
+            if not Path(f).is_file():
+                raise MoEAdaptError(
+                    f"export.benchmarks=true reads eval.benchmarks[{i}].files.{lang}={f!r}, which does not "
+                    "exist; run the data stage or set export.benchmarks=false"
+                )
+        sets = {
+            lang: load_mc_items(f, parallel_key=bench.parallel_key, key=f"eval.benchmarks[{i}].files.{lang}")
+            for lang, f in bench.files.items()
+        }
+        out[bench.name] = cap_items(sets, ecfg.benchmark_max_items, bench.source_lang)
+    return out
+
+
+def accuracy(
+    model_dir: str | Path, ecfg: EvalConfig, benches: dict[str, dict[str, Any]], *, seed: int, device: str
+) -> dict[str, dict[str, Any]]:
+    """Multiple-choice accuracy per benchmark and language of ``model_dir``, with the eval stage's own
+    scoring and bootstrap CI (:func:`moe_adapt.eval.evaluate.evaluate_model`, held-out loss, routing
+    and harness off): ``{bench: {lang: {items, acc, acc_ci, ...}}}``."""
+    from moe_adapt.eval.evaluate import evaluate_model
+
+    only = dataclasses.replace(ecfg, heldout=None, routing=False, harness_tasks=[], tokenizer=None)
+    model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
+    try:
+        with tempfile.TemporaryDirectory(prefix="export-acc-") as tmp:
+            result = evaluate_model(model, "m", str(model_dir), only, None, benches, Path(tmp), seed)
+    finally:
+        del model
+        gc.collect()
+    return {name: b["languages"] for name, b in result.get("benchmarks", {}).items()}
+
+
 def gguf_as_checkpoint(gguf_file: str | Path, src: str | Path, dest: str | Path) -> Path:
     """An HF folder at ``dest`` holding the dequantized weights of ``gguf_file`` (written from ``src``)
     with ``src``'s config and tokenizer: the model llama.cpp runs, for transformers to measure."""
@@ -94,15 +138,6 @@ def gguf_as_checkpoint(gguf_file: str | Path, src: str | Path, dest: str | Path)
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, dest / name)
     return dest
-
-
-def measure_gguf(
-    gguf_file: str | Path, src: str | Path, heldout: HeldOut, **settings: Any
-) -> dict[str, dict[str, Any]]:
-    """:func:`measure` of the weights in ``gguf_file`` (see :func:`gguf_as_checkpoint`)."""
-    with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
-        folder = gguf_as_checkpoint(gguf_file, src, Path(tmp) / "model")
-        return measure(folder, heldout, **settings)
 
 
 def _quality(r: dict[str, Any]) -> tuple[float, str]:
@@ -127,6 +162,12 @@ def retention_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 q0, _ = _quality(ref[lang])
                 row["retention_pct"][lang] = 100.0 * q0 / q if q else None
                 row["retention_unit"] = unit
+        row["accuracy_retention_pct"] = {}
+        for bench, langs in (row.get("accuracy") or {}).items():
+            for lang, r in langs.items():
+                ref_acc = ((source.get("accuracy") or {}).get(bench) or {}).get(lang, {}).get("acc")
+                if r.get("acc") is not None and ref_acc:
+                    row["accuracy_retention_pct"][f"{bench}.{lang}"] = 100.0 * r["acc"] / ref_acc
     return rows
 
 
@@ -162,6 +203,24 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
                 f"{ret:.2f}" if ret else "-",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    acc_cols = sorted(
+        {f"{b}.{lang}" for r in rows for b, ls in (r.get("accuracy") or {}).items() for lang in ls}
+    )
+    if acc_cols:
+        lines += ["", "## Benchmark accuracy (eval stage's scoring; 95% bootstrap CI)", ""]
+        head2 = ["artefact"] + [f"{c} acc [CI]" for c in acc_cols] + [f"{c} retention %" for c in acc_cols]
+        lines += ["| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
+        for r in rows:
+            cells = [r["name"]]
+            for c in acc_cols:
+                bench, lang = c.rsplit(".", 1)
+                a = ((r.get("accuracy") or {}).get(bench) or {}).get(lang) or {}
+                ci = a.get("acc_ci")
+                cells.append(f"{a['acc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if "acc" in a and ci else "-")
+            for c in acc_cols:
+                v = r.get("accuracy_retention_pct", {}).get(c)
+                cells.append(f"{v:.1f}" if v is not None else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     prune = extra.get("expert_prune")
     if prune:
         lines += ["", "## expert_prune", ""]

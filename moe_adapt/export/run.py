@@ -12,19 +12,23 @@ layout llama.cpp can hold for gguf), so a refusal leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from moe_adapt.checkpoint.hf import HFCheckpoint, load_causal_lm
 from moe_adapt.errors import MoEAdaptConfigError, config_error
+from moe_adapt.eval.config import EvalConfig
 from moe_adapt.eval.heldout import HeldOut, load_heldout
 from moe_adapt.export.config import ExportConfig
 from moe_adapt.export.expert_prune import RoutingCounts, choose_experts, find_eval_routing, moe_layout, prune
 from moe_adapt.export.retention import (
+    accuracy,
     device_of,
     disk_bytes,
+    gguf_as_checkpoint,
+    load_benchmarks,
     measure,
-    measure_gguf,
     retention_table,
     write_outputs,
 )
@@ -88,11 +92,18 @@ def _routing(
 
 
 def export(
-    ecfg: ExportConfig, source: str | Path, out: Path, *, seed: int, eval_dir: str | Path | None = None
+    ecfg: ExportConfig,
+    source: str | Path,
+    out: Path,
+    *,
+    seed: int,
+    eval_dir: str | Path | None = None,
+    eval_cfg: EvalConfig | None = None,
 ) -> dict[str, Any]:
     """Run ``ecfg.methods`` on the checkpoint ``source`` into ``out``; returns the stage summary.
 
-    ``eval_dir`` is the eval stage's folder, where expert_prune looks for this model's routing.
+    ``eval_dir`` is the eval stage's folder, where expert_prune looks for this model's routing;
+    ``eval_cfg`` the eval stage's settings, whose benchmarks ``export.benchmarks`` scores.
     """
     source = Path(source)
     _precheck(ecfg, source)
@@ -108,9 +119,27 @@ def export(
     settings: dict[str, Any] = dict(
         window=ecfg.window, stride=ecfg.stride, batch_size=ecfg.batch_size, device=ecfg.device
     )
+    benches: dict[str, Any] = {}
+    if ecfg.benchmarks:
+        if eval_cfg is None or not eval_cfg.benchmarks:
+            raise MoEAdaptConfigError(
+                "export.benchmarks=true is invalid: eval.benchmarks is empty; list benchmarks there or set "
+                "export.benchmarks=false"
+            )
+        benches = load_benchmarks(eval_cfg)
+
+    def quality(folder: Path) -> dict[str, Any]:
+        """Held-out measures and, with export.benchmarks, accuracy of one HF folder."""
+        row: dict[str, Any] = {}
+        if heldout is not None:
+            row["heldout"] = measure(folder, heldout, **settings)
+        if benches:
+            assert eval_cfg is not None
+            row["accuracy"] = accuracy(folder, eval_cfg, benches, seed=seed, device=ecfg.device)
+        return row
+
     rows: list[dict[str, Any]] = [{"name": "source", "path": str(source), "bytes": disk_bytes(source)}]
-    if heldout is not None:
-        rows[0]["heldout"] = measure(source, heldout, **settings)
+    rows[0].update(quality(source))
     extra: dict[str, Any] = {}
     if "expert_prune" in ecfg.methods:
         pcfg = ecfg.expert_prune
@@ -129,9 +158,7 @@ def export(
         for lang, v in mass["per_language"].items():
             log.info("export: expert_prune loses %.2f%% of %s's routed mass", 100 * v, lang)
         row = {"name": "expert_prune", "path": "expert_prune/model", "bytes": disk_bytes(folder / "model")}
-        if heldout is not None:
-            row["heldout"] = measure(folder / "model", heldout, **settings)
-        rows.append(row)
+        rows.append(row | quality(folder / "model"))
     if "gguf" in ecfg.methods:
         from moe_adapt.export.gguf import write_gguf
 
@@ -141,18 +168,22 @@ def export(
             g = write_gguf(source, file, t, pre_tokenizer=ecfg.gguf.pre_tokenizer)
             extra["gguf"].append(g)
             row = {"name": f"gguf-{t}", "path": f"gguf/{file.name}", "bytes": g["bytes"]}
-            if heldout is not None:
-                row["heldout"] = measure_gguf(file, source, heldout, **settings)
+            if heldout is not None or benches:
+                with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
+                    row |= quality(gguf_as_checkpoint(file, source, Path(tmp) / "model"))
             rows.append(row)
     rows = retention_table(rows)
     write_outputs(out, rows, extra)
     for r in rows:
         log.info(
-            "export: %-16s %9.3f MiB  x%.2f  retention %s",
+            "export: %-16s %9.3f MiB  x%.2f  retention %s%s",
             r["name"],
             r["bytes"] / 2**20,
             r["compression"] or 0.0,
             {k: round(v, 2) for k, v in r["retention_pct"].items() if v is not None},
+            f"  accuracy retention { ({k: round(v, 1) for k, v in r['accuracy_retention_pct'].items()}) }"
+            if r["accuracy_retention_pct"]
+            else "",
         )
     return {
         "source": str(source),

@@ -17,7 +17,7 @@ from moe_adapt.stages.base import StageContext
 
 log = logging.getLogger(__name__)
 
-KEYS = ("export", "seed")
+KEYS = ("export", "eval.benchmarks", "eval.benchmark_max_items", "eval.bootstrap_resamples", "seed")
 DISTRIBUTED = False
 
 LATEST = ("distill/model", "cpt/model", "upcycle/model")
@@ -49,4 +49,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     run_dir = Path(ctx.cfg.run_dir)
     source = source_model(ctx.cfg.export.model, run_dir)
     log.info("export: %s -> %s", source, ", ".join(ctx.cfg.export.methods))
-    return export(ctx.cfg.export, source, ctx.out, seed=ctx.cfg.seed, eval_dir=run_dir / "eval")
+    return export(
+        ctx.cfg.export, source, ctx.out, seed=ctx.cfg.seed, eval_dir=run_dir / "eval", eval_cfg=ctx.cfg.eval
+    )

@@ -156,3 +156,43 @@ def test_the_runner_runs_the_stage_and_skips_it_when_complete(
     raw = compose(overrides)
     run_pipeline(to_config(raw), raw)  # complete with the same settings: skipped
     assert (stage / "retention.json").stat().st_mtime_ns == before
+
+
+def test_benchmark_accuracy_per_artefact(tmp_path: Path, run_dir: Path, heldout_dir: Path) -> None:
+    """export.benchmarks=true scores every artefact with the eval stage's benchmarks and scoring."""
+    from moe_adapt.eval.config import BenchmarkEntry, EvalConfig
+    from tests.eval.conftest import write_benchmark
+
+    files = write_benchmark(tmp_path / "bench", malformed=False)
+    ecfg = EvalConfig(
+        benchmarks=[BenchmarkEntry(name="hadith_qa", files={k: str(v) for k, v in files.items()})],
+        bootstrap_resamples=50,
+        batch_size=4,
+    )
+    out = tmp_path / "export"
+    out.mkdir()
+    cfg = _cfg(
+        None,
+        methods=["expert_prune", "gguf"],
+        benchmarks=True,
+        expert_prune=ExpertPruneConfig(routing=str(_routing_file(tmp_path))),
+        gguf=GGUFConfig(types=["f16"]),
+    )
+    export(cfg, run_dir / "cpt" / "model", out, seed=0, eval_cfg=ecfg)
+    rows = {r["name"]: r for r in json.loads((out / "retention.json").read_text())["rows"]}
+    src = rows["source"]["accuracy"]["hadith_qa"]
+    assert set(src) == {"ar", "en"} and src["ar"]["items"] == 6 and len(src["ar"]["acc_ci"]) == 2
+    assert rows["gguf-f16"]["accuracy"]["hadith_qa"]["en"]["acc"] == src["en"]["acc"]
+    assert set(rows["expert_prune"]["accuracy_retention_pct"]) <= {"hadith_qa.ar", "hadith_qa.en"}
+    assert "## Benchmark accuracy" in (out / "report.md").read_text()
+    with pytest.raises(
+        MoEAdaptConfigError, match=r"^export.benchmarks=true is invalid: eval.benchmarks is empty"
+    ):
+        export(cfg, run_dir / "cpt" / "model", tmp_path, seed=0, eval_cfg=EvalConfig())
+
+
+def _routing_file(folder: Path) -> Path:
+    path = folder / "routing.json"
+    counts = [[5, 4, 3, 2, 1, 1, 1, 1]] * 2
+    path.write_text(json.dumps({"layer_ids": [0, 1], "counts": {"ar": counts, "en": counts}}))
+    return path
