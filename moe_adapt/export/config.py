@@ -66,6 +66,10 @@ class GGUFConfig:
     for a plain byte-level BPE (the demo's), ``qwen2`` for Qwen models, ``llama-bpe`` for Llama 3;
     anything else must be named here."""
 
+    from_pruned: bool = False
+    """Convert expert_prune's checkpoint instead of the source (needs expert_prune in
+    export.methods): the pruned and quantized model llama.cpp would serve."""
+
     def __post_init__(self) -> None:
         bad = [t for t in self.types if t not in GGUF_TYPES]
         if bad or not self.types:
@@ -133,6 +137,12 @@ class ExportConfig:
                 )
         if len(set(self.methods)) != len(self.methods):
             _fail("export.methods", list(self.methods), "list each method once")
+        if self.gguf.from_pruned and not ("gguf" in self.methods and "expert_prune" in self.methods):
+            _fail(
+                "export.gguf.from_pruned",
+                True,
+                f"needs both expert_prune and gguf in export.methods (got {list(self.methods)})",
+            )
         if self.window < 2:
             _fail("export.window", self.window, "must be >= 2")
         if not 1 <= self.stride <= self.window:

@@ -163,14 +163,16 @@ def export(
         from moe_adapt.export.gguf import write_gguf
 
         extra["gguf"] = []
+        gguf_src = out / "expert_prune" / "model" if ecfg.gguf.from_pruned else source
+        label = "expert_prune+gguf" if ecfg.gguf.from_pruned else "gguf"
         for t in ecfg.gguf.types:
             file = out / "gguf" / f"model-{t}.gguf"
-            g = write_gguf(source, file, t, pre_tokenizer=ecfg.gguf.pre_tokenizer)
-            extra["gguf"].append(g)
-            row = {"name": f"gguf-{t}", "path": f"gguf/{file.name}", "bytes": g["bytes"]}
+            g = write_gguf(gguf_src, file, t, pre_tokenizer=ecfg.gguf.pre_tokenizer)
+            extra["gguf"].append(g | {"from": str(gguf_src)})
+            row = {"name": f"{label}-{t}", "path": f"gguf/{file.name}", "bytes": g["bytes"]}
             if heldout is not None or benches:
                 with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
-                    row |= quality(gguf_as_checkpoint(file, source, Path(tmp) / "model"))
+                    row |= quality(gguf_as_checkpoint(file, gguf_src, Path(tmp) / "model"))
             rows.append(row)
     rows = retention_table(rows)
     write_outputs(out, rows, extra)

@@ -196,3 +196,18 @@ def test_qwen2_moe_with_renormalised_top_k_is_refused(tmp_path: Path, checkpoint
     ):
         write_gguf(bad, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_rows_not_a_multiple_of_the_quant_block_stay_f16() -> None:
+    from moe_adapt.export.gguf import GGUFTensorPlan, tensor_type
+
+    q = gguf.GGMLQuantizationType
+    wide, narrow = (
+        GGUFTensorPlan("blk.0.ffn_down_exps.weight", (8, 64, 64), ()),
+        GGUFTensorPlan("x", (8, 64, 48), ()),
+    )
+    assert tensor_type(wide, "q4_0") == q.Q4_0 and tensor_type(narrow, "q4_0") == q.F16
+    assert (
+        tensor_type(GGUFTensorPlan("blk.0.ffn_gate_inp.weight", (8, 64), ()), "q8_0") == q.F32
+    )  # the router
+    assert tensor_type(GGUFTensorPlan("blk.0.attn_norm.weight", (64,), ()), "f16") == q.F32

@@ -196,3 +196,21 @@ def _routing_file(folder: Path) -> Path:
     counts = [[5, 4, 3, 2, 1, 1, 1, 1]] * 2
     path.write_text(json.dumps({"layer_ids": [0, 1], "counts": {"ar": counts, "en": counts}}))
     return path
+
+
+def test_gguf_from_the_pruned_model(tmp_path: Path, run_dir: Path) -> None:
+    import gguf
+
+    out = tmp_path / "export"
+    out.mkdir()
+    cfg = _cfg(
+        None,
+        expert_prune=ExpertPruneConfig(drop_per_layer=3, routing=str(_routing_file(tmp_path))),
+        gguf=GGUFConfig(types=["q8_0"], from_pruned=True),
+    )
+    summary = export(cfg, run_dir / "cpt" / "model", out, seed=0)
+    assert set(summary["artefacts"]) == {"source", "expert_prune", "expert_prune+gguf-q8_0"}
+    reader = gguf.GGUFReader(str(out / "gguf" / "model-q8_0.gguf"))
+    assert int(reader.fields["llama.expert_count"].parts[-1][0]) == 5
+    with pytest.raises(MoEAdaptConfigError, match=r"^export.gguf.from_pruned=True is invalid: needs both"):
+        ExportConfig(methods=["gguf"], gguf=GGUFConfig(from_pruned=True))
