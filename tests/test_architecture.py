@@ -160,7 +160,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runner",),
     ("stages",),
     ("config",),
-    ("demo", "data", "upcycle", "cpt", "distill", "eval"),
+    ("demo", "data", "upcycle", "cpt", "distill", "eval", "export"),
     ("train",),
     ("engines",),
     ("checkpoint", "distributed"),

@@ -24,6 +24,7 @@ from moe_adapt.distill.config import DistillConfig, TeacherConfig
 from moe_adapt.engines.base import EngineConfig
 from moe_adapt.errors import MoEAdaptConfigError, check_path_component, invalid
 from moe_adapt.eval.config import EvalConfig, ReportConfig
+from moe_adapt.export.config import ExportConfig
 from moe_adapt.train.config import LoggerConfig
 from moe_adapt.upcycle.config import UpcycleConfig
 
@@ -51,6 +52,7 @@ STAGE_ORDER: tuple[str, ...] = (
     "teacher",
     "distill",
     "eval",
+    "export",
     "report",
 )
 """Every stage that exists, in pipeline order."""
@@ -126,6 +128,10 @@ class Config:
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Settings of the eval stage (moe_adapt/eval/config.py)."""
+
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Settings of the export stage: pruned / GGUF artefacts and their retention
+    (moe_adapt/export/config.py)."""
 
     report: ReportConfig = field(default_factory=ReportConfig)
     """Settings of the report stage: statistics over a multirun sweep (moe_adapt/eval/config.py)."""

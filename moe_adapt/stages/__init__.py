@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from moe_adapt.stages import cpt, data, distill, eval, init_dense, report, teacher, upcycle
+from moe_adapt.stages import cpt, data, distill, eval, export, init_dense, report, teacher, upcycle
 from moe_adapt.stages.base import Stage, StageContext
 
 __all__ = ["STAGES", "Stage", "StageContext"]
@@ -23,6 +23,6 @@ def _stage(module: ModuleType) -> Stage:
 
 
 STAGES: dict[str, Stage] = {
-    s.name: s for s in map(_stage, (init_dense, data, upcycle, cpt, teacher, distill, eval, report))
+    s.name: s for s in map(_stage, (init_dense, data, upcycle, cpt, teacher, distill, eval, export, report))
 }
 """Every stage, in pipeline order (the order of :data:`moe_adapt.config.schema.STAGE_ORDER`)."""

@@ -126,6 +126,7 @@ def test_every_option_is_documented():
     from moe_adapt.data.config import DataConfig
     from moe_adapt.distill.config import DistillConfig, TeacherConfig
     from moe_adapt.eval.config import EvalConfig, ReportConfig
+    from moe_adapt.export.config import ExportConfig
     from moe_adapt.train.config import LoggerConfig
 
     for prefix, cls in (
@@ -138,6 +139,7 @@ def test_every_option_is_documented():
         ("data", DataConfig),
         ("eval", EvalConfig),
         ("report", ReportConfig),
+        ("export", ExportConfig),
     ):
         for f in fields(cls):
             own = {
@@ -148,6 +150,7 @@ def test_every_option_is_documented():
                 "distill": "distill.md",
                 "teacher": "distill.md",
                 "logger": "logging.md",
+                "export": "export.md",
             }.get(prefix)
             own_text = (conf_dir().parent / "docs" / own).read_text() if own else ""
             documented = f"`{prefix}.{f.name}`" in text or f"`{f.name}`" in own_text  # or in the group's page
@@ -160,6 +163,7 @@ def test_every_option_is_documented():
             "data",
             "eval",
             "report",
+            "export",
             "cpt",
             "mixture",
             "curriculum",

@@ -1,0 +1,1 @@
+"""Export: compressed and converted artefacts of a checkpoint and their per-language retention."""

@@ -1,0 +1,249 @@
+"""What each artefact keeps: size on disk, compression ratio and held-out quality per language.
+
+Held-out loss is the eval stage's (:func:`moe_adapt.eval.perplexity.evaluate_perplexity` on the data
+stage's shards, read by :func:`moe_adapt.eval.heldout.load_heldout`), so the numbers compare with
+``eval/metrics.json``. A GGUF file is measured with the weights llama.cpp would use: its tensors
+dequantized (:func:`gguf_as_checkpoint`) and run by transformers; llama.cpp itself
+also quantizes activations in its q8_0/q4_0 matrix products, which this does not reproduce.
+
+**Retention** of a language: ``100 * bpb_source / bpb_artifact`` (bits per byte; nats per token when
+the held-out text cannot be sized): 100 = as good as the source, below 100 = worse.
+Outputs: ``retention.json`` and ``report.md`` in the stage folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_adapt.checkpoint.hf import SIDE_FILES, load_causal_lm
+from moe_adapt.errors import MoEAdaptError
+from moe_adapt.eval.config import EvalConfig
+from moe_adapt.eval.heldout import HeldOut
+from moe_adapt.fs import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["disk_bytes", "measure", "render_report", "retention_table"]
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes on disk of a file, or of every file in a folder (weights, config, tokenizer)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def device_of(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def measure(
+    model_dir: str | Path,
+    heldout: HeldOut,
+    *,
+    window: int,
+    stride: int,
+    batch_size: int,
+    device: str = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``."""
+    from moe_adapt.eval.perplexity import evaluate_perplexity
+
+    model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
+    try:
+        max_pos = int(getattr(model.config, "max_position_embeddings", window) or window)
+        w = min(window, max_pos)
+        result = evaluate_perplexity(
+            model,
+            heldout.docs,
+            window=w,
+            stride=min(stride, w),
+            batch_size=batch_size,
+            token_sizes=heldout.token_sizes,
+        )
+    finally:
+        del model
+        gc.collect()
+    return {lang: r.to_dict() for lang, r in result.items()}
+
+
+def load_benchmarks(ecfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """The eval stage's benchmarks (``eval.benchmarks``, capped by ``eval.benchmark_max_items``) as
+    ``{bench: {lang: MCSet}}``; missing files are refused by name."""
+    from moe_adapt.eval.evaluate import cap_items
+    from moe_adapt.eval.mc import load_mc_items
+
+    out = {}
+    for i, bench in enumerate(ecfg.benchmarks):
+        for lang, f in bench.files.items():
+            if not Path(f).is_file():
+                raise MoEAdaptError(
+                    f"export.benchmarks=true reads eval.benchmarks[{i}].files.{lang}={f!r}, which does not "
+                    "exist; run the data stage or set export.benchmarks=false"
+                )
+        sets = {
+            lang: load_mc_items(f, parallel_key=bench.parallel_key, key=f"eval.benchmarks[{i}].files.{lang}")
+            for lang, f in bench.files.items()
+        }
+        out[bench.name] = cap_items(sets, ecfg.benchmark_max_items, bench.source_lang)
+    return out
+
+
+def accuracy(
+    model_dir: str | Path, ecfg: EvalConfig, benches: dict[str, dict[str, Any]], *, seed: int, device: str
+) -> dict[str, dict[str, Any]]:
+    """Multiple-choice accuracy per benchmark and language of ``model_dir``, with the eval stage's own
+    scoring and bootstrap CI (:func:`moe_adapt.eval.evaluate.evaluate_model`, held-out loss, routing
+    and harness off): ``{bench: {lang: {items, acc, acc_ci, ...}}}``."""
+    from moe_adapt.eval.evaluate import evaluate_model
+
+    only = dataclasses.replace(ecfg, heldout=None, routing=False, harness_tasks=[], tokenizer=None)
+    model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
+    try:
+        with tempfile.TemporaryDirectory(prefix="export-acc-") as tmp:
+            result = evaluate_model(model, "m", str(model_dir), only, None, benches, Path(tmp), seed)
+    finally:
+        del model
+        gc.collect()
+    return {name: b["languages"] for name, b in result.get("benchmarks", {}).items()}
+
+
+def gguf_as_checkpoint(gguf_file: str | Path, src: str | Path, dest: str | Path) -> Path:
+    """An HF folder at ``dest`` holding the dequantized weights of ``gguf_file`` (written from ``src``)
+    with ``src``'s config and tokenizer: the model llama.cpp runs, for transformers to measure."""
+    from safetensors.torch import save_file
+
+    from moe_adapt.export.gguf import read_gguf_state
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(
+        dict(read_gguf_state(gguf_file, src)), str(dest / "model.safetensors"), metadata={"format": "pt"}
+    )
+    for name in ("config.json", *SIDE_FILES):
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dest / name)
+    return dest
+
+
+def _quality(r: dict[str, Any]) -> tuple[float, str]:
+    if r.get("bits_per_byte") is not None:
+        return float(r["bits_per_byte"]), "bits_per_byte"
+    return float(r["mean_loss"]), "mean_loss"
+
+
+def retention_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``compression`` (source bytes / artefact bytes) and per-language ``retention_pct`` to each
+    row ``{name, path, bytes, heldout?}``; the first row is the source."""
+    rows = list(rows)
+    source = rows[0]
+    for row in rows:
+        row["compression"] = source["bytes"] / row["bytes"] if row["bytes"] else None
+        held = row.get("heldout") or {}
+        ref = source.get("heldout") or {}
+        row["retention_pct"] = {}
+        for lang, r in held.items():
+            if lang in ref:
+                q, unit = _quality(r)
+                q0, _ = _quality(ref[lang])
+                row["retention_pct"][lang] = 100.0 * q0 / q if q else None
+                row["retention_unit"] = unit
+        row["accuracy_retention_pct"] = {}
+        for bench, langs in (row.get("accuracy") or {}).items():
+            for lang, r in langs.items():
+                ref_acc = ((source.get("accuracy") or {}).get(bench) or {}).get(lang, {}).get("acc")
+                if r.get("acc") is not None and ref_acc:
+                    row["accuracy_retention_pct"][f"{bench}.{lang}"] = 100.0 * r["acc"] / ref_acc
+    return rows
+
+
+def render_report(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+    """``report.md``: one table row per artefact, and what expert_prune removed."""
+    langs = sorted({lang for r in rows for lang in (r.get("heldout") or {})})
+    head = ["artefact", "size MiB", "ratio"]
+    for lang in langs:
+        head += [f"ppl {lang}", f"bpb {lang}", f"retention {lang} %"]
+    lines = ["# Export: size and per-language retention", ""]
+    lines.append(
+        "Retention = 100 × source bits per byte / artefact bits per byte on the data stage's held-out "
+        "text (nats per token where bytes are unknown). GGUF rows: llama.cpp's weights, dequantized, "
+        "run by transformers."
+    )
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["name"],
+            f"{r['bytes'] / 2**20:.3f}",
+            f"{r['compression']:.2f}" if r["compression"] else "-",
+        ]
+        for lang in langs:
+            h = (r.get("heldout") or {}).get(lang)
+            if h is None:
+                cells += ["-", "-", "-"]
+                continue
+            bpb = h.get("bits_per_byte")
+            ret = r["retention_pct"].get(lang)
+            cells += [
+                f"{h['ppl']:.4f}",
+                f"{bpb:.4f}" if bpb is not None else "-",
+                f"{ret:.2f}" if ret else "-",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    acc_cols = sorted(
+        {f"{b}.{lang}" for r in rows for b, ls in (r.get("accuracy") or {}).items() for lang in ls}
+    )
+    if acc_cols:
+        lines += ["", "## Benchmark accuracy (eval stage's scoring; 95% bootstrap CI)", ""]
+        head2 = ["artefact"] + [f"{c} acc [CI]" for c in acc_cols] + [f"{c} retention %" for c in acc_cols]
+        lines += ["| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
+        for r in rows:
+            cells = [r["name"]]
+            for c in acc_cols:
+                bench, lang = c.rsplit(".", 1)
+                a = ((r.get("accuracy") or {}).get(bench) or {}).get(lang) or {}
+                ci = a.get("acc_ci")
+                cells.append(f"{a['acc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if "acc" in a and ci else "-")
+            for c in acc_cols:
+                v = r.get("accuracy_retention_pct", {}).get(c)
+                cells.append(f"{v:.1f}" if v is not None else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    prune = extra.get("expert_prune")
+    if prune:
+        lines += ["", "## expert_prune", ""]
+        lines.append(
+            f"{prune['num_experts']['before']} → {prune['num_experts']['after']} routed experts per layer "
+            f"(top-{prune['top_k']} kept); {100 * prune['params_removed_share']:.2f}% of the parameters "
+            "removed "
+            f"({prune['params']['removed']:,} of {prune['params']['before']:,})."
+        )
+        lines.append("")
+        lines.append(f"Routing from: {prune['routed_mass_lost']['source']}")
+        lines.append("")
+        lines.append("| language | routed mass lost % |")
+        lines.append("|---|---|")
+        for lang, v in prune["routed_mass_lost"]["per_language"].items():
+            lines.append(f"| {lang} | {100 * v:.2f} |")
+        lines += ["", "Dropped experts per layer (old indices): " + json.dumps(prune["dropped"])]
+    for g in extra.get("gguf", []):
+        lines.append("")
+        lines.append(f"GGUF {g['file']}: arch {g['arch']}, tensors by type {g['tensors']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    atomic_write_text(out / "retention.json", json.dumps({"rows": rows, **extra}, indent=1, default=str))
+    atomic_write_text(out / "report.md", render_report(rows, extra))

@@ -1,0 +1,199 @@
+"""The export stage's work: every method of ``export.methods`` on one checkpoint, then the retention
+report. Outputs (paths relative to the stage folder):
+
+- ``expert_prune/model/`` (pruned HF checkpoint) + ``expert_prune/report.json``;
+- ``gguf/model-<type>.gguf`` for each of ``export.gguf.types``;
+- ``retention.json`` and ``report.md`` (:mod:`moe_adapt.export.retention`).
+
+Every method is checked against the model before anything is written (an MoE for expert_prune, a
+layout llama.cpp can hold for gguf), so a refusal leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from moe_adapt.checkpoint.hf import HFCheckpoint, load_causal_lm
+from moe_adapt.errors import MoEAdaptConfigError, config_error
+from moe_adapt.eval.config import EvalConfig
+from moe_adapt.eval.heldout import HeldOut, load_heldout
+from moe_adapt.export.config import ExportConfig
+from moe_adapt.export.expert_prune import RoutingCounts, choose_experts, find_eval_routing, moe_layout, prune
+from moe_adapt.export.retention import (
+    accuracy,
+    device_of,
+    disk_bytes,
+    gguf_as_checkpoint,
+    load_benchmarks,
+    measure,
+    retention_table,
+    write_outputs,
+)
+from moe_adapt.fs import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["export"]
+
+
+def _precheck(ecfg: ExportConfig, source: Path) -> None:
+    """Refuse a method the model cannot take, before anything is written."""
+    ckpt = HFCheckpoint(source, "export.model")
+    try:
+        if "expert_prune" in ecfg.methods:
+            layout = moe_layout(ckpt)
+            if ecfg.expert_prune.drop_per_layer > layout.num_experts - layout.top_k:
+                raise config_error(
+                    "export.expert_prune.drop_per_layer",
+                    ecfg.expert_prune.drop_per_layer,
+                    f"leaves fewer experts than num_experts_per_tok={layout.top_k} of {layout.num_experts} "
+                    f"(at most {layout.num_experts - layout.top_k})",
+                )
+        if "gguf" in ecfg.methods:
+            from moe_adapt.export.gguf import check_expressible
+
+            check_expressible(ckpt)
+    finally:
+        ckpt.close()
+
+
+def _routing(
+    ecfg: ExportConfig, source: Path, heldout: HeldOut | None, eval_dir: Path | None
+) -> RoutingCounts:
+    """The routing counts expert_prune decides on: ``export.expert_prune.routing``, else the eval
+    stage's of the same model, else counted here on held-out documents."""
+    pcfg = ecfg.expert_prune
+    if pcfg.routing:
+        return RoutingCounts.from_json(pcfg.routing)
+    found = find_eval_routing(eval_dir, source) if eval_dir is not None else None
+    if found is not None:
+        log.info("export: expert_prune uses the eval stage's routing %s", found)
+        return RoutingCounts.from_json(found)
+    if heldout is None:
+        raise MoEAdaptConfigError(
+            "export.heldout=None is invalid with expert_prune: no routing.json of this model was found "
+            "(export.expert_prune.routing=null and the eval stage did not analyse it), so routing must be "
+            "counted on held-out data; set export.heldout or export.expert_prune.routing"
+        )
+    from moe_adapt.eval.routing import collect_routing_counts
+
+    log.info("export: counting routing on held-out documents (%s)", ", ".join(heldout.docs))
+    model = load_causal_lm(source, device=device_of(ecfg.device))
+    try:
+        layer_ids, counts = collect_routing_counts(
+            model, heldout.docs, batch_size=ecfg.batch_size, max_length=pcfg.routing_max_tokens
+        )
+    finally:
+        del model
+    return RoutingCounts(layer_ids, counts, "counted on held-out documents")
+
+
+def export(
+    ecfg: ExportConfig,
+    source: str | Path,
+    out: Path,
+    *,
+    seed: int,
+    eval_dir: str | Path | None = None,
+    eval_cfg: EvalConfig | None = None,
+) -> dict[str, Any]:
+    """Run ``ecfg.methods`` on the checkpoint ``source`` into ``out``; returns the stage summary.
+
+    ``eval_dir`` is the eval stage's folder, where expert_prune looks for this model's routing;
+    ``eval_cfg`` the eval stage's settings, whose benchmarks ``export.benchmarks`` scores.
+    """
+    source = Path(source)
+    _precheck(ecfg, source)
+    heldout = None
+    if ecfg.heldout is not None:
+        heldout = load_heldout(
+            ecfg.heldout,
+            languages=ecfg.languages,
+            max_docs=ecfg.max_docs_per_language,
+            seed=seed,
+            key="export.heldout",
+        )
+    settings: dict[str, Any] = dict(
+        window=ecfg.window, stride=ecfg.stride, batch_size=ecfg.batch_size, device=ecfg.device
+    )
+    benches: dict[str, Any] = {}
+    if ecfg.benchmarks:
+        if eval_cfg is None or not eval_cfg.benchmarks:
+            raise MoEAdaptConfigError(
+                "export.benchmarks=true is invalid: eval.benchmarks is empty; list benchmarks there or set "
+                "export.benchmarks=false"
+            )
+        benches = load_benchmarks(eval_cfg)
+
+    def quality(folder: Path) -> dict[str, Any]:
+        """Held-out measures and, with export.benchmarks, accuracy of one HF folder."""
+        row: dict[str, Any] = {}
+        if heldout is not None:
+            row["heldout"] = measure(folder, heldout, **settings)
+        if benches:
+            assert eval_cfg is not None
+            row["accuracy"] = accuracy(folder, eval_cfg, benches, seed=seed, device=ecfg.device)
+        return row
+
+    rows: list[dict[str, Any]] = [{"name": "source", "path": str(source), "bytes": disk_bytes(source)}]
+    rows[0].update(quality(source))
+    extra: dict[str, Any] = {}
+    if "expert_prune" in ecfg.methods:
+        pcfg = ecfg.expert_prune
+        routing = _routing(ecfg, source, heldout, Path(eval_dir) if eval_dir else None)
+        ckpt = HFCheckpoint(source, "export.model")
+        try:
+            layout = moe_layout(ckpt)
+        finally:
+            ckpt.close()
+        dropped, mass = choose_experts(routing, layout, pcfg.drop_per_layer, pcfg.languages)
+        folder = out / "expert_prune"
+        report = prune(source, folder / "model", dropped)
+        report["routed_mass_lost"] = mass
+        atomic_write_json(folder / "report.json", report)
+        extra["expert_prune"] = report
+        for lang, v in mass["per_language"].items():
+            log.info("export: expert_prune loses %.2f%% of %s's routed mass", 100 * v, lang)
+        row = {"name": "expert_prune", "path": "expert_prune/model", "bytes": disk_bytes(folder / "model")}
+        rows.append(row | quality(folder / "model"))
+    if "gguf" in ecfg.methods:
+        from moe_adapt.export.gguf import write_gguf
+
+        extra["gguf"] = []
+        gguf_src = out / "expert_prune" / "model" if ecfg.gguf.from_pruned else source
+        label = "expert_prune+gguf" if ecfg.gguf.from_pruned else "gguf"
+        for t in ecfg.gguf.types:
+            file = out / "gguf" / f"model-{t}.gguf"
+            g = write_gguf(gguf_src, file, t, pre_tokenizer=ecfg.gguf.pre_tokenizer)
+            extra["gguf"].append(g | {"from": str(gguf_src)})
+            row = {"name": f"{label}-{t}", "path": f"gguf/{file.name}", "bytes": g["bytes"]}
+            if heldout is not None or benches:
+                with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
+                    row |= quality(gguf_as_checkpoint(file, gguf_src, Path(tmp) / "model"))
+            rows.append(row)
+    rows = retention_table(rows)
+    write_outputs(out, rows, extra)
+    for r in rows:
+        log.info(
+            "export: %-16s %9.3f MiB  x%.2f  retention %s%s",
+            r["name"],
+            r["bytes"] / 2**20,
+            r["compression"] or 0.0,
+            {k: round(v, 2) for k, v in r["retention_pct"].items() if v is not None},
+            f"  accuracy retention { ({k: round(v, 1) for k, v in r['accuracy_retention_pct'].items()}) }"
+            if r["accuracy_retention_pct"]
+            else "",
+        )
+    return {
+        "source": str(source),
+        "methods": list(ecfg.methods),
+        "report": "report.md",
+        "retention": "retention.json",
+        "artefacts": {
+            r["name"]: {"path": r["path"], "bytes": r["bytes"], "retention_pct": r["retention_pct"]}
+            for r in rows
+        },
+    }
