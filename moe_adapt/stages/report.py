@@ -18,5 +18,6 @@ DISTRIBUTED = False
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    """Aggregate ``report.sweep_dir`` into the stage folder, (``seed`` seeds the bootstrap, used from 30 seeds on)."""
+    """Aggregate ``report.sweep_dir`` into the stage folder (``seed`` seeds the bootstrap, which is used
+    from 30 seeds on)."""
     return write_report(ctx.cfg.report, ctx.out, seed=ctx.cfg.seed)
