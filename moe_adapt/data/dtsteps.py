@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import heapq
 import io
-import os
 import json
+import os
 import struct
 import time
 from collections import Counter
@@ -188,11 +188,9 @@ class ReadSources(_Step):
         start = time.perf_counter()
         for si, src in enumerate(self.sources):
             rs = ReadStats()
-            n = 0
-            for offset, row in self._rows(si, src, rank, world_size, rs):
+            for n, (offset, row) in enumerate(self._rows(si, src, rank, world_size, rs)):
                 if src.max_docs is not None and n >= src.max_docs:
                     break
-                n += 1
                 text = row[src.text_key]
                 lang = src.lang if src.lang != "auto" else row.get("lang", "auto")
                 rid = row.get("id", f"@{offset}")

@@ -56,10 +56,11 @@ def make_executor(
             slurm_logs_folder=str(s.logs_folder or slurm_logs or logs / "slurm_logs"),
             depends=depends,
             skip_completed=True,
+            workers=-1,  # as many of an array's tasks at once as SLURM allows
         )
     try:
-        from datatrove.executor.ray import RayPipelineExecutor
         import ray  # noqa: F401
+        from datatrove.executor.ray import RayPipelineExecutor
     except ImportError:
         raise MoEAdaptConfigError(
             "data.executor=ray needs ray: pip install 'moe-adapt[ray]' (or choose local or slurm)"

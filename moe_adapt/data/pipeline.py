@@ -197,8 +197,8 @@ def _run_executors(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) 
             if incomplete:
                 log_path = logs / "logs" / f"task_{incomplete[0]:05d}.log"
                 raise MoEAdaptError(
-                    f"data: task {incomplete[0]} of executor stage {stage_name} failed ({type(e).__name__}: {e}); "
-                    f"its log: {log_path}"
+                    f"data: task {incomplete[0]} of executor stage {stage_name} failed "
+                    f"({type(e).__name__}: {e}); its log: {log_path}"
                 ) from e
         raise
     if dcfg.executor == "slurm":  # the jobs were submitted: wait for the last one's tasks
