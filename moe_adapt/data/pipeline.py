@@ -41,7 +41,6 @@ crash (even ``kill -9``) runs only the tasks that had not finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -53,19 +52,12 @@ from typing import Any
 
 from moe_adapt.data.clean import CleanConfig, clean_text
 from moe_adapt.data.config import DataConfig, SourceConfig
-from moe_adapt.data.steps import Doc, demo_sources
+from moe_adapt.data.steps import demo_sources, is_heldout  # noqa: F401 - is_heldout: kept importable here (demo/dense.py)
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_write_json, atomic_write_text
 from moe_adapt.resume import StepCache
 
 log = logging.getLogger(__name__)
-
-
-def is_heldout(doc: Doc, fraction: float) -> bool:
-    """Whether ``doc`` goes to the held-out split: a stable hash of its id below ``fraction`` (the
-    same document is held out in every run, whatever the other documents)."""
-    h = int.from_bytes(hashlib.blake2b(str(doc["id"]).encode(), digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
 
 
 def _eod_token(tokenizer_dir: Path, setting: str | None) -> str | None:
@@ -446,13 +438,15 @@ def _finish(
         "train_tokens": manifest["totals"]["tokens"],
         "heldout_tokens": heldout["totals"]["tokens"] if heldout else 0,
     }
-    stats = {
+    train_table = _shard_table(manifest)
+    heldout_table = _shard_table(heldout) if heldout else {}
+    stats: dict[str, Any] = {
         "steps": steps,
-        "train": _shard_table(manifest),
-        "heldout": _shard_table(heldout) if heldout else {},
+        "train": train_table,
+        "heldout": heldout_table,
         "executor": {"kind": dcfg.executor, "tasks": dcfg.tasks, "workers": dcfg.workers},
+        "fertility": fertility(train_table, heldout_table),
     }
-    stats["fertility"] = fertility(stats["train"], stats["heldout"])
     atomic_write_json(out / "stats.json", stats)
     (out / "stats.md").write_text(render_stats(stats), encoding="utf-8")
     for line in render_stats(stats).splitlines():

@@ -7,6 +7,7 @@ characters in and out per language and times the step. :mod:`moe_adapt.data.pipe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -23,6 +24,13 @@ from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
+
+
+def is_heldout(doc: Doc, fraction: float) -> bool:
+    """Whether ``doc`` goes to the held-out split: a stable hash of its id below ``fraction`` (the
+    same document is held out in every run, whatever the other documents)."""
+    h = int.from_bytes(hashlib.blake2b(str(doc["id"]).encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
 
 
 @dataclass
