@@ -75,3 +75,18 @@ def make_executor(
         mem_per_cpu_gb=dcfg.ray.mem_per_cpu_gb,
         skip_completed=True,
     )
+
+
+def start_cluster(dcfg: DataConfig) -> None:
+    """Connect to the Ray cluster of ``data.ray.address`` (or start a local one) when
+    ``data.executor=ray`` and none is connected yet; nothing for the other executors."""
+    if dcfg.executor != "ray":
+        return
+    try:
+        import ray
+    except ImportError:
+        raise MoEAdaptConfigError(
+            "data.executor=ray needs ray: pip install 'moe-adapt[ray]' (or choose local or slurm)"
+        ) from None
+    if not ray.is_initialized():
+        ray.init(address=dcfg.ray.address, include_dashboard=False, log_to_driver=False)

@@ -177,7 +177,9 @@ def _executors(
 def _run_executors(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) -> None:
     """Run the executor stages (the last launches the ones it depends on); name a failed task's log."""
     from moe_adapt.data.dedup import _quiet_datatrove
+    from moe_adapt.data.executors import start_cluster
 
+    start_cluster(dcfg)
     name, last = stages[-1]
     try:
         with _quiet_datatrove():

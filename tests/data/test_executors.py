@@ -208,3 +208,14 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
             assert f"--dependency=afterok:{previous}" in args
         previous = job_id
         assert (root / "logs" / stage / "launch_script.slurm").read_text() == contents
+
+
+@pytest.mark.slow
+def test_a_ray_local_cluster_gives_the_same_bytes(corpus, tiny_tokenizer, tmp_path, one_task):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run(make_cfg(corpus, tiny_tokenizer, tmp_path, tasks=3, executor="ray"))
+    finally:
+        ray.shutdown()
+    assert output_bytes(tmp_path / "data") == one_task
