@@ -415,6 +415,7 @@ def _finish(
     steps["dedup"] = {**dedup.as_dict(), "examples": _dedup_examples(root, records)[:5]}
     if dcfg.decontam.enabled and bench_files:
         decontam, _ = _step_stats(root, "decontam")
+        decontam.seconds += _step_stats(root, "decontam_count")[0].seconds  # pass 1
         steps["decontam"] = decontam.as_dict()
         contamination = _contamination(dcfg, root, bench_files, sum(decontam.docs_in.values()))
         atomic_write_json(out / "contamination.json", contamination)
