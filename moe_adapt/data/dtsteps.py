@@ -36,7 +36,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -470,7 +470,9 @@ class DuplicatesStep(PipelineStep):
                 heapq.heapreplace(h, (-removed_ord, kept_ord))
 
         if self.exact:
-            arrays = [np.load(_rank_file(self.root / "exact", r, ".npy")) for r in range(self.tasks)]
+            arrays = [  # mapped, not read: the merge holds one row per task
+                np.load(_rank_file(self.root / "exact", r, ".npy"), mmap_mode="r") for r in range(self.tasks)
+            ]
 
             def rows(r: int) -> Iterator[tuple[bytes, int, int, int]]:
                 for row in arrays[r]:
@@ -913,8 +915,3 @@ class MergeShardsStep(PipelineStep):
         atomic_write_json(self.root / "stats" / "merge.json", {"seconds": time.perf_counter() - t0})
         return
         yield
-
-
-def settings_record(cfg: DataConfig) -> dict[str, Any]:
-    """The data settings as plain data (for fingerprints)."""
-    return asdict(cfg)
