@@ -180,7 +180,7 @@ def _run_executors(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) 
     from moe_adapt.data.executors import start_cluster
 
     start_cluster(dcfg)
-    name, last = stages[-1]
+    last = stages[-1][1]
     try:
         with _quiet_datatrove():
             last.run()
@@ -196,9 +196,35 @@ def _run_executors(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) 
                 ) from e
         raise
     if dcfg.executor == "slurm":  # the jobs were submitted: wait for the last one's tasks
-        while incomplete := last.get_incomplete_ranks():
-            log.info("data: waiting for SLURM: %s has %d unfinished task(s)", name, len(incomplete))
-            time.sleep(dcfg.slurm.poll_seconds)
+        wait_for_slurm(dcfg, stages, root)
+
+
+def _queued(job_ids: list[str]) -> set[str]:
+    """The ids among ``job_ids`` that SLURM still has queued or running (``squeue``)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%F", "-j", ",".join(job_ids)], capture_output=True, text=True, check=False
+    ).stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def wait_for_slurm(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) -> None:
+    """Wait until the last executor stage's tasks are all complete; when SLURM no longer has any of
+    the jobs while a task is unfinished, fail naming that task's log."""
+    name, last = stages[-1]
+    ids = [str(ex.job_id) for _, ex in stages if ex.job_id not in (None, -1)]
+    while incomplete := last.get_incomplete_ranks():
+        if not ids or not _queued(ids):
+            for stage_name, ex in stages:
+                if left := ex.get_incomplete_ranks():
+                    raise MoEAdaptError(
+                        f"data: SLURM ran executor stage {stage_name} but task {left[0]} did not finish; its "
+                        f"log: {root / 'logs' / stage_name / 'logs' / f'task_{left[0]:05d}.log'} (SLURM's "
+                        f"output: {dcfg.slurm.logs_folder or root / 'slurm_logs'})"
+                    )
+        log.info("data: waiting for SLURM: %s has %d unfinished task(s)", name, len(incomplete))
+        time.sleep(dcfg.slurm.poll_seconds)
 
 
 def build_corpus(dcfg: DataConfig, out: Path, work: Path, *, tokenizer: str, seed: int) -> dict[str, Any]:

@@ -208,6 +208,12 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
             assert f"--dependency=afterok:{previous}" in args
         previous = job_id
         assert (root / "logs" / stage / "launch_script.slurm").read_text() == contents
+    # SLURM lost every job while tasks were unfinished: the wait fails naming the first one's log
+    monkeypatch.setattr(pipeline, "_queued", lambda ids: set())
+    with pytest.raises(
+        MoEAdaptError, match=r"SLURM ran executor stage 1_filter but task 0 did not finish.*task_00000"
+    ):
+        pipeline.wait_for_slurm(d, stages, root)
 
 
 @pytest.mark.slow
