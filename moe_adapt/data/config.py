@@ -10,6 +10,7 @@ from moe_adapt.data.dedup import DedupConfig
 from moe_adapt.errors import check_path_component, invalid
 
 SOURCE_FORMATS = ("jsonl", "parquet", "hf_disk")
+EXECUTORS = ("local", "slurm", "ray")
 ROLES = ("target", "english", "anchor", "sft", "other")
 
 
@@ -161,6 +162,53 @@ class TokenizeConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """SLURM submission of the data stage's datatrove tasks (``data.executor=slurm``): one array job
+    per executor stage, each depending on the one before (``afterok``)."""
+
+    partition: str = ""
+    """Partition to submit to (required with data.executor=slurm)."""
+
+    time: str = "04:00:00"
+    """Time limit of each task, HH:MM:SS."""
+
+    cpus_per_task: int = 1
+    """CPUs per task, >= 1."""
+
+    mem_per_cpu_gb: int = 2
+    """Memory per CPU in GB, >= 1."""
+
+    qos: str = "normal"
+    """Quality of service of the jobs."""
+
+    env_command: str | None = None
+    """Shell command run before each task (e.g. ``source /path/venv/bin/activate``); null: none."""
+
+    logs_folder: str | None = None
+    """Folder of SLURM's own stdout/stderr files (null: ``<run_dir>/.work/data/slurm_logs``)."""
+
+    job_name: str = "moe_adapt_data"
+    """Prefix of the jobs' names (the executor stage's name is appended)."""
+
+    poll_seconds: int = 60
+    """How often the stage checks the last job's completion markers while it waits, >= 1."""
+
+
+@dataclass
+class RayConfig:
+    """Ray execution of the data stage's tasks (``data.executor=ray``; ``pip install 'moe-adapt[ray]'``)."""
+
+    address: str | None = None
+    """Address of an existing Ray cluster (``ray://host:10001`` or ``auto``); null starts a local one."""
+
+    cpus_per_task: int = 1
+    """CPUs per task, >= 1."""
+
+    mem_per_cpu_gb: float = 2.0
+    """Memory per CPU in GB, > 0."""
+
+
+@dataclass
 class DataConfig:
     """The ``data`` stage: raw text -> clean, deduplicated, decontaminated, bucketed token shards."""
 
@@ -190,6 +238,22 @@ class DataConfig:
 
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     """Tokenization."""
+
+    executor: str = "local"
+    """Who runs the datatrove tasks: local (this machine's cores), slurm or ray."""
+
+    tasks: int = 1
+    """Tasks the corpus is split into (each a byte range of every source), >= 1; the output is the
+    same bytes for any number. More tasks: less memory per task, more parallelism."""
+
+    workers: int = 1
+    """Tasks run at once by the local executor (processes), >= 1; -1: as many as tasks."""
+
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """SLURM settings (data.executor=slurm)."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray settings (data.executor=ray)."""
 
     heldout_fraction: float = 0.02
     """Share of each (source, language) held out for evaluation, chosen by a hash of the document id."""
@@ -237,6 +301,25 @@ class DataConfig:
                 self.clean.unicode_form,
                 f"choose one of {', '.join(UNICODE_FORMS)}",
             )
+        if self.executor not in EXECUTORS:
+            _fail("data.executor", self.executor, f"choose one of {', '.join(EXECUTORS)}")
+        if isinstance(self.tasks, bool) or not isinstance(self.tasks, int) or self.tasks < 1:
+            _fail("data.tasks", self.tasks, "must be an integer >= 1")
+        if (
+            isinstance(self.workers, bool)
+            or not isinstance(self.workers, int)
+            or not (self.workers == -1 or self.workers >= 1)
+        ):
+            _fail("data.workers", self.workers, "must be an integer >= 1, or -1 for one per task")
+        if self.executor == "slurm" and not self.slurm.partition:
+            _fail("data.slurm.partition", self.slurm.partition, "name a partition to run data.executor=slurm")
+        for key in ("cpus_per_task", "mem_per_cpu_gb", "poll_seconds"):
+            if getattr(self.slurm, key) < 1:
+                _fail(f"data.slurm.{key}", getattr(self.slurm, key), "must be >= 1")
+        if self.ray.cpus_per_task < 1:
+            _fail("data.ray.cpus_per_task", self.ray.cpus_per_task, "must be >= 1")
+        if not self.ray.mem_per_cpu_gb > 0:
+            _fail("data.ray.mem_per_cpu_gb", self.ray.mem_per_cpu_gb, "must be > 0")
         if not 0 <= self.heldout_fraction < 1:
             _fail("data.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
         if self.difficulty.buckets < 1:

@@ -83,28 +83,84 @@ def read_documents(
         raise MoEAdaptError(f"cannot read documents from {path}: {err.strerror}") from err
     try:
         for raw in _iter_lines(fh, max_line_bytes, stats):
-            if not raw.strip():
-                stats.blank += 1
+            obj = parse_line(raw, text_key, stats)
+            if obj is not None:
+                yield obj
+    finally:
+        fh.close()
+
+
+def parse_line(raw: bytes, text_key: str, stats: ReadStats) -> dict[str, Any] | None:
+    """The JSON object of one raw line when it carries a non-empty string ``text_key``, else None
+    with the reason counted in ``stats`` (blank, invalid UTF-8, invalid JSON, empty text)."""
+    if not raw.strip():
+        stats.blank += 1
+        return None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8 += 1
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        stats.invalid_json += 1
+        return None
+    if not isinstance(obj, dict):
+        stats.invalid_json += 1
+        return None
+    text = obj.get(text_key)
+    if not isinstance(text, str) or not text.strip():
+        stats.empty_text += 1
+        return None
+    stats.ok += 1
+    return obj
+
+
+def read_range(
+    path: str | Path,
+    start: int,
+    end: int,
+    *,
+    text_key: str = "text",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    stats: ReadStats | None = None,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`read_documents` over the lines of ``path`` whose first byte lies in ``[start, end)``,
+    yielding ``(byte offset of the line, object)``: ``n`` tasks splitting a file at any byte offsets
+    read every line exactly once between them, in file order."""
+    stats = stats if stats is not None else ReadStats()
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed in finally; generator
+    except OSError as err:
+        raise MoEAdaptError(f"cannot read documents from {path}: {err.strerror}") from err
+    try:
+        pos = start
+        if start > 0:  # skip the line that starts before ``start`` (its owner reads it)
+            fh.seek(start - 1)
+            pos = start - 1
+            while True:
+                part = fh.readline(_CHUNK)
+                pos += len(part)
+                if not part or part.endswith(b"\n"):
+                    break
+        while pos < end:
+            line = fh.readline(max_line_bytes + 1)
+            if not line:
+                return
+            offset, pos = pos, pos + len(line)
+            stats.lines += 1
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                stats.too_long += 1
+                while True:
+                    rest = fh.readline(_CHUNK)
+                    pos += len(rest)
+                    if not rest or rest.endswith(b"\n"):
+                        break
                 continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.invalid_utf8 += 1
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                stats.invalid_json += 1
-                continue
-            if not isinstance(obj, dict):
-                stats.invalid_json += 1
-                continue
-            text = obj.get(text_key)
-            if not isinstance(text, str) or not text.strip():
-                stats.empty_text += 1
-                continue
-            stats.ok += 1
-            yield obj
+            obj = parse_line(line, text_key, stats)
+            if obj is not None:
+                yield offset, obj
     finally:
         fh.close()
 

@@ -1,87 +1,63 @@
 """The ``data`` stage's work: raw bilingual text -> decontaminated, difficulty-bucketed token shards.
 
-Steps, in order (each counts documents and characters in/out per language, with reasons):
+Steps, in order (each a datatrove ``PipelineStep`` of :mod:`moe_adapt.data.dtsteps` run in
+``data.tasks`` tasks; each counts documents and characters in/out per language, with reasons):
 
 1. read     local JSONL / Parquet / ``save_to_disk`` folders, and the offline demo corpus
 2. clean    Unicode and script normalisation (:mod:`moe_adapt.data.clean`)
 3. langid   offline fastText language ID; documents contradicting their declared language are dropped
 4. quality  per-language quality rules (:mod:`moe_adapt.data.quality`)
-5. dedup    exact and MinHash near-duplicates (:mod:`moe_adapt.data.dedup`, datatrove)
+5. dedup    exact and MinHash near-duplicates (datatrove's signature and bucket steps)
 6. decontam n-gram overlap with benchmark items (:mod:`moe_adapt.data.decontam`) -> contamination.json
 7. split    held-out documents per (source, language) for evaluation, by a hash of the document id
 8. buckets  difficulty scores and per-language quantile buckets (:mod:`moe_adapt.data.difficulty`)
 9. shards   megatron-core ``.bin/.idx`` per (source, language, bucket) + manifest.json
 
+Executor stages (``data.executor``: local, slurm or ray; each after the one before, ``depends=``):
+
+==============  =========  ====================================================================
+stage           tasks      steps
+==============  =========  ====================================================================
+1_filter        tasks      read, clean, langid, quality, exact hashes, MinHash signatures
+2_buckets       buckets    datatrove's MinhashDedupBuckets (one task per LSH band)
+3_duplicates    1          exact keys merged, MinHash clusters (first document in corpus order kept)
+4_dedup         tasks      drop duplicates, decontamination document frequencies
+5_common        1          common benchmark n-grams
+6_score         tasks      decontamination matches, held-out candidates, raw difficulty scores
+7_quantiles     1          held-out caps, z-scores, per-language quantile buckets
+8_shards        tasks      one .bin/.idx per task and (source, language, bucket)
+9_merge         1          shards concatenated per (source, language, bucket), manifest merged
+==============  =========  ====================================================================
+
 Outputs in the stage folder: ``shards/`` (training, with ``manifest.json``), ``heldout/`` (evaluation),
 ``benchmarks/`` (the benchmark files decontaminated against), ``contamination.json``,
-``stats.json`` and ``stats.md``.
+``stats.json`` and ``stats.md``; the same bytes for any number of tasks and workers.
 
-Resuming: steps 1-6 keep their results in ``work`` (``<run_dir>/.work/data``), a
-:class:`~moe_adapt.resume.StepCache` over the data settings and seed (the one resume mechanism: a step
-is done when its folder holds ``_COMPLETE.json``; changed settings empty the folder); a re-run after a
-crash continues from the last finished step.
+Resuming: everything lives under ``work`` (``<run_dir>/.work/data``), a
+:class:`~moe_adapt.resume.StepCache` over the data settings, the seed and ``data.tasks`` (changed
+settings empty it); every executor stage keeps datatrove's completion markers, so a re-run after a
+crash (even ``kill -9``) runs only the tasks that had not finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from moe_adapt.data.clean import CleanConfig, clean_text
-from moe_adapt.data.config import DataConfig
-from moe_adapt.data.jsonl import ReadStats, read_documents, write_documents
-from moe_adapt.data.steps import (
-    Doc,
-    StepStats,
-    clean_step,
-    counted,
-    demo_sources,
-    langid_step,
-    quality_step,
-    read_source,
-    run_step,
-)
+from moe_adapt.data.config import DataConfig, SourceConfig
+from moe_adapt.data.steps import demo_sources, is_heldout  # noqa: F401 - is_heldout: kept importable here (demo/dense.py)
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_write_json, atomic_write_text
 from moe_adapt.resume import StepCache
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ stage
-class _Checkpoints:
-    """Finished steps' documents under ``<run_dir>/.work/data``, valid while the settings are unchanged:
-    a :class:`~moe_adapt.resume.StepCache` whose units are ``<step>/docs.jsonl``, the step's stats as
-    the marker's summary."""
-
-    def __init__(self, root: Path, settings: dict[str, Any]):
-        self.cache = StepCache(root, settings, what="data")
-
-    def load(self, name: str) -> tuple[list[Doc], dict[str, Any]] | None:
-        stats = self.cache.done(name)
-        if stats is None:
-            return None
-        log.info("data: %s already done in an earlier attempt, reusing it", name)
-        return list(read_documents(self.cache.folder(name) / "docs.jsonl")), stats
-
-    def save(self, name: str, docs: list[Doc], stats: dict[str, Any]) -> None:
-        write_documents(self.cache.folder(name) / "docs.jsonl", docs)
-        self.cache.mark(name, stats)
-
-
-def is_heldout(doc: Doc, fraction: float) -> bool:
-    """Whether ``doc`` goes to the held-out split: a stable hash of its id below ``fraction`` (the
-    same document is held out in every run, whatever the other documents)."""
-    h = int.from_bytes(hashlib.blake2b(str(doc["id"]).encode(), digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
 
 
 def _eod_token(tokenizer_dir: Path, setting: str | None) -> str | None:
@@ -102,11 +78,161 @@ def _eod_token(tokenizer_dir: Path, setting: str | None) -> str | None:
     )
 
 
+def _check_sources(sources: list[SourceConfig], bench_files: dict[str, Path]) -> None:
+    """One line naming the first missing or unreadable input, before any task starts."""
+    for i, src in enumerate(sources):
+        key = f"data.sources[{i}]"
+        path = Path(src.path)
+        if not path.exists():
+            raise MoEAdaptConfigError(f"{key}.path={src.path!r} does not exist")
+        if src.format == "jsonl":
+            if not path.is_file() or not os.access(path, os.R_OK):
+                raise MoEAdaptError(f"{key}.path={src.path!r} is not a readable file")
+            continue
+        import datasets
+
+        try:
+            if src.format == "parquet":
+                files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
+                ds = datasets.load_dataset("parquet", data_files=files, split="train")
+            else:
+                ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises many types for unreadable input
+            raise MoEAdaptError(f"{key}.path={src.path!r} cannot be read as {src.format}: {e}") from None
+        if src.text_key not in ds.column_names:
+            raise MoEAdaptConfigError(
+                f"{key}.text_key={src.text_key!r} is not a column of {src.path} "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
+    for name, path in bench_files.items():
+        if not path.is_file():
+            raise MoEAdaptConfigError(f"data.decontam.benchmarks: {name} path={str(path)!r} does not exist")
+
+
+def _executors(
+    dcfg: DataConfig,
+    root: Path,
+    sources: list[SourceConfig],
+    bench_files: dict[str, str],
+    tokenizer: str,
+    eod: str | None,
+) -> list[tuple[str, Any]]:
+    """The executor stages, each depending on the one before: ``[(name, executor), ...]``."""
+    from moe_adapt.data import dtsteps as S
+    from moe_adapt.data.dedup import FastWordTokenizer
+    from moe_adapt.data.executors import make_executor
+
+    r, n = str(root), dcfg.tasks
+    mh = dcfg.dedup.fast_minhash_config()
+    decontam = dcfg.decontam.enabled and bool(bench_files)
+    filters: list[Any] = [S.ReadSources(r, sources), S.CleanStep(r, dcfg)]
+    if dcfg.langid.enabled:
+        filters.append(S.LangIdStep(r, dcfg))
+    if dcfg.quality.enabled:
+        filters.append(S.QualityStep(r, dcfg))
+    if dcfg.dedup.exact:
+        filters.append(S.ExactHashStep(r))
+    if dcfg.dedup.minhash:
+        filters.append(S.SignatureStep(r, str(root / "sigs"), mh, FastWordTokenizer(strip_marks=True)))
+    filters.append(S.DocWriter(str(root / "filtered")))
+    plan: list[tuple[str, list[Any], int]] = [("1_filter", filters, n)]
+    if dcfg.dedup.minhash:
+        from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
+
+        plan.append(
+            (
+                "2_buckets",
+                [MinhashDedupBuckets(str(root / "sigs"), str(root / "buckets"), config=mh)],
+                mh.num_buckets,
+            )
+        )
+    dd = dcfg.dedup
+    plan.append(("3_duplicates", [S.DuplicatesStep(r, n, dd.exact, dd.minhash, dd.max_examples)], 1))
+    dedup: list[Any] = [S.DocReader(str(root / "filtered")), S.DedupFilterStep(r)]
+    if decontam:
+        dedup.append(S.DecontamCountStep(r, dcfg, bench_files))
+    dedup.append(S.DocWriter(str(root / "deduped")))
+    plan.append(("4_dedup", dedup, n))
+    score: list[Any] = [S.DocReader(str(root / "deduped"))]
+    if decontam:
+        plan.append(("5_common", [S.CommonNgramsStep(r, n, dcfg)], 1))
+        score.append(S.DecontamMatchStep(r, dcfg, bench_files, tokenizer))
+    score += [S.ScoreStep(r, dcfg), S.DocWriter(str(root / "final"))]
+    plan.append(("6_score", score, n))
+    plan.append(("7_quantiles", [S.QuantilesStep(r, n, dcfg)], 1))
+    shards = [S.DocReader(str(root / "final")), S.ShardStep(r, tokenizer, eod, dcfg.tokenize.batch_size)]
+    plan.append(("8_shards", shards, n))
+    roles = {s.name: s.role for s in sources}
+    plan.append(("9_merge", [S.MergeShardsStep(r, n, roles)], 1))
+    out: list[tuple[str, Any]] = []
+    depends = None
+    for name, pipeline, tasks in plan:
+        depends = make_executor(
+            dcfg, name, pipeline, tasks, root / "logs" / name, depends, slurm_logs=root / "slurm_logs"
+        )
+        out.append((name, depends))
+    return out
+
+
+def _run_executors(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) -> None:
+    """Run the executor stages (the last launches the ones it depends on); name a failed task's log."""
+    from moe_adapt.data.dedup import _quiet_datatrove
+    from moe_adapt.data.executors import start_cluster
+
+    start_cluster(dcfg)
+    last = stages[-1][1]
+    try:
+        with _quiet_datatrove():
+            last.run()
+    except Exception as e:  # a task failed: datatrove re-raises its exception
+        for stage_name, ex in stages:
+            logs = root / "logs" / stage_name
+            incomplete = ex.get_incomplete_ranks()
+            if incomplete:
+                log_path = logs / "logs" / f"task_{incomplete[0]:05d}.log"
+                raise MoEAdaptError(
+                    f"data: task {incomplete[0]} of executor stage {stage_name} failed "
+                    f"({type(e).__name__}: {e}); its log: {log_path}"
+                ) from e
+        raise
+    if dcfg.executor == "slurm":  # the jobs were submitted: wait for the last one's tasks
+        wait_for_slurm(dcfg, stages, root)
+
+
+def _queued(job_ids: list[str]) -> set[str]:
+    """The ids among ``job_ids`` that SLURM still has queued or running (``squeue``)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%F", "-j", ",".join(job_ids)], capture_output=True, text=True, check=False
+    ).stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def wait_for_slurm(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) -> None:
+    """Wait until the last executor stage's tasks are all complete; when SLURM no longer has any of
+    the jobs while a task is unfinished, fail naming that task's log."""
+    name, last = stages[-1]
+    ids = [str(ex.job_id) for _, ex in stages if ex.job_id not in (None, -1)]
+    while incomplete := last.get_incomplete_ranks():
+        if not ids or not _queued(ids):
+            for stage_name, ex in stages:
+                if left := ex.get_incomplete_ranks():
+                    raise MoEAdaptError(
+                        f"data: SLURM ran executor stage {stage_name} but task {left[0]} did not finish; its "
+                        f"log: {root / 'logs' / stage_name / 'logs' / f'task_{left[0]:05d}.log'} (SLURM's "
+                        f"output: {dcfg.slurm.logs_folder or root / 'slurm_logs'})"
+                    )
+        log.info("data: waiting for SLURM: %s has %d unfinished task(s)", name, len(incomplete))
+        time.sleep(dcfg.slurm.poll_seconds)
+
+
 def build_corpus(dcfg: DataConfig, out: Path, work: Path, *, tokenizer: str, seed: int) -> dict[str, Any]:
-    """Run the data stage's steps into ``out``, keeping finished steps in ``work`` (the stage's scratch
-    folder) so that a re-run after a crash reuses them; ``tokenizer`` is the folder whose tokenizer
-    makes the shards. Returns the stage summary."""
-    ckpt = _Checkpoints(work, {"data": asdict(dcfg), "seed": seed})
+    """Run the data stage's executor stages in ``work`` (the stage's scratch folder, so that a re-run
+    after a crash runs only unfinished tasks) and write the outputs into ``out``; ``tokenizer`` is the
+    folder whose tokenizer makes the shards. Returns the stage summary."""
+    from moe_adapt.data.shards import load_tokenizer
+
     sources = list(dcfg.sources)
     bench_files = {b.name: Path(b.path) for b in dcfg.decontam.benchmarks}
     if dcfg.demo.enabled:
@@ -115,80 +241,20 @@ def build_corpus(dcfg: DataConfig, out: Path, work: Path, *, tokenizer: str, see
         bench_files.update(demo_bench)
     if not sources:
         raise MoEAdaptConfigError("data.sources is empty: add a source, or set data.demo.enabled=true")
-    for name, path in bench_files.items():
-        if not path.is_file():
-            raise MoEAdaptConfigError(f"data.decontam.benchmarks: {name} path={str(path)!r} does not exist")
-    steps: dict[str, dict[str, Any]] = {}
-
-    loaded = ckpt.load("filtered")
-    if loaded is None:
-        read = StepStats("read")
-        bad_lines: dict[str, dict[str, int]] = {}
-        docs: list[Doc] = []
-        start = time.perf_counter()
-        for i, src in enumerate(sources):
-            rs = ReadStats()
-            docs += counted(
-                read,
-                tqdm(
-                    read_source(src, f"data.sources[{i}]", rs),
-                    desc=f"read {src.name}",
-                    unit="doc",
-                    disable=None,
-                ),
-                out=True,
-            )
-            bad_lines[src.name] = rs.as_dict()
-        read.seconds = time.perf_counter() - start
-        read.docs_in, read.chars_in = Counter(read.docs_out), Counter(read.chars_out)
-        steps["read"] = {**read.as_dict(), "bad_lines": bad_lines}
-        enabled = {"clean": True, "langid": dcfg.langid.enabled, "quality": dcfg.quality.enabled}
-        for name, make in (("clean", clean_step), ("langid", langid_step), ("quality", quality_step)):
-            if not enabled[name]:
-                continue
-            step = StepStats(name)
-            docs = run_step(step, docs, make(dcfg, step))
-            steps[name] = step.as_dict()
-        ckpt.save("filtered", docs, steps)
-    else:
-        docs, steps = loaded
-
-    loaded = ckpt.load("dedup")
-    if loaded is None:
-        from moe_adapt.data.dedup import deduplicate
-
-        step = StepStats("dedup")
-        start = time.perf_counter()
-        list(counted(step, docs, out=False))
-        docs, dedup_stats = deduplicate(docs, dcfg.dedup, work / "dedup_tmp")
-        list(counted(step, docs, out=True))
-        step.seconds = time.perf_counter() - start
-        for kind in ("exact_removed", "near_removed"):
-            for lang, n in dedup_stats.get(kind, {}).items():
-                step.reasons.setdefault(lang, Counter())[kind.replace("_removed", "_duplicate")] += n
-        steps["dedup"] = {**step.as_dict(), "examples": dedup_stats.get("examples", [])[:5]}
-        ckpt.save("dedup", docs, steps)
-    else:
-        docs, steps = loaded
-
-    contamination: dict[str, Any] | None = None
-    loaded = ckpt.load("decontam")
-    if dcfg.decontam.enabled and bench_files and loaded is None:
-        docs, contamination, steps["decontam"] = _decontaminate(dcfg, docs, bench_files, Path(tokenizer))
-        atomic_write_json(work / "contamination.json", contamination)
-        ckpt.save("decontam", docs, steps)
-    elif loaded is not None:
-        docs, steps = loaded
-        contamination = json.loads((work / "contamination.json").read_text())
-    if contamination is not None:
-        atomic_write_json(out / "contamination.json", contamination)
-        _check_contamination(dcfg, contamination)
-    if bench_files:
-        (out / "benchmarks").mkdir()
-        for name, path in bench_files.items():
-            write_clean_benchmark(path, out / "benchmarks" / f"{name}.jsonl", dcfg.clean)
-
-    return _finish(dcfg, docs, steps, Path(tokenizer), out)
+    _check_sources(sources, bench_files)
+    load_tokenizer(tokenizer)  # a missing tokenizer is one line before any task starts
+    eod = _eod_token(Path(tokenizer), dcfg.tokenize.eod_token)
+    settings = {
+        "data": {k: v for k, v in dcfg.as_dict().items() if k not in ("executor", "workers", "slurm", "ray")},
+        "seed": seed,
+        "tokenizer": str(tokenizer),
+    }
+    root = StepCache(work / "dt", settings, what="data").root
+    stages = _executors(dcfg, root, sources, {k: str(v) for k, v in bench_files.items()}, tokenizer, eod)
+    start = time.perf_counter()
+    _run_executors(dcfg, stages, root)
+    log.info("data: executor stages done in %.1f s", time.perf_counter() - start)
+    return _finish(dcfg, root, sources, bench_files, Path(tokenizer), out)
 
 
 _BENCHMARK_TEXT_KEYS = ("question", "text", "context", "passage")
@@ -222,59 +288,6 @@ def write_clean_benchmark(src: Path, dest: Path, clean: CleanConfig) -> None:
     atomic_write_text(dest, "".join(f"{line}\n" for line in lines))
 
 
-def _decontaminate(
-    dcfg: DataConfig, docs: list[Doc], bench_files: dict[str, Path], tokenizer: Path
-) -> tuple[list[Doc], dict[str, Any], dict[str, Any]]:
-    from moe_adapt.data.decontam import DecontamConfig as Settings
-    from moe_adapt.data.decontam import decontaminate, load_benchmark
-
-    d = dcfg.decontam
-    settings = Settings(
-        n=d.n,
-        min_overlap=d.min_overlap,
-        any_hit=d.any_hit,
-        max_doc_freq=d.max_doc_freq,
-        min_common_docs=d.min_common_docs,
-    )
-    step = StepStats("decontam")
-    start = time.perf_counter()
-    benchmarks = {  # compared as the training text is: cleaned the same way
-        n: [replace(item, text=clean_text(item.text, dcfg.clean)) for item in load_benchmark(p)]
-        for n, p in bench_files.items()
-    }
-    result, kept = decontaminate(lambda: docs, benchmarks, settings)
-    list(counted(step, docs, out=False))
-    out_docs = list(counted(step, kept, out=True)) if d.remove else list(counted(step, docs, out=True))
-    step.seconds = time.perf_counter() - start
-    if d.remove:
-        for doc in docs:
-            if str(doc["id"]) in result.removed_ids:
-                step.drop(doc["lang"], "benchmark_overlap")
-    # Tokens removed, per benchmark, with the tokenizer the shards use.
-    from moe_adapt.data.shards import load_tokenizer
-
-    removed_docs = [doc for doc in docs if str(doc["id"]) in result.removed_by]
-    encodings = (
-        load_tokenizer(tokenizer).encode_batch([doc["text"] for doc in removed_docs]) if removed_docs else []
-    )
-    for entry in result.report["benchmarks"].values():
-        entry["tokens_removed"] = 0
-    for doc, enc in zip(removed_docs, encodings, strict=True):
-        result.report["benchmarks"][result.removed_by[str(doc["id"])]]["tokens_removed"] += len(enc.ids)
-    result.report["tokens_removed"] = sum(len(enc.ids) for enc in encodings)
-    report = {
-        **result.report,
-        "removed": d.remove,
-        "remaining_share": 0.0 if d.remove else len(result.removed_ids) / max(len(docs), 1),
-    }
-    log.info(
-        "data: decontam removed %d docs overlapping %d benchmark(s)",
-        report["docs_removed"] if d.remove else 0,
-        len(bench_files),
-    )
-    return out_docs, report, step.as_dict()
-
-
 def _check_contamination(dcfg: DataConfig, report: dict[str, Any]) -> None:
     remaining = float(report.get("remaining_share", 0.0))
     if remaining > dcfg.max_contamination and not dcfg.allow_contamination:
@@ -285,66 +298,184 @@ def _check_contamination(dcfg: DataConfig, report: dict[str, Any]) -> None:
         )
 
 
-def _finish(
-    dcfg: DataConfig, docs: list[Doc], steps: dict[str, Any], tokenizer: Path, out: Path
-) -> dict[str, Any]:
-    from moe_adapt.data.difficulty import assign_buckets, perplexity_scorer, score_documents
-    from moe_adapt.data.shards import ShardConfig, write_shards
+def _step_stats(root: Path, name: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The counts of step ``name`` summed over its tasks (a :class:`StepStats`), and the task records."""
+    from moe_adapt.data.steps import StepStats
 
-    if not docs:
-        raise MoEAdaptError("data: no documents survived the filters; see the step counts above")
-    # Held-out split, capped per (source, language).
-    held: list[Doc] = []
-    train: list[Doc] = []
-    per_group: Counter[tuple[str, str]] = Counter()
-    for d in docs:
-        group = (d["source"], d["lang"])
-        if per_group[group] < dcfg.heldout_max_docs and is_heldout(d, dcfg.heldout_fraction):
-            per_group[group] += 1
-            held.append(d)
-        else:
-            train.append(d)
-    start = time.perf_counter()
-    weights = dict(dcfg.difficulty.weights)
-    extra = {}
-    if dcfg.difficulty.reference_model:
-        extra["perplexity"] = perplexity_scorer(dcfg.difficulty.reference_model)
-        weights.setdefault("perplexity", 1.0)
-    scores = score_documents(train, weights, extra_scorers=extra)
-    buckets = assign_buckets(train, scores, dcfg.difficulty.buckets)
-    train = [
-        {**d, "difficulty": round(float(s), 4), "bucket": b}
-        for d, s, b in zip(train, scores, buckets, strict=True)
+    st = StepStats(name)
+    records = [
+        json.loads(p.read_text(encoding="utf-8")) for p in sorted((root / "stats" / name).glob("*.json"))
     ]
-    steps["buckets"] = {
-        "seconds": round(time.perf_counter() - start, 3),
-        "buckets": dcfg.difficulty.buckets,
-        "per_language": _bucket_table(train),
-    }
-    eod = _eod_token(tokenizer, dcfg.tokenize.eod_token)
-    shard_cfg = ShardConfig(eod_token=eod, batch_size=dcfg.tokenize.batch_size)
-    start = time.perf_counter()
-    manifest = write_shards(
-        tqdm(train, desc="tokenize", unit="doc", disable=None), tokenizer, out / "shards", shard_cfg
+    for rec in records:
+        st.seconds += rec["seconds"]
+        for key in ("docs_in", "docs_out", "chars_in", "chars_out"):
+            getattr(st, key).update(rec[key])
+        for lang, reasons in rec["reasons"].items():
+            st.reasons.setdefault(lang, Counter()).update(reasons)
+    for lang, n in st.docs_in.items():  # anything not explained by a reason was dropped silently: name it
+        missing = n - st.docs_out[lang] - sum(st.reasons.get(lang, Counter()).values())
+        if missing > 0:
+            st.drop(lang, name)
+    return st, records
+
+
+def _contamination(dcfg: DataConfig, root: Path, bench_files: dict[str, Path], n_docs: int) -> dict[str, Any]:
+    """The contamination report (as :func:`moe_adapt.data.decontam.decontaminate` writes it, with
+    tokens removed per benchmark) from the tasks' counts."""
+    from moe_adapt.data.decontam import DecontamConfig as Settings
+    from moe_adapt.data.dtsteps import benchmark_index
+
+    d = dcfg.decontam
+    settings = Settings(
+        n=d.n,
+        min_overlap=d.min_overlap,
+        any_hit=d.any_hit,
+        max_doc_freq=d.max_doc_freq,
+        min_common_docs=d.min_common_docs,
     )
-    heldout = write_shards(held, tokenizer, out / "heldout", shard_cfg) if held else None
-    roles = {d["source"]: d.get("role", "other") for d in docs}
-    for folder, m in (("shards", manifest), ("heldout", heldout)):
-        if m is not None:  # the manifest also names each shard's role (target, english, ...)
-            for shard in m["shards"]:
-                shard["role"] = roles.get(shard["source"], "other")
-            atomic_write_json(out / folder / "manifest.json", m)
+    index, items = benchmark_index(dcfg, {k: str(v) for k, v in bench_files.items()})
+    common = json.loads((root / "common.json").read_text())
+    common_set = set(common["common"])
+    _, records = _step_stats(root, "decontam")
+    per_bench: dict[str, dict[str, Any]] = {}
+    for name, count in items.items():
+        only_common = sum(1 for k, g in index.item_grams.items() if k[0] == name and not g - common_set)
+        entry: dict[str, Any] = {
+            "items": count,
+            "items_indexed": index.indexed[name],
+            "items_skipped_short": index.skipped_short[name],
+            "items_only_common_ngrams": only_common,
+            "docs_matched": 0,
+            "docs_removed": 0,
+            "words_removed": 0,
+            "examples": [],
+            "tokens_removed": 0,
+        }
+        examples = []
+        for rec in records:
+            b = rec["benchmarks"][name]
+            for k in ("docs_matched", "docs_removed", "words_removed", "tokens_removed"):
+                entry[k] += b[k]
+            examples += b["examples"]
+        entry["examples"] = [
+            {k: e[k] for k in ("doc_id", "item_id", "overlap")}
+            for e in sorted(examples, key=lambda e: e["ordinal"])[: settings.max_examples]
+        ]
+        per_bench[name] = entry
+    removed = sum(b["docs_removed"] for b in per_bench.values())
+    report = {
+        "config": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+        "corpus_docs": common["docs"],
+        "corpus_words": sum(rec["corpus_words"] for rec in records),
+        "indexed_ngrams": len(index.postings),
+        "common_ngrams_ignored": len(common_set),
+        "common_threshold_docs": common["threshold"],
+        "docs_removed": removed,
+        "words_removed": sum(b["words_removed"] for b in per_bench.values()),
+        "benchmarks": per_bench,
+        "tokens_removed": sum(b["tokens_removed"] for b in per_bench.values()),
+        "removed": d.remove,
+        "remaining_share": 0.0 if d.remove else removed / max(n_docs, 1),
+    }
+    log.info(
+        "data: decontam removed %d docs overlapping %d benchmark(s)",
+        removed if d.remove else 0,
+        len(bench_files),
+    )
+    return report
+
+
+def _dedup_examples(root: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    snippets: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        snippets.update(rec.get("snippets", {}))
+    out = []
+    for pair in json.loads((root / "dedup_examples.json").read_text())["pairs"]:
+        removed, kept = snippets.get(str(pair["removed"])), snippets.get(str(pair["kept"]))
+        if removed is None:
+            continue
+        out.append(
+            {
+                "kind": pair["kind"],
+                "lang": removed["lang"],
+                "removed_id": removed["id"],
+                "kept_id": kept["id"] if kept else None,
+                "removed_text": removed["text"],
+                "kept_text": kept["text"] if kept else None,
+            }
+        )
+    return out
+
+
+def _finish(
+    dcfg: DataConfig,
+    root: Path,
+    sources: list[SourceConfig],
+    bench_files: dict[str, Path],
+    tokenizer: Path,
+    out: Path,
+) -> dict[str, Any]:
+    merged = root / "merged"
+    if not (merged / "shards" / "manifest.json").is_file():
+        raise MoEAdaptError("data: no documents survived the filters; see the step counts above")
+    steps: dict[str, dict[str, Any]] = {}
+    read, records = _step_stats(root, "read")
+    bad: dict[str, dict[str, int]] = {s.name: {} for s in sources}
+    for rec in records:
+        for src, counts in rec["bad_lines"].items():
+            for k, v in counts.items():
+                bad[src][k] = bad[src].get(k, 0) + v
+    steps["read"] = {**read.as_dict(), "bad_lines": bad}
+    for name, on in (("clean", True), ("langid", dcfg.langid.enabled), ("quality", dcfg.quality.enabled)):
+        if on:
+            steps[name] = _step_stats(root, name)[0].as_dict()
+    dedup, records = _step_stats(root, "dedup")
+    for lang in dedup.docs_in:
+        for kind, on in (("exact_duplicate", dcfg.dedup.exact), ("near_duplicate", dcfg.dedup.minhash)):
+            if on:
+                dedup.reasons.setdefault(lang, Counter())[kind] += 0
+    for extra in ("exact_hash", "minhash_signature"):
+        dedup.seconds += _step_stats(root, extra)[0].seconds
+    dup_stats = root / "stats" / "duplicates.json"
+    dedup.seconds += json.loads(dup_stats.read_text())["seconds"] if dup_stats.is_file() else 0.0
+    steps["dedup"] = {**dedup.as_dict(), "examples": _dedup_examples(root, records)[:5]}
+    if dcfg.decontam.enabled and bench_files:
+        decontam, _ = _step_stats(root, "decontam")
+        decontam.seconds += _step_stats(root, "decontam_count")[0].seconds  # pass 1
+        steps["decontam"] = decontam.as_dict()
+        contamination = _contamination(dcfg, root, bench_files, sum(decontam.docs_in.values()))
+        atomic_write_json(out / "contamination.json", contamination)
+        _check_contamination(dcfg, contamination)
+    if bench_files:
+        (out / "benchmarks").mkdir()
+        for name, path in bench_files.items():
+            write_clean_benchmark(path, out / "benchmarks" / f"{name}.jsonl", dcfg.clean)
+    buckets = json.loads((root / "stats" / "buckets.json").read_text())
+    steps["buckets"] = {k: buckets[k] for k in ("seconds", "buckets", "per_language")}
+    for folder in ("shards", "heldout"):
+        if (merged / folder / "manifest.json").is_file():
+            shutil.copytree(merged / folder, out / folder)
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    heldout_path = out / "heldout" / "manifest.json"
+    heldout = json.loads(heldout_path.read_text()) if heldout_path.is_file() else None
+    shard_seconds = (
+        _step_stats(root, "shards")[0].seconds
+        + json.loads((root / "stats" / "merge.json").read_text())["seconds"]
+    )
     steps["shards"] = {
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(shard_seconds, 3),
         "train_tokens": manifest["totals"]["tokens"],
         "heldout_tokens": heldout["totals"]["tokens"] if heldout else 0,
     }
-    stats = {
+    train_table = _shard_table(manifest)
+    heldout_table = _shard_table(heldout) if heldout else {}
+    stats: dict[str, Any] = {
         "steps": steps,
-        "train": _shard_table(manifest),
-        "heldout": _shard_table(heldout) if heldout else {},
+        "train": train_table,
+        "heldout": heldout_table,
+        "executor": {"kind": dcfg.executor, "tasks": dcfg.tasks, "workers": dcfg.workers},
+        "fertility": fertility(train_table, heldout_table),
     }
-    stats["fertility"] = fertility(stats["train"], stats["heldout"])
     atomic_write_json(out / "stats.json", stats)
     (out / "stats.md").write_text(render_stats(stats), encoding="utf-8")
     for line in render_stats(stats).splitlines():
@@ -354,15 +485,8 @@ def _finish(
         "heldout": "heldout" if heldout else None,
         "train_tokens": manifest["totals"]["tokens"],
         "train_documents": manifest["totals"]["documents"],
-        "heldout_documents": len(held),
+        "heldout_documents": buckets["heldout_documents"],
     }
-
-
-def _bucket_table(docs: list[Doc]) -> dict[str, list[int]]:
-    table: dict[str, Counter[int]] = {}
-    for d in docs:
-        table.setdefault(d["lang"], Counter())[d["bucket"]] += 1
-    return {lang: [c[b] for b in sorted(c)] for lang, c in sorted(table.items())}
 
 
 _TEXT_SIZES = ("text_tokens", "words", "chars", "bytes")

@@ -16,6 +16,7 @@ TransformerEngine/Apex); it is imported lazily, only when shards are written or 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -112,6 +113,112 @@ class _Shard:
         os.replace(str(self.tmp) + ".idx", str(self.final) + ".idx")
 
 
+class ShardSink:
+    """Tokenize documents one at a time (:meth:`add`) into one megatron-core shard per (source, lang,
+    bucket) under ``out_dir``; :meth:`close` finishes the shards and returns (and writes) the manifest
+    (see :func:`write_shards`). Memory: one tokenizer batch and the open shards' index arrays."""
+
+    def __init__(self, tokenizer_path: str | Path, out_dir: str | Path, config: ShardConfig | None = None):
+        self.cfg = config or ShardConfig()
+        self.tokenizer_path = tokenizer_path
+        self.tok = load_tokenizer(tokenizer_path)
+        self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
+        self.eod_id: int | None = None
+        if self.cfg.eod_token is not None:
+            self.eod_id = self.tok.token_to_id(self.cfg.eod_token)
+            if self.eod_id is None:
+                raise MoEAdaptConfigError(
+                    f"shards.eod_token={self.cfg.eod_token!r} is not in the vocabulary of {tokenizer_path}; "
+                    "set it to one of the tokenizer's special tokens or to null"
+                )
+        self.dtype: type[np.number] = np.uint16 if self.vocab_size < 65500 else np.int32
+        self.module = _indexed_dataset_module()
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.shards: dict[tuple[str, str, str], _Shard] = {}
+        self.skipped = 0
+        self.batch: list[dict[str, Any]] = []
+
+    def _flush(self) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        encodings = self.tok.encode_batch(
+            [d["text"] for d in batch], add_special_tokens=self.cfg.add_special_tokens
+        )
+        for doc, enc in zip(batch, encodings, strict=True):
+            ids = list(enc.ids)
+            if not ids:
+                self.skipped += 1
+                continue
+            text_tokens = len(ids)
+            if self.eod_id is not None:
+                ids.append(self.eod_id)
+            key = (
+                str(doc.get("source", "unknown")),
+                str(doc.get("lang", "und")),
+                str(doc.get(self.cfg.bucket_key, 0)),
+            )
+            if key not in self.shards:
+                self.shards[key] = _Shard(self.module, self.out, shard_name(*key), self.dtype)
+            self.shards[key].add(ids, doc["text"], text_tokens)
+
+    def add(self, doc: dict[str, Any]) -> None:
+        """Queue ``doc`` (``text``, ``source``, ``lang``, the bucket key); a document with empty text is
+        skipped and counted."""
+        text = doc.get("text")
+        if not isinstance(text, str) or not text.strip():
+            self.skipped += 1
+            return
+        self.batch.append(doc)
+        if len(self.batch) >= self.cfg.batch_size:
+            self._flush()
+
+    def close(self) -> dict[str, Any]:
+        """Finish every shard and write ``manifest.json`` last; return the manifest."""
+        self._flush()
+        entries: list[dict[str, Any]] = []
+        for (source, lang, bucket), shard in sorted(self.shards.items()):
+            shard.close()
+            entries.append(
+                {
+                    "prefix": shard.final.name,
+                    "source": source,
+                    "lang": lang,
+                    "bucket": bucket,
+                    "documents": shard.documents,
+                    "tokens": shard.tokens,
+                    **shard.text,
+                }
+            )
+        manifest = _manifest(
+            np.dtype(self.dtype).name, str(self.tokenizer_path), self.vocab_size, self.eod_id
+        )
+        manifest["shards"] = entries
+        manifest["totals"] = _totals(entries, self.skipped)
+        atomic_write_json(self.out / "manifest.json", manifest)
+        return manifest
+
+
+def _manifest(dtype: str, tokenizer: str, vocab_size: int, eod_id: int | None) -> dict[str, Any]:
+    return {
+        "version": MANIFEST_VERSION,
+        "format": "megatron-core IndexedDataset (mmap .bin/.idx)",
+        "dtype": dtype,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "eod_id": eod_id,
+    }
+
+
+def _totals(entries: list[dict[str, Any]], skipped: int) -> dict[str, int]:
+    return {
+        "documents": sum(e["documents"] for e in entries),
+        "tokens": sum(e["tokens"] for e in entries),
+        "skipped_documents": skipped,
+    }
+
+
 def write_shards(
     docs: Iterable[dict[str, Any]],
     tokenizer_path: str | Path,
@@ -126,85 +233,48 @@ def write_shards(
     vocabulary size and EOD id.
     Documents with empty text or that tokenize to nothing are skipped and counted.
     """
-    cfg = config or ShardConfig()
-    tok = load_tokenizer(tokenizer_path)
-    vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
-    eod_id: int | None = None
-    if cfg.eod_token is not None:
-        eod_id = tok.token_to_id(cfg.eod_token)
-        if eod_id is None:
-            raise MoEAdaptConfigError(
-                f"shards.eod_token={cfg.eod_token!r} is not in the vocabulary of {tokenizer_path}; "
-                "set it to one of the tokenizer's special tokens or to null"
-            )
-    dtype: type[np.number] = np.uint16 if vocab_size < 65500 else np.int32
+    sink = ShardSink(tokenizer_path, out_dir, config)
+    for doc in docs:
+        sink.add(doc)
+    return sink.close()
+
+
+def merge_shards(parts: list[Path], out_dir: str | Path) -> dict[str, Any] | None:
+    """Concatenate the shards of the folders ``parts`` (each written by a :class:`ShardSink`, in
+    corpus order) into one shard per (source, lang, bucket) under ``out_dir``, with its manifest:
+    the same bytes a single :class:`ShardSink` fed every document in that order writes. None when no
+    part holds a document."""
+    manifests = [json.loads((p / "manifest.json").read_text(encoding="utf-8")) for p in parts]
+    if not manifests or not any(m["shards"] for m in manifests):
+        return None
+    first = manifests[0]
     module = _indexed_dataset_module()
+    dtype = np.dtype(first["dtype"]).type
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards: dict[tuple[str, str, str], _Shard] = {}
-    skipped = 0
-
-    def flush(batch: list[dict[str, Any]]) -> None:
-        nonlocal skipped
-        encodings = tok.encode_batch([d["text"] for d in batch], add_special_tokens=cfg.add_special_tokens)
-        for doc, enc in zip(batch, encodings, strict=True):
-            ids = list(enc.ids)
-            if not ids:
-                skipped += 1
-                continue
-            text_tokens = len(ids)
-            if eod_id is not None:
-                ids.append(eod_id)
-            key = (
-                str(doc.get("source", "unknown")),
-                str(doc.get("lang", "und")),
-                str(doc.get(cfg.bucket_key, 0)),
-            )
-            if key not in shards:
-                shards[key] = _Shard(module, out, shard_name(*key), dtype)
-            shards[key].add(ids, doc["text"], text_tokens)
-
-    batch: list[dict[str, Any]] = []
-    for doc in docs:
-        text = doc.get("text")
-        if not isinstance(text, str) or not text.strip():
-            skipped += 1
-            continue
-        batch.append(doc)
-        if len(batch) >= cfg.batch_size:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
+    by_key: dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]] = {}
+    for part, m in zip(parts, manifests, strict=True):
+        for e in m["shards"]:
+            by_key.setdefault((e["source"], e["lang"], e["bucket"]), []).append((part, e))
     entries: list[dict[str, Any]] = []
-    for (source, lang, bucket), shard in sorted(shards.items()):
-        shard.close()
-        entries.append(
-            {
-                "prefix": shard.final.name,
-                "source": source,
-                "lang": lang,
-                "bucket": bucket,
-                "documents": shard.documents,
-                "tokens": shard.tokens,
-                **shard.text,
-            }
-        )
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "format": "megatron-core IndexedDataset (mmap .bin/.idx)",
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": str(tokenizer_path),
-        "vocab_size": vocab_size,
-        "eod_id": eod_id,
-        "shards": entries,
-        "totals": {
-            "documents": sum(e["documents"] for e in entries),
-            "tokens": sum(e["tokens"] for e in entries),
-            "skipped_documents": skipped,
-        },
-    }
-    atomic_write_json(out / "manifest.json", manifest)
+    for key in sorted(by_key):
+        name = shard_name(*key)
+        tmp = out / f"{name}.tmp"
+        builder = module.IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
+        entry: dict[str, Any] = {"prefix": name, "source": key[0], "lang": key[1], "bucket": key[2]}
+        for k in ("documents", "tokens", "text_tokens", "words", "chars", "bytes"):
+            entry[k] = 0
+        for part, e in by_key[key]:
+            builder.add_index(str(part / e["prefix"]))
+            for k in ("documents", "tokens", "text_tokens", "words", "chars", "bytes"):
+                entry[k] += int(e[k])
+        builder.finalize(str(tmp) + ".idx")
+        os.replace(str(tmp) + ".bin", str(out / name) + ".bin")
+        os.replace(str(tmp) + ".idx", str(out / name) + ".idx")
+        entries.append(entry)
+    manifest = _manifest(first["dtype"], first["tokenizer"], first["vocab_size"], first["eod_id"])
+    manifest["shards"] = entries
+    manifest["totals"] = _totals(entries, sum(m["totals"]["skipped_documents"] for m in manifests))
     return manifest
 
 

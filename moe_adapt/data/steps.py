@@ -1,21 +1,20 @@
-"""The data stage's per-document steps: reading sources, cleaning, language ID and quality rules.
-
-Each filter step is a generator over documents (``{"id", "text", "lang", "source", "role"}``) that
-records why it drops a document in a :class:`StepStats`; :func:`run_step` counts documents and
-characters in and out per language and times the step. :mod:`moe_adapt.data.pipeline` chains them.
+"""What the data stage's steps share: :class:`StepStats` (documents and characters in/out per
+language, drop reasons), the held-out rule :func:`is_heldout`, the demo corpus as sources
+(:func:`demo_sources`) and :func:`read_source`, a whole source as document dicts (the demo's
+pretraining corpus reads it). The steps themselves are datatrove ``PipelineStep``s in
+:mod:`moe_adapt.data.dtsteps`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_adapt.data.clean import clean_text
 from moe_adapt.data.config import DataConfig, SourceConfig
 from moe_adapt.data.jsonl import ReadStats, read_documents
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
@@ -23,6 +22,13 @@ from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
+
+
+def is_heldout(doc: Doc, fraction: float) -> bool:
+    """Whether ``doc`` goes to the held-out split: a stable hash of its id below ``fraction`` (the
+    same document is held out in every run, whatever the other documents)."""
+    h = int.from_bytes(hashlib.blake2b(str(doc["id"]).encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
 
 
 @dataclass
@@ -57,33 +63,6 @@ class StepStats:
                 for lang in langs
             },
         }
-
-
-def counted(step: StepStats, docs: Iterable[Doc], out: bool) -> Iterator[Doc]:
-    docs_c, chars_c = (step.docs_out, step.chars_out) if out else (step.docs_in, step.chars_in)
-    for d in docs:
-        lang = str(d.get("lang", "und"))
-        docs_c[lang] += 1
-        chars_c[lang] += len(d["text"])
-        yield d
-
-
-def run_step(step: StepStats, docs: list[Doc], fn: Callable[[Iterable[Doc]], Iterable[Doc]]) -> list[Doc]:
-    start = time.perf_counter()
-    result = list(counted(step, fn(counted(step, docs, out=False)), out=True))
-    step.seconds = time.perf_counter() - start
-    for lang, n in step.docs_in.items():  # anything not explained by a reason was dropped silently: name it
-        missing = n - step.docs_out[lang] - sum(step.reasons.get(lang, Counter()).values())
-        if missing > 0:
-            step.drop(lang, step.name)
-    log.info(
-        "data: %-8s %7d -> %7d docs (%.1f s)",
-        step.name,
-        sum(step.docs_in.values()),
-        sum(step.docs_out.values()),
-        step.seconds,
-    )
-    return result
 
 
 # ------------------------------------------------------------------------------------------- read
@@ -151,70 +130,3 @@ def demo_sources(cfg: DataConfig, work: Path) -> tuple[list[SourceConfig], dict[
     ]
     benchmarks = {p.stem: p for p in sorted((demo_dir / "benchmark").glob("*.jsonl"))}
     return sources, benchmarks
-
-
-# ----------------------------------------------------------------------------------- filter steps
-def clean_step(cfg: DataConfig, step: StepStats) -> Callable[[Iterable[Doc]], Iterator[Doc]]:
-    def run(docs: Iterable[Doc]) -> Iterator[Doc]:
-        for d in docs:
-            text = clean_text(d["text"], cfg.clean)
-            if not text:
-                step.drop(str(d["lang"]), "empty_after_cleaning")
-                continue
-            yield {**d, "text": text}
-
-    return run
-
-
-def langid_step(cfg: DataConfig, step: StepStats) -> Callable[[Iterable[Doc]], Iterator[Doc]]:
-    from moe_adapt.data.langid import LanguageIdentifier
-
-    model = LanguageIdentifier()
-
-    def run(docs: Iterable[Doc]) -> Iterator[Doc]:
-        for d in docs:
-            lang, score = model.predict_one(d["text"])
-            declared = d["lang"]
-            if declared == "auto":
-                if lang == "und":
-                    step.drop("und", "language_undetermined")
-                    continue
-                yield {**d, "lang": lang, "lang_score": round(score, 4)}
-            elif lang != declared and score >= cfg.langid.min_score:
-                step.drop(str(declared), f"detected_{lang}")
-            else:
-                yield {**d, "lang_score": round(score, 4)}
-
-    return run
-
-
-def quality_step(cfg: DataConfig, step: StepStats) -> Callable[[Iterable[Doc]], Iterator[Doc]]:
-    from dataclasses import replace
-
-    from moe_adapt.data.quality import check_quality, thresholds_for
-
-    table: dict[str, Any] = {}
-
-    def thresholds(lang: str) -> Any:
-        if lang not in table:
-            try:
-                base = thresholds_for(lang)
-            except MoEAdaptConfigError:
-                base = None
-            overrides: dict[str, Any] = dict(cfg.quality.thresholds.get(lang, {}))
-            table[lang] = replace(base, **overrides) if base is not None else None
-        return table[lang]
-
-    def run(docs: Iterable[Doc]) -> Iterator[Doc]:
-        for d in docs:
-            t = thresholds(d["lang"])
-            if t is None:
-                step.drop(d["lang"], "no_thresholds_for_language")
-                continue
-            result = check_quality(d["text"], d["lang"], t)
-            if result.keep:
-                yield d
-            else:
-                step.drop(d["lang"], result.reason or "quality")
-
-    return run

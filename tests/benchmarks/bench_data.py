@@ -19,7 +19,10 @@ medians over ``--repeats`` runs of:
     needs lighteval, so the index is written here in its format: one ``<task>.index.hashes`` file
     of uint64 hashes of the label's n-grams and of the n-grams overlapping query and label;
 (c) datatrove's MinHash (all four steps) with its default spaCy word tokenizer vs our
-    ``FastWordTokenizer`` on the first ``--ref-docs`` cleaned documents.
+    ``FastWordTokenizer`` on the first ``--ref-docs`` cleaned documents;
+(d) the data stage itself (``pipeline.build_corpus``: its datatrove executor stages) in ``--tasks``
+    tasks at workers=1 and workers=2: wall time, the speed-up, each step's MB/s per core from
+    ``stats.json``, and whether the two runs wrote the same shard bytes.
 
 Timings are single-process; on a machine with N idle cores, N workers scale them roughly by N.
 """
@@ -136,6 +139,44 @@ def _datatrove_decont(docs: list[dict[str, Any]], index: Path, tokenizer: Any) -
     return {d["id"] for d in docs} - kept
 
 
+def _bench_stage(tmp: Path, tasks: int) -> None:
+    """(d): the data stage's executor stages at workers=1 and 2 on the demo corpus in ``tmp``."""
+    from moe_adapt.data.config import BenchmarkSource, DataConfig, SourceConfig, TokenizeConfig
+    from moe_adapt.data.pipeline import build_corpus
+
+    demo = tmp / "demo"
+    walls, outs, steps = {}, {}, {}
+    for workers in (1, 2):
+        dcfg = DataConfig(
+            sources=[
+                SourceConfig(name=f"hadith_{lg}", path=str(demo / f"{lg}.jsonl"), lang=lg)
+                for lg in ("ar", "en")
+            ],
+            tokenize=TokenizeConfig(tokenizer=str(tmp / "bpe"), eod_token="<|endoftext|>"),
+            tasks=tasks,
+            workers=workers,
+        )
+        dcfg.decontam.benchmarks = [
+            BenchmarkSource(name=f"hadith_qa_{lg}", path=str(demo / "benchmark" / f"hadith_qa_{lg}.jsonl"))
+            for lg in ("ar", "en")
+        ]
+        out, work = tmp / f"stage_w{workers}", tmp / f"stage_work_w{workers}"
+        out.mkdir()
+        start = time.perf_counter()
+        build_corpus(dcfg, out, work, tokenizer=str(tmp / "bpe"), seed=0)
+        walls[workers] = time.perf_counter() - start
+        outs[workers] = {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())}
+        steps[workers] = json.loads((out / "stats.json").read_text())["steps"]
+    print(
+        f"\n(d) the data stage, {tasks} tasks: wall workers=1 {walls[1]:.1f} s, workers=2 {walls[2]:.1f} s, "
+        f"speed-up {walls[1] / walls[2]:.2f}x; same shard bytes: {outs[1] == outs[2]}"
+    )
+    print(f"{'step':<10}{'MB/s per core (w=1)':>22}{'(w=2)':>10}")
+    for name, st in steps[1].items():
+        if st.get("mb_per_s") is not None:
+            print(f"{name:<10}{st['mb_per_s']:>22.2f}{steps[2][name]['mb_per_s']:>10.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-docs", type=int, default=8000, help="documents per language (0: the whole corpus)")
@@ -146,6 +187,8 @@ def main() -> None:
     ap.add_argument("--ref-repeats", type=int, default=1, help="runs per datatrove spaCy measurement")
     ap.add_argument("--n-benchmark", type=int, default=50, help="benchmark items per language (planted)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    ap.add_argument("--tasks", type=int, default=4, help="(d): data.tasks of the staged runs")
+    ap.add_argument("--only-stage", action="store_true", help="run (d) alone")
     ap.add_argument("--vocab", type=int, default=16000, help="BPE vocabulary for the shards step")
     args = ap.parse_args()
 
@@ -169,6 +212,12 @@ def main() -> None:
     planted = {
         f"hadith/{r['source_key']}/{lang}" for lang in ("ar", "en") for r in records[f"hadith_qa_{lang}"]
     }
+
+    if args.only_stage:
+        _train_bpe(raw, tmp / "bpe", args.vocab, sample_mb=5.0)
+        _bench_stage(tmp, args.tasks)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     # (a) our steps, chained
     rows: list[tuple[str, float, float, str]] = []
@@ -257,6 +306,7 @@ def main() -> None:
         print(f"{name:<24}{t:>8.2f} s{_mb(sub) / t:>8.2f} MB/s  removed {len(dups)}")
     a, b = results.values()
     print(f"removed by both: {len(a & b)}; only fast: {len(a - b)}; only spaCy: {len(b - a)}")
+    _bench_stage(tmp, args.tasks)
     if args.keep:
         print(f"\nwork folder kept: {tmp}")
     else:
