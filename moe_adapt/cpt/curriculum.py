@@ -8,6 +8,10 @@ contiguous groups (``numpy.array_split``), so with ``P == K`` phase ``i`` reads 
 optimizer steps; the last phase goes on for as long as training does, so ``P - 1`` lengths make
 ``P`` phases (``[40, 30]``: three phases, easy for 40 steps, medium for 30, then hard).
 
+With ``buckets=all`` every phase reads every bucket (``order`` has nothing to order): the phases then
+differ only in the sources' weights (``mixture.phase_weights``, a source-staged curriculum, applied by
+:mod:`moe_adapt.cpt.sampler`).
+
 :func:`phase_at` is a pure function of (config, position, number of buckets, seed).
 """
 
@@ -61,7 +65,7 @@ class Curriculum:
         self.unit = "steps" if cfg.phase_steps is not None else "tokens"
         lengths = cfg.phase_steps if cfg.phase_steps is not None else cfg.phase_tokens
         key = "phase_steps" if cfg.phase_steps is not None else "phase_tokens"
-        if cfg.num_phases > num_buckets:
+        if cfg.num_phases > num_buckets and cfg.buckets == "by_phase":
             _fail(
                 key,
                 lengths,
@@ -74,9 +78,11 @@ class Curriculum:
             ordered = list(range(num_buckets))[::-1]
         else:
             ordered = np.random.default_rng([seed, _RANDOM_ORDER_SALT]).permutation(num_buckets).tolist()
-        self.groups: list[tuple[int, ...]] = [
-            tuple(int(b) for b in g) for g in np.array_split(np.asarray(ordered), cfg.num_phases)
-        ]
+        self.groups: list[tuple[int, ...]] = (
+            [tuple(range(num_buckets))] * cfg.num_phases
+            if cfg.buckets == "all"
+            else [tuple(int(b) for b in g) for g in np.array_split(np.asarray(ordered), cfg.num_phases)]
+        )
         self.lengths: list[int] = [int(n) for n in lengths] if lengths is not None else []
         """Length of every phase but the last."""
         self.starts: list[int] = [0]
