@@ -31,6 +31,7 @@ __all__ = [
     "conf_dir",
     "recipes_dir",
     "register",
+    "required_keys",
     "to_config",
 ]
 
@@ -171,6 +172,11 @@ def _missing_keys(node: DictConfig | ListConfig, path: str = "") -> list[str]:
         elif isinstance(child, DictConfig | ListConfig):
             out += _missing_keys(child, where)
     return out
+
+
+def required_keys(cfg: DictConfig) -> list[str]:
+    """The required keys (``???`` or ``${required:}``) nobody has set, in the order the config lists them."""
+    return _missing_keys(cfg)
 
 
 def missing_error(cfg: DictConfig, key: str, others: list[str] | None = None) -> MoEAdaptConfigError:
