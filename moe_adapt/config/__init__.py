@@ -118,19 +118,32 @@ def to_config(cfg: DictConfig) -> Config:
     return obj
 
 
+_HF = "a local HF folder with config.json and *.safetensors"
 REQUIRED_HINTS: tuple[tuple[str, str], ...] = (
-    (r"model\.dense", "/path/to/dense_checkpoint (a local HF folder with config.json and *.safetensors, or a .gguf file)"),
-    (r"cpt\.init_from", "/path/to/hf_checkpoint (the local HF folder continued pretraining starts from)"),
-    (r"data\.sources\[\d+\]\.path", "/path/to/corpus (a local JSONL file, a Parquet file or folder, or a save_to_disk folder)"),
-    (r"data\.decontam\.benchmarks\[\d+\]\.path", "/path/to/benchmark.jsonl (the benchmark items to remove from training: JSONL or .txt)"),
-    (r"distill\.teacher", "/path/to/teacher (a local HF checkpoint folder)"),
-    (r"distill\.prompts", "/path/to/prompts.jsonl (lines of {id, lang, prompt, answer?, reference_response?})"),
+    (r"model\.dense", f"/path/to/dense_checkpoint ({_HF}, or a .gguf file)"),
+    (r"cpt\.init_from", f"/path/to/hf_checkpoint (continued pretraining starts from it: {_HF})"),
+    (
+        r"data\.sources\[\d+\]\.path",
+        "/path/to/corpus (a local JSONL file, a Parquet file or folder, or a save_to_disk folder)",
+    ),
+    (
+        r"data\.decontam\.benchmarks\[\d+\]\.path",
+        "/path/to/benchmark.jsonl (the items to remove from training: JSONL or .txt)",
+    ),
+    (r"distill\.teacher", f"/path/to/teacher ({_HF})"),
+    (
+        r"distill\.prompts",
+        "/path/to/prompts.jsonl (lines of {id, lang, prompt, answer?, reference_response?})",
+    ),
     (r"distill\.eval_prompts", "/path/to/heldout_prompts.jsonl (the same format as distill.prompts)"),
-    (r"eval\.benchmarks\[\d+\]\.files\.\w+", "/path/to/items.jsonl (lines of {id, source_key, question, choices, answer})"),
+    (
+        r"eval\.benchmarks\[\d+\]\.files\.\w+",
+        "/path/to/items.jsonl (lines of {id, source_key, question, choices, answer})",
+    ),
     (r"eval\.harness_include\[\d+\]", "/path/to/task_folder (lm-eval task YAMLs)"),
-)  # fmt: skip
-"""What to pass for a required path the recipes leave as ``???``: (key pattern, example value and what it is)."""
-
+)
+"""What to pass for a required path a recipe leaves as ``${required:}``: (key pattern, example value and
+what it is)."""
 
 REQUIRED = "${required:}"
 """What a recipe writes for a path only the user can give (``model.dense: ${required:}``).
@@ -161,7 +174,7 @@ def _missing_keys(node: DictConfig | ListConfig, path: str = "") -> list[str]:
     items = (
         [(f"{path}[{i}]", i) for i in range(len(node))]
         if isinstance(node, ListConfig)
-        else [(f"{path}.{k}" if path else str(k), k) for k in node]
+        else [(f"{path}.{k!s}" if path else str(k), k) for k in node]
     )
     for where, key in items:
         child: Any = node._get_node(key)  # type: ignore[arg-type]
@@ -186,7 +199,7 @@ def missing_error(cfg: DictConfig, key: str, others: list[str] | None = None) ->
     source = re.fullmatch(r"data\.sources\[(\d+)\]\.path", key)
     if source is not None:
         node = OmegaConf.select(cfg, f"data.sources[{source.group(1)}].name", default=None)
-        name = f" (source {node})" if node else ""
+        name = f" (source {node!s})" if node else ""
     if others is None:
         others = [k for k in _missing_keys(cfg) if k != key]
     also = f"; also required: {', '.join(others)}" if others else ""

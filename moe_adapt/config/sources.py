@@ -98,7 +98,7 @@ def _end_with_scale(node: object) -> None:
     if not isinstance(node, DictConfig):
         return
     defaults = list(node.get("defaults") or [])
-    keys = [next(iter(d)) if isinstance(d, dict | DictConfig) else str(d) for d in defaults]
+    keys = [str(next(iter(d))) if isinstance(d, dict | DictConfig) else str(d) for d in defaults]
     if any(k.lstrip("/").removeprefix("override ").lstrip("/") == SCALE_GROUP for k in keys):
         return
     overrides = [d for d, k in zip(defaults, keys, strict=True) if k.startswith("override ")]

@@ -170,7 +170,9 @@ def resolve_weights(
     for key, w in spec.items():
         members = [key] if key in tokens else [m for m in tokens if role_of[m] == key]
         if not members:
-            _fail(f"{key_prefix}.{key}", w, f"not a source ({sorted(tokens)}) or role ({roles}) in the manifest")
+            _fail(
+                f"{key_prefix}.{key}", w, f"not a source ({sorted(tokens)}) or role ({roles}) in the manifest"
+            )
         total = sum(tokens[m] for m in members)
         for m in members:
             if m in via:
@@ -474,7 +476,10 @@ class MixtureSampler:
             "counts": self.counts_N.tolist(),
             "credits": list(self.credits),
             "pools": {
-                pool.name: [pool.epoch, pool.offset] for pools in self.pools for pool in pools if pool is not None
+                pool.name: [pool.epoch, pool.offset]
+                for pools in self.pools
+                for pool in pools
+                if pool is not None
             },
             "warned": sorted(self._warned),
         }

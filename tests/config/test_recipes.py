@@ -53,8 +53,9 @@ def test_the_cli_refuses_a_missing_path_before_any_stage(tmp_path):
     proc = cli("+recipe=hebatron", f"run_dir={tmp_path}", "data.sources.0.path=/a", "data.sources.1.path=/b")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: cpt.init_from is required: pass cpt.init_from=/path/to/hf_checkpoint (the local HF folder "
-        "continued pretraining starts from); also required: distill.prompts (or add scale=smoke to run the "
+        "error: cpt.init_from is required: pass cpt.init_from=/path/to/hf_checkpoint (continued pretraining "
+        "starts from it: a local HF folder with config.json and *.safetensors); also required: "
+        "distill.prompts (or add scale=smoke to run the "
         "recipe on the demo)"
     ]
     assert not (tmp_path / "data").exists()
@@ -72,7 +73,10 @@ def test_smoke_scale_keeps_the_stages_and_methods(tmp_path, recipe):
     assert smoke.upcycle.method.name == full.upcycle.method
     assert smoke.upcycle.granularity <= full.upcycle.granularity
     assert smoke.curriculum.num_phases == len(full.curriculum.phase_steps or []) + 1
-    assert smoke.curriculum.order == full.curriculum.order and smoke.curriculum.buckets == full.curriculum.buckets
+    assert (
+        smoke.curriculum.order == full.curriculum.order
+        and smoke.curriculum.buckets == full.curriculum.buckets
+    )
     assert (smoke.mixture.phase_weights is None) == (full.mixture.phase_weights is None)
     assert smoke.distill.select.theta == full.distill.select.theta
     assert smoke.data.demo.enabled and not smoke.data.sources

@@ -94,7 +94,9 @@ def test_deterministic_and_resumes_exactly(make_shards: MakeShards) -> None:
 def test_staged_weights_need_one_entry_per_phase(make_shards: MakeShards) -> None:
     mixture = MixtureConfig(seq_len=16, target_ratio=None, phase_weights=PHASES[:2])
     curriculum = CurriculumConfig(buckets="all", phase_steps=[10, 10])
-    with pytest.raises(MoEAdaptConfigError, match=r"^mixture\.phase_weights=.*one entry per curriculum phase"):
+    with pytest.raises(
+        MoEAdaptConfigError, match=r"^mixture\.phase_weights=.*one entry per curriculum phase"
+    ):
         MixtureSampler(make_shards(_specs()), mixture, curriculum, 0, global_batch_size=10)
     with pytest.raises(MoEAdaptConfigError, match=r"^mixture\.phase_weights\[0\]\.welsh=.*not a source"):
         MixtureSampler(
