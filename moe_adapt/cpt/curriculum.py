@@ -97,6 +97,11 @@ class Curriculum:
     def describe(self) -> str:
         """One line: each phase's buckets and length, e.g. ``3 phases: buckets [0] for 40 steps, [1] for
         30 steps, [2] to the end``."""
+        if self.cfg.buckets == "all":
+            ends = ", ".join(f"{n:,}" for n in self.lengths)
+            return f"{self.num_phases} source stages, every bucket read (mixture.phase_weights)" + (
+                f"; stage lengths {ends} {self.unit}, the last to the end" if self.lengths else ""
+            )
         parts = [f"{list(g)} for {n:,} {self.unit}" for g, n in zip(self.groups, self.lengths, strict=False)]
         if self.num_phases == 1:
             return f"1 phase: buckets {list(self.groups[0])}"

@@ -264,6 +264,8 @@ class MixtureSampler:
                 by_group[group] = DocPool(f"{name}/b{label}", arrays, self.seed)
                 per_phase_pools.append(by_group[group])
             self.pools.append(per_phase_pools)
+        if self.staged:
+            self._log_weights(0)
         self._fingerprint = self._make_fingerprint(manifest, curriculum)
         self.sequences = 0  # sequences emitted so far
         self.shift = 0  # curriculum tokens skipped by phases that ended early (stop_phase)
@@ -317,6 +319,11 @@ class MixtureSampler:
             )
         return MixtureBatch(tokens_BS1, source_ids_B, phases_B, self.sources)
 
+    def _log_weights(self, phase: int) -> None:
+        weights_N = self.weights_PN[phase]
+        shares = {s: round(float(w), 4) for s, w in zip(self.sources, weights_N, strict=True) if w > 0}
+        log.info("mixture: phase %d source weights %s", phase, shares)
+
     def _pool(self, source: int, phase: int) -> DocPool:
         """The pool ``source`` reads in ``phase`` (one it has weight in)."""
         pool = self.pools[source][phase]
@@ -328,6 +335,7 @@ class MixtureSampler:
             self.phase, self.credits = phase, [0] * len(self.sources)
             if self.staged:  # the new phase's shares hold from its first sequence
                 self.counts_N = np.zeros(len(self.sources), dtype=np.int64)
+                self._log_weights(phase)
             log.info(
                 "curriculum: phase %d (buckets %s) starts at sequence %d",
                 phase, list(self.curriculum.groups[phase]), self.sequences,
