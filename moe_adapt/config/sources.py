@@ -16,7 +16,7 @@ Every recipe ends with the ``scale`` group: :func:`store_recipes` appends ``/sca
 defaults list, after the recipe's own keys (``_self_``), unless the recipe names ``/scale`` itself.
 So ``+recipe=NAME scale=smoke`` applies ``conf/scale/smoke.yaml`` *after* the recipe and can shrink
 it; a ``scale`` in the primary config's defaults would be merged before the recipe and lose to it.
-(Without a recipe there is no ``scale`` to override: ``+scale=smoke`` appends it.)
+(Without a recipe there is no ``scale`` to override: scale is a property of a recipe.)
 
 Weighed and left: ``conf/recipe/`` as the group's real folder (moves recipes out of the top-level
 ``recipes/``); a git symlink ``conf/recipe -> ../recipes`` (a plain text file in Windows checkouts
