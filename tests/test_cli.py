@@ -66,7 +66,10 @@ def test_tiny_recipe_end_to_end(tmp_path):
         (["upcycle.top_k=abc"], "upcycle.top_k: Value 'abc' of type 'str' could not be converted to Integer"),
         (["upcycle.foo=1"], "upcycle.foo is not a setting; upcycle has: method, num_experts"),
         (["upcycle=nope"], "Could not find 'upcycle/nope'; available: copy, drop, fine_grained"),
-        (["+recipe=nope"], "Could not find 'recipe/nope'; available: tiny"),
+        (
+            ["+recipe=nope"],
+            "Could not find 'recipe/nope'; available: acai, arabic_r1, hebatron, marco_moe, tiny",
+        ),
         (["model.dense=/x", "upcycle.top_k=6"], "upcycle.top_k=6 is invalid: must be a multiple"),
         (["model.dense=/does/not/exist"], "model.dense=/does/not/exist does not exist"),
         ([], "model.dense is required by stage upcycle"),

@@ -31,6 +31,7 @@ __all__ = [
     "conf_dir",
     "recipes_dir",
     "register",
+    "required_keys",
     "to_config",
 ]
 
@@ -59,6 +60,7 @@ def register() -> None:
     # run_name of '..' must be refused while the folder's name is worked out, not after
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("run_dir_or", _run_dir_or, replace=True)
+    OmegaConf.register_new_resolver("required", _required, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=Config)
     # each option of the engine group pulls in its own schema (conf/engine/<name>.yaml's defaults), so
@@ -95,12 +97,13 @@ def to_config(cfg: DictConfig) -> Config:
     Raises :class:`MoEAdaptConfigError` with one line naming the key, the value and what is allowed.
     """
     _refuse_unknown_keys(cfg)
+    missing = _missing_keys(cfg)
+    if missing:  # to_object would quietly give such a field its dataclass default
+        raise missing_error(cfg, missing[0], missing[1:])
     try:
         obj: Any = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
-        raise MoEAdaptConfigError(
-            f"{e.full_key or '?'} is required: it has no default (set {e.full_key}=...)"
-        ) from None
+        raise missing_error(cfg, e.full_key or "?") from None
     except MoEAdaptConfigError as e:
         source = _interpolated_from(cfg, e.key) if e.key else None
         if source is None:
@@ -113,6 +116,98 @@ def to_config(cfg: DictConfig) -> Config:
         raise MoEAdaptConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {msg}") from None
     assert isinstance(obj, Config)
     return obj
+
+
+_HF = "a local HF folder with config.json and *.safetensors"
+REQUIRED_HINTS: tuple[tuple[str, str], ...] = (
+    (r"model\.dense", f"/path/to/dense_checkpoint ({_HF}, or a .gguf file)"),
+    (r"cpt\.init_from", f"/path/to/hf_checkpoint (continued pretraining starts from it: {_HF})"),
+    (
+        r"data\.sources\[\d+\]\.path",
+        "/path/to/corpus (a local JSONL file, a Parquet file or folder, or a save_to_disk folder)",
+    ),
+    (
+        r"data\.decontam\.benchmarks\[\d+\]\.path",
+        "/path/to/benchmark.jsonl (the items to remove from training: JSONL or .txt)",
+    ),
+    (r"distill\.teacher", f"/path/to/teacher ({_HF})"),
+    (
+        r"distill\.prompts",
+        "/path/to/prompts.jsonl (lines of {id, lang, prompt, answer?, reference_response?})",
+    ),
+    (r"distill\.eval_prompts", "/path/to/heldout_prompts.jsonl (the same format as distill.prompts)"),
+    (
+        r"eval\.benchmarks\[\d+\]\.files\.\w+",
+        "/path/to/items.jsonl (lines of {id, source_key, question, choices, answer})",
+    ),
+    (r"eval\.harness_include\[\d+\]", "/path/to/task_folder (lm-eval task YAMLs)"),
+)
+"""What to pass for a required path a recipe leaves as ``${required:}``: (key pattern, example value and
+what it is)."""
+
+REQUIRED = "${required:}"
+"""What a recipe writes for a path only the user can give (``model.dense: ${required:}``).
+
+Not ``???``: OmegaConf's merge keeps the value a key already has when the merged-in value is ``???``,
+so a recipe's ``???`` over a default (``model.dense: null``, a list item's ``path: ''``) would be lost
+without a word. An interpolation always replaces; :func:`to_config` names every key still holding it,
+and the ``required`` resolver refuses to give it a value anywhere else."""
+
+
+def _required(*, _node_: Any) -> object:
+    """The ``required`` resolver: a required value nobody set is an error naming its key."""
+    key = _node_._get_full_key(None) if _node_ is not None else "?"
+    raise MoEAdaptConfigError(f"{key} is required: pass {key}=...")
+
+
+def _is_required(node: Any) -> bool:
+    return bool(node._is_missing()) or (
+        node._is_interpolation() and str(node._value()).replace(" ", "") == REQUIRED
+    )
+
+
+def _missing_keys(node: DictConfig | ListConfig, path: str = "") -> list[str]:
+    """The keys left ``???`` or ``${required:}`` (required, no value), in the order the config lists them."""
+    out: list[str] = []
+    if node._is_none() or node._is_missing() or node._is_interpolation():
+        return out
+    items = (
+        [(f"{path}[{i}]", i) for i in range(len(node))]
+        if isinstance(node, ListConfig)
+        else [(f"{path}.{k!s}" if path else str(k), k) for k in node]
+    )
+    for where, key in items:
+        child: Any = node._get_node(key)  # type: ignore[arg-type]
+        if child is None:
+            continue
+        if _is_required(child):
+            out.append(where)
+        elif isinstance(child, DictConfig | ListConfig):
+            out += _missing_keys(child, where)
+    return out
+
+
+def required_keys(cfg: DictConfig) -> list[str]:
+    """The required keys (``???`` or ``${required:}``) nobody has set, in the order the config lists them."""
+    return _missing_keys(cfg)
+
+
+def missing_error(cfg: DictConfig, key: str, others: list[str] | None = None) -> MoEAdaptConfigError:
+    """The one line for a required value left unset (``???``): the key, what to pass, the others missing."""
+    hint = next((h for pattern, h in REQUIRED_HINTS if re.fullmatch(pattern, key)), "...")
+    name = ""
+    source = re.fullmatch(r"data\.sources\[(\d+)\]\.path", key)
+    if source is not None:
+        node = OmegaConf.select(cfg, f"data.sources[{source.group(1)}].name", default=None)
+        name = f" (source {node!s})" if node else ""
+    if others is None:
+        others = [k for k in _missing_keys(cfg) if k != key]
+    also = f"; also required: {', '.join(others)}" if others else ""
+    override = re.sub(r"\[(\d+)\]", r".\1", key)  # the command line's spelling: data.sources.0.path
+    return MoEAdaptConfigError(
+        f"{key}{name} is required: pass {override}={hint}{also} (or add scale=smoke to run the recipe on "
+        "the demo)"
+    )
 
 
 def _interpolated_from(cfg: DictConfig, key: str) -> str | None:

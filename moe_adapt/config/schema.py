@@ -166,6 +166,15 @@ class Config:
                 "report.sweep_dir is required by stage report: "
                 "set report.sweep_dir=runs/<name>-multirun/<time>"
             )
+        phase_weights = self.mixture.phase_weights
+        if phase_weights is not None and len(phase_weights) != self.curriculum.num_phases:
+            _fail(
+                "mixture.phase_weights",
+                [dict(p) for p in phase_weights],
+                f"give one entry per curriculum phase: the curriculum has {self.curriculum.num_phases} "
+                f"(curriculum.phase_steps/phase_tokens list {self.curriculum.num_phases - 1} lengths, "
+                "and the last phase runs to the end)",
+            )
         check_path_component("run_name", self.run_name)
         if not 0 <= self.seed < 2**32:
             _fail("seed", self.seed, "must be in [0, 2**32)")

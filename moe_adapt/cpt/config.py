@@ -24,6 +24,9 @@ ORDERS = ("easy_to_hard", "hard_to_easy", "random")
 PACINGS = ("step", "linear")
 """What ``curriculum.pacing`` may be."""
 
+BUCKETS = ("by_phase", "all")
+"""What ``curriculum.buckets`` may be."""
+
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:
     invalid(f"cpt.{key}", value, allowed)
@@ -115,6 +118,15 @@ class MixtureConfig:
     """Sources or roles read from all their buckets in every phase (continuous replay / anti-forgetting
     anchors) instead of following the curriculum; their share is kept in every phase like any other."""
 
+    phase_weights: list[dict[str, float]] | None = None
+    """A source-staged curriculum (nanotron's data stages, OLMo-core's mixtures): one ``{source or role:
+    weight}`` per curriculum phase, each resolved like ``weights`` (normalised; a role's weight split
+    over its sources by tokens). A source left out of a phase (or given 0) is not read in it. The list
+    has one entry per phase (curriculum.phase_steps/phase_tokens), so it needs target_ratio=null and
+    weights={}. Shares switch at the phase boundary (whatever curriculum.pacing) and hold exactly
+    within each phase: the scheduler restarts its counts at each boundary. Usually with
+    curriculum.buckets=all, so that phases change sources only. null: the same weights in every phase."""
+
     exhaustion: str = "repeat"
     """When a pool runs out: repeat (re-permute, next epoch, up to max_epochs) or stop_phase (end the
     current phase early and move to the next)."""
@@ -133,8 +145,14 @@ class MixtureConfig:
             )
         if self.weights and self.target_ratio is not None:
             _fail_mixture("target_ratio", self.target_ratio, "must be null when mixture.weights is set")
-        if not self.weights and self.target_ratio is None:
-            _fail_mixture("weights", dict(self.weights), "set mixture.weights or mixture.target_ratio")
+        if self.phase_weights is not None:
+            self._check_phase_weights()
+        elif not self.weights and self.target_ratio is None:
+            _fail_mixture(
+                "weights",
+                dict(self.weights),
+                "set mixture.weights, mixture.target_ratio or mixture.phase_weights",
+            )
         for key, w in self.weights.items():
             if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
                 _fail_mixture(f"weights.{key}", w, "must be a finite number >= 0")
@@ -146,6 +164,24 @@ class MixtureConfig:
             _fail_mixture("max_epochs", self.max_epochs, "must be >= 1")
         if self.seq_len < 1:
             _fail_mixture("seq_len", self.seq_len, "must be >= 1")
+
+    def _check_phase_weights(self) -> None:
+        phases = self.phase_weights
+        assert phases is not None
+        if self.target_ratio is not None or self.weights:
+            _fail_mixture(
+                "phase_weights",
+                [dict(p) for p in phases],
+                "replaces mixture.target_ratio and mixture.weights: set target_ratio=null and weights={}",
+            )
+        if not phases:
+            _fail_mixture("phase_weights", [], "give one {source or role: weight} per phase, or null")
+        for i, spec in enumerate(phases):
+            for key, w in spec.items():
+                if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
+                    _fail_mixture(f"phase_weights[{i}].{key}", w, "must be a finite number >= 0")
+            if sum(spec.values()) <= 0:
+                _fail_mixture(f"phase_weights[{i}]", dict(spec), "at least one weight must be > 0")
 
 
 @dataclass
@@ -165,6 +201,11 @@ class CurriculumConfig:
     """Length in optimizer steps of every phase but the last (which runs to the end): N entries make
     N + 1 phases. Needs the global batch size."""
 
+    buckets: str = "by_phase"
+    """by_phase: each phase reads its group of difficulty buckets (an easy -> hard curriculum);
+    all: every phase reads every bucket, so phases differ only in mixture.phase_weights (a
+    source-staged curriculum: broad -> specific, base languages -> added languages)."""
+
     pacing: str = "step"
     """step (switch buckets at the phase boundary) or linear (blend the next phase in; see blend_fraction)."""
 
@@ -182,6 +223,8 @@ class CurriculumConfig:
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             _fail_curriculum("order", self.order, f"choose one of {', '.join(ORDERS)}")
+        if self.buckets not in BUCKETS:
+            _fail_curriculum("buckets", self.buckets, f"choose one of {', '.join(BUCKETS)}")
         if self.pacing not in PACINGS:
             _fail_curriculum("pacing", self.pacing, f"choose one of {', '.join(PACINGS)}")
         if self.phase_tokens is not None and self.phase_steps is not None:

@@ -8,6 +8,10 @@ contiguous groups (``numpy.array_split``), so with ``P == K`` phase ``i`` reads 
 optimizer steps; the last phase goes on for as long as training does, so ``P - 1`` lengths make
 ``P`` phases (``[40, 30]``: three phases, easy for 40 steps, medium for 30, then hard).
 
+With ``buckets=all`` every phase reads every bucket (``order`` has nothing to order): the phases then
+differ only in the sources' weights (``mixture.phase_weights``, a source-staged curriculum, applied by
+:mod:`moe_adapt.cpt.sampler`).
+
 :func:`phase_at` is a pure function of (config, position, number of buckets, seed).
 """
 
@@ -61,7 +65,7 @@ class Curriculum:
         self.unit = "steps" if cfg.phase_steps is not None else "tokens"
         lengths = cfg.phase_steps if cfg.phase_steps is not None else cfg.phase_tokens
         key = "phase_steps" if cfg.phase_steps is not None else "phase_tokens"
-        if cfg.num_phases > num_buckets:
+        if cfg.num_phases > num_buckets and cfg.buckets == "by_phase":
             _fail(
                 key,
                 lengths,
@@ -74,9 +78,11 @@ class Curriculum:
             ordered = list(range(num_buckets))[::-1]
         else:
             ordered = np.random.default_rng([seed, _RANDOM_ORDER_SALT]).permutation(num_buckets).tolist()
-        self.groups: list[tuple[int, ...]] = [
-            tuple(int(b) for b in g) for g in np.array_split(np.asarray(ordered), cfg.num_phases)
-        ]
+        self.groups: list[tuple[int, ...]] = (
+            [tuple(range(num_buckets))] * cfg.num_phases
+            if cfg.buckets == "all"
+            else [tuple(int(b) for b in g) for g in np.array_split(np.asarray(ordered), cfg.num_phases)]
+        )
         self.lengths: list[int] = [int(n) for n in lengths] if lengths is not None else []
         """Length of every phase but the last."""
         self.starts: list[int] = [0]
@@ -91,6 +97,11 @@ class Curriculum:
     def describe(self) -> str:
         """One line: each phase's buckets and length, e.g. ``3 phases: buckets [0] for 40 steps, [1] for
         30 steps, [2] to the end``."""
+        if self.cfg.buckets == "all":
+            ends = ", ".join(f"{n:,}" for n in self.lengths)
+            return f"{self.num_phases} source stages, every bucket read (mixture.phase_weights)" + (
+                f"; stage lengths {ends} {self.unit}, the last to the end" if self.lengths else ""
+            )
         parts = [f"{list(g)} for {n:,} {self.unit}" for g, n in zip(self.groups, self.lengths, strict=False)]
         if self.num_phases == 1:
             return f"1 phase: buckets {list(self.groups[0])}"

@@ -7,6 +7,9 @@ source, the curriculum decides which difficulty buckets are read: each (source, 
 documents, permuted per epoch from the seed, packed into windows of ``seq_len + 1`` tokens across
 document boundaries. Sources named in ``replay`` ignore the curriculum and read all their buckets in
 every phase. With linear pacing, the next phase's pool is blended in by integer error diffusion.
+With ``mixture.phase_weights`` (a source-staged curriculum) each phase has its own source weights: the
+divisor scheduler restarts its counts at each phase boundary, so every phase holds its own shares
+exactly, and a source with no weight in a phase is not read in it.
 
 The stream is a pure function of (seed, config, manifest, position): it does not depend on how it is
 cut into batches, and :meth:`MixtureSampler.state_dict` (small, JSON) resumes it exactly. Both
@@ -134,15 +137,24 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def resolve_weights(shards: list[dict[str, Any]], cfg: MixtureConfig) -> dict[str, float]:
-    """Normalised token share per source name (sources with weight 0 left out)."""
+def resolve_weights(
+    shards: list[dict[str, Any]], cfg: MixtureConfig, phase: int | None = None
+) -> dict[str, float]:
+    """Normalised token share per source name (sources with weight 0 left out); with ``phase``, the
+    shares of that entry of ``cfg.phase_weights``."""
     role_of: dict[str, str] = {}
     tokens: dict[str, int] = {}
     for s in shards:
         role_of[s["source"]] = s.get("role", "other")
         tokens[s["source"]] = tokens.get(s["source"], 0) + int(s["tokens"])
     roles = sorted(set(role_of.values()))
-    spec = dict(cfg.weights)
+    key_prefix = "weights"
+    if phase is not None:
+        assert cfg.phase_weights is not None
+        spec = dict(cfg.phase_weights[phase])
+        key_prefix = f"phase_weights[{phase}]"
+    else:
+        spec = dict(cfg.weights)
     if not spec:
         assert cfg.target_ratio is not None
         if "target" not in roles:
@@ -158,11 +170,13 @@ def resolve_weights(shards: list[dict[str, Any]], cfg: MixtureConfig) -> dict[st
     for key, w in spec.items():
         members = [key] if key in tokens else [m for m in tokens if role_of[m] == key]
         if not members:
-            _fail(f"weights.{key}", w, f"not a source ({sorted(tokens)}) or role ({roles}) in the manifest")
+            _fail(
+                f"{key_prefix}.{key}", w, f"not a source ({sorted(tokens)}) or role ({roles}) in the manifest"
+            )
         total = sum(tokens[m] for m in members)
         for m in members:
             if m in via:
-                _fail(f"weights.{key}", w, f"source {m} is already weighted through {via[m]!r}")
+                _fail(f"{key_prefix}.{key}", w, f"source {m} is already weighted through {via[m]!r}")
             via[m] = key
             out[m] = float(w) * tokens[m] / total if total else 0.0
     norm = sum(out.values())
@@ -196,20 +210,41 @@ class MixtureSampler:
             raise MoEAdaptConfigError("curriculum.phase_steps needs the sampler's global_batch_size")
         self._unit_tokens: int = 1 if tps is None or self.curriculum.unit == "tokens" else tps
         log.info("curriculum: %s", self.curriculum.describe())
-        weights = resolve_weights(shards, mixture)
-        self.sources: list[str] = list(weights)
-        self.weights_N = np.array([weights[s] for s in self.sources])
+        phases = self.curriculum.num_phases
+        self.staged = mixture.phase_weights is not None
+        if self.staged:
+            if len(mixture.phase_weights or []) != phases:
+                _fail(
+                    "phase_weights",
+                    [dict(p) for p in mixture.phase_weights or []],
+                    f"give one entry per curriculum phase ({phases})",
+                )
+            per_phase = [resolve_weights(shards, mixture, p) for p in range(phases)]
+        else:
+            per_phase = [resolve_weights(shards, mixture)] * phases
+        self.sources: list[str] = sorted({s for w in per_phase for s in w})
+        # weights_PN[p, n]: source n's share in phase p (0: not read in that phase)
+        self.weights_PN = np.array([[w.get(s, 0.0) for s in self.sources] for w in per_phase])
         role_of = {s["source"]: s.get("role", "other") for s in shards}
         opened: dict[str, ShardArrays] = {}
         # pools[n][p]: the pool source n reads in phase p (replay sources: the same pool in every phase)
-        self.pools: list[list[DocPool]] = []
+        self.pools: list[list[DocPool | None]] = []
         self._replay: list[bool] = []
-        for name in self.sources:
+        for n, name in enumerate(self.sources):
             replay = name in mixture.replay or role_of[name] in mixture.replay
             self._replay.append(replay)
-            groups = [None] if replay else self.curriculum.groups
-            per_group: list[DocPool] = []
-            for p, group in enumerate(groups):
+            # one pool per distinct bucket group (phases reading the same buckets share it); None in a
+            # phase where the source has no weight
+            by_group: dict[tuple[int, ...] | None, DocPool] = {}
+            per_phase_pools: list[DocPool | None] = []
+            for p in range(phases):
+                group = None if replay else self.curriculum.groups[p]
+                if self.weights_PN[p, n] <= 0:
+                    per_phase_pools.append(None)
+                    continue
+                if group in by_group:
+                    per_phase_pools.append(by_group[group])
+                    continue
                 members = [
                     s for s in shards if s["source"] == name and (group is None or int(s["bucket"]) in group)
                 ]
@@ -226,8 +261,11 @@ class MixtureSampler:
                         opened[s["prefix"]] = ShardArrays.open(self.dir, s["prefix"])
                     arrays.append(opened[s["prefix"]])
                 label = "all" if group is None else "-".join(map(str, group))
-                per_group.append(DocPool(f"{name}/b{label}", arrays, self.seed))
-            self.pools.append(per_group * (self.curriculum.num_phases if replay else 1))
+                by_group[group] = DocPool(f"{name}/b{label}", arrays, self.seed)
+                per_phase_pools.append(by_group[group])
+            self.pools.append(per_phase_pools)
+        if self.staged:
+            self._log_weights(0)
         self._fingerprint = self._make_fingerprint(manifest, curriculum)
         self.sequences = 0  # sequences emitted so far
         self.shift = 0  # curriculum tokens skipped by phases that ended early (stop_phase)
@@ -239,8 +277,15 @@ class MixtureSampler:
         self._plan: _Plan | None = None
 
     def _make_fingerprint(self, manifest: dict[str, Any], curriculum: CurriculumConfig) -> str:
+        mixture, phases = asdict(self.cfg), asdict(curriculum)
+        # settings added later leave the fingerprint of a run that does not use them as it was, so a
+        # checkpoint made before they existed still resumes
+        if mixture["phase_weights"] is None:
+            del mixture["phase_weights"]
+        if phases["buckets"] == "by_phase":
+            del phases["buckets"]
         blob = json.dumps(
-            [asdict(self.cfg), asdict(curriculum), self.seed, self._unit_tokens,
+            [mixture, phases, self.seed, self._unit_tokens,
              [(s["prefix"], s["tokens"]) for s in manifest["shards"]]],
             sort_keys=True,
         )  # fmt: skip
@@ -274,9 +319,23 @@ class MixtureSampler:
             )
         return MixtureBatch(tokens_BS1, source_ids_B, phases_B, self.sources)
 
+    def _log_weights(self, phase: int) -> None:
+        weights_N = self.weights_PN[phase]
+        shares = {s: round(float(w), 4) for s, w in zip(self.sources, weights_N, strict=True) if w > 0}
+        log.info("mixture: phase %d source weights %s", phase, shares)
+
+    def _pool(self, source: int, phase: int) -> DocPool:
+        """The pool ``source`` reads in ``phase`` (one it has weight in)."""
+        pool = self.pools[source][phase]
+        assert pool is not None, (self.sources[source], phase)
+        return pool
+
     def _enter_phase(self, phase: int) -> None:
         if phase != self.phase:
             self.phase, self.credits = phase, [0] * len(self.sources)
+            if self.staged:  # the new phase's shares hold from its first sequence
+                self.counts_N = np.zeros(len(self.sources), dtype=np.int64)
+                self._log_weights(phase)
             log.info(
                 "curriculum: phase %d (buckets %s) starts at sequence %d",
                 phase, list(self.curriculum.groups[phase]), self.sequences,
@@ -317,12 +376,14 @@ class MixtureSampler:
             w0, wl = round(window[0] * unit), max(1, round(window[1] * unit))
             if pos + (length - 1) * S <= w0:
                 window = None  # the plan ends before the blend: every next-pool share is 0
-        picks = webster_picks(self.counts_N, self.weights_N, length)
+        weights_N = self.weights_PN[phase]
+        active = np.flatnonzero(weights_N > 0)  # sources read in this phase
+        picks = active[webster_picks(self.counts_N[active], weights_N[active], length)]
         pools: list[tuple[int, int, np.ndarray]] = []  # (source, phase of its pool, rows)
         shares: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for n in np.flatnonzero(np.bincount(picks, minlength=len(self.sources))).tolist():
             rows = np.flatnonzero(picks == n)
-            if window is None or self._replay[n]:
+            if window is None or self._replay[n] or self.pools[n][phase + 1] is None:
                 pools.append((n, phase, rows))
                 continue
             shares_n = np.minimum(np.maximum(rows * S + (pos - w0), 0), wl)  # the next pool's share
@@ -332,7 +393,7 @@ class MixtureSampler:
         if self.cfg.exhaustion == "stop_phase":
             cut = length
             for n, p, rows in pools:
-                left = self.pools[n][p].windows_left(S)
+                left = self._pool(n, p).windows_left(S)
                 if rows.size > left:
                     cut = min(cut, int(rows[left]))
             if cut == 0:
@@ -342,7 +403,7 @@ class MixtureSampler:
                 length, picks = cut, picks[:cut]
                 pools = [(n, p, rows[: int(rows.searchsorted(cut))]) for n, p, rows in pools]
                 pools = [(n, p, rows) for n, p, rows in pools if rows.size]
-        takes = [_Take(n, self.pools[n][p], rows, _upto(rows, length, len(pools))) for n, p, rows in pools]
+        takes = [_Take(n, self._pool(n, p), rows, _upto(rows, length, len(pools))) for n, p, rows in pools]
         return _Plan(self.sequences, self.sequences + length, phase, picks, takes,
                      self.counts_N, list(self.credits), shares)  # fmt: skip
 
@@ -352,9 +413,9 @@ class MixtureSampler:
         """stop_phase: a pool has no window left for the first row; end the phase (or fail in the last)."""
         S = self.seq_len
         exhausted = [
-            self.pools[n][p].name
+            self._pool(n, p).name
             for n, p, rows in pools
-            if int(np.count_nonzero(rows < length)) > self.pools[n][p].windows_left(S)
+            if int(np.count_nonzero(rows < length)) > self._pool(n, p).windows_left(S)
         ]
         if phase + 1 >= self.curriculum.num_phases:
             raise DataExhaustedError(
@@ -422,7 +483,12 @@ class MixtureSampler:
             "phase": self.phase,
             "counts": self.counts_N.tolist(),
             "credits": list(self.credits),
-            "pools": {pool.name: [pool.epoch, pool.offset] for pools in self.pools for pool in pools},
+            "pools": {
+                pool.name: [pool.epoch, pool.offset]
+                for pools in self.pools
+                for pool in pools
+                if pool is not None
+            },
             "warned": sorted(self._warned),
         }
 
@@ -442,6 +508,6 @@ class MixtureSampler:
         self.counts_N = np.asarray(state["counts"], dtype=np.int64)
         self.credits = [int(c) for c in state["credits"]]
         for pools in self.pools:
-            for pool in pools:
+            for pool in filter(None, pools):
                 pool.epoch, pool.offset = (int(v) for v in state["pools"][pool.name])
         self._warned = set(state["warned"])

@@ -85,7 +85,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = load_prompts(prompt_dir / "train.jsonl", t.langs, key="teacher.task")
     test = load_prompts(prompt_dir / "test.jsonl", t.langs, key="teacher.task")
     # a dense teacher: no router terms, no anchors; engine auto (hf: megatron maps MoE models only)
-    engine_cfg = replace(as_auto(cfg.engine), l2_anchor_coef=0.0, kl_anchor_coef=0.0, reference=None)
+    # (bias_update_rate too: a recipe may set aux-loss-free balancing for its MoE's cpt)
+    engine_cfg = replace(
+        as_auto(cfg.engine), l2_anchor_coef=0.0, kl_anchor_coef=0.0, reference=None, bias_update_rate=0.0
+    )
     train_summary = run_train_phase(
         "teacher",
         t.train,
