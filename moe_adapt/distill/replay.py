@@ -18,7 +18,7 @@ Shape legend: ``B`` rows of a batch, ``T1`` seq_len + 1 packed tokens.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,7 @@ def shard_vocab(shards: Path) -> int:
     return int(load_manifest(shards).get("vocab_size", 0))
 
 
-def realised_share(metrics_rows: list[Mapping[str, Any]]) -> float | None:
+def realised_share(metrics_rows: Sequence[Mapping[str, Any]]) -> float | None:
     """Share of a phase's logged steps that replayed (None when no step logged ``replay``)."""
     flags = [float(r["replay"]) for r in metrics_rows if "replay" in r]
     return round(sum(flags) / len(flags), 6) if flags else None

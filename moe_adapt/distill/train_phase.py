@@ -216,10 +216,11 @@ def run_train_phase(
     )
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     rows_logged = _metrics_rows(work / "metrics.jsonl")
-    last = next((r for r in reversed(rows_logged) if "loss" in r), {})  # the last task step
+    no_row: dict[str, Any] = {}
+    last = next((r for r in reversed(rows_logged) if "loss" in r), no_row)  # the last task step
     extra: dict[str, Any] = {}
     if replay is not None:
-        last_replay = next((r for r in reversed(rows_logged) if "replay/lm_loss" in r), {})
+        last_replay = next((r for r in reversed(rows_logged) if "replay/lm_loss" in r), no_row)
         extra["replay"] = {
             "share": replay.share,
             "realised": realised_share(rows_logged),
