@@ -174,7 +174,8 @@ def run_train_phase(
     announce(training_plan, check=ecfg.check_memory)
     torch.manual_seed(seed)
     trained = build_engine(ecfg, init_from, kd=kd, teacher=teacher)
-    source: PackedSampler | ReplayMixer = PackedSampler(rows, seed)
+    task = PackedSampler(rows, seed)
+    source: PackedSampler | ReplayMixer = task
     if replay is not None:
         vocab = shard_vocab(replay.shards)
         if vocab > trained.vocab_size:
@@ -182,7 +183,7 @@ def run_train_phase(
                 f"distill.shards={str(replay.shards)!r} were tokenized with {vocab} ids but the {name} "
                 f"phase's model has a vocabulary of {trained.vocab_size}: replay needs the model's tokenizer"
             )
-        source = ReplayMixer.build(source, replay, pcfg.seq_len, seed)
+        source = ReplayMixer.build(task, replay, pcfg.seq_len, seed)
         log.info(
             "%s: %.0f%% of the batches replay general text from %s", name, 100 * replay.share, replay.shards
         )
