@@ -53,6 +53,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
     distill = json.loads((tmp_path / "distill" / "summary.json").read_text())
     assert {"teacher", "student_before", "after_seq_kd", "after_token_kd"} <= set(distill["accuracy"])
     assert set(distill["accuracy"]["after_token_kd"]) == {"ar", "en", "gap"}
+    assert {"student_before", "after_seq_kd", "after_token_kd"} <= set(distill["heldout"])
+    assert distill["seq_kd"]["replay"]["batches"] >= 1 and set(distill["forgetting"]) == {"ar", "en"}
     assert distill["verify"]["kept"] + distill["verify"]["rejected"] == distill["generate"]["traces"]
     assert (tmp_path / "distill" / "model" / "config.json").is_file()
     for trained in ("init_dense", "cpt", "teacher", "distill/seq_kd", "distill/token_kd"):

@@ -49,9 +49,12 @@ class HeldoutLossCallback(Callback):
         *,
         write: bool = True,
         token_sizes: TokenSizes | None = None,
+        label: str = "cpt",
     ) -> None:
         self.docs, self.path, self.every, self.window, self.write = docs, path, every, window, write
         self.token_sizes = token_sizes
+        self.label = label
+        """Names the training in the log line (cpt, distill seq_kd, ...)."""
         self.history: list[dict[str, Any]] = []
 
     def evaluate(self, model: Any, step: int) -> dict[str, Any]:
@@ -78,7 +81,8 @@ class HeldoutLossCallback(Callback):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         log.info(
-            "cpt: step %d held-out nats/token (bits/byte) %s",
+            "%s: step %d held-out nats/token (bits/byte) %s",
+            self.label,
             step,
             "  ".join(
                 f"{lang} {record[f'loss_{lang}']:.4f}"
@@ -151,13 +155,16 @@ def forgetting_report(
     return report
 
 
-def log_forgetting(report: Mapping[str, Mapping[str, Any]]) -> None:
+def log_forgetting(
+    report: Mapping[str, Mapping[str, Any]], label: str = "cpt", key: str = "cpt.forgetting_bound"
+) -> None:
+    """Log each language's verdict of :func:`forgetting_report` (a breach as a warning naming ``key``)."""
     for lang, r in report.items():
         if r["held"] is None:
-            log.warning("cpt: forgetting bound for %s not checked: %s", lang, r["note"])
+            log.warning("%s: forgetting bound for %s not checked: %s", label, lang, r["note"])
             continue
         line = (
-            f"cpt: forgetting {lang}: held-out loss {r['before']:.4f} -> {r['after']:.4f} "
+            f"{label}: forgetting {lang}: held-out loss {r['before']:.4f} -> {r['after']:.4f} "
             f"({r['rise']:+.4f} nats/token), bound +{r['bound']:.4f} nats/token"
         )
         if "rise_bpb" in r:
@@ -168,4 +175,4 @@ def log_forgetting(report: Mapping[str, Mapping[str, Any]]) -> None:
         if r["held"]:
             log.info("%s: held", line)
         else:
-            log.warning("%s: EXCEEDED (cpt.forgetting_bound)", line)
+            log.warning("%s: EXCEEDED (%s)", line, key)

@@ -7,6 +7,7 @@ Training phases share :class:`TrainPhaseConfig`; each starts from the previous t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -114,10 +115,22 @@ class TrainPhaseConfig:
     checkpoint_every: int = 50
     """Steps between checkpoints (a crashed phase resumes from the latest)."""
 
+    l2_anchor_coef: float = 0.0
+    """Weight of Σ||θ − θ0||² to the weights the phase starts from (0: off). A distill phase takes its
+    anchors from here, not from engine.l2_anchor_coef / engine.kl_anchor_coef (those are cpt's)."""
+
+    kl_anchor_coef: float = 0.0
+    """Weight of KL(p_start ‖ p) to the next-token distribution of the model the phase starts from, on
+    every batch (the task's and the replayed general text's; 0: off). Loads a frozen copy of it."""
+
     def validate(self, key: str) -> None:
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", getattr(self, name), "must be >= 1")
+        for name in ("l2_anchor_coef", "kl_anchor_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                _fail(f"{key}.{name}", value, "must be a finite number >= 0 (0: off)")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             _fail(f"{key}.warmup_steps", self.warmup_steps, f"must be in [0, steps={self.steps})")
         if not self.lr > 0:
@@ -222,6 +235,27 @@ class DistillConfig:
     eval: DistillEvalConfig = field(default_factory=DistillEvalConfig)
     """Held-out accuracy before and after distillation."""
 
+    replay: float = 0.0
+    """Share of every training phase's batches that are general text (replay against forgetting):
+    whole batches of distill.shards drawn by the cpt stage's mixture sampler with the mixture group's
+    sources and ratio (e.g. 80/20), trained on plain next-token loss and logged as replay/<term>. In
+    [0, 1); 0: off. Which steps replay is a deterministic schedule (within one batch of the share)."""
+
+    shards: str | None = None
+    """The data stage's training shards (manifest.json) that replay draws from (the recipes: cpt.shards)."""
+
+    heldout: str | None = None
+    """Held-out shards: the per-language held-out loss of the student and of every training phase's
+    model at its end, in summary.json and report.md (null: not measured)."""
+
+    heldout_docs: int = 32
+    """Held-out documents per language (a fixed sample, as cpt.eval_docs)."""
+
+    forgetting_bound: dict[str, float] = field(default_factory=dict)
+    """The stated bound on forgetting: per language, the largest rise of held-out loss (nats per token)
+    from the student to the last training phase's model, e.g. {ar: 0.3, en: 0.3}; summary.json says
+    for each language whether it held, a breach is logged as a warning. Needs distill.heldout. {}: none."""
+
     def __post_init__(self) -> None:
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown:
@@ -241,6 +275,24 @@ class DistillConfig:
             _fail("distill.langs", [], "list at least one language")
         for name in TRAINING_PHASES:
             getattr(self, name).validate(f"distill.{name}")
+        if not (isinstance(self.replay, int | float) and 0 <= self.replay < 1):
+            _fail("distill.replay", self.replay, "must be in [0, 1) (the share of batches that replay)")
+        if self.heldout_docs < 1:
+            _fail("distill.heldout_docs", self.heldout_docs, "must be >= 1")
+        for lang, bound in self.forgetting_bound.items():
+            if not lang or not math.isfinite(bound) or bound < 0:
+                _fail(
+                    "distill.forgetting_bound",
+                    dict(self.forgetting_bound),
+                    f"each entry is a language and the largest held-out loss rise allowed, a number >= 0 "
+                    f"(got {lang}: {bound})",
+                )
+        if self.forgetting_bound and not self.heldout:
+            _fail(
+                "distill.forgetting_bound",
+                dict(self.forgetting_bound),
+                "a bound on forgetting is checked on the held-out loss: set distill.heldout too",
+            )
 
 
 @dataclass

@@ -8,6 +8,13 @@ a crash skips finished phases, resumes the interrupted one (generate from its fi
 training phases from their latest checkpoint) and runs the rest. When all phases are done the
 folders move into the stage folder, the last training phase's model becomes ``model/``, and
 ``summary.json`` / ``report.md`` collect verification counts and held-out accuracy before and after.
+
+Every training phase can replay general text (``distill.replay``: :mod:`moe_adapt.distill.replay`) and
+anchor to the model it starts from (``distill.<phase>.l2_anchor_coef`` / ``kl_anchor_coef``). With
+``distill.heldout`` the held-out loss per language of the student and of each training phase's model
+is measured (as the cpt stage measures it) and reported beside the accuracy, with
+``distill.forgetting_bound`` checked from the student to the last phase
+(:func:`moe_adapt.cpt.heldout.forgetting_report`).
 """
 
 from __future__ import annotations
@@ -21,13 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.checkpoint.hf import check_seq_len
+from moe_adapt.cpt.config import MixtureConfig
+from moe_adapt.cpt.heldout import forgetting_report, log_forgetting
 from moe_adapt.data.jsonl import write_documents
 from moe_adapt.distill.accuracy import evaluate_accuracy
 from moe_adapt.distill.config import SELECT_KD_DEFAULT_THETA, TRAINING_PHASES, DistillConfig
 from moe_adapt.distill.generate import iter_traces, run_generate
 from moe_adapt.distill.prompts import PromptRecord, load_prompts
+from moe_adapt.distill.replay import ReplaySource, check_source
 from moe_adapt.distill.train_phase import (
     check_same_tokenizer,
+    evaluate_heldout,
     reference_examples,
     run_train_phase,
     trace_examples,
@@ -36,6 +47,7 @@ from moe_adapt.distill.verify import Trace, render_report_markdown, verify_trace
 from moe_adapt.engines.base import EngineConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.eval.heldout import HeldOut, load_heldout
 from moe_adapt.fs import atomic_write_json, atomic_write_text
 from moe_adapt.resume import MARKER, StepCache, fingerprint
 from moe_adapt.train.callbacks import Callback
@@ -68,6 +80,8 @@ def _check_inputs(d: DistillConfig) -> None:
             f"distill.{kd_topk[0]}.teacher=topk needs the teacher's top-k log-probabilities, but "
             "distill.generate.store_topk=0: set it > 0 (e.g. 8) or use teacher=online"
         )
+    if d.replay > 0 and phases & set(TRAINING_PHASES):
+        check_source(d.shards, d.replay)
     needs_traces = [p for p in ("seq_kd", "token_kd", "select_kd") if p in phases]
     if needs_traces and "generate" not in phases:
         raise MoEAdaptConfigError(
@@ -76,7 +90,9 @@ def _check_inputs(d: DistillConfig) -> None:
         )
 
 
-def _phase_settings(d: DistillConfig, engine_cfg: EngineConfig, seed: int, name: str) -> dict[str, Any]:
+def _phase_settings(
+    d: DistillConfig, engine_cfg: EngineConfig, seed: int, name: str, mixture: MixtureConfig
+) -> dict[str, Any]:
     if name == "generate":
         return {
             "teacher": d.teacher,
@@ -101,6 +117,10 @@ def _phase_settings(d: DistillConfig, engine_cfg: EngineConfig, seed: int, name:
         settings["teacher"] = d.teacher
     if name == "sft":
         settings["prompts"] = d.prompts
+    if d.replay > 0:
+        settings["replay"] = {"share": d.replay, "shards": d.shards, "mixture": asdict(mixture)}
+    if d.heldout:
+        settings["heldout"] = {"path": d.heldout, "docs": d.heldout_docs, "window": mixture.seq_len}
     return settings
 
 
@@ -170,10 +190,13 @@ def run_distill(
     *,
     seed: int,
     logging_callbacks: Callable[[str], list[Callback]],
+    mixture: MixtureConfig | None = None,
 ) -> dict[str, Any]:
     """Run ``d.phases`` in order (resuming finished ones) in ``work`` (the stage's scratch folder) and
     collect the artifacts in ``out``; ``logging_callbacks(name)`` gives a training phase's progress and
-    wandb callbacks."""
+    wandb callbacks. ``mixture`` (the ``mixture`` group) gives replay its sources and ratio and the
+    held-out loss its window (``mixture.seq_len``, as in cpt)."""
+    mixture = mixture or MixtureConfig()
     _check_inputs(d)
     phases = list(d.phases)
     needs_prompts = "generate" in phases or "sft" in phases
@@ -206,17 +229,31 @@ def run_distill(
         log.info("distill: %s accuracy %s", tag, _acc_line(acc))
         return acc
 
-    summary: dict[str, Any] = {"phases": phases, "accuracy": {}}
+    training = [p for p in phases if p in TRAINING_PHASES]
+    held: HeldOut | None = None
+    if d.heldout and training:
+        held = load_heldout(d.heldout, max_docs=d.heldout_docs, seed=seed, key="distill.heldout")
+    window = mixture.seq_len
+    replay = ReplaySource(Path(d.shards or ""), mixture, d.replay) if d.replay > 0 and training else None
+
+    summary: dict[str, Any] = {"phases": phases, "accuracy": {}, "heldout": {}}
+    if held is not None and d.student:
+        key = fingerprint([d.student, d.heldout, d.heldout_docs, window, seed])
+        before = cache.done("heldout_student", key)
+        if before is None:
+            log.info("distill: held-out loss of the student")
+            before = evaluate_heldout(d.student, held, window)
+            cache.mark("heldout_student", before, key)
+        summary["heldout"]["student_before"] = before
     if eval_prompts and d.eval.teacher and d.teacher:
         summary["accuracy"]["teacher"] = accuracy(d.teacher, "teacher", "")
-    training = [p for p in phases if p in TRAINING_PHASES]
     model = Path(d.student) if d.student else None
     if training and model is not None:
         summary["accuracy"]["student_before"] = accuracy(model, "student_before", "")
     fp = fingerprint([d.langs, d.format.think_open, d.format.think_close])
     for name in phases:
         pdir = work / name
-        fp = fingerprint([fp, name, _phase_settings(d, engine_cfg, seed, name)])
+        fp = fingerprint([fp, name, _phase_settings(d, engine_cfg, seed, name, mixture)])
         done = cache.done(name, fp)  # finished with other settings: removed, started over
         if done is not None:
             log.info("distill: phase %s already done, skipping", name)
@@ -225,12 +262,14 @@ def run_distill(
             cache.folder(name)
             log.info("distill: phase %s", name)
             phase_summary = _run_phase(
-                name, d, engine_cfg, seed, logging_callbacks, pdir, work, prompts, model
+                name, d, engine_cfg, seed, logging_callbacks, pdir, work, prompts, model, replay, held, window
             )
             cache.mark(name, phase_summary, fp)
         summary[name] = phase_summary
         if name in TRAINING_PHASES:
             model = pdir / "model"
+            if "heldout" in phase_summary:
+                summary["heldout"][f"after_{name}"] = phase_summary["heldout"]
             if d.eval.after_each_phase or name == training[-1]:
                 summary["accuracy"][f"after_{name}"] = accuracy(model, f"after_{name}", fp)
     for name in phases:
@@ -240,6 +279,12 @@ def run_distill(
         shutil.move(str(out / training[-1] / "model"), str(out / "model"))
         summary["model"] = "model"
     summary["accuracy"] = {k: v for k, v in summary["accuracy"].items() if v is not None}
+    if d.forgetting_bound and training:
+        after = summary["heldout"].get(f"after_{training[-1]}")
+        before = summary["heldout"].get("student_before")
+        if after is not None and before is not None:
+            summary["forgetting"] = forgetting_report(before, after, d.forgetting_bound)
+            log_forgetting(summary["forgetting"], "distill", "distill.forgetting_bound")
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "report.md", render_distill_report(summary, out))
     return summary
@@ -255,6 +300,9 @@ def _run_phase(
     work: Path,
     prompts: list[PromptRecord],
     model: Path | None,
+    replay: ReplaySource | None,
+    held: HeldOut | None,
+    window: int,
 ) -> dict[str, Any]:
     if name == "generate":
         assert d.teacher is not None
@@ -287,6 +335,9 @@ def _run_phase(
         kd=kd,
         teacher=teacher,
         callbacks=logging_callbacks(f"distill_{name}"),
+        replay=replay,
+        heldout=held,
+        heldout_window=window,
     )
 
 
@@ -295,26 +346,56 @@ def _acc_line(acc: dict[str, Any]) -> str:
 
 
 def render_distill_report(summary: dict[str, Any], out: Path) -> str:
-    """Markdown: held-out accuracy table (with the language gap) and the verification counts."""
+    """Markdown: held-out accuracy (with the language gap) beside held-out loss per language, the
+    forgetting bound's verdict, the verification counts and each training phase's steps and replay."""
     lines = ["# Distillation report", "", f"Phases: {', '.join(summary['phases'])}", ""]
     acc = summary.get("accuracy", {})
-    if acc:
+    held = summary.get("heldout", {})
+    if acc or held:
         langs = sorted({lang for a in acc.values() for lang in a if lang != "gap"})
+        held_langs = sorted({k[5:] for h in held.values() for k in h if k.startswith("loss_")})
+        header = [f"accuracy {lang}" for lang in langs] + (["gap (en − lang)"] if langs else [])
+        header += [f"held-out loss {lang} (bits/byte)" for lang in held_langs]
         lines += [
-            "## Held-out accuracy (greedy)",
+            "## Held-out accuracy (greedy) and held-out loss (nats/token)",
             "",
-            "| model | " + " | ".join(langs) + " | gap (en − lang) |",
-            "|---|" + "---|" * (len(langs) + 1),
+            "| model | " + " | ".join(header) + " |",
+            "|---|" + "---|" * len(header),
         ]
-        for tag, a in acc.items():
+        for tag in [*acc, *(t for t in held if t not in acc)]:
+            a, h = acc.get(tag, {}), held.get(tag, {})
             cells = [
                 "{accuracy:.3f} [{ci95[0]:.2f}, {ci95[1]:.2f}] (n={n})".format(**a[lang])
                 if lang in a
                 else "–"
                 for lang in langs
             ]
-            gap = ", ".join(f"{k} {v:+.3f}" for k, v in a.get("gap", {}).items()) or "–"
-            lines.append(f"| {tag} | " + " | ".join(cells) + f" | {gap} |")
+            if langs:
+                cells.append(", ".join(f"{k} {v:+.3f}" for k, v in a.get("gap", {}).items()) or "–")
+            for lang in held_langs:
+                loss = h.get(f"loss_{lang}")
+                bpb = h.get(f"bpb_{lang}")
+                cells.append(
+                    "–" if loss is None else f"{loss:.3f}" + (f" ({bpb:.3f})" if bpb is not None else "")
+                )
+            lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+        lines.append("")
+    forgetting = summary.get("forgetting", {})
+    if forgetting:
+        lines += [
+            "## Forgetting bound (held-out loss, student → last phase)",
+            "",
+            "| language | before | after | rise | bound | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for lang, r in forgetting.items():
+            if r["held"] is None:
+                lines.append(f"| {lang} | – | – | – | +{r['bound']} | not checked: {r['note']} |")
+                continue
+            verdict = "held" if r["held"] else "EXCEEDED"
+            cells = [f"{r['before']:.3f}", f"{r['after']:.3f}", f"{r['rise']:+.3f}"]
+            cells += [f"+{r['bound']}", verdict]
+            lines.append(f"| {lang} | " + " | ".join(cells) + " |")
         lines.append("")
     if (out / "verify" / "report.md").is_file():
         lines += ["## Verification", "", (out / "verify" / "report.md").read_text(encoding="utf-8")]
@@ -324,6 +405,12 @@ def render_distill_report(summary: dict[str, Any], out: Path) -> str:
             lines.append(
                 f"- **{name}**: {s['steps']} steps on {s['examples']} examples, final loss {s['final_loss']}"
             )
+            if "replay" in s:
+                r = s["replay"]
+                lines.append(
+                    f"  - replay: {r['batches']} general-text batches of {s['steps']} "
+                    f"(share {r['realised']}, asked {r['share']}), last replay LM loss {r['final_lm_loss']}"
+                )
             if "selected_share" in s:
                 lines.append(f"  - SelecTKD share of tokens selected (last step): {s['selected_share']}")
     return "\n".join(lines) + "\n"

@@ -19,16 +19,20 @@ import numpy as np
 import torch
 
 from moe_adapt import distributed
+from moe_adapt.checkpoint.hf import load_causal_lm
+from moe_adapt.cpt.heldout import HeldoutLossCallback
 from moe_adapt.distill.config import TrainPhaseConfig
 from moe_adapt.distill.decoding import pad_id_of
 from moe_adapt.distill.generate import load_topk
 from moe_adapt.distill.prompts import PromptRecord
+from moe_adapt.distill.replay import ReplayMixer, ReplaySource, realised_share, shard_vocab
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
 from moe_adapt.engines import build_engine
 from moe_adapt.engines.base import EngineConfig
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.engines.plan import announce, plan_training
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
+from moe_adapt.eval.heldout import HeldOut
 from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
 from moe_adapt.train.phase import train_into_folder
 
@@ -113,12 +117,19 @@ def run_train_phase(
     kd: KDSettings | None = None,
     teacher: str | None = None,
     callbacks: Sequence[Callback] = (),
+    replay: ReplaySource | None = None,
+    heldout: HeldOut | None = None,
+    heldout_window: int = 0,
 ) -> dict[str, Any]:
     """Train ``init_from`` on ``examples``; writes ``work/model``, ``work/metrics.jsonl`` and
     ``work/curves.png`` (:mod:`moe_adapt.train.curves`).
 
     ``callbacks`` are added to the metrics, NaN-guard and checkpoint ones (progress, wandb);
-    ``engine_cfg.name`` picks the engine (:func:`moe_adapt.engines.build_engine`).
+    ``engine_cfg.name`` picks the engine (:func:`moe_adapt.engines.build_engine`), with the phase's own
+    anchors (``pcfg.l2_anchor_coef``, ``pcfg.kl_anchor_coef``: to ``init_from``). ``replay`` mixes its
+    share of general-text batches into the phase (:mod:`moe_adapt.distill.replay`); ``heldout`` is
+    scored at the end of the phase in windows of ``heldout_window`` tokens (``work/heldout.jsonl``,
+    the summary's ``heldout``).
     """
     from transformers import AutoTokenizer
 
@@ -141,7 +152,15 @@ def run_train_phase(
         pcfg.steps * pcfg.batch_size / len(rows),
         pcfg.steps,
     )
-    ecfg = dataclasses.replace(engine_cfg, lr=pcfg.lr, warmup_steps=pcfg.warmup_steps, decay_steps=pcfg.steps)
+    ecfg = dataclasses.replace(
+        engine_cfg,
+        lr=pcfg.lr,
+        warmup_steps=pcfg.warmup_steps,
+        decay_steps=pcfg.steps,
+        l2_anchor_coef=pcfg.l2_anchor_coef,
+        kl_anchor_coef=pcfg.kl_anchor_coef,
+        reference=str(init_from) if pcfg.kl_anchor_coef > 0 else None,
+    )
     training_plan = plan_training(
         name,
         ecfg,
@@ -155,16 +174,40 @@ def run_train_phase(
     announce(training_plan, check=ecfg.check_memory)
     torch.manual_seed(seed)
     trained = build_engine(ecfg, init_from, kd=kd, teacher=teacher)
+    task = PackedSampler(rows, seed)
+    source: PackedSampler | ReplayMixer = task
+    if replay is not None:
+        vocab = shard_vocab(replay.shards)
+        if vocab > trained.vocab_size:
+            raise MoEAdaptConfigError(
+                f"distill.shards={str(replay.shards)!r} were tokenized with {vocab} ids but the {name} "
+                f"phase's model has a vocabulary of {trained.vocab_size}: replay needs the model's tokenizer"
+            )
+        source = ReplayMixer.build(task, replay, pcfg.seq_len, seed)
+        log.info(
+            "%s: %.0f%% of the batches replay general text from %s", name, 100 * replay.share, replay.shards
+        )
     all_callbacks: list[Callback] = [
         MetricsCallback(work / "metrics.jsonl"),
         NaNGuardCallback(),
         CheckpointCallback(work / "checkpoints", pcfg.checkpoint_every, keep_last=1),
         *callbacks,
     ]
+    heldout_cb = None
+    if heldout is not None:
+        heldout_cb = HeldoutLossCallback(
+            heldout.docs,
+            work / "heldout.jsonl",
+            0,  # at the end of the phase only
+            heldout_window or pcfg.seq_len,
+            token_sizes=heldout.token_sizes,
+            label=f"distill {name}",
+        )
+        all_callbacks.append(heldout_cb)
     trainer = train_into_folder(
         name,
         trained,
-        PackedSampler(rows, seed),
+        source,
         all_callbacks,
         max_steps=pcfg.steps,
         batch_size=pcfg.batch_size,
@@ -173,7 +216,20 @@ def run_train_phase(
         curves=work / "curves.png",
     )
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    last = _last_metrics(work / "metrics.jsonl")
+    rows_logged = _metrics_rows(work / "metrics.jsonl")
+    no_row: dict[str, Any] = {}
+    last = next((r for r in reversed(rows_logged) if "loss" in r), no_row)  # the last task step
+    extra: dict[str, Any] = {}
+    if replay is not None:
+        last_replay = next((r for r in reversed(rows_logged) if "replay/lm_loss" in r), no_row)
+        extra["replay"] = {
+            "share": replay.share,
+            "realised": realised_share(rows_logged),
+            "batches": int(sum(float(r.get("replay", 0)) for r in rows_logged)),
+            "final_lm_loss": last_replay.get("replay/lm_loss"),
+        }
+    if heldout_cb is not None and heldout_cb.history:
+        extra["heldout"] = heldout_cb.history[-1]
     return {
         "plan": training_plan.as_dict(),
         "steps": trainer.step,
@@ -191,13 +247,23 @@ def run_train_phase(
             if kd
             else {}
         ),
+        **extra,
     }
 
 
-def _last_metrics(path: Path) -> dict[str, float]:
+def evaluate_heldout(model: Path | str, heldout: HeldOut, window: int) -> dict[str, Any]:
+    """Held-out loss per language of the HF checkpoint ``model`` (the record
+    :class:`~moe_adapt.cpt.heldout.HeldoutLossCallback` writes: ``loss_<lang>``, ``bpb_<lang>``, ...)."""
+    lm = load_causal_lm(model, torch.float32)
+    scorer = HeldoutLossCallback(
+        heldout.docs, Path(), 0, window, write=False, token_sizes=heldout.token_sizes
+    )
+    return scorer.evaluate(lm, 0)
+
+
+def _metrics_rows(path: Path) -> list[dict[str, Any]]:
     import json
 
     if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return json.loads(lines[-1]) if lines else {}
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,6 +1,7 @@
 """The ``distill`` stage: chain-of-thought distillation in the phases ``distill.phases`` lists
 (:func:`moe_adapt.distill.pipeline.run_distill`: each phase resumable in the scratch folder, the
-artifacts, ``model/``, ``summary.json`` and ``report.md`` collected in the stage folder)."""
+artifacts, ``model/``, ``summary.json`` and ``report.md`` collected in the stage folder). The
+``mixture`` group gives ``distill.replay`` its sources and ratio and the held-out loss its window."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from typing import Any
 from moe_adapt.distill.pipeline import run_distill
 from moe_adapt.stages.base import StageContext
 
-KEYS = ("distill", "engine", "seed")
+KEYS = ("distill", "engine", "mixture", "seed")
 DISTRIBUTED = False
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    """Run ``distill.phases`` into the stage folder with the ``engine`` group's settings."""
+    """Run ``distill.phases`` into the stage folder with the ``engine`` and ``mixture`` groups' settings."""
     cfg = ctx.cfg
     return run_distill(
         cfg.distill,
@@ -23,4 +24,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.work,
         seed=cfg.seed,
         logging_callbacks=ctx.logging_callbacks,
+        mixture=cfg.mixture,
     )

@@ -91,6 +91,9 @@ class Trainer:
         while self.step < self.max_steps and not self.should_stop:
             batch = self.sampler.next_batch(self.batch_size)
             metrics = self.engine.step(batch)
+            relabel = getattr(batch, "relabel", None)  # e.g. a distill replay batch: replay/<term>
+            if relabel is not None:
+                metrics = relabel(metrics)
             describe = getattr(batch, "metrics", None)  # the sampler's batches: phase, source shares
             if describe is not None:
                 metrics.update(describe())

@@ -60,3 +60,14 @@ def lm_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Arithmetic training and held-out prompt sets (6 and 3 problems per language)."""
+    from moe_adapt.distill.tasks import make_problems, write_problem_set
+
+    folder = tmp_path_factory.mktemp("prompts")
+    write_problem_set(folder / "train.jsonl", make_problems(6, split="train"))
+    write_problem_set(folder / "test.jsonl", make_problems(3, split="test"))
+    return folder / "train.jsonl", folder / "test.jsonl"

@@ -14,7 +14,6 @@ import torch
 from moe_adapt.config import compose, to_config
 from moe_adapt.distill import train_phase
 from moe_adapt.distill.sft_data import Example, pack_examples
-from moe_adapt.distill.tasks import make_problems, write_problem_set
 from moe_adapt.engines.batch import TrainBatch
 from moe_adapt.engines.hf import HFConfig, HFEngine
 from moe_adapt.engines.objectives import KDSettings
@@ -22,14 +21,6 @@ from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.runner import run_pipeline
 
 PHASE = "{steps: 3, batch_size: 2, seq_len: 128, lr: 1.0e-3, warmup_steps: 1, checkpoint_every: 2}"
-
-
-@pytest.fixture(scope="module")
-def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("prompts")
-    write_problem_set(folder / "train.jsonl", make_problems(6, split="train"))
-    write_problem_set(folder / "test.jsonl", make_problems(3, split="test"))
-    return folder / "train.jsonl", folder / "test.jsonl"
 
 
 def overrides(lm: Callable[..., Path], prompts: tuple[Path, Path], run_dir: Path, *extra: str) -> list[str]:
@@ -47,6 +38,7 @@ def overrides(lm: Callable[..., Path], prompts: tuple[Path, Path], run_dir: Path
         "distill.verify.checks=[duplicate,length]",  # a random teacher writes no well-formed trace
         "distill.verify.length.min_reasoning_chars=0",
         "distill.eval.max_new_tokens=8",
+        "distill.heldout=null",  # no data stage here (test_replay.py gives held-out shards)
         *[f"distill.{p}={PHASE}" for p in ("sft", "seq_kd", "token_kd", "select_kd")],
         *extra,
     ]

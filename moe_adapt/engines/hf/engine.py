@@ -194,7 +194,7 @@ class HFEngine(Engine):
         logits_BTV = out.logits
         terms: dict[str, torch.Tensor] = {"lm_loss": objectives.lm_cross_entropy(logits_BTV, labels_BT)}
         loss = terms["lm_loss"]
-        if self.kd is not None:
+        if self.kd is not None and getattr(batch, "kd", True):  # replay batches: plain LM loss
             kd_terms, self._lang_counted = token_kd_terms(
                 batch,
                 logits_BTV,

@@ -305,7 +305,7 @@ class MegatronEngine(Engine):
         if position_ids_BT is not None:
             hf_inputs["position_ids"] = position_ids_BT
         self._lang_counted = {}
-        if self.kd is not None:
+        if self.kd is not None and getattr(batch, "kd", True):  # replay batches: plain LM loss
             kd_terms, self._lang_counted = token_kd_terms(
                 batch,
                 logits_BTV,
