@@ -9,8 +9,7 @@ installs them."""
 
 from __future__ import annotations
 
-import json
-import os
+import importlib.util
 import shutil
 import urllib.error
 import urllib.request
@@ -23,25 +22,16 @@ import torch
 
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.export import web
+from moe_adapt.export.web.browser import CHROMIUM, chromium, results, run_page
 from tests.eval.conftest import AR, EN
 
-CHROMIUM = os.environ.get("MOE_ADAPT_CHROMIUM", "/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 needs_runtime = pytest.mark.skipif(
     not web.runtime_installed(),
     reason="the page's npm runtime is missing: python -m moe_adapt.export.web install",
 )
 needs_browser = pytest.mark.skipif(
-    not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()), reason=f"no Chromium at {CHROMIUM}"
+    not Path(CHROMIUM).is_file() or importlib.util.find_spec("playwright") is None,
+    reason=f"no Chromium at {CHROMIUM} or no playwright (pip install 'moe-adapt[web]')",
 )
 
 
@@ -64,35 +54,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> dict[s
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def _open(browser: Any, url: str, query: str, wait_for: tuple[str, ...]) -> tuple[Any, list[str]]:
-    """The page at ``url + query`` once its results say one of ``wait_for`` (or error); and every
-    request it made that did not go to ``url``."""
-    page = browser.new_page()
-    outside: list[str] = []
-    page.on(
-        "request",
-        lambda r: None if r.url.startswith((url, "blob:" + url[:-1], "data:")) else outside.append(r.url),
-    )
-    page.goto(url + query)
-    states = json.dumps([*wait_for, "error"])
-    page.wait_for_function(
-        f"() => {states}.includes(JSON.parse(document.getElementById('results').textContent).status)",
-        timeout=180_000,
-    )
-    return page, outside
-
-
-def _results(page: Any) -> dict[str, Any]:
-    return json.loads(page.locator("#results").text_content())
+    with chromium() as b:
+        yield b
 
 
 @pytest.mark.slow
@@ -100,8 +63,8 @@ def _results(page: Any) -> dict[str, Any]:
 @needs_browser
 def test_page_generates_arabic_and_english_offline(browser: Any, exported: dict[str, Path]) -> None:
     with web.serving(exported["q8_0"]) as url:
-        page, outside = _open(browser, url, "?autorun=1&n=64&letters=1", ("done",))
-        got = _results(page)
+        page, outside = run_page(browser, url, "?autorun=1&n=64&letters=1", ("done",))
+        got = results(page)
         ar_text, en_text = page.locator("#out-ar").text_content(), page.locator("#out-en").text_content()
         speed = page.locator("#speed").text_content()
         page.close()
@@ -161,8 +124,8 @@ def test_llama_cpp_greedy_next_token_equals_hf(
     by_lang = {lang: [c for c in chosen if c[0] == lang][:4] for lang in ("ar", "en")}
     assert all(len(v) >= 2 for v in by_lang.values()), {k: len(v) for k, v in by_lang.items()}
     with web.serving(exported["f16"]) as url:
-        page, outside = _open(browser, url, "", ("ready",))
-        assert _results(page)["status"] == "ready", _results(page).get("error")
+        page, outside = run_page(browser, url, "", ("ready",))
+        assert results(page)["status"] == "ready", results(page).get("error")
         errors = []
         for lang, prompt, ids, top, lp in by_lang["ar"] + by_lang["en"]:
             got = page.evaluate("([p]) => window.moeAdapt.nextTokens(p, 1)", [prompt])
@@ -207,7 +170,13 @@ def test_server_serves_the_page_runtime_and_model_only(exported: dict[str, Path]
 
 
 def test_serve_refuses_what_is_not_a_gguf(tmp_path: Path) -> None:
+    (tmp_path / "x.safetensors").write_bytes(b"")
     with pytest.raises(MoEAdaptError, match=r"is not a \.gguf file"), web.serving(tmp_path / "x.safetensors"):
+        pass
+    with (
+        pytest.raises(MoEAdaptError, match=r"'.*nope.gguf' does not exist"),
+        web.serving(tmp_path / "nope.gguf"),
+    ):
         pass
 
 

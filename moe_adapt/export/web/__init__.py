@@ -121,7 +121,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def _server(model: str | Path, host: str, port: int) -> http.server.ThreadingHTTPServer:
     model = Path(model)
     if not model.is_file() or model.suffix != ".gguf":
-        raise MoEAdaptError(f"web: {str(model)!r} is not a .gguf file (the export stage writes gguf/*.gguf)")
+        why = "does not exist" if not model.exists() else "is not a .gguf file"
+        raise MoEAdaptError(
+            f"web: {str(model)!r} {why} (the export stage writes <run_dir>/export/gguf/*.gguf)"
+        )
     if not runtime_installed():
         raise MoEAdaptError(
             f"web: the browser runtime is not installed in {RUNTIME}: "

@@ -1,8 +1,9 @@
-"""``python -m moe_adapt.export.web install | serve FILE.gguf [--port N] [--host H]``.
+"""``python -m moe_adapt.export.web install | serve FILE.gguf | bench FILE.gguf ...``.
 
 ``install`` runs ``npm ci`` for the page's runtime (wllama) into this folder's ``node_modules/``;
-``serve`` serves the page with one exported GGUF (docs/export.md, "In the browser"). A user error
-is one line (``error: ...``) and exit status 2.
+``serve`` serves the page with one exported GGUF (docs/export.md, "In the browser"); ``bench`` runs
+the page on each file in headless Chromium and prints its tokens/s. A user error is one line
+(``error: ...``) and exit status 2.
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ def main(argv: list[str] | None = None) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
+    b = sub.add_parser("bench", help="the page on each file in headless Chromium: tokens/s")
+    b.add_argument("models", nargs="+", help=".gguf files")
+    b.add_argument("--n", type=int, default=64, help="tokens generated per prompt (default 64)")
+    b.add_argument("--letters", action="store_true", help="tick 'letters only' (needed by untrained models)")
+    b.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads (default: wllama's, half the cores)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "install":
             print(f"installed: {install()}")
+        elif args.command == "bench":
+            from moe_adapt.export.web.browser import bench
+
+            bench(args.models, n=args.n, letters=args.letters, threads=args.threads)
         else:
             serve(args.model, host=args.host, port=args.port)
     except MoEAdaptError as e:
