@@ -103,24 +103,40 @@ def _candidates() -> list[tuple[str, str]]:
 @pytest.mark.slow
 @needs_runtime
 @needs_browser
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_llama_cpp_greedy_next_token_equals_hf(
-    browser: Any, exported: dict[str, Path], tokenizer: Any
+    browser: Any,
+    exported: dict[str, Path],
+    tokenizer: Any,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
-    """llama.cpp (wllama) on the f16 file: same prompt length (its tokenizer), same greedy next token
-    and the same log-prob of it as the HF model in float32, for Arabic and English prompts. Prompts whose
+    """llama.cpp (wllama) on the f16 file of each MoE layout (GGUF arch llama with experts, qwen3moe,
+    qwen2moe with its shared expert): same prompt length (its tokenizer), same greedy next token and
+    the same log-prob of it as the HF model in float32, for Arabic and English prompts. Prompts whose
     greedy token is not whole UTF-8 by itself are left out (wllama cannot return those, see app.js)."""
     from transformers import AutoModelForCausalLM
 
+    from moe_adapt.export.gguf import write_gguf
+    from tests.export.conftest import tiny_model
+
+    if kind != "mixtral":
+        exported = {"hf": tmp_path / "hf", "f16": tmp_path / "model-f16.gguf"}
+        tiny_model(kind, len(tokenizer)).save_pretrained(exported["hf"])
+        tokenizer.save_pretrained(exported["hf"])
+        write_gguf(exported["hf"], exported["f16"], "f16")
     hf = AutoModelForCausalLM.from_pretrained(str(exported["hf"])).eval()
     chosen: list[tuple[str, str, list[int], int, float]] = []
     for lang, prompt in _candidates():
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         with torch.no_grad():
             logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
-        top = int(logprobs.argmax())
+        (first, second), (top, _) = logprobs.topk(2).values.tolist(), logprobs.topk(2).indices.tolist()
         if "\ufffd" in tokenizer.decode([top]) or top in tokenizer.all_special_ids:
             continue
-        chosen.append((lang, prompt, ids, top, float(logprobs[top])))
+        if first - second < 2e-3:  # a near tie (random weights): f16 activations may pick either
+            continue
+        chosen.append((lang, prompt, ids, top, first))
     by_lang = {lang: [c for c in chosen if c[0] == lang][:4] for lang in ("ar", "en")}
     assert all(len(v) >= 2 for v in by_lang.values()), {k: len(v) for k, v in by_lang.items()}
     with web.serving(exported["f16"]) as url:
@@ -130,15 +146,13 @@ def test_llama_cpp_greedy_next_token_equals_hf(
         for lang, prompt, ids, top, lp in by_lang["ar"] + by_lang["en"]:
             got = page.evaluate("([p]) => window.moeAdapt.nextTokens(p, 1)", [prompt])
             assert got["raw"]["usage"]["prompt_tokens"] == len(ids), (lang, prompt)
-            first = got["logprobs"]["content"][0]
-            assert first["id"] == top, (lang, prompt, first, top)
-            errors.append(abs(first["logprob"] - lp) / abs(lp))
+            step = got["logprobs"]["content"][0]
+            assert step["id"] == top, (lang, prompt, step, top)
+            errors.append(abs(step["logprob"] - lp) / abs(lp))
         page.close()
     assert outside == []
     assert max(errors) < 1e-3, errors
-    print(
-        f"llama.cpp vs HF greedy log-prob, relative error: max {max(errors):.2e} over {len(errors)} prompts"
-    )
+    print(f"{kind}: llama.cpp vs HF log-prob, relative error max {max(errors):.2e} ({len(errors)} prompts)")
 
 
 @needs_runtime
