@@ -51,10 +51,10 @@ from moe_adapt.stages import STAGES, Stage, StageContext
 log = logging.getLogger("moe_adapt")
 
 
-LAYOUT_KEYS = ("engine.parallel", "engine.check_memory")
-"""Settings that decide how a stage runs (processes, sharding, the memory check), not what it produces:
-they are left out of its fingerprint, so a stage made with one layout is reused, or resumed, under
-another."""
+LAYOUT_KEYS = ("engine.parallel", "engine.check_memory", "export.serve", "export.web")
+"""Settings that decide how a stage runs or is used (processes, sharding, the memory check, the browser
+page served after export), not what it produces: they are left out of its fingerprint, so a stage made
+with one layout is reused, or resumed, under another."""
 
 
 def _stage_settings(raw: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -82,7 +82,12 @@ def run_pipeline(cfg: Config, raw: DictConfig) -> dict[str, Any]:
     Starts the process group when launched by torchrun (and ends it on return).
     """
     with distributed.session() as ctx, deterministic_kernels(cfg.deterministic):
-        return _run_stages(cfg, raw, ctx)
+        summaries = _run_stages(cfg, raw, ctx)
+        if ctx.is_main:  # the run directory is unlocked: e.g. the export stage's page, served until Ctrl-C
+            for name in cfg.stages:
+                if (after := STAGES[name].after) is not None:
+                    after(cfg)
+        return summaries
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from moe_adapt.errors import invalid
 
-__all__ = ["GGUF_TYPES", "METHODS", "PLANNED", "ExpertPruneConfig", "ExportConfig", "GGUFConfig"]
+__all__ = ["GGUF_TYPES", "METHODS", "PLANNED", "ExpertPruneConfig", "ExportConfig", "GGUFConfig", "WebConfig"]
 
 METHODS = ("expert_prune", "gguf")
 """The export methods built so far, each writing its own folder ``<stage>/<method>/``."""
@@ -77,6 +77,27 @@ class GGUFConfig:
 
 
 @dataclass
+class WebConfig:
+    """The browser page (``moe_adapt/export/web``) that ``export.serve=true`` serves."""
+
+    gguf_type: str = "q8_0"
+    """Which of the gguf method's files the page loads (``gguf/model-<type>.gguf``); must be one of
+    ``export.gguf.types``."""
+
+    host: str = "127.0.0.1"
+    """Address the server binds: 127.0.0.1 = this machine only."""
+
+    port: int = 8000
+    """Port of the page (0 = any free one, printed)."""
+
+    def __post_init__(self) -> None:
+        if self.gguf_type not in GGUF_TYPES:
+            _fail("export.web.gguf_type", self.gguf_type, f"one of {', '.join(GGUF_TYPES)}")
+        if not 0 <= self.port <= 65535:
+            _fail("export.web.port", self.port, "must be in [0, 65535]")
+
+
+@dataclass
 class ExportConfig:
     """The ``export`` stage: compressed or converted artefacts of one checkpoint, and what each keeps."""
 
@@ -121,6 +142,14 @@ class ExportConfig:
     gguf: GGUFConfig = field(default_factory=GGUFConfig)
     """Settings of the gguf method."""
 
+    serve: bool = False
+    """Once the pipeline is done (the stage ran or was complete already), serve the browser page with
+    the ``export.web.gguf_type`` file until Ctrl-C (needs ``python -m moe_adapt.export.web install``).
+    How the stage is used, not what it writes: left out of its fingerprint."""
+
+    web: WebConfig = field(default_factory=WebConfig)
+    """Settings of the browser page's server."""
+
     def __post_init__(self) -> None:
         for m in self.methods:
             if m in PLANNED:
@@ -142,6 +171,14 @@ class ExportConfig:
                 "export.gguf.from_pruned",
                 True,
                 f"needs both expert_prune and gguf in export.methods (got {list(self.methods)})",
+            )
+        if self.serve and ("gguf" not in self.methods or self.web.gguf_type not in self.gguf.types):
+            _fail(
+                "export.serve",
+                True,
+                f"the page loads gguf/model-{self.web.gguf_type}.gguf: needs gguf in export.methods "
+                f"(got {list(self.methods)}) and export.web.gguf_type in export.gguf.types "
+                f"(got {list(self.gguf.types)})",
             )
         if self.window < 2:
             _fail("export.window", self.window, "must be >= 2")

@@ -19,7 +19,9 @@ __all__ = ["STAGES", "Stage", "StageContext"]
 
 def _stage(module: ModuleType) -> Stage:
     name = module.__name__.rsplit(".", 1)[1]
-    return Stage(name, module.run, tuple(module.KEYS), bool(module.DISTRIBUTED))
+    return Stage(
+        name, module.run, tuple(module.KEYS), bool(module.DISTRIBUTED), getattr(module, "after", None)
+    )
 
 
 STAGES: dict[str, Stage] = {

@@ -6,7 +6,10 @@ A stage is one module of :mod:`moe_adapt.stages` with three names beside its cod
   fingerprints their values and skips a complete stage made with the same ones;
 - ``DISTRIBUTED``: whether every rank runs it under torchrun (else rank 0 alone, the others waiting);
 - ``run(ctx: StageContext) -> dict``: writes the stage's artifacts into ``ctx.out`` and returns its
-  summary (JSON-able, paths relative to ``ctx.out``), which goes into the completion marker.
+  summary (JSON-able, paths relative to ``ctx.out``), which goes into the completion marker;
+- optionally ``after(cfg: Config) -> None``: run by rank 0 once every stage is done and the run
+  directory unlocked, whether this stage ran or was complete already (the export stage serves its
+  browser page there).
 
 Stages are the only modules (with :mod:`moe_adapt.config` and the runner) that read the root
 :class:`~moe_adapt.config.schema.Config`: they pick the groups and values the library packages need
@@ -70,3 +73,7 @@ class Stage:
 
     distributed: bool = False
     """Every rank runs it under torchrun (else rank 0 alone while the others wait)."""
+
+    after: Callable[[Config], None] | None = None
+    """Run by rank 0 after the whole pipeline, the run directory unlocked, whether the stage ran or
+    was skipped as complete; None = nothing."""
