@@ -234,11 +234,27 @@ def _run_server(
     from moe_adapt.distill.server import TeacherServer
 
     scfg = gcfg.server
-    tok_path = scfg.tokenizer or student
-    if not tok_path or not Path(tok_path, "tokenizer_config.json").is_file():
+    for key, path in (("distill.student", student), ("distill.generate.server.tokenizer", scfg.tokenizer)):
+        if path and not Path(path, "tokenizer_config.json").is_file():
+            raise MoEAdaptConfigError(f"{key}={path!r} is not a folder with an HF tokenizer")
+    if not (student or scfg.tokenizer):
         raise MoEAdaptConfigError(
-            f"distill.generate.server.tokenizer={scfg.tokenizer!r} (and distill.student={student!r}): the "
-            "server backend needs an HF tokenizer folder for the traces' response_ids"
+            "distill.student=None and distill.generate.server.tokenizer=None: the server backend writes "
+            "response_ids in the student's vocabulary; set distill.student (or server.tokenizer)"
+        )
+    # response_ids are always in the student's vocabulary: the server's own token ids only when the
+    # served model's tokenizer (server.tokenizer) is the student's, else the response text encoded
+    tokenizer = AutoTokenizer.from_pretrained(student or scfg.tokenizer)
+    use_ids = bool(scfg.tokenizer) and (
+        not student or AutoTokenizer.from_pretrained(scfg.tokenizer).get_vocab() == tokenizer.get_vocab()
+    )
+    if gcfg.store_topk and not use_ids:
+        raise MoEAdaptConfigError(
+            f"distill.generate.store_topk={gcfg.store_topk} keeps the teacher's top-k for token KD, which "
+            f"needs its token ids in the student's vocabulary, but distill.generate.server.tokenizer="
+            f"{scfg.tokenizer!r} is {'not set' if not scfg.tokenizer else 'not the student tokenizer'}: set "
+            "it to the served model's tokenizer folder (the student's), or set store_topk=0 and train with "
+            "seq_kd (any tokenizer)"
         )
     with TeacherServer(scfg) as server:
         server.probe()
@@ -249,14 +265,13 @@ def _run_server(
                 "seq_kd (any tokenizer), or serve the teacher with vLLM and set "
                 "distill.generate.server.extra_body={return_tokens_as_token_ids: true}"
             )
-        shards, todo = _pending(prompts, gcfg, out, scfg.model, seed, None)
+        shards, todo = _pending(prompts, gcfg, out, f"{scfg.model} -> {student}", seed, None)
         if not todo:
             return _summary(out, len(shards))
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
         eos_id = int(tokenizer.eos_token_id)
         start = time.perf_counter()
         for n, i in enumerate(todo, start=1):
-            _server_shard(server, tokenizer, eos_id, shards[i], i, gcfg, out, seed)
+            _server_shard(server, tokenizer, eos_id, use_ids, shards[i], i, gcfg, out, seed)
             elapsed = time.perf_counter() - start
             log.info(
                 "generate: shard %d/%d written from %s (%.0f s so far, about %.0f s to go)",
@@ -273,6 +288,7 @@ def _server_shard(
     server: Any,
     tokenizer: Any,
     eos_id: int,
+    use_ids: bool,
     prompts: Sequence[PromptRecord],
     index: int,
     gcfg: GenerateConfig,
@@ -301,7 +317,7 @@ def _server_shard(
         for s in range(gcfg.samples):
             c = next(done)
             trace_id = f"{p.id}#s{s}"
-            if c.token_ids is not None:
+            if use_ids and c.token_ids is not None:
                 if any(not 0 <= t < vocab for t in c.token_ids):
                     raise MoEAdaptConfigError(
                         f"the server's token ids reach past the {vocab} tokens of distill.generate.server."

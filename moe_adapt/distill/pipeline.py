@@ -90,6 +90,7 @@ def _phase_settings(d: DistillConfig, engine_cfg: EngineConfig, seed: int, name:
             "prompts": d.prompts,
             "langs": d.langs,
             "generate": generation_settings(d.generate),
+            **({"student": d.student} if d.generate.backend == "server" else {}),  # its vocabulary
             "chat_template": d.chat_template,
             "seed": seed,
         }

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,10 +25,7 @@ from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.server import parse_choice
 from moe_adapt.errors import MoEAdaptConfigError
-
-pytest.importorskip("httpx")
-pytest.importorskip("fastapi", reason="transformers serve needs the serve extra (pip install -e .[serve])")
-pytest.importorskip("uvicorn")
+from tests.distill.serve import Server, free_port
 
 PROMPTS = [
     PromptRecord(id=f"p{i}", lang="en" if i % 2 else "ar", prompt=f"What is {i} + {i}?", answer=str(2 * i))
@@ -37,54 +33,13 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """`transformers serve` on one tiny checkpoint, started and stopped by the test."""
-
-    def __init__(self, model: Path, hub_cache: Path) -> None:
-        self.model, self.port, self.hub_cache = model, _free_port(), hub_cache
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "HF_HUB_CACHE": str(self.hub_cache),
-            "OMP_NUM_THREADS": "1",
-        }
-        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--device", "cpu", "--dtype", "float32", str(self.model)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "transformers serve exited while starting"
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("transformers serve did not come up in 120 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)  # dies like a crashed server: no graceful drain
-            self.proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(lm_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip("httpx")
+    pytest.importorskip(
+        "fastapi", reason="transformers serve needs the serve extra (pip install -e .[serve])"
+    )
+    pytest.importorskip("uvicorn")
     srv = Server(lm_factory("llama"), tmp_path_factory.mktemp("hub_cache"))
     srv.start()
     yield srv
@@ -165,7 +120,7 @@ def test_bad_url_and_missing_logprobs_are_one_line_errors_before_any_work(
 ) -> None:
     out = tmp_path / "out"
     student = str(server.model)
-    closed = f"http://127.0.0.1:{_free_port()}/v1"
+    closed = f"http://127.0.0.1:{free_port()}/v1"
     msg = _one_line_error(
         lambda: gen.run_generate(
             PROMPTS, None, _gcfg(server, base_url=closed), out, seed=0, chat_template=None, student=student
@@ -191,12 +146,19 @@ def test_bad_url_and_missing_logprobs_are_one_line_errors_before_any_work(
         )
     )
     assert "MOE_TEST_UNSET_KEY" in msg
-    # transformers serve returns no log-probabilities: offline token KD is refused, naming the fix
+    # offline token KD needs the served model's token ids in the student's vocabulary: refused without
+    # the served model's tokenizer ...
     topk = replace(_gcfg(server), store_topk=4)
     msg = _one_line_error(
         lambda: gen.run_generate(PROMPTS, None, topk, out, seed=0, chat_template=None, student=student)
     )
-    assert "store_topk=0" in msg and "seq_kd" in msg
+    assert "distill.generate.server.tokenizer" in msg and "store_topk=0" in msg and "seq_kd" in msg
+    # ... and refused when the server (transformers serve) returns no log-probabilities with ids
+    topk = replace(_gcfg(server, tokenizer=student), store_topk=4)
+    msg = _one_line_error(
+        lambda: gen.run_generate(PROMPTS, None, topk, out, seed=0, chat_template=None, student=student)
+    )
+    assert "returns no top log-probabilities" in msg and "store_topk=0" in msg and "seq_kd" in msg
     assert not out.exists() or not any(out.iterdir())  # nothing was generated
 
 
@@ -338,3 +300,16 @@ def test_server_settings_are_checked_and_transport_settings_keep_the_shards() ->
     assert gen.generation_settings(a) == gen.generation_settings(b)
     c = GenerateConfig(backend="server", server=ServerConfig(base_url="http://a/v1", model="other"))
     assert gen.generation_settings(a) != gen.generation_settings(c)
+
+
+def test_offline_token_kd_from_a_server_needs_the_served_tokenizer(lm_factory: Callable[..., Path]) -> None:
+    from moe_adapt.distill.config import DistillConfig
+    from moe_adapt.distill.pipeline import _check_inputs
+
+    student = str(lm_factory("llama"))
+    gcfg = GenerateConfig(backend="server", server=ServerConfig(base_url="http://h/v1", model="m"))
+    d = DistillConfig(student=student, prompts="p.jsonl", phases=["generate", "token_kd"], generate=gcfg)
+    with pytest.raises(MoEAdaptConfigError, match=r"distill.generate.server.tokenizer .*seq_kd"):
+        _check_inputs(d)
+    # seq_kd works with any teacher tokenizer, and distill.teacher is not needed
+    _check_inputs(replace(d, phases=["generate", "seq_kd"]))
