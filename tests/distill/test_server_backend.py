@@ -313,3 +313,41 @@ def test_offline_token_kd_from_a_server_needs_the_served_tokenizer(lm_factory: C
         _check_inputs(d)
     # seq_kd works with any teacher tokenizer, and distill.teacher is not needed
     _check_inputs(replace(d, phases=["generate", "seq_kd"]))
+
+
+def test_distill_stage_trains_seq_kd_on_server_traces(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe_adapt.config import compose, to_config
+    from moe_adapt.distill.tasks import make_problems, write_problem_set
+    from moe_adapt.runner import run_pipeline
+
+    monkeypatch.setenv("MOE_TEST_TEACHER_KEY", "sk-never-written-4567")
+    write_problem_set(tmp_path / "train.jsonl", make_problems(3, split="train"))
+    phase = "{steps: 2, batch_size: 2, seq_len: 128, lr: 1.0e-3, warmup_steps: 1, checkpoint_every: 2}"
+    raw = compose(
+        [
+            "stages=[distill]",
+            f"run_dir={tmp_path / 'run'}",
+            "logger=none",
+            f"distill.student={server.model}",  # distill.teacher stays null: the server is the teacher
+            f"distill.prompts={tmp_path / 'train.jsonl'}",
+            "distill.phases=[generate,verify,seq_kd]",
+            "distill.generate.backend=server",
+            f"distill.generate.server.base_url={server.url}",
+            f"distill.generate.server.model={server.model}",
+            "distill.generate.server.api_key_env=MOE_TEST_TEACHER_KEY",
+            "distill.generate.store_topk=0",
+            "distill.generate.max_new_tokens=8",
+            "distill.verify.checks=[duplicate,length]",  # a random teacher writes no well-formed trace
+            "distill.verify.length.min_reasoning_chars=0",
+            "distill.verify.length.min_answer_chars=0",
+            f"distill.seq_kd={phase}",
+        ]
+    )
+    summary = run_pipeline(to_config(raw), raw)
+    distill = json.loads((tmp_path / "run" / "distill" / "summary.json").read_text())
+    assert distill["generate"]["traces"] == 12 and distill["seq_kd"]["steps"] == 2, summary
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert b"sk-never-written-4567" not in path.read_bytes(), path
