@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from moe_adapt.distill.backends import BACKENDS, ServerConfig
 from moe_adapt.distill.format import ResponseFormat
 from moe_adapt.distill.verify import VerifyConfig
 from moe_adapt.errors import invalid
@@ -63,8 +64,19 @@ class GenerateConfig:
     """Keep the teacher's top-k log-probabilities of every response token for offline token KD
     (0: off; then token KD needs distill.<phase>.teacher=online)."""
 
+    backend: str = "hf"
+    """Who runs the teacher: hf (distill.teacher in this process) or server (an OpenAI-compatible
+    endpoint, distill.generate.server); see moe_adapt/distill/backends.py."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The server backend's endpoint, client and tokenizer settings (unused with backend=hf)."""
+
     def __post_init__(self) -> None:
         key = "distill.generate"
+        if self.backend not in BACKENDS:
+            _fail(f"{key}.backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
+        if self.backend == "server":
+            self.server.validate(f"{key}.server")
         for name in ("samples", "max_new_tokens", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", getattr(self, name), "must be >= 1")

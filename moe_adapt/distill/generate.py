@@ -7,6 +7,12 @@ into place first and the JSONL last, so a shard whose JSONL exists is complete. 
 shard being written; the next run skips finished shards and, because each shard's sampling seed is a
 function of ``(seed, shard)``, produces the same traces it would have produced without the crash.
 
+Two teacher backends write these shards (``distill.generate.backend``, :mod:`moe_adapt.distill.backends`):
+``hf`` runs ``distill.teacher`` with transformers here; ``server`` asks an OpenAI-compatible endpoint
+(:mod:`moe_adapt.distill.server`) one request per (prompt, sample), ``concurrency`` at a time, and writes
+the same records (``response_ids`` in the vocabulary of ``server.tokenizer``, the student's by default)
+and, when the server gives per-token log-probabilities with token ids, the same top-k tensors.
+
 The folder is a :class:`~moe_adapt.resume.StepCache` (the one resume mechanism) stamped in
 ``manifest.json`` with the fingerprint of the prompts and settings: when they changed, the folder is
 emptied and generation starts over. A shard needs no ``_COMPLETE.json``: its JSONL, renamed into place
@@ -20,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +35,11 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from moe_adapt.data.jsonl import write_documents
+from moe_adapt.distill.backends import TRANSPORT_KEYS
 from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.decoding import generate_for_prompts, pad_id_of, topk_logprobs
 from moe_adapt.distill.prompts import PromptRecord
-from moe_adapt.errors import MoEAdaptError
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.resume import StepCache
 
 log = logging.getLogger(__name__)
@@ -39,11 +47,21 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+def generation_settings(gcfg: GenerateConfig) -> dict[str, Any]:
+    """The generate settings the traces depend on: all but the server's transport settings (URL, key,
+    concurrency, timeouts, retries), which can change without invalidating finished shards."""
+    settings = asdict(gcfg)
+    settings["server"] = {k: v for k, v in settings["server"].items() if k not in TRANSPORT_KEYS}
+    if gcfg.backend == "hf":
+        del settings["server"]
+    return settings
+
+
 def _settings(
-    prompts: Sequence[PromptRecord], gcfg: GenerateConfig, teacher: str, seed: int, chat: str | None
+    prompts: Sequence[PromptRecord], gcfg: GenerateConfig, teacher: str | None, seed: int, chat: str | None
 ) -> list[Any]:
     """What the traces depend on: every prompt (id, language, text) and the generation settings."""
-    return [[[p.id, p.lang, p.prompt] for p in prompts], vars(gcfg), teacher, seed, chat]
+    return [[[p.id, p.lang, p.prompt] for p in prompts], generation_settings(gcfg), teacher, seed, chat]
 
 
 def shard_paths(folder: Path) -> list[Path]:
@@ -71,29 +89,26 @@ def load_topk(folder: Path, shard: str) -> dict[str, np.ndarray]:
 
 def run_generate(
     prompts: Sequence[PromptRecord],
-    teacher_path: str,
+    teacher_path: str | None,
     gcfg: GenerateConfig,
     out: Path,
     *,
     seed: int,
     chat_template: str | None,
+    student: str | None = None,
 ) -> dict[str, Any]:
-    """Generate into ``out`` (resuming what is there); returns counts."""
+    """Generate into ``out`` (resuming what is there); returns counts. ``teacher_path``: the hf
+    backend's teacher; ``student``: the tokenizer of the server backend's ``response_ids`` when
+    ``distill.generate.server.tokenizer`` is null."""
+    if gcfg.backend == "server":
+        return _run_server(prompts, gcfg, out, seed=seed, student=student)
     from transformers import AutoTokenizer
 
     from moe_adapt.checkpoint.hf import load_causal_lm
 
-    shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
-    StepCache(  # changed prompts or settings: start over
-        out,
-        _settings(prompts, gcfg, teacher_path, seed, chat_template),
-        what="generate",
-        stamp=MANIFEST,
-        extra={"shards": len(shards), "prompts": len(prompts)},
-    )
-    todo = [i for i in range(len(shards)) if not (out / f"shard-{i:05d}.jsonl").is_file()]
-    if len(todo) < len(shards):
-        log.info("generate: %d of %d shards already done, resuming", len(shards) - len(todo), len(shards))
+    if not teacher_path:
+        raise MoEAdaptConfigError("distill.teacher=None: the hf backend needs the teacher's HF folder")
+    shards, todo = _pending(prompts, gcfg, out, teacher_path, seed, chat_template)
     if not todo:
         return _summary(out, len(shards))
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -170,12 +185,176 @@ def _generate_shard(
                 top = topk_logprobs(model, [(i, r) for _, i, r in scored], gcfg.store_topk, pad_id=pad_id)
                 for (trace_id, _, _), (ids_RK, logp_RK) in zip(scored, top, strict=True):
                     tensors[f"{trace_id}.ids"], tensors[f"{trace_id}.logp"] = ids_RK, logp_RK
+    _write_shard(out, index, records, tensors if gcfg.store_topk else None)
+
+
+def _write_shard(
+    out: Path, index: int, records: list[dict[str, Any]], tensors: dict[str, np.ndarray] | None
+) -> None:
+    """The tensors file renamed into place first, the JSONL (the shard's completion marker) last."""
     stem = out / f"shard-{index:05d}"
-    if gcfg.store_topk:
+    if tensors is not None:
         tmp = stem.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, stem.with_suffix(".safetensors"))
     write_documents(stem.with_suffix(".jsonl"), records)
+
+
+def _pending(
+    prompts: Sequence[PromptRecord],
+    gcfg: GenerateConfig,
+    out: Path,
+    teacher: str | None,
+    seed: int,
+    chat: str | None,
+) -> tuple[list[Sequence[PromptRecord]], list[int]]:
+    """The prompt shards and the indices of those not finished yet (the folder started over when the
+    prompts or settings changed)."""
+    shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
+    StepCache(
+        out,
+        _settings(prompts, gcfg, teacher, seed, chat),
+        what="generate",
+        stamp=MANIFEST,
+        extra={"shards": len(shards), "prompts": len(prompts)},
+    )
+    todo = [i for i in range(len(shards)) if not (out / f"shard-{i:05d}.jsonl").is_file()]
+    if len(todo) < len(shards):
+        log.info("generate: %d of %d shards already done, resuming", len(shards) - len(todo), len(shards))
+    return shards, todo
+
+
+def _run_server(
+    prompts: Sequence[PromptRecord], gcfg: GenerateConfig, out: Path, *, seed: int, student: str | None
+) -> dict[str, Any]:
+    """The server backend: probe the endpoint (and its log-probabilities when ``store_topk > 0``)
+    before any work, then write the unfinished shards."""
+    from transformers import AutoTokenizer
+
+    from moe_adapt.distill.server import TeacherServer
+
+    scfg = gcfg.server
+    for key, path in (("distill.student", student), ("distill.generate.server.tokenizer", scfg.tokenizer)):
+        if path and not Path(path, "tokenizer_config.json").is_file():
+            raise MoEAdaptConfigError(f"{key}={path!r} is not a folder with an HF tokenizer")
+    if not (student or scfg.tokenizer):
+        raise MoEAdaptConfigError(
+            "distill.student=None and distill.generate.server.tokenizer=None: the server backend writes "
+            "response_ids in the student's vocabulary; set distill.student (or server.tokenizer)"
+        )
+    # response_ids are always in the student's vocabulary: the server's own token ids only when the
+    # served model's tokenizer (server.tokenizer) is the student's, else the response text encoded
+    tokenizer = AutoTokenizer.from_pretrained(student or scfg.tokenizer)
+    use_ids = bool(scfg.tokenizer) and (
+        not student or AutoTokenizer.from_pretrained(scfg.tokenizer).get_vocab() == tokenizer.get_vocab()
+    )
+    if gcfg.store_topk and not use_ids:
+        raise MoEAdaptConfigError(
+            f"distill.generate.store_topk={gcfg.store_topk} keeps the teacher's top-k for token KD, which "
+            f"needs its token ids in the student's vocabulary, but distill.generate.server.tokenizer="
+            f"{scfg.tokenizer!r} is {'not set' if not scfg.tokenizer else 'not the student tokenizer'}: set "
+            "it to the served model's tokenizer folder (the student's), or set store_topk=0 and train with "
+            "seq_kd (any tokenizer)"
+        )
+    with TeacherServer(scfg) as server:
+        server.probe()
+        if gcfg.store_topk and not server.supports_token_logprobs(gcfg.store_topk):
+            raise MoEAdaptConfigError(
+                f"distill.generate.store_topk={gcfg.store_topk}: the server at {scfg.base_url} returns no "
+                "top log-probabilities with token ids, which token KD needs; set store_topk=0 and train with "
+                "seq_kd (any tokenizer), or serve the teacher with vLLM and set "
+                "distill.generate.server.extra_body={return_tokens_as_token_ids: true}"
+            )
+        shards, todo = _pending(prompts, gcfg, out, f"{scfg.model} -> {student}", seed, None)
+        if not todo:
+            return _summary(out, len(shards))
+        eos_id = int(tokenizer.eos_token_id)
+        start = time.perf_counter()
+        for n, i in enumerate(todo, start=1):
+            _server_shard(server, tokenizer, eos_id, use_ids, shards[i], i, gcfg, out, seed)
+            elapsed = time.perf_counter() - start
+            log.info(
+                "generate: shard %d/%d written from %s (%.0f s so far, about %.0f s to go)",
+                i + 1,
+                len(shards),
+                scfg.model,
+                elapsed,
+                elapsed / n * (len(todo) - n),
+            )
+    return _summary(out, len(shards))
+
+
+def _server_shard(
+    server: Any,
+    tokenizer: Any,
+    eos_id: int,
+    use_ids: bool,
+    prompts: Sequence[PromptRecord],
+    index: int,
+    gcfg: GenerateConfig,
+    out: Path,
+    seed: int,
+) -> None:
+    base = seed * 1_000_003 + index * 1009
+    requests = [
+        {
+            "prompt": p.prompt,
+            "seed": (base + j * gcfg.samples + s) % 2**31,
+            "max_tokens": gcfg.max_new_tokens,
+            "temperature": gcfg.temperature,
+            "top_p": gcfg.top_p,
+            "top_k": gcfg.top_k,
+            "logprobs": gcfg.store_topk,
+        }
+        for j, p in enumerate(prompts)
+        for s in range(gcfg.samples)
+    ]
+    done = iter(server.complete(requests, k=gcfg.store_topk))
+    records: list[dict[str, Any]] = []
+    tensors: dict[str, np.ndarray] = {}
+    vocab = len(tokenizer)
+    for p in prompts:
+        for s in range(gcfg.samples):
+            c = next(done)
+            trace_id = f"{p.id}#s{s}"
+            if use_ids and c.token_ids is not None:
+                if any(not 0 <= t < vocab for t in c.token_ids):
+                    raise MoEAdaptConfigError(
+                        f"the server's token ids reach past the {vocab} tokens of distill.generate.server."
+                        f"tokenizer={tokenizer.name_or_path!r}: set it to the served model's tokenizer"
+                    )
+                ids = list(c.token_ids)
+                if c.finished and (not ids or ids[-1] != eos_id) and c.topk_ids is not None:
+                    # the server stopped at the end of turn without listing it: the teacher chose it
+                    ids.append(eos_id)
+                    c.topk_ids = np.concatenate(
+                        [c.topk_ids, np.full((1, c.topk_ids.shape[1]), eos_id, np.int32)]
+                    )
+                    row = np.full((1, c.topk_ids.shape[1]), -65504.0, np.float16)
+                    row[0, 0] = 0.0
+                    c.topk_logp = np.concatenate([c.topk_logp, row]) if c.topk_logp is not None else row
+                elif c.finished and (not ids or ids[-1] != eos_id):
+                    ids.append(eos_id)
+            else:  # text only: encode it in the tokenizer's vocabulary
+                ids = [int(t) for t in tokenizer(c.text, add_special_tokens=False)["input_ids"]]
+                ids += [eos_id] if c.finished else []
+            records.append(
+                {
+                    "id": trace_id,
+                    "prompt_id": p.id,
+                    "lang": p.lang,
+                    "prompt": p.prompt,
+                    "answer": p.answer,
+                    "answer_type": p.answer_type,
+                    "sample": s,
+                    "response": c.text,
+                    "response_ids": ids,
+                    "finished": c.finished,
+                }
+            )
+            if gcfg.store_topk and c.topk_ids is not None and c.topk_logp is not None and ids:
+                tensors[f"{trace_id}.ids"], tensors[f"{trace_id}.logp"] = c.topk_ids, c.topk_logp
+    _write_shard(out, index, records, tensors if gcfg.store_topk else None)
 
 
 def _summary(out: Path, shards: int) -> dict[str, Any]:

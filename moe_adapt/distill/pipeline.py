@@ -33,7 +33,7 @@ from moe_adapt.cpt.heldout import forgetting_report, log_forgetting
 from moe_adapt.data.jsonl import write_documents
 from moe_adapt.distill.accuracy import evaluate_accuracy
 from moe_adapt.distill.config import SELECT_KD_DEFAULT_THETA, TRAINING_PHASES, DistillConfig
-from moe_adapt.distill.generate import iter_traces, run_generate
+from moe_adapt.distill.generate import generation_settings, iter_traces, run_generate
 from moe_adapt.distill.prompts import PromptRecord, load_prompts
 from moe_adapt.distill.replay import ReplaySource, check_source
 from moe_adapt.distill.train_phase import (
@@ -64,7 +64,8 @@ def _checkpoint_dir(path: str | None, key: str) -> str:
 def _check_inputs(d: DistillConfig) -> None:
     phases = set(d.phases)
     online = [p for p in ("token_kd", "select_kd") if p in phases and getattr(d, p).teacher == "online"]
-    if "generate" in phases or online or (d.eval_prompts and d.eval.teacher):
+    hf = d.generate.backend == "hf"  # backend=server: distill.teacher only for online KD and teacher eval
+    if ("generate" in phases and hf) or online or (d.eval_prompts and d.eval.teacher and (hf or d.teacher)):
         _checkpoint_dir(d.teacher, "distill.teacher")
     if phases & set(TRAINING_PHASES):
         _checkpoint_dir(d.student, "distill.student")
@@ -82,6 +83,12 @@ def _check_inputs(d: DistillConfig) -> None:
         )
     if d.replay > 0 and phases & set(TRAINING_PHASES):
         check_source(d.shards, d.replay)
+    if kd_topk and "generate" in phases and not hf and not d.generate.server.tokenizer:
+        raise MoEAdaptConfigError(
+            f"distill.{kd_topk[0]}.teacher=topk with distill.generate.backend=server needs the teacher's "
+            "token ids in the student's vocabulary: set distill.generate.server.tokenizer to the served "
+            "model's tokenizer folder (the same as the student's), or train with seq_kd (any tokenizer)"
+        )
     needs_traces = [p for p in ("seq_kd", "token_kd", "select_kd") if p in phases]
     if needs_traces and "generate" not in phases:
         raise MoEAdaptConfigError(
@@ -98,7 +105,8 @@ def _phase_settings(
             "teacher": d.teacher,
             "prompts": d.prompts,
             "langs": d.langs,
-            "generate": asdict(d.generate),
+            "generate": generation_settings(d.generate),
+            **({"student": d.student} if d.generate.backend == "server" else {}),  # its vocabulary
             "chat_template": d.chat_template,
             "seed": seed,
         }
@@ -211,6 +219,8 @@ def run_distill(
     for name in ("token_kd", "select_kd"):
         if name in phases and getattr(d, name).teacher == "online":
             check_same_tokenizer(d.student or "", d.teacher or "")
+        elif name in phases and "generate" in phases and d.generate.backend == "server":
+            check_same_tokenizer(d.student or "", d.generate.server.tokenizer or "")
 
     cache = StepCache(work, None, what="distill")  # every unit carries its own (chained) fingerprint
 
@@ -305,8 +315,9 @@ def _run_phase(
     window: int,
 ) -> dict[str, Any]:
     if name == "generate":
-        assert d.teacher is not None
-        return run_generate(prompts, d.teacher, d.generate, pdir, seed=seed, chat_template=d.chat_template)
+        return run_generate(
+            prompts, d.teacher, d.generate, pdir, seed=seed, chat_template=d.chat_template, student=d.student
+        )
     if name == "verify":
         return run_verify(d, work / "generate", pdir)
     from transformers import AutoTokenizer
