@@ -343,6 +343,7 @@ def test_distill_stage_trains_seq_kd_on_server_traces(
             "distill.verify.length.min_reasoning_chars=0",
             "distill.verify.length.min_answer_chars=0",
             f"distill.seq_kd={phase}",
+            "distill.heldout=null",  # no data stage here: no held-out loss per phase
         ]
     )
     summary = run_pipeline(to_config(raw), raw)
