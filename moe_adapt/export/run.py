@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.checkpoint.hf import HFCheckpoint, load_causal_lm
-from moe_adapt.errors import MoEAdaptConfigError, config_error
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError, config_error
 from moe_adapt.eval.config import EvalConfig
 from moe_adapt.eval.heldout import HeldOut, load_heldout
 from moe_adapt.export.config import ExportConfig
@@ -26,6 +26,7 @@ from moe_adapt.export.retention import (
     accuracy,
     device_of,
     disk_bytes,
+    expert_tokens,
     gguf_as_checkpoint,
     load_benchmarks,
     measure,
@@ -78,17 +79,38 @@ def _routing(
             "(export.expert_prune.routing=null and the eval stage did not analyse it), so routing must be "
             "counted on held-out data; set export.heldout or export.expert_prune.routing"
         )
+    return _count_routing(ecfg, source, heldout)
+
+
+def _count_routing(ecfg: ExportConfig, source: Path, heldout: HeldOut) -> RoutingCounts:
+    """Top-k assignments per language, layer and expert of ``source`` on the held-out documents."""
     from moe_adapt.eval.routing import collect_routing_counts
 
     log.info("export: counting routing on held-out documents (%s)", ", ".join(heldout.docs))
     model = load_causal_lm(source, device=device_of(ecfg.device))
     try:
         layer_ids, counts = collect_routing_counts(
-            model, heldout.docs, batch_size=ecfg.batch_size, max_length=pcfg.routing_max_tokens
+            model, heldout.docs, batch_size=ecfg.batch_size, max_length=ecfg.expert_prune.routing_max_tokens
         )
     finally:
         del model
     return RoutingCounts(layer_ids, counts, "counted on held-out documents")
+
+
+def _quantizes(ecfg: ExportConfig) -> bool:
+    """Whether some method of ``ecfg`` stores weights in fewer bits than 16."""
+    return "gguf" in ecfg.methods and any(t not in ("f32", "f16") for t in ecfg.gguf.types)
+
+
+def _is_moe(source: Path) -> bool:
+    ckpt = HFCheckpoint(source, "export.model")
+    try:
+        moe_layout(ckpt)
+    except MoEAdaptError:
+        return False
+    finally:
+        ckpt.close()
+    return True
 
 
 def export(
@@ -141,6 +163,7 @@ def export(
     rows: list[dict[str, Any]] = [{"name": "source", "path": str(source), "bytes": disk_bytes(source)}]
     rows[0].update(quality(source))
     extra: dict[str, Any] = {}
+    routing: RoutingCounts | None = None
     if "expert_prune" in ecfg.methods:
         pcfg = ecfg.expert_prune
         routing = _routing(ecfg, source, heldout, Path(eval_dir) if eval_dir else None)
@@ -174,6 +197,16 @@ def export(
                 with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
                     row |= quality(gguf_as_checkpoint(file, gguf_src, Path(tmp) / "model"))
             rows.append(row)
+    if _quantizes(ecfg) and heldout is not None and _is_moe(source):
+        # No method here calibrates (gguf's types are round-to-nearest), so what each expert saw is
+        # the routing of the held-out text: an expert no token reaches is quantized unchecked.
+        if routing is None or routing.source != "counted on held-out documents":
+            routing = _count_routing(ecfg, source, heldout)
+        extra["expert_tokens"] = expert_tokens(routing)
+        for lid, experts in extra["expert_tokens"]["zero"].items():
+            log.warning(
+                "export: layer %s experts %s routed no held-out token (quantized unchecked)", lid, experts
+            )
     rows = retention_table(rows)
     write_outputs(out, rows, extra)
     for r in rows:
