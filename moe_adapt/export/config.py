@@ -13,10 +13,10 @@ from moe_adapt.errors import invalid
 
 __all__ = ["GGUF_TYPES", "METHODS", "PLANNED", "ExpertPruneConfig", "ExportConfig", "GGUFConfig", "WebConfig"]
 
-METHODS = ("expert_prune", "gguf")
+METHODS = ("expert_prune", "gguf", "int8", "nf4")
 """The export methods built so far, each writing its own folder ``<stage>/<method>/``."""
 
-PLANNED = ("gptq", "sparsegpt", "wanda", "int8", "nf4", "onnx")
+PLANNED = ("gptq", "sparsegpt", "wanda", "onnx")
 """Methods of issue 17 not built yet: named in the error so nobody thinks they were skipped silently."""
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -107,7 +107,9 @@ class ExportConfig:
 
     methods: list[str] = field(default_factory=lambda: ["expert_prune", "gguf"])
     """Export methods, each into its own folder: expert_prune (a pruned HF checkpoint), gguf
-    (llama.cpp files)."""
+    (llama.cpp files), int8 / nf4 (bitsandbytes LLM.int8 / NF4 HF checkpoints: Linear layers only,
+    so an MoE's fused experts stay in float; needs bitsandbytes, whose backend is probed on
+    ``export.device`` before anything is written)."""
 
     heldout: str | None = None
     """Held-out shards + manifest.json (the data stage's ``data/heldout``) for the retention report and

@@ -287,7 +287,7 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
     if tok:
         lines += ["", "## Routed tokens per expert (held-out text)", ""]
         lines.append(
-            "No method here calibrates: gguf's types round each block to nearest. These are the top-k "
+            "No method here calibrates: gguf's types and bitsandbytes round to nearest. These are the top-k "
             f"assignments of the held-out tokens each expert received (routing {tok['source']}); an "
             "expert with 0 is quantized without any text checking it."
         )
@@ -304,6 +304,17 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
                 f"{', '.join(map(str, zeros)) or '-'} |"
             )
         lines += ["", "Per-expert counts (per language too): ``retention.json`` → ``expert_tokens``."]
+    for m in ("int8", "nf4"):
+        q = (extra.get(m) or {}).get("quantized_share")
+        if q:
+            lines += [
+                "",
+                f"{m} (bitsandbytes {extra[m]['bitsandbytes']}): {100 * q['share']:.2f}% of the parameters "
+                f"quantized ({q['quantized']:,} of {q['total']:,}); routed-expert parameters quantized: "
+                f"{q['expert_params_quantized']:,} of {q['expert_params']:,}. Left in float: "
+                + ", ".join(f"{k} {v:,}" for k, v in q["float_by_kind"].items())
+                + ".",
+            ]
     for g in extra.get("gguf", []):
         lines.append("")
         lines.append(f"GGUF {g['file']}: arch {g['arch']}, tensors by type {g['tensors']}")

@@ -3,6 +3,7 @@ report. Outputs (paths relative to the stage folder):
 
 - ``expert_prune/model/`` (pruned HF checkpoint) + ``expert_prune/report.json``;
 - ``gguf/model-<type>.gguf`` for each of ``export.gguf.types``;
+- ``int8/model/``, ``nf4/model/`` (bitsandbytes checkpoints, :mod:`moe_adapt.export.bnb`);
 - ``retention.json`` and ``report.md`` (:mod:`moe_adapt.export.retention`).
 
 Every method is checked against the model before anything is written (an MoE for expert_prune, a
@@ -20,6 +21,7 @@ from moe_adapt.checkpoint.hf import HFCheckpoint, load_causal_lm
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError, config_error
 from moe_adapt.eval.config import EvalConfig
 from moe_adapt.eval.heldout import HeldOut, load_heldout
+from moe_adapt.export.bnb import BNB_METHODS, check_backend
 from moe_adapt.export.config import ExportConfig
 from moe_adapt.export.expert_prune import RoutingCounts, choose_experts, find_eval_routing, moe_layout, prune
 from moe_adapt.export.retention import (
@@ -59,6 +61,9 @@ def _precheck(ecfg: ExportConfig, source: Path) -> None:
             check_expressible(ckpt)
     finally:
         ckpt.close()
+    for m in ecfg.methods:
+        if m in BNB_METHODS:
+            check_backend(m, device_of(ecfg.device))
 
 
 def _routing(
@@ -99,6 +104,8 @@ def _count_routing(ecfg: ExportConfig, source: Path, heldout: HeldOut) -> Routin
 
 def _quantizes(ecfg: ExportConfig) -> bool:
     """Whether some method of ``ecfg`` stores weights in fewer bits than 16."""
+    if any(m in BNB_METHODS for m in ecfg.methods):
+        return True
     return "gguf" in ecfg.methods and any(t not in ("f32", "f16") for t in ecfg.gguf.types)
 
 
@@ -197,9 +204,17 @@ def export(
                 with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
                     row |= quality(gguf_as_checkpoint(file, gguf_src, Path(tmp) / "model"))
             rows.append(row)
+    for m in ecfg.methods:
+        if m not in BNB_METHODS:
+            continue
+        from moe_adapt.export.bnb import quantize_bnb
+
+        folder = out / m / "model"
+        extra[m] = quantize_bnb(source, folder, m, device_of(ecfg.device))
+        rows.append({"name": m, "path": f"{m}/model", "bytes": disk_bytes(folder)} | quality(folder))
     if _quantizes(ecfg) and heldout is not None and _is_moe(source):
-        # No method here calibrates (gguf's types are round-to-nearest), so what each expert saw is
-        # the routing of the held-out text: an expert no token reaches is quantized unchecked.
+        # No method here calibrates (gguf's types and bitsandbytes round to nearest), so what each
+        # expert saw is the routing of the held-out text: an expert no token reaches is unchecked.
         if routing is None or routing.source != "counted on held-out documents":
             routing = _count_routing(ecfg, source, heldout)
         extra["expert_tokens"] = expert_tokens(routing)
