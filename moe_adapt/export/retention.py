@@ -79,23 +79,31 @@ def measure(
     device: str = "cpu",
 ) -> dict[str, dict[str, Any]]:
     """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``."""
-    from moe_adapt.eval.perplexity import evaluate_perplexity
-
     model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
     try:
-        max_pos = int(getattr(model.config, "max_position_embeddings", window) or window)
-        w = min(window, max_pos)
-        result = evaluate_perplexity(
-            model,
-            heldout.docs,
-            window=w,
-            stride=min(stride, w),
-            batch_size=batch_size,
-            token_sizes=heldout.token_sizes,
-        )
+        return measure_model(model, heldout, window=window, stride=stride, batch_size=batch_size)
     finally:
         del model
         gc.collect()
+
+
+def measure_model(
+    model: torch.nn.Module, heldout: HeldOut, *, window: int, stride: int, batch_size: int
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure` of a loaded model (an HF causal LM, or anything called the same way, such as
+    :class:`moe_adapt.export.onnx.OrtCausalLM`)."""
+    from moe_adapt.eval.perplexity import evaluate_perplexity
+
+    max_pos = int(getattr(getattr(model, "config", None), "max_position_embeddings", window) or window)
+    w = min(window, max_pos)
+    result = evaluate_perplexity(
+        model,
+        heldout.docs,
+        window=w,
+        stride=min(stride, w),
+        batch_size=batch_size,
+        token_sizes=heldout.token_sizes,
+    )
     return {lang: r.to_dict() for lang, r in result.items()}
 
 
@@ -287,9 +295,9 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
     if tok:
         lines += ["", "## Routed tokens per expert (held-out text)", ""]
         lines.append(
-            "No method here calibrates: gguf's types and bitsandbytes round to nearest. These are the top-k "
-            f"assignments of the held-out tokens each expert received (routing {tok['source']}); an "
-            "expert with 0 is quantized without any text checking it."
+            "No method here calibrates: gguf's types, bitsandbytes and onnx int4 round to nearest. "
+            "These are the top-k assignments of the held-out tokens each expert received "
+            f"(routing {tok['source']}); an expert with 0 is quantized without any text checking it."
         )
         lines += [
             "",
@@ -304,6 +312,16 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
                 f"{', '.join(map(str, zeros)) or '-'} |"
             )
         lines += ["", "Per-expert counts (per language too): ``retention.json`` → ``expert_tokens``."]
+    onnx = extra.get("onnx") or {}
+    for t in ("fp32", "int4"):
+        if t in onnx:
+            o = onnx[t]
+            lines += [
+                "",
+                f"onnx-{t} ({onnx['exporter']}): {100 * o['share']:.2f}% of the parameters in int4 "
+                f"({o['quantized_params']:,} of {o['params']:,}); the routed experts "
+                f"({o['expert_params']:,} parameters) are 3-D batched matmuls, left in float32.",
+            ]
     for m in ("int8", "nf4"):
         q = (extra.get(m) or {}).get("quantized_share")
         if q:

@@ -4,6 +4,7 @@ report. Outputs (paths relative to the stage folder):
 - ``expert_prune/model/`` (pruned HF checkpoint) + ``expert_prune/report.json``;
 - ``gguf/model-<type>.gguf`` for each of ``export.gguf.types``;
 - ``int8/model/``, ``nf4/model/`` (bitsandbytes checkpoints, :mod:`moe_adapt.export.bnb`);
+- ``onnx/<type>/model.onnx`` for each of ``export.onnx.types`` (:mod:`moe_adapt.export.onnx`);
 - ``retention.json`` and ``report.md`` (:mod:`moe_adapt.export.retention`).
 
 Every method is checked against the model before anything is written (an MoE for expert_prune, a
@@ -32,6 +33,7 @@ from moe_adapt.export.retention import (
     gguf_as_checkpoint,
     load_benchmarks,
     measure,
+    measure_model,
     retention_table,
     write_outputs,
 )
@@ -64,6 +66,10 @@ def _precheck(ecfg: ExportConfig, source: Path) -> None:
     for m in ecfg.methods:
         if m in BNB_METHODS:
             check_backend(m, device_of(ecfg.device))
+    if "onnx" in ecfg.methods:
+        from moe_adapt.export.onnx import check_onnx
+
+        check_onnx()
 
 
 def _routing(
@@ -104,7 +110,7 @@ def _count_routing(ecfg: ExportConfig, source: Path, heldout: HeldOut) -> Routin
 
 def _quantizes(ecfg: ExportConfig) -> bool:
     """Whether some method of ``ecfg`` stores weights in fewer bits than 16."""
-    if any(m in BNB_METHODS for m in ecfg.methods):
+    if any(m in BNB_METHODS for m in ecfg.methods) or ("onnx" in ecfg.methods and "int4" in ecfg.onnx.types):
         return True
     return "gguf" in ecfg.methods and any(t not in ("f32", "f16") for t in ecfg.gguf.types)
 
@@ -212,8 +218,24 @@ def export(
         folder = out / m / "model"
         extra[m] = quantize_bnb(source, folder, m, device_of(ecfg.device))
         rows.append({"name": m, "path": f"{m}/model", "bytes": disk_bytes(folder)} | quality(folder))
+    if "onnx" in ecfg.methods:
+        from moe_adapt.export.onnx import OrtCausalLM, export_onnx
+
+        extra["onnx"] = export_onnx(source, out / "onnx", ecfg.onnx.types, ecfg.onnx.block_size)
+        for t in ecfg.onnx.types:
+            folder = out / "onnx" / t
+            row = {"name": f"onnx-{t}", "path": f"onnx/{t}/model.onnx", "bytes": disk_bytes(folder)}
+            if heldout is not None:  # onnxruntime on CPU; benchmarks need an HF model: not scored
+                row["heldout"] = measure_model(
+                    OrtCausalLM(folder),
+                    heldout,
+                    window=ecfg.window,
+                    stride=ecfg.stride,
+                    batch_size=ecfg.batch_size,
+                )
+            rows.append(row)
     if _quantizes(ecfg) and heldout is not None and _is_moe(source):
-        # No method here calibrates (gguf's types and bitsandbytes round to nearest), so what each
+        # No method here calibrates (gguf, bitsandbytes, MatMulNBits round to nearest), so what each
         # expert saw is the routing of the held-out text: an expert no token reaches is unchecked.
         if routing is None or routing.source != "counted on held-out documents":
             routing = _count_routing(ecfg, source, heldout)

@@ -111,11 +111,13 @@ def test_bad_input_is_one_line_and_writes_nothing(
     [
         (
             "export.methods=[gptq]",
-            r"^export.methods=\['gptq'\] is invalid: 'gptq' is not built yet; built: expert_prune, gguf, int8, nf4$",
+            r"^export.methods=\['gptq'\] is invalid: 'gptq' is not built yet; "
+            r"built: expert_prune, gguf, int8, nf4, onnx$",
         ),
         (
             "export.methods=[zip]",
-            r"^export.methods=\['zip'\] is invalid: unknown method 'zip'; methods: expert_prune, gguf, int8, nf4$",
+            r"^export.methods=\['zip'\] is invalid: unknown method 'zip'; "
+            r"methods: expert_prune, gguf, int8, nf4, onnx$",
         ),
         (
             "export.gguf.types=[q2_k]",
