@@ -312,16 +312,15 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
                 f"{', '.join(map(str, zeros)) or '-'} |"
             )
         lines += ["", "Per-expert counts (per language too): ``retention.json`` → ``expert_tokens``."]
-    onnx = extra.get("onnx") or {}
-    for t in ("fp32", "int4"):
-        if t in onnx:
-            o = onnx[t]
-            lines += [
-                "",
-                f"onnx-{t} ({onnx['exporter']}): {100 * o['share']:.2f}% of the parameters in int4 "
-                f"({o['quantized_params']:,} of {o['params']:,}); the routed experts "
-                f"({o['expert_params']:,} parameters) are 3-D batched matmuls, left in float32.",
-            ]
+    o = (extra.get("onnx") or {}).get("int4")
+    if o:
+        lines += [
+            "",
+            f"onnx-int4 ({extra['onnx']['exporter']}; {o['quantizer']}, blocks of {o['block_size']}): "
+            f"{100 * o['share']:.2f}% of the parameters in int4 ({o['quantized_params']:,} of "
+            f"{o['params']:,}); the routed experts ({o['expert_params']:,} parameters) are 3-D batched "
+            "matmuls the quantizer does not take, left in float32.",
+        ]
     for m in ("int8", "nf4"):
         q = (extra.get(m) or {}).get("quantized_share")
         if q:
@@ -363,6 +362,12 @@ def plot_retention(rows: list[dict[str, Any]], path: Path) -> Path | None:
             )
     ax.axhline(100.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("size on disk (MiB, log scale)")
     ax.set_ylabel(f"retention % ({rows[0].get('retention_unit', 'bits_per_byte')}, source = 100)")
     ax.set_title("Size vs per-language retention")
