@@ -95,10 +95,16 @@ class ONNXConfig:
 
     types: list[str] = field(default_factory=lambda: ["fp32", "int4"])
     """Graphs, one folder ``onnx/<type>/`` each: fp32; int4 = 2-D MatMul weights (attention,
-    lm_head, dense and shared-expert MLPs) in symmetric 4-bit blocks; routed experts stay fp32."""
+    lm_head, dense and shared-expert MLPs) in symmetric 4-bit blocks (MatMulNBits), routed experts
+    as set by ``experts``."""
 
     block_size: int = 32
     """Weights per int4 block (one scale each): 16, 32, 64, 128 or 256."""
+
+    experts: bool = True
+    """In the int4 graph, also store the routed experts (3-D weights MatMulNBits does not take) as
+    int4 blocks behind a ``DequantizeLinear`` (opset 21): 4-bit on disk, dequantized to float32 at
+    run time. false = experts stay float32."""
 
     def __post_init__(self) -> None:
         bad = [t for t in self.types if t not in ONNX_TYPES]

@@ -11,7 +11,9 @@ ONNX exporter (optimum-onnx) pins transformers < 4.58 and cannot be installed be
 The graph takes ``input_ids`` (batch and length dynamic) and returns ``logits``; no KV cache (every
 step recomputes the prefix). ``int4`` is onnxruntime's ``MatMulNBitsQuantizer`` (symmetric 4-bit
 blocks, weight-only): it rewrites 2-D ``MatMul`` weights (attention, dense MLPs, shared experts,
-``lm_head``); the routed experts are 3-D gathered tensors and stay float32, which the report counts.
+``lm_head``). The routed experts are 3-D gathered tensors it does not take; they are stored as int4
+with a blocked ``DequantizeLinear`` (opset 21) in front (:func:`_int4_experts`, ``export.onnx.experts``),
+so they are 4-bit on disk and dequantized to float32 at run time.
 Files: ``onnx/<type>/model.onnx`` (+ ``model.onnx.data`` for large models) with config and tokenizer.
 """
 
@@ -81,7 +83,63 @@ def _quantized_params(model_proto: Any) -> int:
     return total
 
 
-def export_onnx(src: str | Path, dst: str | Path, types: list[str], block_size: int = 32) -> dict[str, Any]:
+def _int4_experts(proto: Any, num_experts: int, block_size: int) -> int:
+    """Replace every float 3-D initializer ``[num_experts, out, in]`` (the routed experts, which
+    MatMulNBits does not take) by a symmetric int4 tensor with one float scale per ``block_size``
+    weights along ``in`` and a ``DequantizeLinear`` (opset 21, ``block_size``) that restores it at
+    run time. Returns the weights so stored. The graph's default opset is raised to 21 (the ops of
+    opsets 20 -> 21 only gained types)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    done = 0
+    nodes = []
+    for init in list(proto.graph.initializer):
+        dims = list(init.dims)
+        if not (
+            len(dims) == 3
+            and dims[0] == num_experts
+            and dims[2] % block_size == 0
+            and init.data_type == TensorProto.FLOAT
+        ):
+            continue
+        w = numpy_helper.to_array(init).astype(np.float32)
+        e, o, k = w.shape
+        w_b = w.reshape(e, o, k // block_size, block_size)
+        scale = np.abs(w_b).max(-1) / 7.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(w_b / scale[..., None]), -8, 7).astype(np.int8).reshape(e, o, k)
+        qname, sname = f"{init.name}_int4", f"{init.name}_int4_scale"
+        proto.graph.initializer.remove(init)
+        proto.graph.initializer.extend(
+            [
+                helper.make_tensor(qname, TensorProto.INT4, [e, o, k], q.reshape(-1).tolist()),
+                numpy_helper.from_array(scale.astype(np.float32), sname),
+            ]
+        )
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [qname, sname],
+                [init.name],
+                axis=-1,
+                block_size=block_size,
+                name=f"{init.name}_dequantize",
+            )
+        )
+        done += e * o * k
+    for node in reversed(nodes):
+        proto.graph.node.insert(0, node)
+    if nodes:
+        for op in proto.opset_import:
+            if op.domain in ("", "ai.onnx") and op.version < 21:
+                op.version = 21
+    return done
+
+
+def export_onnx(
+    src: str | Path, dst: str | Path, types: list[str], block_size: int = 32, experts_int4: bool = True
+) -> dict[str, Any]:
     """Write ``dst/<type>/model.onnx`` for each of ``types`` from the HF checkpoint ``src``; each
     folder is written under a temporary name and renamed. Returns ``{types: {type: {...}}}``.
 
@@ -94,6 +152,9 @@ def export_onnx(src: str | Path, dst: str | Path, types: list[str], block_size: 
     dst.mkdir(parents=True, exist_ok=True)
     model = load_causal_lm(src, torch.float32, device="cpu")
     n_params = sum(p.numel() for p in model.parameters())
+    num_experts = int(
+        getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None) or 0
+    )
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     if experts and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("batched_mm")
@@ -123,7 +184,12 @@ def export_onnx(src: str | Path, dst: str | Path, types: list[str], block_size: 
         program.save(str(fp32_tmp / "model.onnx"), external_data=external)
         del program, wrapped, model
         gc.collect()
-        info = {"params": n_params, "expert_params": experts, "quantized_params": 0}
+        info = {
+            "params": n_params,
+            "expert_params": experts,
+            "quantized_params": 0,
+            "expert_params_quantized": 0,
+        }
         if "int4" in types:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -135,6 +201,7 @@ def export_onnx(src: str | Path, dst: str | Path, types: list[str], block_size: 
             try:
                 proto = q.model.model
                 qp = _quantized_params(proto)
+                qe = _int4_experts(proto, num_experts, block_size) if experts_int4 and num_experts else 0
                 onnx.save_model(
                     proto,
                     str(int4_tmp / "model.onnx"),
@@ -146,10 +213,12 @@ def export_onnx(src: str | Path, dst: str | Path, types: list[str], block_size: 
                 shutil.rmtree(int4_tmp, ignore_errors=True)
                 raise
             out["int4"] = info | {
-                "quantized_params": qp,
-                "share": qp / n_params,
+                "quantized_params": qp + qe,
+                "expert_params_quantized": qe,
+                "share": (qp + qe) / n_params,
                 "block_size": block_size,
-                "quantizer": "onnxruntime MatMulNBitsQuantizer (symmetric)",
+                "quantizer": "onnxruntime MatMulNBitsQuantizer (symmetric) for 2-D MatMuls"
+                + (", int4 DequantizeLinear (opset 21, blocked) for the experts" if qe else ""),
             }
         if "fp32" in types:
             _finish(fp32_tmp, dst / "fp32", src)

@@ -318,8 +318,8 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
             "",
             f"onnx-int4 ({extra['onnx']['exporter']}; {o['quantizer']}, blocks of {o['block_size']}): "
             f"{100 * o['share']:.2f}% of the parameters in int4 ({o['quantized_params']:,} of "
-            f"{o['params']:,}); the routed experts ({o['expert_params']:,} parameters) are 3-D batched "
-            "matmuls the quantizer does not take, left in float32.",
+            f"{o['params']:,}); routed-expert parameters in int4: {o['expert_params_quantized']:,} of "
+            f"{o['expert_params']:,}.",
         ]
     for m in ("int8", "nf4"):
         q = (extra.get(m) or {}).get("quantized_share")

@@ -221,7 +221,9 @@ def export(
     if "onnx" in ecfg.methods:
         from moe_adapt.export.onnx import OrtCausalLM, export_onnx
 
-        extra["onnx"] = export_onnx(source, out / "onnx", ecfg.onnx.types, ecfg.onnx.block_size)
+        extra["onnx"] = export_onnx(
+            source, out / "onnx", ecfg.onnx.types, ecfg.onnx.block_size, experts_int4=ecfg.onnx.experts
+        )
         for t in ecfg.onnx.types:
             folder = out / "onnx" / t
             row = {"name": f"onnx-{t}", "path": f"onnx/{t}/model.onnx", "bytes": disk_bytes(folder)}
