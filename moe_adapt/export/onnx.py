@@ -5,7 +5,8 @@ three MoE expert kernels only ``batched_mm`` exports: the default ``grouped_mm``
 ``transformers.grouped_mm_fallback``, which has no ONNX function, and ``eager`` loops over the experts
 that received tokens, a data-dependent shape torch.export refuses (``GuardOnDataDependentSymNode``).
 ``batched_mm`` gathers the top-k experts' weights per token and multiplies them in one batched
-matmul: the same function, no data-dependent shape (docs/export.md has the exact errors). optimum's
+matmul: the same function, no data-dependent shape (docs/export.md has the exact errors). Its cost:
+working memory of tokens × top-k × one expert's weights, so this path suits small models only. optimum's
 ONNX exporter (optimum-onnx) pins transformers < 4.58 and cannot be installed beside our pins.
 
 The graph takes ``input_ids`` (batch and length dynamic) and returns ``logits``; no KV cache (every
