@@ -11,16 +11,29 @@ from dataclasses import dataclass, field
 
 from moe_adapt.errors import invalid
 
-__all__ = ["GGUF_TYPES", "METHODS", "PLANNED", "ExpertPruneConfig", "ExportConfig", "GGUFConfig", "WebConfig"]
+__all__ = [
+    "GGUF_TYPES",
+    "METHODS",
+    "ONNX_TYPES",
+    "PLANNED",
+    "ExpertPruneConfig",
+    "ExportConfig",
+    "GGUFConfig",
+    "ONNXConfig",
+    "WebConfig",
+]
 
-METHODS = ("expert_prune", "gguf")
+METHODS = ("expert_prune", "gguf", "int8", "nf4", "onnx")
 """The export methods built so far, each writing its own folder ``<stage>/<method>/``."""
 
-PLANNED = ("gptq", "sparsegpt", "wanda", "int8", "nf4", "onnx")
+PLANNED = ("gptq", "sparsegpt", "wanda")
 """Methods of issue 17 not built yet: named in the error so nobody thinks they were skipped silently."""
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 """GGUF weight types written (one file each); the quantized ones by ``gguf.quants``' numpy reference."""
+
+ONNX_TYPES = ("fp32", "int4")
+"""ONNX graphs written (one folder each): fp32, and int4 weight-only (onnxruntime's MatMulNBits)."""
 
 _fail = invalid
 
@@ -77,6 +90,31 @@ class GGUFConfig:
 
 
 @dataclass
+class ONNXConfig:
+    """``onnx``: the model as an ONNX graph (``torch.onnx.export``, dynamo) for onnxruntime."""
+
+    types: list[str] = field(default_factory=lambda: ["fp32", "int4"])
+    """Graphs, one folder ``onnx/<type>/`` each: fp32; int4 = 2-D MatMul weights (attention,
+    lm_head, dense and shared-expert MLPs) in symmetric 4-bit blocks (MatMulNBits), routed experts
+    as set by ``experts``."""
+
+    block_size: int = 32
+    """Weights per int4 block (one scale each): 16, 32, 64, 128 or 256."""
+
+    experts: bool = True
+    """In the int4 graph, also store the routed experts (3-D weights MatMulNBits does not take) as
+    int4 blocks behind a ``DequantizeLinear`` (opset 21): 4-bit on disk, dequantized to float32 at
+    run time. false = experts stay float32."""
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.types if t not in ONNX_TYPES]
+        if bad or not self.types:
+            _fail("export.onnx.types", list(self.types), f"pick one or more of {', '.join(ONNX_TYPES)}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            _fail("export.onnx.block_size", self.block_size, "one of 16, 32, 64, 128, 256")
+
+
+@dataclass
 class WebConfig:
     """The browser page (``moe_adapt/export/web``) that ``export.serve=true`` serves."""
 
@@ -107,7 +145,10 @@ class ExportConfig:
 
     methods: list[str] = field(default_factory=lambda: ["expert_prune", "gguf"])
     """Export methods, each into its own folder: expert_prune (a pruned HF checkpoint), gguf
-    (llama.cpp files)."""
+    (llama.cpp files), int8 / nf4 (bitsandbytes LLM.int8 / NF4 HF checkpoints: Linear layers only,
+    so an MoE's fused experts stay in float; needs bitsandbytes, whose backend is probed on
+    ``export.device`` before anything is written), onnx (ONNX graphs for onnxruntime, measured on
+    CPU by onnxruntime)."""
 
     heldout: str | None = None
     """Held-out shards + manifest.json (the data stage's ``data/heldout``) for the retention report and
@@ -141,6 +182,9 @@ class ExportConfig:
 
     gguf: GGUFConfig = field(default_factory=GGUFConfig)
     """Settings of the gguf method."""
+
+    onnx: ONNXConfig = field(default_factory=ONNXConfig)
+    """Settings of the onnx method."""
 
     serve: bool = False
     """Once the pipeline is done (the stage ran or was complete already), serve the browser page with

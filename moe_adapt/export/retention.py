@@ -8,7 +8,8 @@ also quantizes activations in its q8_0/q4_0 matrix products, which this does not
 
 **Retention** of a language: ``100 * bpb_source / bpb_artifact`` (bits per byte; nats per token when
 the held-out text cannot be sized): 100 = as good as the source, below 100 = worse.
-Outputs: ``retention.json`` and ``report.md`` in the stage folder.
+Outputs: ``retention.json``, ``report.md`` and ``retention.png`` (size on disk against retention per
+language, one marker per artefact; written when held-out text was measured) in the stage folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,10 +31,27 @@ from moe_adapt.errors import MoEAdaptError
 from moe_adapt.eval.config import EvalConfig
 from moe_adapt.eval.heldout import HeldOut
 from moe_adapt.fs import atomic_write_text
+from moe_adapt.plots import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from moe_adapt.export.expert_prune import RoutingCounts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["disk_bytes", "measure", "render_report", "retention_table"]
+__all__ = [
+    "PLOT",
+    "disk_bytes",
+    "expert_tokens",
+    "measure",
+    "plot_retention",
+    "render_report",
+    "retention_table",
+]
+
+PLOT = "retention.png"
+"""The size-vs-retention figure, beside ``report.md``."""
+
+_MARKERS = "os^Dv<>pP*Xh"
 
 
 def disk_bytes(path: str | Path) -> int:
@@ -61,23 +79,31 @@ def measure(
     device: str = "cpu",
 ) -> dict[str, dict[str, Any]]:
     """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``."""
-    from moe_adapt.eval.perplexity import evaluate_perplexity
-
     model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
     try:
-        max_pos = int(getattr(model.config, "max_position_embeddings", window) or window)
-        w = min(window, max_pos)
-        result = evaluate_perplexity(
-            model,
-            heldout.docs,
-            window=w,
-            stride=min(stride, w),
-            batch_size=batch_size,
-            token_sizes=heldout.token_sizes,
-        )
+        return measure_model(model, heldout, window=window, stride=stride, batch_size=batch_size)
     finally:
         del model
         gc.collect()
+
+
+def measure_model(
+    model: torch.nn.Module, heldout: HeldOut, *, window: int, stride: int, batch_size: int
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure` of a loaded model (an HF causal LM, or anything called the same way, such as
+    :class:`moe_adapt.export.onnx.OrtCausalLM`)."""
+    from moe_adapt.eval.perplexity import evaluate_perplexity
+
+    max_pos = int(getattr(getattr(model, "config", None), "max_position_embeddings", window) or window)
+    w = min(window, max_pos)
+    result = evaluate_perplexity(
+        model,
+        heldout.docs,
+        window=w,
+        stride=min(stride, w),
+        batch_size=batch_size,
+        token_sizes=heldout.token_sizes,
+    )
     return {lang: r.to_dict() for lang, r in result.items()}
 
 
@@ -140,6 +166,30 @@ def gguf_as_checkpoint(gguf_file: str | Path, src: str | Path, dest: str | Path)
     return dest
 
 
+def expert_tokens(routing: RoutingCounts) -> dict[str, Any]:
+    """Routed tokens per MoE layer and expert of :class:`~moe_adapt.export.expert_prune.RoutingCounts`
+    (top-k assignments, every language summed; per language too), and the experts no token reached:
+    ``{source, layer_ids, total: [[...]], per_language: {lang: [[...]]}, zero: {layer: [experts]}}``."""
+    import numpy as np
+
+    per_lang = {g: np.asarray(c, dtype=np.int64) for g, c in routing.counts.items()}
+    total_LE = np.sum(np.stack(list(per_lang.values())), axis=0)
+    zero = {
+        str(lid): [int(e) for e in np.flatnonzero(total_LE[row] == 0)]
+        for row, lid in enumerate(routing.layer_ids)
+        if np.any(total_LE[row] == 0)
+    }
+    return {
+        "definition": "top-k assignments of held-out tokens per MoE layer and expert (the text the "
+        "quantized weights are measured on; gguf's types take no calibration)",
+        "source": routing.source,
+        "layer_ids": list(routing.layer_ids),
+        "total": total_LE.tolist(),
+        "per_language": {g: c.tolist() for g, c in per_lang.items()},
+        "zero": zero,
+    }
+
+
 def _quality(r: dict[str, Any]) -> tuple[float, str]:
     if r.get("bits_per_byte") is not None:
         return float(r["bits_per_byte"]), "bits_per_byte"
@@ -171,8 +221,9 @@ def retention_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def render_report(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
-    """``report.md``: one table row per artefact, and what expert_prune removed."""
+def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bool = False) -> str:
+    """``report.md``: one table row per artefact, and what expert_prune removed; ``plot`` links
+    ``retention.png``."""
     langs = sorted({lang for r in rows for lang in (r.get("heldout") or {})})
     head = ["artefact", "size MiB", "ratio"]
     for lang in langs:
@@ -203,6 +254,8 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
                 f"{ret:.2f}" if ret else "-",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    if plot:
+        lines += ["", f"![size on disk vs retention per language]({PLOT})"]
     acc_cols = sorted(
         {f"{b}.{lang}" for r in rows for b, ls in (r.get("accuracy") or {}).items() for lang in ls}
     )
@@ -238,12 +291,92 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
         for lang, v in prune["routed_mass_lost"]["per_language"].items():
             lines.append(f"| {lang} | {100 * v:.2f} |")
         lines += ["", "Dropped experts per layer (old indices): " + json.dumps(prune["dropped"])]
+    tok = extra.get("expert_tokens")
+    if tok:
+        lines += ["", "## Routed tokens per expert (held-out text)", ""]
+        lines.append(
+            "No method here calibrates: gguf's types, bitsandbytes and onnx int4 round to nearest. "
+            "These are the top-k assignments of the held-out tokens each expert received "
+            f"(routing {tok['source']}); an expert with 0 is quantized without any text checking it."
+        )
+        lines += [
+            "",
+            "| layer | experts | min | median | max | experts with 0 tokens |",
+            "|---|---|---|---|---|---|",
+        ]
+        for lid, row in zip(tok["layer_ids"], tok["total"], strict=True):
+            srt = sorted(row)
+            zeros = tok["zero"].get(str(lid), [])
+            lines.append(
+                f"| {lid} | {len(row)} | {srt[0]} | {srt[len(srt) // 2]} | {srt[-1]} | "
+                f"{', '.join(map(str, zeros)) or '-'} |"
+            )
+        lines += ["", "Per-expert counts (per language too): ``retention.json`` → ``expert_tokens``."]
+    o = (extra.get("onnx") or {}).get("int4")
+    if o:
+        lines += [
+            "",
+            f"onnx-int4 ({extra['onnx']['exporter']}; {o['quantizer']}, blocks of {o['block_size']}): "
+            f"{100 * o['share']:.2f}% of the parameters in int4 ({o['quantized_params']:,} of "
+            f"{o['params']:,}); routed-expert parameters in int4: {o['expert_params_quantized']:,} of "
+            f"{o['expert_params']:,}.",
+        ]
+    for m in ("int8", "nf4"):
+        q = (extra.get(m) or {}).get("quantized_share")
+        if q:
+            lines += [
+                "",
+                f"{m} (bitsandbytes {extra[m]['bitsandbytes']}): {100 * q['share']:.2f}% of the parameters "
+                f"quantized ({q['quantized']:,} of {q['total']:,}); routed-expert parameters quantized: "
+                f"{q['expert_params_quantized']:,} of {q['expert_params']:,}. Left in float: "
+                + ", ".join(f"{k} {v:,}" for k, v in q["float_by_kind"].items())
+                + ".",
+            ]
     for g in extra.get("gguf", []):
         lines.append("")
         lines.append(f"GGUF {g['file']}: arch {g['arch']}, tensors by type {g['tensors']}")
     return "\n".join(lines) + "\n"
 
 
+def plot_retention(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Size on disk (MiB, log x) against retention % (y) for every artefact and language: one marker
+    shape per artefact, one colour per language. None (nothing written) when no row has a retention."""
+    langs = sorted({lang for r in rows for lang, v in r["retention_pct"].items() if v is not None})
+    if not langs:
+        return None
+    fig, (ax,) = new_figure(1, 1, figsize=(7.0, 4.5))
+    for i, r in enumerate(rows):
+        marker = _MARKERS[i % len(_MARKERS)]
+        for j, lang in enumerate(langs):
+            v = r["retention_pct"].get(lang)
+            if v is None:
+                continue
+            ax.plot(
+                r["bytes"] / 2**20,
+                v,
+                marker,
+                color=f"C{j}",
+                markersize=8,
+                alpha=0.8,
+                label=f"{r['name']} ({lang})",
+            )
+    ax.axhline(100.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("size on disk (MiB, log scale)")
+    ax.set_ylabel(f"retention % ({rows[0].get('retention_unit', 'bits_per_byte')}, source = 100)")
+    ax.set_title("Size vs per-language retention")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best", ncol=2)
+    return save_figure(fig, path)
+
+
 def write_outputs(out: Path, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     atomic_write_text(out / "retention.json", json.dumps({"rows": rows, **extra}, indent=1, default=str))
-    atomic_write_text(out / "report.md", render_report(rows, extra))
+    plot = plot_retention(rows, out / PLOT)
+    atomic_write_text(out / "report.md", render_report(rows, extra, plot=plot is not None))

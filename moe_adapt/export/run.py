@@ -3,6 +3,8 @@ report. Outputs (paths relative to the stage folder):
 
 - ``expert_prune/model/`` (pruned HF checkpoint) + ``expert_prune/report.json``;
 - ``gguf/model-<type>.gguf`` for each of ``export.gguf.types``;
+- ``int8/model/``, ``nf4/model/`` (bitsandbytes checkpoints, :mod:`moe_adapt.export.bnb`);
+- ``onnx/<type>/model.onnx`` for each of ``export.onnx.types`` (:mod:`moe_adapt.export.onnx`);
 - ``retention.json`` and ``report.md`` (:mod:`moe_adapt.export.retention`).
 
 Every method is checked against the model before anything is written (an MoE for expert_prune, a
@@ -17,18 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.checkpoint.hf import HFCheckpoint, load_causal_lm
-from moe_adapt.errors import MoEAdaptConfigError, config_error
+from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError, config_error
 from moe_adapt.eval.config import EvalConfig
 from moe_adapt.eval.heldout import HeldOut, load_heldout
+from moe_adapt.export.bnb import BNB_METHODS, check_backend
 from moe_adapt.export.config import ExportConfig
 from moe_adapt.export.expert_prune import RoutingCounts, choose_experts, find_eval_routing, moe_layout, prune
 from moe_adapt.export.retention import (
     accuracy,
     device_of,
     disk_bytes,
+    expert_tokens,
     gguf_as_checkpoint,
     load_benchmarks,
     measure,
+    measure_model,
     retention_table,
     write_outputs,
 )
@@ -58,6 +63,13 @@ def _precheck(ecfg: ExportConfig, source: Path) -> None:
             check_expressible(ckpt)
     finally:
         ckpt.close()
+    for m in ecfg.methods:
+        if m in BNB_METHODS:
+            check_backend(m, device_of(ecfg.device))
+    if "onnx" in ecfg.methods:
+        from moe_adapt.export.onnx import check_onnx
+
+        check_onnx()
 
 
 def _routing(
@@ -78,17 +90,40 @@ def _routing(
             "(export.expert_prune.routing=null and the eval stage did not analyse it), so routing must be "
             "counted on held-out data; set export.heldout or export.expert_prune.routing"
         )
+    return _count_routing(ecfg, source, heldout)
+
+
+def _count_routing(ecfg: ExportConfig, source: Path, heldout: HeldOut) -> RoutingCounts:
+    """Top-k assignments per language, layer and expert of ``source`` on the held-out documents."""
     from moe_adapt.eval.routing import collect_routing_counts
 
     log.info("export: counting routing on held-out documents (%s)", ", ".join(heldout.docs))
     model = load_causal_lm(source, device=device_of(ecfg.device))
     try:
         layer_ids, counts = collect_routing_counts(
-            model, heldout.docs, batch_size=ecfg.batch_size, max_length=pcfg.routing_max_tokens
+            model, heldout.docs, batch_size=ecfg.batch_size, max_length=ecfg.expert_prune.routing_max_tokens
         )
     finally:
         del model
     return RoutingCounts(layer_ids, counts, "counted on held-out documents")
+
+
+def _quantizes(ecfg: ExportConfig) -> bool:
+    """Whether some method of ``ecfg`` stores weights in fewer bits than 16."""
+    if any(m in BNB_METHODS for m in ecfg.methods) or ("onnx" in ecfg.methods and "int4" in ecfg.onnx.types):
+        return True
+    return "gguf" in ecfg.methods and any(t not in ("f32", "f16") for t in ecfg.gguf.types)
+
+
+def _is_moe(source: Path) -> bool:
+    ckpt = HFCheckpoint(source, "export.model")
+    try:
+        moe_layout(ckpt)
+    except MoEAdaptError:
+        return False
+    finally:
+        ckpt.close()
+    return True
 
 
 def export(
@@ -141,6 +176,7 @@ def export(
     rows: list[dict[str, Any]] = [{"name": "source", "path": str(source), "bytes": disk_bytes(source)}]
     rows[0].update(quality(source))
     extra: dict[str, Any] = {}
+    routing: RoutingCounts | None = None
     if "expert_prune" in ecfg.methods:
         pcfg = ecfg.expert_prune
         routing = _routing(ecfg, source, heldout, Path(eval_dir) if eval_dir else None)
@@ -174,6 +210,42 @@ def export(
                 with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
                     row |= quality(gguf_as_checkpoint(file, gguf_src, Path(tmp) / "model"))
             rows.append(row)
+    for m in ecfg.methods:
+        if m not in BNB_METHODS:
+            continue
+        from moe_adapt.export.bnb import quantize_bnb
+
+        folder = out / m / "model"
+        extra[m] = quantize_bnb(source, folder, m, device_of(ecfg.device))
+        rows.append({"name": m, "path": f"{m}/model", "bytes": disk_bytes(folder)} | quality(folder))
+    if "onnx" in ecfg.methods:
+        from moe_adapt.export.onnx import OrtCausalLM, export_onnx
+
+        extra["onnx"] = export_onnx(
+            source, out / "onnx", ecfg.onnx.types, ecfg.onnx.block_size, experts_int4=ecfg.onnx.experts
+        )
+        for t in ecfg.onnx.types:
+            folder = out / "onnx" / t
+            row = {"name": f"onnx-{t}", "path": f"onnx/{t}/model.onnx", "bytes": disk_bytes(folder)}
+            if heldout is not None:  # onnxruntime on CPU; benchmarks need an HF model: not scored
+                row["heldout"] = measure_model(
+                    OrtCausalLM(folder),
+                    heldout,
+                    window=ecfg.window,
+                    stride=ecfg.stride,
+                    batch_size=ecfg.batch_size,
+                )
+            rows.append(row)
+    if _quantizes(ecfg) and heldout is not None and _is_moe(source):
+        # No method here calibrates (gguf, bitsandbytes, MatMulNBits round to nearest), so what each
+        # expert saw is the routing of the held-out text: an expert no token reaches is unchecked.
+        if routing is None or routing.source != "counted on held-out documents":
+            routing = _count_routing(ecfg, source, heldout)
+        extra["expert_tokens"] = expert_tokens(routing)
+        for lid, experts in extra["expert_tokens"]["zero"].items():
+            log.warning(
+                "export: layer %s experts %s routed no held-out token (quantized unchecked)", lid, experts
+            )
     rows = retention_table(rows)
     write_outputs(out, rows, extra)
     for r in rows:

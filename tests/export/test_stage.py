@@ -111,11 +111,13 @@ def test_bad_input_is_one_line_and_writes_nothing(
     [
         (
             "export.methods=[gptq]",
-            r"^export.methods=\['gptq'\] is invalid: 'gptq' is not built yet; built: expert_prune, gguf$",
+            r"^export.methods=\['gptq'\] is invalid: 'gptq' is not built yet; "
+            r"built: expert_prune, gguf, int8, nf4, onnx$",
         ),
         (
             "export.methods=[zip]",
-            r"^export.methods=\['zip'\] is invalid: unknown method 'zip'; methods: expert_prune, gguf$",
+            r"^export.methods=\['zip'\] is invalid: unknown method 'zip'; "
+            r"methods: expert_prune, gguf, int8, nf4, onnx$",
         ),
         (
             "export.gguf.types=[q2_k]",
@@ -214,3 +216,56 @@ def test_gguf_from_the_pruned_model(tmp_path: Path, run_dir: Path) -> None:
     assert int(reader.fields["llama.expert_count"].parts[-1][0]) == 5
     with pytest.raises(MoEAdaptConfigError, match=r"^export.gguf.from_pruned=True is invalid: needs both"):
         ExportConfig(methods=["gguf"], gguf=GGUFConfig(from_pruned=True))
+
+
+def test_report_plots_size_against_retention_and_counts_tokens_per_expert(
+    tmp_path: Path, run_dir: Path, heldout_dir: Path
+) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+    cfg = _cfg(heldout_dir, methods=["gguf"], gguf=GGUFConfig(types=["q8_0"]))
+    export(cfg, run_dir / "cpt" / "model", out, seed=0)
+    png = out / "retention.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    report = (out / "report.md").read_text()
+    assert "](retention.png)" in report and "Routed tokens per expert" in report
+    tok = json.loads((out / "retention.json").read_text())["expert_tokens"]
+    assert tok["layer_ids"] == [0, 1] and set(tok["per_language"]) == {"ar", "en"}
+    total = [
+        [a + e for a, e in zip(ra, re_, strict=True)]
+        for ra, re_ in zip(tok["per_language"]["ar"], tok["per_language"]["en"], strict=True)
+    ]
+    assert tok["total"] == total and all(len(r) == 8 for r in total)
+    # the counts are top-k (k=2) assignments of the measured tokens: the same sum in every layer
+    assert total[0] and sum(total[0]) == sum(total[1]) > 0 and sum(total[0]) % 2 == 0
+    assert tok["zero"] == {
+        str(i): [e for e, c in enumerate(r) if c == 0] for i, r in enumerate(total) if 0 in r
+    }
+
+
+def test_no_plot_and_no_token_counts_without_heldout_text(tmp_path: Path, run_dir: Path) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+    export(
+        _cfg(None, methods=["gguf"], gguf=GGUFConfig(types=["q8_0"])), run_dir / "cpt" / "model", out, seed=0
+    )
+    assert not (out / "retention.png").exists()
+    assert "expert_tokens" not in json.loads((out / "retention.json").read_text())
+    assert "retention.png" not in (out / "report.md").read_text()
+
+
+def test_an_expert_no_token_reached_is_flagged() -> None:
+    import numpy as np
+
+    from moe_adapt.export.expert_prune import RoutingCounts
+    from moe_adapt.export.retention import expert_tokens, render_report, retention_table
+
+    routing = RoutingCounts(
+        [0, 3], {"ar": np.array([[3, 0, 1], [2, 2, 0]]), "en": np.array([[1, 0, 0], [0, 1, 3]])}, "x"
+    )
+    tok = expert_tokens(routing)
+    assert tok["total"] == [[4, 0, 1], [2, 3, 3]]
+    assert tok["zero"] == {"0": [1]}
+    rows = retention_table([{"name": "source", "path": "s", "bytes": 10}])
+    report = render_report(rows, {"expert_tokens": tok})
+    assert "| 0 | 3 | 0 | 1 | 4 | 1 |" in report and "| 3 | 3 | 2 | 3 | 3 | - |" in report
