@@ -119,6 +119,8 @@ def _phase_settings(
         settings["prompts"] = d.prompts
     if d.replay > 0:
         settings["replay"] = {"share": d.replay, "shards": d.shards, "mixture": asdict(mixture)}
+        if d.replay_adds_steps:  # only when on: run folders made before the setting stay valid
+            settings["replay"]["adds_steps"] = True
     if d.heldout:
         settings["heldout"] = {"path": d.heldout, "docs": d.heldout_docs, "window": mixture.seq_len}
     return settings
@@ -234,7 +236,11 @@ def run_distill(
     if d.heldout and training:
         held = load_heldout(d.heldout, max_docs=d.heldout_docs, seed=seed, key="distill.heldout")
     window = mixture.seq_len
-    replay = ReplaySource(Path(d.shards or ""), mixture, d.replay) if d.replay > 0 and training else None
+    replay = (
+        ReplaySource(Path(d.shards or ""), mixture, d.replay, d.replay_adds_steps)
+        if d.replay > 0 and training
+        else None
+    )
 
     summary: dict[str, Any] = {"phases": phases, "accuracy": {}, "heldout": {}}
     if held is not None and d.student:

@@ -46,6 +46,9 @@ class ReplaySource:
     """Sources and ratio (the ``mixture`` group); its ``seq_len`` is replaced by the phase's."""
     share: float
     """Share of the phase's batches that replay, in (0, 1)."""
+    adds_steps: bool = False
+    """True: replay batches come on top of the phase's ``steps`` task batches (the phase runs
+    :func:`steps_with_replay` steps); False: they take ``share`` of the ``steps``."""
 
 
 def check_source(shards: str | None, share: float, key: str = "distill.shards") -> Path:
@@ -139,6 +142,17 @@ class ReplayMixer:
         self.task.load_state_dict(state["task"])
         self.general.load_state_dict(state["general"])
         self.counts_N = np.asarray(state["counts"], dtype=np.int64)
+
+
+def steps_with_replay(task_steps: int, share: float) -> int:
+    """The number of steps whose schedule (:class:`ReplayMixer`'s) holds exactly ``task_steps`` task
+    batches when ``share`` of the batches replay: about ``task_steps / (1 - share)``."""
+    if task_steps <= 0 or share <= 0:
+        return max(task_steps, 0)
+    weights_N, counts_N = np.array([1.0 - share, share]), np.zeros(2, dtype=np.int64)
+    steps = int(task_steps / (1.0 - share)) + 2  # a little past the end: the divisor schedule's slack
+    picks = webster_picks(counts_N, weights_N, steps)
+    return int(np.searchsorted(np.cumsum(picks == 0), task_steps) + 1)
 
 
 def shard_vocab(shards: Path) -> int:

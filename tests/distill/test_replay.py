@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moe_adapt.cpt.config import MixtureConfig
-from moe_adapt.distill.replay import ReplayBatch, ReplayMixer, ReplaySource
+from moe_adapt.distill.replay import ReplayBatch, ReplayMixer, ReplaySource, steps_with_replay
 from moe_adapt.distill.sft_data import Example, PackedSampler, pack_examples
 from moe_adapt.errors import MoEAdaptConfigError
 from tests.distill.test_pipeline import overrides, run
@@ -86,6 +86,40 @@ def test_replay_mixer_share_sources_and_exact_resume(shard_dirs) -> None:
     other = ReplayMixer.build(_rows(), ReplaySource(shard_dirs[0], MixtureConfig(), 0.5), 64, seed=0)
     with pytest.raises(MoEAdaptConfigError, match="distill.replay=0.25"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("task", "share"), [(300, 0.25), (60, 0.25), (8, 0.25), (7, 0.5), (300, 0.1), (1, 0.25)]
+)
+def test_steps_with_replay_keep_the_task_batches(shard_dirs, task: int, share: float) -> None:
+    steps = steps_with_replay(task, share)
+    mixer = ReplayMixer.build(_rows(), ReplaySource(shard_dirs[0], MixtureConfig(), share), 64, seed=0)
+    kinds = [isinstance(mixer.next_batch(2), ReplayBatch) for _ in range(steps)]
+    assert kinds.count(False) == task and not kinds[-1]  # the last step is the task's last batch
+    assert steps == pytest.approx(task / (1 - share), abs=1.5)
+    assert steps_with_replay(task, 0.0) == task
+
+
+def test_replay_adds_steps_keeps_the_phase_task_batches(
+    lm_factory, prompt_files, shard_dirs, tmp_path
+) -> None:
+    args = overrides(
+        lm_factory,
+        prompt_files,
+        tmp_path,
+        "distill.phases=[generate,verify,seq_kd]",
+        "distill.seq_kd={steps: 6, batch_size: 2, seq_len: 128, lr: 1.0e-3, warmup_steps: 1}",
+        "distill.eval_prompts=null",
+        "distill.replay=0.25",
+        "distill.replay_adds_steps=true",
+        f"distill.shards={shard_dirs[0]}",
+        "mixture.seq_len=64",
+    )
+    summary = run(args)["distill"]
+    rows = [json.loads(line) for line in (tmp_path / "distill/seq_kd/metrics.jsonl").read_text().splitlines()]
+    assert [r["replay"] for r in rows].count(0.0) == 6 and len(rows) == summary["seq_kd"]["steps"] == 8
+    assert summary["seq_kd"]["replay"]["adds_steps"] is True
+    assert summary["seq_kd"]["plan"]["steps"] == 8
 
 
 def _check_terms(row: dict, prefix: str, coefs: dict[str, float]) -> None:
