@@ -192,9 +192,13 @@ def run_train_phase(
                 f"distill.shards={str(replay.shards)!r} were tokenized with {vocab} ids but the {name} "
                 f"phase's model has a vocabulary of {trained.vocab_size}: replay needs the model's tokenizer"
             )
-        source = ReplayMixer.build(task, replay, pcfg.seq_len, seed)
+        source = ReplayMixer.build(task, replay, pcfg.seq_len, seed, kd=kd is not None)
         log.info(
-            "%s: %.0f%% of the batches replay general text from %s", name, 100 * replay.share, replay.shards
+            "%s: %.0f%% of the %s replay general text from %s",
+            name,
+            100 * replay.share,
+            "rows of every batch" if source.rows else "batches",
+            replay.shards,
         )
     all_callbacks: list[Callback] = [
         MetricsCallback(work / "metrics.jsonl"),
@@ -234,8 +238,9 @@ def run_train_phase(
         extra["replay"] = {
             "share": replay.share,
             "adds_steps": replay.adds_steps,
+            "rows": isinstance(source, ReplayMixer) and source.rows,
             "realised": realised_share(rows_logged),
-            "batches": int(sum(float(r.get("replay", 0)) for r in rows_logged)),
+            "batches": int(sum(float(r.get("replay", 0)) == 1.0 for r in rows_logged)),
             "final_lm_loss": last_replay.get("replay/lm_loss"),
         }
     if heldout_cb is not None and heldout_cb.history:
