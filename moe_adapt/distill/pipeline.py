@@ -118,10 +118,11 @@ def _phase_settings(
     if name == "sft":
         settings["prompts"] = d.prompts
     if d.replay > 0:
-        settings["replay"] = {"share": d.replay, "shards": d.shards, "mixture": asdict(mixture)}
+        replay: dict[str, Any] = {"share": d.replay, "shards": d.shards, "mixture": asdict(mixture)}
         for key in ("rows", "adds_steps"):  # only when on: run folders made before them stay valid
             if getattr(d, f"replay_{key}"):
-                settings["replay"][key] = True
+                replay[key] = True
+        settings["replay"] = replay
     if d.heldout:
         settings["heldout"] = {"path": d.heldout, "docs": d.heldout_docs, "window": mixture.seq_len}
     return settings
