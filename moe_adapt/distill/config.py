@@ -253,6 +253,16 @@ class DistillConfig:
     sources and ratio (e.g. 80/20), trained on plain next-token loss and logged as replay/<term>. In
     [0, 1); 0: off. Which steps replay is a deterministic schedule (within one batch of the share)."""
 
+    replay_rows: bool = False
+    """With replay: true puts general-text rows inside every batch of the LM phases (sft, seq_kd), the
+    replay share of its rows, so every step sees the task; the token-KD phases replay whole batches
+    either way. False: whole batches."""
+
+    replay_adds_steps: bool = False
+    """With replay: true keeps every phase's task batches at its steps and adds the replay batches
+    on top (a phase runs about steps / (1 - replay) steps, its schedule stretched with it); false:
+    replay takes its share of the steps from the task."""
+
     shards: str | None = None
     """The data stage's training shards (manifest.json) that replay draws from (the recipes: cpt.shards)."""
 

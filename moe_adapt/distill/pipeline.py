@@ -126,7 +126,11 @@ def _phase_settings(
     if name == "sft":
         settings["prompts"] = d.prompts
     if d.replay > 0:
-        settings["replay"] = {"share": d.replay, "shards": d.shards, "mixture": asdict(mixture)}
+        replay: dict[str, Any] = {"share": d.replay, "shards": d.shards, "mixture": asdict(mixture)}
+        for key in ("rows", "adds_steps"):  # only when on: run folders made before them stay valid
+            if getattr(d, f"replay_{key}"):
+                replay[key] = True
+        settings["replay"] = replay
     if d.heldout:
         settings["heldout"] = {"path": d.heldout, "docs": d.heldout_docs, "window": mixture.seq_len}
     return settings
@@ -244,7 +248,11 @@ def run_distill(
     if d.heldout and training:
         held = load_heldout(d.heldout, max_docs=d.heldout_docs, seed=seed, key="distill.heldout")
     window = mixture.seq_len
-    replay = ReplaySource(Path(d.shards or ""), mixture, d.replay) if d.replay > 0 and training else None
+    replay = (
+        ReplaySource(Path(d.shards or ""), mixture, d.replay, d.replay_rows, d.replay_adds_steps)
+        if d.replay > 0 and training
+        else None
+    )
 
     summary: dict[str, Any] = {"phases": phases, "accuracy": {}, "heldout": {}}
     if held is not None and d.student:
@@ -418,10 +426,13 @@ def render_distill_report(summary: dict[str, Any], out: Path) -> str:
             )
             if "replay" in s:
                 r = s["replay"]
-                lines.append(
-                    f"  - replay: {r['batches']} general-text batches of {s['steps']} "
-                    f"(share {r['realised']}, asked {r['share']}), last replay LM loss {r['final_lm_loss']}"
+                what = (
+                    f"{r['realised']} of the rows of every batch (asked {r['share']})"
+                    if r.get("rows")
+                    else f"{r['batches']} general-text batches of {s['steps']} (share {r['realised']}, "
+                    f"asked {r['share']}), last replay LM loss {r['final_lm_loss']}"
                 )
+                lines.append(f"  - replay: {what}")
             if "selected_share" in s:
                 lines.append(f"  - SelecTKD share of tokens selected (last step): {s['selected_share']}")
     return "\n".join(lines) + "\n"

@@ -46,6 +46,12 @@ class ReplaySource:
     """Sources and ratio (the ``mixture`` group); its ``seq_len`` is replaced by the phase's."""
     share: float
     """Share of the phase's batches that replay, in (0, 1)."""
+    rows: bool = False
+    """True: replay a share of the rows of every batch (the LM phases sft and seq_kd; the token-KD
+    phases still replay whole batches, having no teacher for general text); False: whole batches."""
+    adds_steps: bool = False
+    """True: replay batches come on top of the phase's ``steps`` task batches (the phase runs
+    :func:`steps_with_replay` steps); False: they take ``share`` of the ``steps``."""
 
 
 def check_source(shards: str | None, share: float, key: str = "distill.shards") -> Path:
@@ -87,25 +93,68 @@ class _TaskBatch(TrainBatch):
         return {"replay": 0.0}
 
 
+@dataclasses.dataclass
+class MixedBatch(TrainBatch):
+    """A task batch with general-text rows appended (row replay): those rows count every label, sit at
+    positions ``0..T-1`` and belong to no task language (``lang_ids`` = -1)."""
+
+    replay_rows: int = 0
+    """How many of the rows (the last ones) are general text."""
+
+    def metrics(self) -> dict[str, float]:
+        """``replay`` = the share of the batch's rows that are general text."""
+        return {"replay": self.replay_rows / len(self.tokens)}
+
+
+def mix_rows(task: TrainBatch, general: np.ndarray) -> MixedBatch:
+    """``task``'s rows followed by the general-text rows ``general`` (``tokens_BT1`` of the same width)."""
+    k, width = general.shape
+    if width != task.tokens.shape[1] or task.topk_ids is not None:
+        raise MoEAdaptConfigError(
+            f"replay rows ({width - 1} tokens) go only into LM batches of the same seq_len, got "
+            f"{task.tokens.shape[1] - 1}{' with teacher top-k' if task.topk_ids is not None else ''}"
+        )
+    t = width - 1
+
+    def cat(a: np.ndarray | None, fill: np.ndarray) -> np.ndarray | None:
+        return None if a is None else np.concatenate([a, fill.astype(a.dtype)])
+
+    return MixedBatch(
+        tokens=np.concatenate([task.tokens, general.astype(task.tokens.dtype)]),
+        loss_mask=cat(task.loss_mask, np.ones((k, t), dtype=bool)),
+        position_ids=cat(task.position_ids, np.tile(np.arange(t), (k, 1))),
+        lang_ids=cat(task.lang_ids, np.full((k, t), -1)),
+        langs=task.langs,
+        replay_rows=k,
+    )
+
+
 class ReplayMixer:
     """The batch source of a distill phase with replay: task batches from ``task`` and, on a share of
-    the steps, general-text batches from ``general`` (the trainer's :class:`BatchSource` contract)."""
+    the steps, general-text batches from ``general`` (the trainer's :class:`BatchSource` contract).
+    With ``rows`` the share is of every batch's rows instead: each batch is the task's rows followed by
+    general-text rows, their count per batch again the divisor schedule's (over rows)."""
 
-    def __init__(self, task: PackedSampler, general: MixtureSampler, share: float) -> None:
+    def __init__(
+        self, task: PackedSampler, general: MixtureSampler, share: float, rows: bool = False
+    ) -> None:
         if not 0 < share < 1:
             raise MoEAdaptConfigError(f"distill.replay={share} is invalid: must be in (0, 1) to mix")
-        self.task, self.general, self.share = task, general, float(share)
+        self.task, self.general, self.share, self.rows = task, general, float(share), bool(rows)
         self.weights_N = np.array([1.0 - self.share, self.share])
         self.counts_N = np.zeros(2, dtype=np.int64)
-        """Task and replay batches served so far."""
+        """Task and replay batches (rows, with ``rows``) served so far."""
 
     @classmethod
-    def build(cls, task: PackedSampler, source: ReplaySource, seq_len: int, seed: int) -> ReplayMixer:
+    def build(
+        cls, task: PackedSampler, source: ReplaySource, seq_len: int, seed: int, *, kd: bool = False
+    ) -> ReplayMixer:
         """A mixer over ``task`` and ``source``'s shards cut into rows of ``seq_len`` tokens (one
-        curriculum phase over every bucket)."""
+        curriculum phase over every bucket); row replay (``source.rows``) only in a phase without
+        token KD (``kd`` false)."""
         mixture = dataclasses.replace(source.mixture, seq_len=seq_len)
         general = MixtureSampler(source.shards, mixture, CurriculumConfig(), seed)
-        return cls(task, general, source.share)
+        return cls(task, general, source.share, rows=source.rows and not kd)
 
     @property
     def replayed(self) -> int:
@@ -113,7 +162,21 @@ class ReplayMixer:
         return int(self.counts_N[1])
 
     def next_batch(self, batch_size: int) -> TrainBatch | ReplayBatch:
-        """The next batch: the task's or (when the schedule says so) general text."""
+        """The next batch: the task's or (when the schedule says so) general text; with ``rows``, the
+        task's rows and general-text rows in one batch."""
+        if self.rows:
+            picks = webster_picks(self.counts_N, self.weights_N, batch_size)
+            k = int(picks.sum())
+            if k == batch_size:
+                raise MoEAdaptConfigError(
+                    f"distill.replay_rows=true with distill.replay={self.share} fills a whole batch of "
+                    f"{batch_size} rows with general text: use a larger batch_size, or replay_rows=false"
+                )
+            self.counts_N += [batch_size - k, k]
+            task = self.task.next_batch(batch_size - k)
+            if k == 0:
+                return _TaskBatch(**{f.name: getattr(task, f.name) for f in dataclasses.fields(TrainBatch)})
+            return mix_rows(task, np.ascontiguousarray(self.general.next_batch(k).tokens))
         pick = int(webster_picks(self.counts_N, self.weights_N, 1)[0])
         self.counts_N[pick] += 1
         if pick == 1:
@@ -128,6 +191,7 @@ class ReplayMixer:
             "general": self.general.state_dict(),
             "counts": self.counts_N.tolist(),
             "share": self.share,
+            "rows": self.rows,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -139,6 +203,17 @@ class ReplayMixer:
         self.task.load_state_dict(state["task"])
         self.general.load_state_dict(state["general"])
         self.counts_N = np.asarray(state["counts"], dtype=np.int64)
+
+
+def steps_with_replay(task_steps: int, share: float) -> int:
+    """The number of steps whose schedule (:class:`ReplayMixer`'s) holds exactly ``task_steps`` task
+    batches when ``share`` of the batches replay: about ``task_steps / (1 - share)``."""
+    if task_steps <= 0 or share <= 0:
+        return max(task_steps, 0)
+    weights_N, counts_N = np.array([1.0 - share, share]), np.zeros(2, dtype=np.int64)
+    steps = int(task_steps / (1.0 - share)) + 2  # a little past the end: the divisor schedule's slack
+    picks = webster_picks(counts_N, weights_N, steps)
+    return int(np.searchsorted(np.cumsum(picks == 0), task_steps) + 1)
 
 
 def shard_vocab(shards: Path) -> int:

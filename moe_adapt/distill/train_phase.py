@@ -25,7 +25,13 @@ from moe_adapt.distill.config import TrainPhaseConfig
 from moe_adapt.distill.decoding import pad_id_of
 from moe_adapt.distill.generate import load_topk
 from moe_adapt.distill.prompts import PromptRecord
-from moe_adapt.distill.replay import ReplayMixer, ReplaySource, realised_share, shard_vocab
+from moe_adapt.distill.replay import (
+    ReplayMixer,
+    ReplaySource,
+    realised_share,
+    shard_vocab,
+    steps_with_replay,
+)
 from moe_adapt.distill.sft_data import Example, PackedSampler, chat_prompt_ids, pack_examples, response_ids
 from moe_adapt.engines import build_engine
 from moe_adapt.engines.base import EngineConfig
@@ -127,12 +133,15 @@ def run_train_phase(
     ``callbacks`` are added to the metrics, NaN-guard and checkpoint ones (progress, wandb);
     ``engine_cfg.name`` picks the engine (:func:`moe_adapt.engines.build_engine`), with the phase's own
     anchors (``pcfg.l2_anchor_coef``, ``pcfg.kl_anchor_coef``: to ``init_from``). ``replay`` mixes its
-    share of general-text batches into the phase (:mod:`moe_adapt.distill.replay`); ``heldout`` is
+    share of general-text batches into the phase (:mod:`moe_adapt.distill.replay`; with
+    ``replay.adds_steps`` on top of ``pcfg.steps`` task batches, the phase longer); ``heldout`` is
     scored at the end of the phase in windows of ``heldout_window`` tokens (``work/heldout.jsonl``,
     the summary's ``heldout``).
     """
     from transformers import AutoTokenizer
 
+    if replay is not None and replay.adds_steps:  # the task keeps its pcfg.steps batches
+        pcfg = dataclasses.replace(pcfg, steps=steps_with_replay(pcfg.steps, replay.share))
     tokenizer = AutoTokenizer.from_pretrained(str(init_from))
     pad_id = pad_id_of(tokenizer)
     order = np.random.default_rng([seed, 17]).permutation(len(examples))
@@ -183,9 +192,13 @@ def run_train_phase(
                 f"distill.shards={str(replay.shards)!r} were tokenized with {vocab} ids but the {name} "
                 f"phase's model has a vocabulary of {trained.vocab_size}: replay needs the model's tokenizer"
             )
-        source = ReplayMixer.build(task, replay, pcfg.seq_len, seed)
+        source = ReplayMixer.build(task, replay, pcfg.seq_len, seed, kd=kd is not None)
         log.info(
-            "%s: %.0f%% of the batches replay general text from %s", name, 100 * replay.share, replay.shards
+            "%s: %.0f%% of the %s replay general text from %s",
+            name,
+            100 * replay.share,
+            "rows of every batch" if source.rows else "batches",
+            replay.shards,
         )
     all_callbacks: list[Callback] = [
         MetricsCallback(work / "metrics.jsonl"),
@@ -224,8 +237,10 @@ def run_train_phase(
         last_replay = next((r for r in reversed(rows_logged) if "replay/lm_loss" in r), no_row)
         extra["replay"] = {
             "share": replay.share,
+            "adds_steps": replay.adds_steps,
+            "rows": isinstance(source, ReplayMixer) and source.rows,
             "realised": realised_share(rows_logged),
-            "batches": int(sum(float(r.get("replay", 0)) for r in rows_logged)),
+            "batches": int(sum(float(r.get("replay", 0)) == 1.0 for r in rows_logged)),
             "final_lm_loss": last_replay.get("replay/lm_loss"),
         }
     if heldout_cb is not None and heldout_cb.history:

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from moe_adapt.cpt.config import MixtureConfig
-from moe_adapt.distill.replay import ReplayBatch, ReplayMixer, ReplaySource
+from moe_adapt.distill.replay import (
+    MixedBatch,
+    ReplayBatch,
+    ReplayMixer,
+    ReplaySource,
+    steps_with_replay,
+)
 from moe_adapt.distill.sft_data import Example, PackedSampler, pack_examples
 from moe_adapt.errors import MoEAdaptConfigError
 from tests.distill.test_pipeline import overrides, run
@@ -86,6 +92,80 @@ def test_replay_mixer_share_sources_and_exact_resume(shard_dirs) -> None:
     other = ReplayMixer.build(_rows(), ReplaySource(shard_dirs[0], MixtureConfig(), 0.5), 64, seed=0)
     with pytest.raises(MoEAdaptConfigError, match="distill.replay=0.25"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("task", "share"), [(300, 0.25), (60, 0.25), (8, 0.25), (7, 0.5), (300, 0.1), (1, 0.25)]
+)
+def test_steps_with_replay_keep_the_task_batches(shard_dirs, task: int, share: float) -> None:
+    steps = steps_with_replay(task, share)
+    mixer = ReplayMixer.build(_rows(), ReplaySource(shard_dirs[0], MixtureConfig(), share), 64, seed=0)
+    kinds = [isinstance(mixer.next_batch(2), ReplayBatch) for _ in range(steps)]
+    assert kinds.count(False) == task and not kinds[-1]  # the last step is the task's last batch
+    assert steps == pytest.approx(task / (1 - share), abs=1.5)
+    assert steps_with_replay(task, 0.0) == task
+
+
+def test_replay_adds_steps_keeps_the_phase_task_batches(
+    lm_factory, prompt_files, shard_dirs, tmp_path
+) -> None:
+    args = overrides(
+        lm_factory,
+        prompt_files,
+        tmp_path,
+        "distill.phases=[generate,verify,seq_kd]",
+        "distill.seq_kd={steps: 6, batch_size: 2, seq_len: 128, lr: 1.0e-3, warmup_steps: 1}",
+        "distill.eval_prompts=null",
+        "distill.replay=0.25",
+        "distill.replay_adds_steps=true",
+        f"distill.shards={shard_dirs[0]}",
+        "mixture.seq_len=64",
+    )
+    summary = run(args)["distill"]
+    rows = [json.loads(line) for line in (tmp_path / "distill/seq_kd/metrics.jsonl").read_text().splitlines()]
+    assert [r["replay"] for r in rows].count(0.0) == 6 and len(rows) == summary["seq_kd"]["steps"] == 8
+    assert summary["seq_kd"]["replay"]["adds_steps"] is True
+    assert summary["seq_kd"]["plan"]["steps"] == 8
+    rows_args = [a for a in args if "adds_steps" not in a] + [
+        "distill.replay_rows=true",
+        f"run_dir={tmp_path}/rows",
+    ]
+    summary = run(rows_args)["distill"]
+    flags = [
+        json.loads(x)["replay"]
+        for x in (tmp_path / "rows/distill/seq_kd/metrics.jsonl").read_text().splitlines()
+    ]
+    assert (
+        len(flags) == 6 and sum(flags) == pytest.approx(0.25 * 6) and 0.0 < max(flags) < 1.0
+    )  # rows, not batches
+    assert summary["seq_kd"]["replay"]["rows"] is True and summary["seq_kd"]["replay"][
+        "realised"
+    ] == pytest.approx(0.25)
+
+
+def test_replay_rows_put_general_text_inside_every_batch(shard_dirs) -> None:
+    source = ReplaySource(shard_dirs[0], MixtureConfig(target_ratio=0.8), 0.25, rows=True)
+    mixer = ReplayMixer.build(_rows(), source, 64, seed=0)
+    batches = [mixer.next_batch(8) for _ in range(10)]
+    assert all(isinstance(b, MixedBatch) and b.replay_rows == 2 for b in batches)  # 2 of 8 rows each
+    b = batches[0]
+    assert b.tokens.shape == (8, 65) and b.loss_mask is not None and b.position_ids is not None
+    assert b.loss_mask[6:].all() and not b.loss_mask[:6].all()  # general text: every label counts
+    assert (
+        (b.position_ids[6:] == np.arange(64)).all()
+        and b.lang_ids is not None
+        and (b.lang_ids[6:] == -1).all()
+    )
+    assert (b.tokens[6:] >= 10).all() and b.metrics() == {"replay": 0.25}
+    odd = ReplayMixer.build(_rows(), source, 64, seed=0)
+    shares = [odd.next_batch(3).metrics()["replay"] for _ in range(40)]
+    assert sum(shares) * 3 == 30  # a quarter of 120 rows, spread over batches of 3
+    kd = ReplayMixer.build(_rows(), source, 64, seed=0, kd=True)  # token KD: whole batches still
+    assert sum(isinstance(kd.next_batch(4), ReplayBatch) for _ in range(8)) == 2
+    with pytest.raises(MoEAdaptConfigError, match="replay_rows"):
+        ReplayMixer.build(
+            _rows(), ReplaySource(shard_dirs[0], MixtureConfig(), 0.75, rows=True), 64, 0
+        ).next_batch(1)
 
 
 def _check_terms(row: dict, prefix: str, coefs: dict[str, float]) -> None:
