@@ -127,13 +127,13 @@ def _ngram_stats(words: list[str]) -> tuple[float, float]:
     total = sum(map(len, words)) or 1
     top_bigram = 0.0
     if len(words) >= 2:
-        bigrams = Counter(zip(words, words[1:]))
+        bigrams = Counter(itertools.pairwise(words))
         (gram, count) = bigrams.most_common(1)[0]
         if count > 1:
             top_bigram = count * (len(gram[0]) + len(gram[1])) / total
     dup5 = 0.0
     if len(words) >= 5:
-        grams = list(zip(words, words[1:], words[2:], words[3:], words[4:]))
+        grams = list(zip(words, words[1:], words[2:], words[3:], words[4:], strict=False))
         counts = Counter(grams)
         if len(counts) < len(grams):
             covered = bytearray(len(words))
