@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from moe_adapt.data.clean import normalize_arabic, strip_hebrew_marks
-from moe_adapt.data.langid import LANGUAGE_SCRIPT, SCRIPTS, code_points, letter_table, shares_from_counts
+from moe_adapt.data.langid import (
+    LANGUAGE_SCRIPT,
+    SCRIPTS,
+    all_code_points,
+    code_points,
+    letter_table,
+    shares_from_counts,
+)
 from moe_adapt.errors import MoEAdaptConfigError
 
 
@@ -194,8 +201,9 @@ def _char_table() -> np.ndarray:
     """:func:`~moe_adapt.data.langid.letter_table` with symbols (what ``_SYMBOL_RE`` matches) as
     class ``_SYMBOL``: one lookup per character gives letters per script and symbols."""
     table = letter_table().copy()
-    everything = "".join(map(chr, range(0x110000)))
-    symbols = [m.start() for m in re.finditer(_SYMBOL_RE.pattern.removesuffix("+"), everything)]
+    symbols = np.zeros(0x110000, dtype=bool)
+    for m in _SYMBOL_RE.finditer(all_code_points()):
+        symbols[m.start() : m.end()] = True
     if table[symbols].any():
         raise AssertionError("a symbol character is also a letter")  # cannot happen: S* vs \\w
     table[symbols] = _SYMBOL
