@@ -24,6 +24,7 @@ Limitation: a benchmark passage copied into more than ``max_doc_freq`` of the co
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -82,8 +83,35 @@ def match_words(text: str) -> list[str]:
     return _WORD_RE.findall(text)
 
 
+def ngram_texts(words: list[str], n: int) -> list[str]:
+    """Return the word ``n``-grams of ``words`` as strings (``" ".join(gram)``), in order.
+
+    The words are joined once and each n-gram is a slice of that string (from its first word's
+    start to its last word's end), not a join of its own.
+    """
+    count = len(words) - n + 1
+    if count <= 0:
+        return []
+    joined = " ".join(words)
+    ends = list(itertools.accumulate([len(w) + 1 for w in words]))  # just past each word's space
+    return [joined[a : b - 1] for a, b in zip([0, *ends[: count - 1]], ends[n - 1 :], strict=True)]
+
+
+def _hash(gram: str) -> int:
+    return int.from_bytes(hashlib.blake2b(gram.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def ngram_hashes(words: list[str], n: int) -> set[int]:
-    """Return the stable 64-bit hashes of the word ``n``-grams of ``words`` (empty if fewer than n words)."""
+    """Return the stable 64-bit hashes of the word ``n``-grams of ``words`` (empty if fewer than n words).
+
+    Each hash is the little-endian 8-byte BLAKE2b of ``" ".join(gram).encode()``; equal to
+    :func:`ngram_hashes_reference`.
+    """
+    return {_hash(g) for g in ngram_texts(words, n)}
+
+
+def ngram_hashes_reference(words: list[str], n: int) -> set[int]:
+    """:func:`ngram_hashes` one n-gram at a time (join, encode, hash): the tests' reference."""
     out: set[int] = set()
     for i in range(len(words) - n + 1):
         digest = hashlib.blake2b(" ".join(words[i : i + n]).encode("utf-8"), digest_size=8).digest()
@@ -161,13 +189,29 @@ class _Index:
     item_ids: dict[tuple[str, int], str] = field(default_factory=dict)
     skipped_short: Counter[str] = field(default_factory=Counter)
     indexed: Counter[str] = field(default_factory=Counter)
+    gram_hash: dict[str, int] = field(default_factory=dict)
+    """Each indexed n-gram's text -> its hash (``postings`` keys)."""
+
+    def hits(self, words: list[str]) -> set[int]:
+        """The hashes of ``words``' n-grams that are in the index: ``ngram_hashes(words, n) & postings``.
+
+        The n-gram texts are looked up in :attr:`gram_hash` (Python's string hash), so BLAKE2b is
+        never computed for a corpus n-gram: nearly all of them are not in the index. (The one
+        difference from hashing every n-gram: a corpus n-gram whose 64-bit hash merely collides
+        with an indexed one no longer counts.)
+        """
+        table = self.gram_hash
+        return {table[g] for g in ngram_texts(words, self.n) if g in table}
 
 
 def _build_index(benchmarks: dict[str, list[BenchmarkItem]], n: int) -> _Index:
     index = _Index(n)
     for name, items in benchmarks.items():
         for k, item in enumerate(items):
-            grams = ngram_hashes(match_words(item.text), n)
+            texts = ngram_texts(match_words(item.text), n)
+            hashes = [_hash(t) for t in texts]
+            index.gram_hash.update(zip(texts, hashes, strict=True))
+            grams = set(hashes)
             if not grams:
                 index.skipped_short[name] += 1
                 continue
@@ -225,7 +269,7 @@ def decontaminate(
     n_docs = 0
     for doc in docs():
         n_docs += 1
-        df.update(ngram_hashes(match_words(str(doc.get("text", ""))), cfg.n) & index.postings.keys())
+        df.update(index.hits(match_words(str(doc.get("text", "")))))
     threshold = max(cfg.max_doc_freq * n_docs, cfg.min_common_docs - 1)
     common = {g for g, c in df.items() if c > threshold}
     effective = {key: grams - common for key, grams in index.item_grams.items()}
@@ -251,7 +295,7 @@ def decontaminate(
         words = match_words(str(doc.get("text", "")))
         words_total += len(words)
         hits: Counter[tuple[str, int]] = Counter()
-        for g in ngram_hashes(words, cfg.n) & index.postings.keys():
+        for g in index.hits(words):
             if g not in common:
                 hits.update(index.postings[g])
         matched_bench: dict[str, tuple[str, float]] = {}

@@ -36,6 +36,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import multiprocess
+import numpy as np
 import regex
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
@@ -57,9 +59,17 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupFilter,
     MinhashDedupSignature,
 )
+from datatrove.pipeline.dedup.minhash import _mersenne_prime as _MERSENNE_PRIME
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
-from datatrove.utils.text import TextNormConfig
+from datatrove.utils.text import (
+    MONTHS_PATTERN,
+    NUMBERS_PATTERN,
+    PUNCTUATION,
+    WEEKDAYS_PATTERN,
+    TextNormConfig,
+    simplify_text,
+)
 from datatrove.utils.word_tokenizers import WordTokenizer
 from loguru import logger
 
@@ -180,6 +190,87 @@ class FastWordTokenizer(WordTokenizer):
 
     def __repr__(self) -> str:
         return f"FastWordTokenizer(strip_marks={self.strip_marks})"
+
+
+_SHIFT_61 = np.uint64(61)
+_PUNCTUATION_RE = re.compile("[" + re.escape(PUNCTUATION) + "]")
+"""Each of datatrove's punctuation characters (``simplify_text`` turns each into a space)."""
+
+
+class FastMinhashSignature(MinhashDedupSignature):
+    """datatrove's ``MinhashDedupSignature`` with the same shingles and signatures, computed faster.
+
+    ``get_shingles``: datatrove joins each n-gram tuple (``" ".join``) and calls its hash through a
+    wrapper; here the words are joined once and each n-gram is a slice of that string (the slice
+    from word i's start to word i+n-1's end *is* ``" ".join(words[i:i+n])``), hashed by the bare
+    xxhash function. ``get_signature``: the modulo by the Mersenne prime 2**61-1 as shifts and masks
+    (no 64-bit division), and one reshape instead of ``np.split`` into per-bucket arrays.
+    Both return exactly what datatrove's do (``tests/data/test_dedup.py`` compares them).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        hc = self.config.hash_config
+        if hc.hash_fc == "xxhash":
+            import xxhash
+
+            self._raw_hash = xxhash.xxh32_intdigest if hc.precision == 32 else xxhash.xxh64_intdigest
+        else:
+            self._raw_hash = self._hash_func
+
+    def simplify(self, text: str) -> str:
+        """datatrove's ``simplify_text`` as far as the words of :class:`FastWordTokenizer` can tell.
+
+        Punctuation becomes spaces through one regex (5x faster than datatrove's ``str.translate``,
+        the same string); whitespace runs are not collapsed and the ends not stripped, since that
+        tokenizer's words never contain or touch whitespace. Any other tokenizer, or diacritic
+        removal switched on, gets datatrove's ``simplify_text`` itself.
+        """
+        cfg = self.config.norm_config
+        if not isinstance(self.word_tokenizer, FastWordTokenizer) or cfg.norm_unicode_diacritics:
+            return simplify_text(text, cfg)
+        if cfg.lowercase:
+            text = text.lower()
+        if cfg.norm_numbers:
+            text = NUMBERS_PATTERN.sub("0", text)
+        if cfg.norm_weekdays:
+            text = WEEKDAYS_PATTERN.sub("WEEKDAY", text)
+        if cfg.norm_monthnames:
+            text = MONTHS_PATTERN.sub("MONTH", text)
+        if cfg.remove_punctuation:
+            text = _PUNCTUATION_RE.sub(" ", text)
+        return text
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        """Hashes of the word n-grams of ``text``'s simplified words, shape ``(n_grams, 1)``, uint64."""
+        words = self.word_tokenizer.word_tokenize(self.simplify(text))
+        n, count = self.config.n_grams, len(words) - self.config.n_grams + 1
+        if count <= 0:
+            return np.empty((0, 1), dtype=np.uint64)
+        joined = " ".join(words)
+        ends = np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)) + 1) - 1
+        starts = (ends[:count] - np.fromiter(map(len, words[:count]), dtype=np.int64, count=count)).tolist()
+        h = self._raw_hash
+        return np.fromiter(
+            (h(joined[a:b]) for a, b in zip(starts, ends[n - 1 :].tolist(), strict=True)),
+            dtype=np.uint64,
+            count=count,
+        ).reshape((-1, 1))
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        """Per bucket, the minimum of each permuted hash over the shingles (as datatrove's)."""
+        a, b = self.parameters
+        phv = shingles * a  # wraps mod 2**64, as in datatrove
+        phv += b
+        # phv % (2**61 - 1) without a division: fold the top 3 bits, then subtract p once if needed.
+        high = phv >> _SHIFT_61
+        phv &= _MERSENNE_PRIME
+        phv += high
+        phv[phv >= _MERSENNE_PRIME] -= _MERSENNE_PRIME
+        if self.config.hash_config.precision == 32:
+            phv = np.bitwise_and(phv, self.config.hash_config.max)
+        mins = np.min(phv, axis=0).astype(self.config.hash_config.np_dtype)
+        return mins.reshape(self.config.num_buckets, -1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +426,7 @@ def minhash_duplicates(
 
     stages = [
         _executor(
-            [reader(), MinhashDedupSignature(str(sigs), config=mh, language=tokenizer)],
+            [reader(), FastMinhashSignature(str(sigs), config=mh, language=tokenizer)],
             shards,
             cfg.workers,
             logs / "1_signatures",

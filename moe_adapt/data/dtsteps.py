@@ -43,11 +43,11 @@ from typing import Any
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 from datatrove.utils.binaryio import read_tuples_from_file
 
 from moe_adapt.data.clean import clean_text
 from moe_adapt.data.config import DataConfig, SourceConfig
+from moe_adapt.data.dedup import FastMinhashSignature
 from moe_adapt.data.jsonl import ReadStats, read_range
 from moe_adapt.data.steps import StepStats, is_heldout
 from moe_adapt.errors import MoEAdaptConfigError
@@ -378,7 +378,7 @@ class ExactHashStep(_Step):
         return {}
 
 
-class SignatureStep(MinhashDedupSignature):
+class SignatureStep(FastMinhashSignature):
     """datatrove's MinHash signature step (stage 1 of 4) as a pass-through step: it also records each
     document's ordinal in ``<root>/ordinals/<rank>.npy`` (signature ``doc_idx`` -> ordinal), which
     :class:`DuplicatesStep` uses to keep the first document of each cluster."""
@@ -595,18 +595,17 @@ class DecontamCountStep(_Step):
         self.cfg, self.bench_files = cfg, bench_files
         self.df: Counter[int] = Counter()
         self.n_docs = 0
-        self.keys: Any = None
+        self.index: Any = None
 
     def start(self, rank: int, world_size: int) -> None:
-        index, _ = benchmark_index(self.cfg, self.bench_files)
-        self.keys = index.postings.keys()
+        self.index, _ = benchmark_index(self.cfg, self.bench_files)
         self.df, self.n_docs = Counter(), 0
 
     def process(self, doc: Document, st: StepStats) -> Document | None:
-        from moe_adapt.data.decontam import match_words, ngram_hashes
+        from moe_adapt.data.decontam import match_words
 
         self.n_docs += 1
-        self.df.update(ngram_hashes(match_words(doc.text), self.cfg.decontam.n) & self.keys)
+        self.df.update(self.index.hits(match_words(doc.text)))
         return doc
 
     def finish(self, rank: int, st: StepStats) -> dict[str, Any]:
@@ -614,6 +613,7 @@ class DecontamCountStep(_Step):
             _rank_file(self.root / "df", rank, ".json"),
             {"docs": self.n_docs, "df": sorted(self.df.items())},
         )
+        self.index = None  # not kept on the step: datatrove writes the steps of a pipeline to JSON
         return {}
 
 
@@ -679,13 +679,13 @@ class DecontamMatchStep(_Step):
         self.tok = load_tokenizer(self.tokenizer)
 
     def process(self, doc: Document, st: StepStats) -> Document | None:
-        from moe_adapt.data.decontam import match_words, ngram_hashes
+        from moe_adapt.data.decontam import match_words
 
         d = self.cfg.decontam
         words = match_words(doc.text)
         self.words_total += len(words)
         hits: Counter[tuple[str, int]] = Counter()
-        for g in ngram_hashes(words, d.n) & self.index.postings.keys():
+        for g in self.index.hits(words):
             if g not in self.common:
                 hits.update(self.index.postings[g])
         matched: dict[str, tuple[str, float]] = {}

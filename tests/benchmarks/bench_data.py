@@ -20,6 +20,11 @@ medians over ``--repeats`` runs of:
     of uint64 hashes of the label's n-grams and of the n-grams overlapping query and label;
 (c) datatrove's MinHash (all four steps) with its default spaCy word tokenizer vs our
     ``FastWordTokenizer`` on the first ``--ref-docs`` cleaned documents;
+(e) the word-level steps' per-document work, fast implementation vs its reference (the code before
+    the fast paths, kept as ``*_reference`` functions, datatrove's ``MinhashDedupSignature`` or
+    re-stated below), interleaved in the same run, on the cleaned corpus: MB/s per core from CPU
+    time (``time.process_time``, robust to other processes on the machine) and from wall time;
+    ``--only-fast`` runs (e) alone;
 (d) the data stage itself (``pipeline.build_corpus``: its datatrove executor stages) in ``--tasks``
     tasks at workers=1 and workers=2: wall time, the speed-up, each step's MB/s per core from
     ``stats.json``, and whether the two runs wrote the same shard bytes.
@@ -177,6 +182,98 @@ def _bench_stage(tmp: Path, tasks: int) -> None:
             print(f"{name:<10}{st['mb_per_s']:>22.2f}{steps[2][name]['mb_per_s']:>10.2f}")
 
 
+def _quality_stats_reference(text: str, stop_words: frozenset[str]) -> dict[str, float]:
+    """``quality.quality_stats`` before the table lookups (regex substitutions to count characters)."""
+    import re
+
+    from moe_adapt.data.langid import script_shares_regex
+
+    n_words = len(text.split())
+    folded = quality.fold_text(text)
+    n_letters = len(re.sub(r"[\W\d_]+", "", folded))
+    n_alpha_words = len(quality._ALPHA_WORD_RE.findall(folded))
+    non_space = len(text) - sum(text.count(c) for c in " \n\t\r")
+    symbols = len(text) - len(quality._SYMBOL_RE.sub("", text)) + text.count("\u2026") + text.count("...")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    dup_lines = len(lines) - len(set(lines))
+    tokens = quality._WORD_RE.findall(folded)
+    top_bigram, dup5 = quality._ngram_stats_reference(tokens)
+    stats: dict[str, float] = {
+        "words": float(n_words),
+        "mean_word_len": n_letters / n_alpha_words if n_alpha_words else 0.0,
+        "symbol_ratio": symbols / non_space if non_space else 0.0,
+        "alpha_word_ratio": n_alpha_words / n_words if n_words else 0.0,
+        "dup_line_ratio": dup_lines / len(lines) if lines else 0.0,
+        "top_bigram_ratio": top_bigram,
+        "dup_5gram_ratio": dup5,
+        "stop_words": float(sum(1 for w in tokens if w in stop_words)) if stop_words else 0.0,
+    }
+    stats.update({f"script_{k}": v for k, v in script_shares_regex(text).items()})
+    return stats
+
+
+def _bench_fast_paths(docs: list[dict[str, Any]], items: dict[str, Any], tmp: Path, repeats: int) -> None:
+    """(e): per-document work of quality, MinHash signatures and decontamination, fast vs reference."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+    from moe_adapt.data.dedup import FastMinhashSignature
+
+    texts = [(d["text"], quality.thresholds_for(d["lang"]).stop_words) for d in docs]
+    mb = _mb(docs)
+    mh = DedupConfig().fast_minhash_config()
+    sig_ref = MinhashDedupSignature(str(tmp / "sig_ref"), config=mh, language=FastWordTokenizer(True))
+    sig_fast = FastMinhashSignature(str(tmp / "sig_fast"), config=mh, language=FastWordTokenizer(True))
+    index = decontam._build_index(items, decontam.DecontamConfig().n)
+    keys = index.postings.keys()
+    quality._char_table()  # built once per process (~0.5 s), not timed
+
+    def signatures(sig: Any) -> list[Any]:
+        out = []
+        for text, _ in texts:
+            sh = sig.get_shingles(text)
+            out.append(sig.get_signature(sh) if sh.size else None)
+        return out
+
+    pairs: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        "quality": (
+            lambda: [_quality_stats_reference(t, sw) for t, sw in texts],
+            lambda: [quality.quality_stats(t, sw) for t, sw in texts],
+        ),
+        "minhash signature": (lambda: signatures(sig_ref), lambda: signatures(sig_fast)),
+        "decontam (1 pass)": (
+            lambda: [
+                decontam.ngram_hashes_reference(decontam.match_words(t), index.n) & keys for t, _ in texts
+            ],
+            lambda: [index.hits(decontam.match_words(t)) for t, _ in texts],
+        ),
+    }
+    print(
+        f"\n(e) per-document work on {len(docs)} cleaned docs ({mb:.1f} MB), "
+        f"medians of {repeats} interleaved runs"
+    )
+    print(
+        f"{'step':<20}{'ref cpu':>9}{'fast cpu':>10}{'ref wall':>10}{'fast wall':>10}{'ratio cpu':>11}  same"
+    )
+    for name, (ref, fast) in pairs.items():
+        cpu: dict[str, list[float]] = {"ref": [], "fast": []}
+        wall: dict[str, list[float]] = {"ref": [], "fast": []}
+        outs = {}
+        for _ in range(repeats):
+            for key, fn in (("ref", ref), ("fast", fast)):
+                c0, w0 = time.process_time(), time.perf_counter()
+                outs[key] = fn()
+                cpu[key].append(time.process_time() - c0)
+                wall[key].append(time.perf_counter() - w0)
+        c = {k: statistics.median(v) for k, v in cpu.items()}
+        w = {k: statistics.median(v) for k, v in wall.items()}
+        print(
+            f"{name:<20}{mb / c['ref']:>9.2f}{mb / c['fast']:>10.2f}"
+            f"{mb / w['ref']:>10.2f}{mb / w['fast']:>10.2f}"
+            f"{c['ref'] / c['fast']:>10.2f}x  {outs['ref'] == outs['fast']}"
+        )
+    print("(MB/s per core; 'same': the fast path returned exactly the reference's results)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-docs", type=int, default=8000, help="documents per language (0: the whole corpus)")
@@ -189,6 +286,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     ap.add_argument("--tasks", type=int, default=4, help="(d): data.tasks of the staged runs")
     ap.add_argument("--only-stage", action="store_true", help="run (d) alone")
+    ap.add_argument("--only-fast", action="store_true", help="run (e) alone")
     ap.add_argument("--vocab", type=int, default=16000, help="BPE vocabulary for the shards step")
     args = ap.parse_args()
 
@@ -213,6 +311,11 @@ def main() -> None:
         f"hadith/{r['source_key']}/{lang}" for lang in ("ar", "en") for r in records[f"hadith_qa_{lang}"]
     }
 
+    if args.only_fast:
+        cleaned = [{**d, "text": clean.clean_text(d["text"])} for d in raw]
+        _bench_fast_paths(cleaned, items, tmp, args.repeats)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if args.only_stage:
         _train_bpe(raw, tmp / "bpe", args.vocab, sample_mb=5.0)
         _bench_stage(tmp, args.tasks)
@@ -306,6 +409,7 @@ def main() -> None:
         print(f"{name:<24}{t:>8.2f} s{_mb(sub) / t:>8.2f} MB/s  removed {len(dups)}")
     a, b = results.values()
     print(f"removed by both: {len(a & b)}; only fast: {len(a - b)}; only spaCy: {len(b - a)}")
+    _bench_fast_paths(cleaned, items, tmp, args.repeats)
     _bench_stage(tmp, args.tasks)
     if args.keep:
         print(f"\nwork folder kept: {tmp}")
