@@ -112,8 +112,11 @@ def _phase_settings(
         }
     if name == "verify":
         return {"verify": asdict(d.verify), "format": asdict(d.format)}
+    phase = asdict(getattr(d, name))
+    if not getattr(d, name).lora.enabled:  # off: run folders made before LoRA existed stay valid
+        del phase["lora"]
     settings = {
-        "phase": asdict(getattr(d, name)),
+        "phase": phase,
         "engine": asdict(engine_cfg),
         "engine_name": engine_cfg.name,
         "seed": seed,
