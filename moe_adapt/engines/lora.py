@@ -185,10 +185,10 @@ def save_merged(peft_model: Any, base: str | Path, adapter_dir: Path, into: Path
     merged(base, adapter_dir, dtype).save_pretrained(str(into))
 
 
-def refuse_megatron(cfg: LoRAConfig | None) -> None:
+def refuse_megatron(cfg: LoRAConfig | None, key: str = "lora") -> None:
     """The megatron engine has no LoRA path: one line naming the fix."""
     if cfg is not None and cfg.enabled:
         raise MoEAdaptConfigError(
-            f"lora.rank={cfg.rank} is invalid with engine=megatron: LoRA trains on the hf engine only; "
+            f"{key}.rank={cfg.rank} is invalid with engine=megatron: LoRA trains on the hf engine only; "
             "set engine=hf (or auto), or lora.rank=0"
         )

@@ -148,6 +148,13 @@ def test_bad_input(lm_factory, prompt_files, tmp_path) -> None:
     fails("unknown phase 'dpo'", "distill.phases=[generate,dpo]")
     fails("store_topk=0", "distill.generate.store_topk=0")
     fails("generate .* must come before", "distill.phases=[seq_kd]")
+    fails(r"distill.seq_kd.lora.rank=-1 is invalid: must be an integer >= 0", "distill.seq_kd.lora.rank=-1")
+    fails(r"distill.sft.lora.quantize='8bit' is invalid", "distill.sft.lora={rank: 4, quantize: 8bit}")
+    fails(
+        "distill.seq_kd.lora.rank=4 is invalid with engine=megatron",
+        "engine=megatron",
+        "distill.seq_kd.lora.rank=4",
+    )
     other = lm_factory("llama", seed=1, vocab_texts=("a completely different tokenizer text",) * 50)
     fails("same tokenizer", f"distill.teacher={other}", "distill.token_kd.teacher=online")
     student = lm_factory("qwen3_moe")
