@@ -128,3 +128,44 @@ def test_a_checkpoint_restores_the_adapters_and_their_optimizer_state(moe: Path)
     for i in want:
         for key in want[i]:
             torch.testing.assert_close(want[i][key], got[i][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_a_stopped_lora_run_resumes_from_its_checkpoint(rank: int, moe: Path, tmp_path: Path) -> None:
+    """Through the trainer: a run stopped at step 2 resumes from its checkpoint (adapters, optimizer)
+    and ends with a merged model like a run that was never stopped."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_adapt.train.callbacks import CheckpointCallback
+    from moe_adapt.train.phase import train_into_folder
+
+    lora = LoRAConfig(rank=rank, experts=rank > 0)
+
+    class Batches:
+        def __init__(self) -> None:
+            self.drawn = 0
+
+        def state_dict(self) -> dict:
+            return {"drawn": self.drawn}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.drawn = int(state["drawn"])
+
+        def next_batch(self, batch_size: int) -> torch.Tensor:
+            self.drawn += 1
+            return _batch(self.drawn)
+
+    def run(work: Path, steps: int) -> None:
+        torch.manual_seed(0)  # the adapters' initialisation, as run_train_phase seeds it
+        engine = HFEngine(moe, HFConfig(lr=1e-2, warmup_steps=0, decay_steps=3), lora=lora)
+        callbacks = [CheckpointCallback(work / "checkpoints", 1)]
+        kw = dict(max_steps=steps, batch_size=2, work=work, model_dir=work / "model", curves=None)
+        train_into_folder("t", engine, Batches(), callbacks, **kw)  # type: ignore[arg-type]
+
+    run(tmp_path / "a", 2)
+    run(tmp_path / "a", 3)  # resumes at step 2
+    run(tmp_path / "b", 3)
+    x = _batch(7)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model")(input_ids=x).logits
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model")(input_ids=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
