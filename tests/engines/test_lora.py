@@ -169,3 +169,41 @@ def test_a_stopped_lora_run_resumes_from_its_checkpoint(rank: int, moe: Path, tm
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model")(input_ids=x).logits
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model")(input_ids=x).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def _ddp_worker(rank: int, port: int, model: str, out: str) -> None:
+    import os
+
+    from moe_adapt import distributed
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    distributed.init(cuda=False)
+    try:
+        torch.manual_seed(0)
+        lora = LoRAConfig(rank=2, experts=True)
+        engine = HFEngine(model, HFConfig(lr=1e-2, warmup_steps=0, decay_steps=2, parallel="ddp"), lora=lora)
+        for i in range(2):
+            engine.step(_batch(i))
+        engine.save_hf(Path(out) / "model")
+    finally:
+        distributed.shutdown()
+
+
+def test_two_ddp_ranks_train_the_adapters_like_one_process(moe: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.train.test_distributed import _free_port, _spawn
+
+    _spawn(_ddp_worker, (_free_port(), str(moe), str(tmp_path / "ddp")))
+    torch.manual_seed(0)
+    one = _train(moe, LoRAConfig(rank=2, experts=True), steps=2)
+    one.save_hf(tmp_path / "one" / "model")
+    x = _batch(9)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "model")(input_ids=x).logits
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model")(input_ids=x).logits
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
