@@ -96,8 +96,9 @@ def check_quantization(cfg: LoRAConfig, device: torch.device, key: str = "lora")
         invalid(f"{key}.quantize", cfg.quantize, f"bitsandbytes 4-bit runs on cpu or cuda, not {device.type}")
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype) -> Any:
-    """The causal LM at ``path`` with its linear layers in NF4 (compute in ``dtype``), ready for LoRA."""
+def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """The causal LM at ``path`` on ``device`` with its linear layers in NF4 (compute in ``dtype``),
+    ready for LoRA (bitsandbytes places 4-bit weights when they load; they are not moved after)."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -107,7 +108,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype) -> Any:
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=True,
     )
-    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quant, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), quantization_config=quant, dtype=dtype, device_map={"": str(device)}
+    )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

@@ -122,7 +122,7 @@ class HFEngine(Engine):
         if self.lora is not None:
             lora_lib.check_quantization(self.lora, self.device)
         model: Any = (
-            lora_lib.load_quantized(self.source, dtype)
+            lora_lib.load_quantized(self.source, dtype, self.device)
             if self.lora is not None and self.lora.quantize == "4bit"
             else load_causal_lm(self.source, dtype, router_bias=False)
         )
