@@ -14,6 +14,7 @@ from typing import NoReturn
 from moe_adapt.distill.backends import BACKENDS, ServerConfig
 from moe_adapt.distill.format import ResponseFormat
 from moe_adapt.distill.verify import VerifyConfig
+from moe_adapt.engines.lora import LoRAConfig
 from moe_adapt.errors import invalid
 
 PHASES: dict[str, str] = {
@@ -135,7 +136,12 @@ class TrainPhaseConfig:
     """Weight of KL(p_start ‖ p) to the next-token distribution of the model the phase starts from, on
     every batch (the task's and the replayed general text's; 0: off). Loads a frozen copy of it."""
 
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA / QLoRA on the student (moe_adapt/engines/lora.py; rank 0: off, every weight trains). The
+    adapters are saved beside the phase's model (``<phase>/adapter``), the model merged into them."""
+
     def validate(self, key: str) -> None:
+        self.lora.validate(f"{key}.lora")
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", getattr(self, name), "must be >= 1")

@@ -45,6 +45,7 @@ from moe_adapt.distill.train_phase import (
 )
 from moe_adapt.distill.verify import Trace, render_report_markdown, verify_traces
 from moe_adapt.engines.base import EngineConfig
+from moe_adapt.engines.lora import refuse_megatron
 from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.errors import MoEAdaptConfigError
 from moe_adapt.eval.heldout import HeldOut, load_heldout
@@ -112,8 +113,11 @@ def _phase_settings(
         }
     if name == "verify":
         return {"verify": asdict(d.verify), "format": asdict(d.format)}
+    phase = asdict(getattr(d, name))
+    if not getattr(d, name).lora.enabled:  # off: run folders made before LoRA existed stay valid
+        del phase["lora"]
     settings = {
-        "phase": asdict(getattr(d, name)),
+        "phase": phase,
         "engine": asdict(engine_cfg),
         "engine_name": engine_cfg.name,
         "seed": seed,
@@ -211,6 +215,9 @@ def run_distill(
     mixture = mixture or MixtureConfig()
     _check_inputs(d)
     phases = list(d.phases)
+    if engine_cfg.name == "megatron":  # before any work, not when the phase builds its engine
+        for name in (p for p in phases if p in TRAINING_PHASES):
+            refuse_megatron(getattr(d, name).lora, f"distill.{name}.lora")
     needs_prompts = "generate" in phases or "sft" in phases
     prompts: list[PromptRecord] = (
         load_prompts(d.prompts, d.langs, key="distill.prompts") if needs_prompts else []

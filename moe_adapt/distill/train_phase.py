@@ -182,7 +182,7 @@ def run_train_phase(
     )
     announce(training_plan, check=ecfg.check_memory)
     torch.manual_seed(seed)
-    trained = build_engine(ecfg, init_from, kd=kd, teacher=teacher)
+    trained = build_engine(ecfg, init_from, kd=kd, teacher=teacher, lora=pcfg.lora)
     task = PackedSampler(rows, seed)
     source: PackedSampler | ReplayMixer = task
     if replay is not None:

@@ -89,14 +89,23 @@ def build_engine(cfg: EngineConfig, checkpoint: str | Path, **kw: Any) -> Engine
     """The training engine ``cfg.name`` (hf | megatron | auto, see :func:`resolve_engine_name`) built
     from an HF checkpoint folder with ``cfg``'s settings.
 
-    ``kw`` goes to the engine (``device``, ``lr_multiplier``, ``kd``, ``teacher``). For ``megatron``,
+    ``kw`` goes to the engine (``device``, ``lr_multiplier``, ``kd``, ``teacher``, ``lora``; LoRA trains
+    on the hf engine only: engine=megatron with it is refused, engine=auto picks hf). For ``megatron``,
     torch.distributed and megatron's parallel_state are started first when they are not running (one
     process, or torchrun's environment) with ``cfg.expert_parallel`` expert-parallel and
     ``cfg.tensor_parallel`` tensor-parallel ranks.
     """
     import torch
 
+    lora = kw.get("lora")
+    if lora is not None and lora.enabled and cfg.name == "megatron":
+        from moe_adapt.engines.lora import refuse_megatron
+
+        refuse_megatron(lora)
     name = resolve_engine_name(cfg.name, checkpoint)
+    if name == "megatron" and lora is not None and lora.enabled:  # engine=auto: LoRA is the hf engine's
+        log.info("engine=auto: LoRA trains on the hf engine")
+        name = "hf"
     if name == "hf":
         from moe_adapt.engines.hf import HFEngine
 
@@ -119,5 +128,6 @@ def build_engine(cfg: EngineConfig, checkpoint: str | Path, **kw: Any) -> Engine
     from moe_adapt.engines.megatron import MegatronEngine, init_parallel
 
     assert isinstance(cfg, MegatronConfig)  # resolve_engine_name gives megatron for megatron or auto
+    kw.pop("lora", None)  # off (rank 0) here
     init_parallel(expert_parallel=cfg.expert_parallel, tensor_parallel=cfg.tensor_parallel)
     return MegatronEngine(checkpoint, cfg, **kw)

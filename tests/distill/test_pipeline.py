@@ -148,6 +148,13 @@ def test_bad_input(lm_factory, prompt_files, tmp_path) -> None:
     fails("unknown phase 'dpo'", "distill.phases=[generate,dpo]")
     fails("store_topk=0", "distill.generate.store_topk=0")
     fails("generate .* must come before", "distill.phases=[seq_kd]")
+    fails(r"distill.seq_kd.lora.rank=-1 is invalid: must be an integer >= 0", "distill.seq_kd.lora.rank=-1")
+    fails(r"distill.sft.lora.quantize='8bit' is invalid", "distill.sft.lora={rank: 4, quantize: 8bit}")
+    fails(
+        "distill.seq_kd.lora.rank=4 is invalid with engine=megatron",
+        "engine=megatron",
+        "distill.seq_kd.lora.rank=4",
+    )
     other = lm_factory("llama", seed=1, vocab_texts=("a completely different tokenizer text",) * 50)
     fails("same tokenizer", f"distill.teacher={other}", "distill.token_kd.teacher=online")
     student = lm_factory("qwen3_moe")
@@ -169,3 +176,36 @@ def test_offline_kd_without_top_k_is_an_error(lm_factory) -> None:
     engine = HFEngine(lm_factory("qwen3_moe"), HFConfig(), kd=KDSettings())
     with pytest.raises(MoEAdaptError, match="store_topk"):
         engine.forward_loss(TrainBatch(np.array([[5, 6, 7, 8]]), loss_mask=np.array([[True, True, True]])))
+
+
+def test_lora_phases_write_plain_hf_models(lm_factory, prompt_files, tmp_path) -> None:
+    """sft with LoRA on the MoE student's attention and experts, then seq_kd with LoRA on attention
+    only from sft's merged model: adapters beside each phase's model, every model a merged checkpoint
+    that vanilla transformers loads."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    args = overrides(
+        lm_factory,
+        prompt_files,
+        tmp_path,
+        "distill.phases=[generate,verify,sft,seq_kd]",
+        "distill.eval_prompts=null",
+        "distill.sft.lora={rank: 4, alpha: 8.0, experts: true}",
+        "distill.seq_kd.lora={rank: 2, target_modules: [q_proj, v_proj]}",
+    )
+    summary = run(args)["distill"]
+    out = tmp_path / "distill"
+    assert summary["model"] == "model"
+    for phase in ("sft", "seq_kd"):
+        assert (out / phase / "adapter" / "adapter_model.safetensors").is_file()
+    sft = AutoModelForCausalLM.from_pretrained(out / "sft" / "model").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    student = AutoModelForCausalLM.from_pretrained(lm_factory("qwen3_moe")).state_dict()
+    assert not any("lora" in k for k in final)
+    experts, router = "model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.gate.weight"
+    assert not torch.equal(sft[experts], student[experts])  # sft adapted the experts
+    assert torch.equal(sft[router], student[router])  # the router is not a target
+    assert torch.equal(final[experts], sft[experts])  # seq_kd's adapters: attention q/v only
+    q, k = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"
+    assert not torch.equal(final[q], sft[q]) and torch.equal(final[k], sft[k])

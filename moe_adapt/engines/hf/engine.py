@@ -47,11 +47,13 @@ from moe_adapt.checkpoint.hf import DTYPES, TOKENIZER_FILES, load_causal_lm
 from moe_adapt.checkpoint.router_bias import RouterBias
 from moe_adapt.distributed import DistContext
 from moe_adapt.engines import data_parallel, objectives, router_health
+from moe_adapt.engines import lora as lora_lib
 from moe_adapt.engines.base import Engine, fail
 from moe_adapt.engines.batch import TrainBatch, batch_field, batch_tokens
 from moe_adapt.engines.hf.config import HFConfig
 from moe_adapt.engines.hf.parallel import WholeForward, resolve_parallel, wrap_model
 from moe_adapt.engines.kd import token_kd_terms
+from moe_adapt.engines.lora import LoRAConfig
 from moe_adapt.engines.megatron.config import MegatronConfig
 from moe_adapt.engines.optim import build_adamw
 from moe_adapt.errors import CheckpointError, MoEAdaptError
@@ -92,6 +94,7 @@ class HFEngine(Engine):
         kd: objectives.KDSettings | None = None,
         teacher: Any = None,
         dist: DistContext | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         self.cfg = cfg or HFConfig()
         if isinstance(self.cfg, MegatronConfig) and self.cfg.distributed_optimizer:  # an engine=auto config
@@ -112,12 +115,24 @@ class HFEngine(Engine):
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current device
             self.device = torch.device("cuda", torch.cuda.current_device())
         dtype = DTYPES[self.cfg.dtype]
-        model: Any = load_causal_lm(self.source, dtype, router_bias=False)
+        self.lora = lora if lora is not None and lora.enabled else None
+        """LoRA settings (:mod:`moe_adapt.engines.lora`; None: every weight trains)."""
+        if self.lora is not None and self.parallel == "fsdp2":
+            fail("parallel", "fsdp2", "LoRA trains with engine.parallel=ddp or none (its base is frozen)")
+        if self.lora is not None:
+            lora_lib.check_quantization(self.lora, self.device)
+        model: Any = (
+            lora_lib.load_quantized(self.source, dtype, self.device)
+            if self.lora is not None and self.lora.quantize == "4bit"
+            else load_causal_lm(self.source, dtype, router_bias=False)
+        )
+        if self.lora is not None:
+            model = lora_lib.wrap(model, self.lora)
         self.model = model
         """The transformers ``PreTrainedModel`` being trained (not the DDP wrapper; under FSDP2 its
-        parameters are sharded DTensors)."""
-        if self.parallel != "fsdp2":  # fully_shard moves each rank's shards to the device itself
-            self.model.to(self.device)
+        parameters are sharded DTensors; with LoRA the peft model around it)."""
+        if self.parallel != "fsdp2" and not (self.lora is not None and self.lora.quantize == "4bit"):
+            self.model.to(self.device)  # fully_shard moves each rank's shards itself; bnb places 4-bit
         self.model.train()
         self.lr_multiplier = lr_multiplier
         self.moe = _moe_shape(self.model.config)
@@ -435,8 +450,10 @@ class HFEngine(Engine):
 
     def save_hf(self, path: str | Path) -> Path:
         """Write the model as an HF checkpoint folder (safetensors) atomically, with the source's
-        tokenizer files; vanilla ``transformers`` loads it. With several processes rank 0 writes it
-        (under FSDP2 from the gathered shards) and every rank returns once it is in place."""
+        tokenizer files; vanilla ``transformers`` loads it. With LoRA the adapters are written to
+        ``<path>/../adapter`` (peft's format) and the model is the base, reloaded in ``engine.dtype``,
+        with them merged. With several processes rank 0 writes it (under FSDP2 from the gathered
+        shards) and every rank returns once it is in place."""
         final = Path(path)
         state = self._model_state() if self.parallel == "fsdp2" else None  # collective
         if state:  # tied parameters (embeddings) share one gathered tensor, so they are written once
@@ -446,7 +463,13 @@ class HFEngine(Engine):
                     state[name] = state[first.setdefault(id(param), name)]
         if self.dist.is_main:
             with atomic_dir(final) as tmp:
-                self.model.save_pretrained(str(tmp), **({"state_dict": state} if state is not None else {}))
+                if self.lora is not None:  # the adapters beside the model, the model merged
+                    adapter = final.parent / "adapter"
+                    lora_lib.save_merged(self.model, self.source, adapter, tmp, DTYPES[self.cfg.dtype])
+                else:
+                    self.model.save_pretrained(
+                        str(tmp), **({"state_dict": state} if state is not None else {})
+                    )
                 if self.router_bias is not None:
                     bias_file.save_router_bias(self.router_bias, tmp)
                 for name in TOKENIZER_FILES:
