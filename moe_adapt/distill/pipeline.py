@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from moe_adapt import distributed
 from moe_adapt.checkpoint.hf import check_seq_len
 from moe_adapt.cpt.config import MixtureConfig
 from moe_adapt.cpt.heldout import forgetting_report, log_forgetting
@@ -192,6 +193,20 @@ def _verified_traces(work: Path, phases: Sequence[str]) -> list[dict[str, Any]]:
             return [json.loads(line) for line in f]
     log.warning("distill: no verify phase, training on every generated trace unchecked")
     return list(iter_traces(work / "generate"))
+
+
+def generate_on_every_rank(d: DistillConfig, work: Path, *, seed: int) -> dict[str, Any] | None:
+    """Under torchrun, before :func:`run_distill` runs on rank 0 alone: every rank writes its share of
+    the hf backend's generate shards into ``work/generate`` (:func:`run_generate`), so rank 0 finds them
+    finished. Returns the generate summary, or None when there is nothing to split (one process, no
+    generate phase, or the server backend, whose concurrency already spreads the work)."""
+    if not distributed.current().is_distributed or "generate" not in d.phases or d.generate.backend != "hf":
+        return None
+    _check_inputs(d)
+    prompts = load_prompts(d.prompts, d.langs, key="distill.prompts")
+    return run_generate(
+        prompts, d.teacher, d.generate, work / "generate", seed=seed, chat_template=d.chat_template
+    )
 
 
 def run_distill(

@@ -1,0 +1,60 @@
+"""The hf generate phase under torchrun (2 gloo processes on the CPU): the ranks split the prompt shards
+(rank r writes shards r, r+2, ...) and the folder holds the same bytes as one process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from moe_adapt import distributed
+from moe_adapt.distill import generate as gen
+from tests.distill.test_generate import GCFG, PROMPTS
+from tests.train.test_distributed import WORLD, _free_port, _spawn
+
+
+def _worker(rank: int, port: int, teacher: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    distributed.init(cuda=False)
+    wrote: list[int] = []
+    real = gen._generate_shard
+
+    def spy(*args: object) -> None:
+        wrote.append(int(args[3]))  # type: ignore[call-overload]
+        real(*args)  # type: ignore[arg-type]
+
+    gen._generate_shard = spy  # type: ignore[assignment]
+    try:
+        summary = gen.run_generate(PROMPTS, teacher, GCFG, Path(out, "gen"), seed=0, chat_template=None)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"wrote": wrote, "summary": summary}))
+    finally:
+        distributed.shutdown()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_two_ranks_split_shards_and_write_what_one_process_writes(
+    lm_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    teacher = lm_factory("llama")
+    one = gen.run_generate(PROMPTS, str(teacher), GCFG, tmp_path / "one", seed=0, chat_template=None)
+    _spawn(_worker, (_free_port(), str(teacher), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["wrote"] for r in ranks] == [[0, 2], [1]]  # 3 shards of 3, 3 and 1 prompts
+    assert ranks[0]["summary"] == ranks[1]["summary"] == one  # rank 0's summary on every rank
+    two = _files(tmp_path / "gen")
+    assert sorted(two) == sorted(_files(tmp_path / "one"))
+    assert two == _files(tmp_path / "one")  # byte for byte: traces and top-k tensors
+    # a re-run finds every shard finished: no rank writes one
+    _spawn(_worker, (_free_port(), str(teacher), str(tmp_path)))
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["wrote"] for r in range(WORLD)] == [[], []]
+    assert _files(tmp_path / "gen") == two
