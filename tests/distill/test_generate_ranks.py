@@ -58,3 +58,38 @@ def test_two_ranks_split_shards_and_write_what_one_process_writes(
     _spawn(_worker, (_free_port(), str(teacher), str(tmp_path)))
     assert [json.loads((tmp_path / f"rank{r}.json").read_text())["wrote"] for r in range(WORLD)] == [[], []]
     assert _files(tmp_path / "gen") == two
+
+
+def _stage_worker(rank: int, port: int, args: list[str], out: str) -> None:
+    from tests.distill.test_pipeline import run
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    summary = run(args)["distill"]  # the runner starts and ends the process group
+    Path(out, f"stage{rank}.json").write_text(json.dumps(summary))
+
+
+def test_distill_stage_on_two_ranks_equals_one_process(
+    lm_factory: Callable[..., Path], prompt_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tests.distill.test_pipeline import overrides, run
+
+    extra = ("distill.phases=[generate,verify,sft]", "distill.eval_prompts=null")
+    one = run(overrides(lm_factory, prompt_files, tmp_path / "one", *extra))["distill"]
+    args = overrides(lm_factory, prompt_files, tmp_path / "two", *extra)
+    _spawn(_stage_worker, (_free_port(), args, str(tmp_path)), timeout_s=300)
+    ranks = [json.loads((tmp_path / f"stage{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0] == ranks[1]  # every rank leaves with rank 0's summary
+    two = ranks[0]
+    assert two["generate"] == one["generate"] and two["verify"] == one["verify"]
+    assert two["sft"]["final_loss"] == one["sft"]["final_loss"]  # rank 0 trains alone: the same steps
+    gen_one, gen_two = (tmp_path / d / "distill" / "generate" for d in ("one", "two"))
+    assert _files(gen_two) == _files(
+        gen_one
+    )  # 12 prompts in shards of 5: rank 0 wrote 0 and 2, rank 1 wrote 1
+    verified = (tmp_path / "two" / "distill" / "verify" / "verified.jsonl").read_bytes()
+    assert verified == (tmp_path / "one" / "distill" / "verify" / "verified.jsonl").read_bytes()
+    assert not (tmp_path / "two" / ".work").exists()
