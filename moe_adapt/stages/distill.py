@@ -3,16 +3,16 @@
 artifacts, ``model/``, ``summary.json`` and ``report.md`` collected in the stage folder). The
 ``mixture`` group gives ``distill.replay`` its sources and ratio and the held-out loss its window.
 
-Under torchrun every rank runs the hf backend's generate phase, each writing its share of the prompt
-shards (:func:`moe_adapt.distill.pipeline.generate_on_every_rank`: the same traces as one process);
-the other phases run on rank 0 alone while the other ranks wait."""
+Under torchrun every rank runs the stage: the training phases train data-parallel (the engine's DDP,
+token-weighted losses as in cpt), the hf backend's generate phase splits its prompt shards across
+the ranks (the same traces as one process), and verify, held-out accuracy and loss run on rank 0 alone
+while the other ranks wait (:func:`moe_adapt.distill.pipeline.run_distill`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from moe_adapt import distributed
-from moe_adapt.distill.pipeline import generate_on_every_rank, run_distill
+from moe_adapt.distill.pipeline import run_distill
 from moe_adapt.stages.base import StageContext
 
 KEYS = ("distill", "engine", "mixture", "seed")
@@ -22,16 +22,12 @@ DISTRIBUTED = True
 def run(ctx: StageContext) -> dict[str, Any]:
     """Run ``distill.phases`` into the stage folder with the ``engine`` and ``mixture`` groups' settings."""
     cfg = ctx.cfg
-    generate_on_every_rank(cfg.distill, ctx.work, seed=cfg.seed)
-    return distributed.run_on_main(
-        lambda: run_distill(
-            cfg.distill,
-            cfg.engine,
-            ctx.out,
-            ctx.work,
-            seed=cfg.seed,
-            logging_callbacks=ctx.logging_callbacks,
-            mixture=cfg.mixture,
-        ),
-        ctx.dist,
+    return run_distill(
+        cfg.distill,
+        cfg.engine,
+        ctx.out,
+        ctx.work,
+        seed=cfg.seed,
+        logging_callbacks=ctx.logging_callbacks,
+        mixture=cfg.mixture,
     )

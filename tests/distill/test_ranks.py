@@ -1,9 +1,11 @@
-"""The hf generate phase under torchrun (2 gloo processes on the CPU): the ranks split the prompt shards
-(rank r writes shards r, r+2, ...) and the folder holds the same bytes as one process writes."""
+"""The distill stage under torchrun (2 gloo processes on the CPU) against one process: the hf generate
+phase splits the prompt shards (rank r writes shards r, r+2, ...) and its folder holds the same bytes;
+the training phases train data-parallel and log the same values within fp32 tolerance."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -72,24 +74,52 @@ def _stage_worker(rank: int, port: int, args: list[str], out: str) -> None:
     Path(out, f"stage{rank}.json").write_text(json.dumps(summary))
 
 
+def _metrics(path: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def test_distill_stage_on_two_ranks_equals_one_process(
     lm_factory: Callable[..., Path], prompt_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    from safetensors.torch import load_file
+
     from tests.distill.test_pipeline import overrides, run
 
-    extra = ("distill.phases=[generate,verify,sft]", "distill.eval_prompts=null")
+    extra = ("distill.phases=[generate,verify,sft,token_kd]", "distill.token_kd.teacher=topk")
     one = run(overrides(lm_factory, prompt_files, tmp_path / "one", *extra))["distill"]
     args = overrides(lm_factory, prompt_files, tmp_path / "two", *extra)
-    _spawn(_stage_worker, (_free_port(), args, str(tmp_path)), timeout_s=300)
+    _spawn(_stage_worker, (_free_port(), args, str(tmp_path)), timeout_s=400)
     ranks = [json.loads((tmp_path / f"stage{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0] == ranks[1]  # every rank leaves with rank 0's summary
     two = ranks[0]
     assert two["generate"] == one["generate"] and two["verify"] == one["verify"]
-    assert two["sft"]["final_loss"] == one["sft"]["final_loss"]  # rank 0 trains alone: the same steps
     gen_one, gen_two = (tmp_path / d / "distill" / "generate" for d in ("one", "two"))
     assert _files(gen_two) == _files(
         gen_one
     )  # 12 prompts in shards of 5: rank 0 wrote 0 and 2, rank 1 wrote 1
     verified = (tmp_path / "two" / "distill" / "verify" / "verified.jsonl").read_bytes()
     assert verified == (tmp_path / "one" / "distill" / "verify" / "verified.jsonl").read_bytes()
+    assert (
+        two["sft"]["plan"]["layout"]["world_size"] == 2 and two["sft"]["plan"]["layout"]["parallel"] == "ddp"
+    )
+    # the training phases, data-parallel (1 row of each batch of 2 per rank): every logged value of every
+    # step within fp32 tolerance of one process's, as cpt's test checks
+    for phase in ("sft", "token_kd"):
+        ref = _metrics(tmp_path / "one" / "distill" / phase / "metrics.jsonl")
+        got = _metrics(tmp_path / "two" / "distill" / phase / "metrics.jsonl")
+        assert len(got) == len(ref) == 3
+        for r, g in zip(ref, got, strict=True):
+            assert set(r) == set(g)
+            bad = {
+                k: (r[k], g[k])
+                for k in r
+                if isinstance(r[k], float) and "time" not in k and "per_s" not in k
+                and not math.isclose(r[k], g[k], rel_tol=1e-5, abs_tol=1e-6)
+            }  # fmt: skip
+            assert not bad, (phase, bad)
+    ref_w = load_file(str(tmp_path / "one" / "distill" / "model" / "model.safetensors"))
+    got_w = load_file(str(tmp_path / "two" / "distill" / "model" / "model.safetensors"))
+    assert ref_w.keys() == got_w.keys()
+    for key, w in ref_w.items():
+        assert torch.allclose(got_w[key], w, rtol=1e-4, atol=1e-5), key
     assert not (tmp_path / "two" / ".work").exists()
