@@ -1,6 +1,7 @@
 """The distill stage under torchrun (2 gloo processes on the CPU) against one process: the hf generate
 phase splits the prompt shards (rank r writes shards r, r+2, ...) and its folder holds the same bytes;
-the training phases train data-parallel and log the same values within fp32 tolerance."""
+the training phases train data-parallel and log the same values within fp32 tolerance. The teacher
+stage, data-parallel too, against one process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from moe_adapt import distributed
 from moe_adapt.distill import generate as gen
@@ -62,7 +64,7 @@ def test_two_ranks_split_shards_and_write_what_one_process_writes(
     assert _files(tmp_path / "gen") == two
 
 
-def _stage_worker(rank: int, port: int, args: list[str], out: str) -> None:
+def _stage_worker(rank: int, port: int, args: list[str], out: str, stage: str = "distill") -> None:
     from tests.distill.test_pipeline import run
 
     os.environ.update(
@@ -70,7 +72,7 @@ def _stage_worker(rank: int, port: int, args: list[str], out: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
-    summary = run(args)["distill"]  # the runner starts and ends the process group
+    summary = run(args)[stage]  # the runner starts and ends the process group
     Path(out, f"stage{rank}.json").write_text(json.dumps(summary))
 
 
@@ -81,8 +83,6 @@ def _metrics(path: Path) -> list[dict[str, float]]:
 def test_distill_stage_on_two_ranks_equals_one_process(
     lm_factory: Callable[..., Path], prompt_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from safetensors.torch import load_file
-
     from tests.distill.test_pipeline import overrides, run
 
     extra = ("distill.phases=[generate,verify,sft,token_kd]", "distill.token_kd.teacher=topk")
@@ -123,3 +123,50 @@ def test_distill_stage_on_two_ranks_equals_one_process(
     for key, w in ref_w.items():
         assert torch.allclose(got_w[key], w, rtol=1e-4, atol=1e-5), key
     assert not (tmp_path / "two" / ".work").exists()
+
+
+TEACHER = (
+    "teacher.train_per_lang=6",
+    "teacher.test_per_lang=2",
+    "teacher.hidden_size=32",
+    "teacher.intermediate_size=64",
+    "teacher.num_layers=2",
+    "teacher.num_heads=2",
+    "teacher.train.steps=3",
+    "teacher.train.batch_size=4",
+    "teacher.train.seq_len=128",
+    "teacher.train.warmup_steps=1",
+    "teacher.train.checkpoint_every=2",
+    "distill.eval.max_new_tokens=8",
+    "logger=none",
+    "stages=[teacher]",
+)
+
+
+def test_teacher_stage_on_two_ranks_equals_one_process(
+    lm_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    from tests.distill.test_pipeline import run
+
+    def args(run_dir: Path) -> list[str]:
+        return [*TEACHER, f"run_dir={run_dir}", f"teacher.tokenizer={lm_factory('llama')}"]
+
+    one = run(args(tmp_path / "one"))
+    _spawn(_stage_worker, (_free_port(), args(tmp_path / "two"), str(tmp_path), "teacher"), timeout_s=300)
+    ranks = [json.loads((tmp_path / f"stage{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0] == ranks[1]
+    two, one = ranks[0], one["teacher"]
+    assert two["train"]["plan"]["layout"]["world_size"] == 2
+    assert two["accuracy"] == one["accuracy"]  # greedy on (nearly) the same weights
+    ref = _metrics(tmp_path / "one" / "teacher" / "metrics.jsonl")
+    got = _metrics(tmp_path / "two" / "teacher" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3]
+    for r, g in zip(ref, got, strict=True):
+        assert math.isclose(r["loss"], g["loss"], rel_tol=1e-5), (r["loss"], g["loss"])
+    ref_w = load_file(str(tmp_path / "one" / "teacher" / "model" / "model.safetensors"))
+    got_w = load_file(str(tmp_path / "two" / "teacher" / "model" / "model.safetensors"))
+    for key, w in ref_w.items():
+        assert torch.allclose(got_w[key], w, rtol=1e-4, atol=1e-5), key
+    assert (tmp_path / "two" / "teacher" / "prompts" / "train.jsonl").read_bytes() == (
+        tmp_path / "one" / "teacher" / "prompts" / "train.jsonl"
+    ).read_bytes()
