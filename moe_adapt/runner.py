@@ -15,10 +15,10 @@ Once a stage runs, every stage after it runs too, since its inputs changed.
 
 Under torchrun (several processes, :mod:`moe_adapt.distributed`) every process runs the
 pipeline, but only rank 0 writes the run directory: it decides whether a stage is skipped and tells
-the others. A distributed stage (``cpt``) runs on every rank, the other ranks writing into a scratch
-folder that is thrown away; any other stage runs on rank 0 alone while the others wait. Every rank
-leaves a stage only once rank 0 has renamed its folder into place. The run directory must be on a
-disk every node sees.
+the others. A distributed stage (``cpt``, ``teacher``, ``distill``, ``eval``) runs on every rank, the
+other ranks writing into a scratch folder that is thrown away; any other stage runs on rank 0 alone
+while the others wait. Every rank leaves a stage only once rank 0 has renamed its folder into place.
+The run directory must be on a disk every node sees.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ Two teacher backends write these shards (``distill.generate.backend``, :mod:`moe
 the same records (``response_ids`` in the vocabulary of ``server.tokenizer``, the student's by default)
 and, when the server gives per-token log-probabilities with token ids, the same top-k tensors.
 
+Under torchrun the hf backend splits the shards across the processes: rank ``r`` of ``W`` writes the
+unfinished shards ``r, r+W, ...`` (on its own device), rank 0 alone checks the folder before and sums
+it up after a barrier. Since a shard's seed does not depend on ``W``, the folder holds the same bytes
+as one process writes on the same kind of device.
+
 The folder is a :class:`~moe_adapt.resume.StepCache` (the one resume mechanism) stamped in
 ``manifest.json`` with the fingerprint of the prompts and settings: when they changed, the folder is
 emptied and generation starts over. A shard needs no ``_COMPLETE.json``: its JSONL, renamed into place
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from moe_adapt import distributed
 from moe_adapt.data.jsonl import write_documents
 from moe_adapt.distill.backends import TRANSPORT_KEYS
 from moe_adapt.distill.config import GenerateConfig
@@ -102,17 +108,40 @@ def run_generate(
     ``distill.generate.server.tokenizer`` is null."""
     if gcfg.backend == "server":
         return _run_server(prompts, gcfg, out, seed=seed, student=student)
+    if not teacher_path:
+        raise MoEAdaptConfigError("distill.teacher=None: the hf backend needs the teacher's HF folder")
+    dist = distributed.current()
+    # rank 0 alone checks (and may empty) the folder; every rank then writes its own shards
+    todo_all = distributed.run_on_main(
+        lambda: _pending(prompts, gcfg, out, teacher_path, seed, chat_template)[1], dist
+    )
+    shards = _shards(prompts, gcfg)
+    todo = [i for i in todo_all if i % dist.world_size == dist.rank]  # rank r: shards r, r+W, ...
+    if todo:
+        _generate_hf(shards, todo, teacher_path, gcfg, out, seed, chat_template, dist.device)
+    if dist.is_distributed:
+        distributed.barrier(dist)
+        return distributed.run_on_main(lambda: _summary(out, len(shards)), dist)
+    return _summary(out, len(shards))
+
+
+def _generate_hf(
+    shards: Sequence[Sequence[PromptRecord]],
+    todo: Sequence[int],
+    teacher_path: str,
+    gcfg: GenerateConfig,
+    out: Path,
+    seed: int,
+    chat_template: str | None,
+    device: torch.device,
+) -> None:
+    """Write shards ``todo`` with the hf teacher (on ``device``: the CPU or this rank's GPU)."""
     from transformers import AutoTokenizer
 
     from moe_adapt.checkpoint.hf import load_causal_lm
 
-    if not teacher_path:
-        raise MoEAdaptConfigError("distill.teacher=None: the hf backend needs the teacher's HF folder")
-    shards, todo = _pending(prompts, gcfg, out, teacher_path, seed, chat_template)
-    if not todo:
-        return _summary(out, len(shards))
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    model = load_causal_lm(teacher_path, torch.float32).eval()
+    model = load_causal_lm(teacher_path, torch.float32, device=device).eval()
     pad_id = pad_id_of(tokenizer)
     eos_id = int(tokenizer.eos_token_id)
     start = time.perf_counter()
@@ -129,7 +158,6 @@ def run_generate(
             elapsed,
             eta,
         )
-    return _summary(out, len(shards))
 
 
 def _generate_shard(
@@ -200,6 +228,12 @@ def _write_shard(
     write_documents(stem.with_suffix(".jsonl"), records)
 
 
+def _shards(prompts: Sequence[PromptRecord], gcfg: GenerateConfig) -> list[Sequence[PromptRecord]]:
+    """The prompts cut into shards of ``gcfg.shard_size``, in order (shard ``i``'s seed depends on ``i``
+    alone, not on the number of processes)."""
+    return [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
+
+
 def _pending(
     prompts: Sequence[PromptRecord],
     gcfg: GenerateConfig,
@@ -210,7 +244,7 @@ def _pending(
 ) -> tuple[list[Sequence[PromptRecord]], list[int]]:
     """The prompt shards and the indices of those not finished yet (the folder started over when the
     prompts or settings changed)."""
-    shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
+    shards = _shards(prompts, gcfg)
     StepCache(
         out,
         _settings(prompts, gcfg, teacher, seed, chat),

@@ -19,6 +19,7 @@ is measured (as the cpt stage measures it) and reported beside the accuracy, wit
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -27,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from moe_adapt import distributed
 from moe_adapt.checkpoint.hf import check_seq_len
 from moe_adapt.cpt.config import MixtureConfig
 from moe_adapt.cpt.heldout import forgetting_report, log_forgetting
@@ -233,22 +235,27 @@ def run_distill(
         elif name in phases and "generate" in phases and d.generate.backend == "server":
             check_same_tokenizer(d.student or "", d.generate.server.tokenizer or "")
 
+    dist = distributed.current()
     cache = StepCache(work, None, what="distill")  # every unit carries its own (chained) fingerprint
 
     def accuracy(model: Path | str, tag: str, fp: str) -> dict[str, Any] | None:
         if not eval_prompts:
             return None
         key = fingerprint([fp, str(model), asdict(d.eval), d.eval_prompts])
-        saved = cache.done(f"accuracy_{tag}", key)
-        if saved is not None:
-            return saved
-        log.info("distill: held-out accuracy of %s (%d prompts)", tag, len(eval_prompts))
-        acc = evaluate_accuracy(
-            model, eval_prompts, d.eval, d.format, chat_template=d.chat_template, seed=seed
-        )
-        cache.mark(f"accuracy_{tag}", acc, key)
-        log.info("distill: %s accuracy %s", tag, _acc_line(acc))
-        return acc
+
+        def measure() -> dict[str, Any]:
+            saved = cache.done(f"accuracy_{tag}", key)
+            if saved is not None:
+                return saved
+            log.info("distill: held-out accuracy of %s (%d prompts)", tag, len(eval_prompts))
+            acc = evaluate_accuracy(
+                model, eval_prompts, d.eval, d.format, chat_template=d.chat_template, seed=seed
+            )
+            cache.mark(f"accuracy_{tag}", acc, key)
+            log.info("distill: %s accuracy %s", tag, _acc_line(acc))
+            return acc
+
+        return distributed.run_on_main(measure, dist)  # rank 0 alone, the others wait
 
     training = [p for p in phases if p in TRAINING_PHASES]
     held: HeldOut | None = None
@@ -263,13 +270,9 @@ def run_distill(
 
     summary: dict[str, Any] = {"phases": phases, "accuracy": {}, "heldout": {}}
     if held is not None and d.student:
-        key = fingerprint([d.student, d.heldout, d.heldout_docs, window, seed])
-        before = cache.done("heldout_student", key)
-        if before is None:
-            log.info("distill: held-out loss of the student")
-            before = evaluate_heldout(d.student, held, window)
-            cache.mark("heldout_student", before, key)
-        summary["heldout"]["student_before"] = before
+        summary["heldout"]["student_before"] = distributed.run_on_main(
+            functools.partial(_heldout_student, cache, d.student, held, window, d, seed), dist
+        )
     if eval_prompts and d.eval.teacher and d.teacher:
         summary["accuracy"]["teacher"] = accuracy(d.teacher, "teacher", "")
     model = Path(d.student) if d.student else None
@@ -279,17 +282,27 @@ def run_distill(
     for name in phases:
         pdir = work / name
         fp = fingerprint([fp, name, _phase_settings(d, engine_cfg, seed, name, mixture)])
-        done = cache.done(name, fp)  # finished with other settings: removed, started over
+        # finished with other settings: removed (by rank 0), started over
+        done = distributed.run_on_main(functools.partial(cache.done, name, fp), dist)
         if done is not None:
             log.info("distill: phase %s already done, skipping", name)
             phase_summary = done
         else:
-            cache.folder(name)
-            log.info("distill: phase %s", name)
-            phase_summary = _run_phase(
-                name, d, engine_cfg, seed, logging_callbacks, pdir, work, prompts, model, replay, held, window
+            run = functools.partial(
+                _run_phase, name, d, engine_cfg, seed, logging_callbacks, pdir, work, prompts, model, replay
             )
-            cache.mark(name, phase_summary, fp)
+            run = functools.partial(run, held, window)
+            if dist.is_distributed and (
+                name in TRAINING_PHASES or (name, d.generate.backend) == ("generate", "hf")
+            ):
+                # every rank: data-parallel training, or its share of the generate shards
+                distributed.run_on_main(functools.partial(_start_unit, cache, name), dist)
+                phase_summary = distributed.broadcast_from_main(run(), dist)  # rank 0's summary
+                distributed.run_on_main(functools.partial(cache.mark, name, phase_summary, fp), dist)
+            else:
+                phase_summary = distributed.run_on_main(
+                    functools.partial(_run_and_mark, cache, name, fp, run), dist
+                )
         summary[name] = phase_summary
         if name in TRAINING_PHASES:
             model = pdir / "model"
@@ -297,6 +310,44 @@ def run_distill(
                 summary["heldout"][f"after_{name}"] = phase_summary["heldout"]
             if d.eval.after_each_phase or name == training[-1]:
                 summary["accuracy"][f"after_{name}"] = accuracy(model, f"after_{name}", fp)
+    # rank 0 collects the artifacts; every rank returns its summary
+    collect = functools.partial(_collect, d, out, work, phases, training, summary)
+    return distributed.run_on_main(collect, dist)
+
+
+def _heldout_student(
+    cache: StepCache, student: str, held: HeldOut, window: int, d: DistillConfig, seed: int
+) -> dict[str, Any]:
+    key = fingerprint([student, d.heldout, d.heldout_docs, window, seed])
+    before = cache.done("heldout_student", key)
+    if before is None:
+        log.info("distill: held-out loss of the student")
+        before = evaluate_heldout(student, held, window)
+        cache.mark("heldout_student", before, key)
+    return before
+
+
+def _start_unit(cache: StepCache, name: str) -> None:
+    log.info("distill: phase %s", name)
+    cache.folder(name)
+
+
+def _run_and_mark(cache: StepCache, name: str, fp: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    _start_unit(cache, name)
+    phase_summary = run()
+    cache.mark(name, phase_summary, fp)
+    return phase_summary
+
+
+def _collect(
+    d: DistillConfig,
+    out: Path,
+    work: Path,
+    phases: Sequence[str],
+    training: Sequence[str],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """Move the phases' folders from ``work`` into ``out``; write ``summary.json`` and ``report.md``."""
     for name in phases:
         shutil.move(str(work / name), str(out / name))
         (out / name / MARKER).unlink()

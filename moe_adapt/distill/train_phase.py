@@ -39,7 +39,13 @@ from moe_adapt.engines.objectives import KDSettings
 from moe_adapt.engines.plan import announce, plan_training
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.eval.heldout import HeldOut
-from moe_adapt.train.callbacks import Callback, CheckpointCallback, MetricsCallback, NaNGuardCallback
+from moe_adapt.train.callbacks import (
+    Callback,
+    CheckpointCallback,
+    MetricsCallback,
+    NaNGuardCallback,
+    main_only,
+)
 from moe_adapt.train.phase import train_into_folder
 
 log = logging.getLogger(__name__)
@@ -170,6 +176,12 @@ def run_train_phase(
         kl_anchor_coef=pcfg.kl_anchor_coef,
         reference=str(init_from) if pcfg.kl_anchor_coef > 0 else None,
     )
+    dist = distributed.current()  # under torchrun: every rank trains its share of each batch (DDP)
+    if pcfg.batch_size % dist.world_size:
+        raise MoEAdaptConfigError(
+            f"distill.{name}.batch_size={pcfg.batch_size} is invalid: with {dist.world_size} processes it "
+            f"must be a multiple of {dist.world_size} (each process trains on an equal share of every batch)"
+        )
     training_plan = plan_training(
         name,
         ecfg,
@@ -177,10 +189,10 @@ def run_train_phase(
         steps=pcfg.steps,
         batch_size=pcfg.batch_size,
         seq_len=pcfg.seq_len,
-        world_size=distributed.current().world_size,
+        world_size=dist.world_size,
         teacher=teacher if kd is not None else None,
     )
-    announce(training_plan, check=ecfg.check_memory)
+    announce(training_plan, check=ecfg.check_memory, main=dist.is_main)
     torch.manual_seed(seed)
     trained = build_engine(ecfg, init_from, kd=kd, teacher=teacher, lora=pcfg.lora)
     task = PackedSampler(rows, seed)
@@ -201,10 +213,9 @@ def run_train_phase(
             replay.shards,
         )
     all_callbacks: list[Callback] = [
-        MetricsCallback(work / "metrics.jsonl"),
+        *main_only([MetricsCallback(work / "metrics.jsonl"), *callbacks], dist),
         NaNGuardCallback(),
-        CheckpointCallback(work / "checkpoints", pcfg.checkpoint_every, keep_last=1),
-        *callbacks,
+        CheckpointCallback(work / "checkpoints", pcfg.checkpoint_every, keep_last=1, dist=dist),
     ]
     heldout_cb = None
     if heldout is not None:
@@ -215,6 +226,7 @@ def run_train_phase(
             heldout_window or pcfg.seq_len,
             token_sizes=heldout.token_sizes,
             label=f"distill {name}",
+            write=dist.is_main,
         )
         all_callbacks.append(heldout_cb)
     trainer = train_into_folder(
@@ -227,8 +239,10 @@ def run_train_phase(
         work=work,
         model_dir=work / "model",
         curves=work / "curves.png",
+        dist=dist if dist.is_distributed else None,
     )
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    if dist.is_main:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
     rows_logged = _metrics_rows(work / "metrics.jsonl")
     no_row: dict[str, Any] = {}
     last = next((r for r in reversed(rows_logged) if "loss" in r), no_row)  # the last task step

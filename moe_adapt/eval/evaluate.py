@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moe_adapt import distributed
 from moe_adapt.errors import MoEAdaptError
 from moe_adapt.eval.bilingual import MCPrediction, bilingual_metrics, expected_calibration_error
 from moe_adapt.eval.config import BenchmarkEntry, EvalConfig
@@ -65,7 +67,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_model(path: str, ecfg: EvalConfig, index: int) -> torch.nn.Module:
+def _load_model(
+    path: str, ecfg: EvalConfig, index: int, rank_device: torch.device | None = None
+) -> torch.nn.Module:
     from moe_adapt.checkpoint.hf import DTYPES, load_causal_lm
 
     if ecfg.dtype == "auto":
@@ -75,7 +79,10 @@ def _load_model(path: str, ecfg: EvalConfig, index: int) -> torch.nn.Module:
     else:
         dtype = DTYPES[ecfg.dtype]
     try:
-        return load_causal_lm(path, dtype=dtype, device=_device(ecfg.device))
+        device = _device(ecfg.device)
+        if ecfg.device == "auto" and rank_device is not None and device.type == rank_device.type:
+            device = rank_device  # under torchrun: this rank's GPU, not cuda:0
+        return load_causal_lm(path, dtype=dtype, device=device)
     except MoEAdaptError as err:
         raise MoEAdaptError(f"eval.models[{index}].path={path!r}: {err}") from err
 
@@ -306,11 +313,31 @@ def evaluate_model(
     return result
 
 
-def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
+def _gather(work: Path, out: Path, world_size: int) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
+    """Rank 0: the other ranks' results (``work/rank<r>/results.json``), their files moved into ``out``."""
+    gathered: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
+    for rank in range(1, world_size):
+        folder = work / f"rank{rank}"
+        if not (folder / "results.json").is_file():
+            continue  # it had no model
+        for name, (res, flat) in json.loads((folder / "results.json").read_text(encoding="utf-8")).items():
+            gathered[name] = (res, flat)
+        for kind in sorted(p for p in folder.iterdir() if p.is_dir()):  # routing/, harness/
+            for item in sorted(kind.iterdir()):
+                (out / kind.name).mkdir(parents=True, exist_ok=True)
+                shutil.move(str(item), str(out / kind.name / item.name))
+        shutil.rmtree(folder)
+    return gathered
+
+
+def evaluate(ecfg: EvalConfig, out: Path, *, seed: int, work: Path | None = None) -> dict[str, Any]:
     """Evaluate every checkpoint of ``ecfg.models`` into ``out`` and return the stage summary.
 
     ``seed`` draws the held-out sample and the bootstrap resamples. Paths in the summary are relative
-    to the stage folder.
+    to the stage folder. Under torchrun the ranks share the models (rank ``r`` of ``W``: models
+    ``r, r+W, ...``, on its own device when ``eval.device=auto``), the other ranks hand their results and
+    files to rank 0 through ``work`` (a folder every rank sees), and rank 0 writes the same files as one
+    process; the other ranks return ``{}``.
     """
     _check_inputs(ecfg)
     heldout = None
@@ -357,19 +384,40 @@ def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
         }
         for i, (name, langs) in enumerate(benches.items())
     }
-    metrics: dict[str, float] = {}
+    dist = distributed.current()
+    if dist.is_distributed and work is None:
+        raise MoEAdaptError("eval under torchrun needs a folder every rank sees (the stage's work folder)")
+    # under torchrun rank r evaluates models r, r+W, ... (the others' files go through work/rank<r>)
+    mine = out if dist.is_main or work is None else work / f"rank{dist.rank}"
+    mine.mkdir(parents=True, exist_ok=True)
+    done: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
     for i, entry in enumerate(ecfg.models):
+        if i % dist.world_size != dist.rank:
+            continue
         log.info("eval: %s <- %s", entry.name, entry.path)
-        model = _load_model(entry.path, ecfg, i)
+        model = _load_model(entry.path, ecfg, i, dist.device if dist.is_distributed else None)
         try:
-            res = evaluate_model(model, entry.name, entry.path, ecfg, heldout, benches, out, seed)
+            res = evaluate_model(model, entry.name, entry.path, ecfg, heldout, benches, mine, seed)
         finally:
             del model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        results["models"][entry.name] = res
-        metrics.update(_flat(entry.name, res))
+        # as eval.json will hold it: every rank's results alike, whichever rank measured them
+        done[entry.name] = (json.loads(json.dumps(res, default=str)), _flat(entry.name, res))
+    if dist.is_distributed:
+        assert work is not None
+        if not dist.is_main:
+            atomic_write_text(mine / "results.json", json.dumps(done))
+        distributed.barrier(dist)
+        if not dist.is_main:
+            distributed.barrier(dist)  # rank 0 has collected this rank's files
+            return {}
+        done.update(_gather(work, out, dist.world_size))
+    metrics: dict[str, float] = {}
+    for entry in ecfg.models:
+        results["models"][entry.name], flat = done[entry.name]
+        metrics.update(flat)
     contamination = Path(ecfg.contamination) if ecfg.contamination else None
     if contamination is not None and not contamination.is_file():
         log.info("eval: no contamination report at %s; report.md leaves it out", contamination)
@@ -382,6 +430,8 @@ def evaluate(ecfg: EvalConfig, out: Path, *, seed: int) -> dict[str, Any]:
     atomic_write_text(out / "report.md", render_markdown(results, contamination))
     for line in log_table(results):
         log.info("eval: %s", line)
+    if dist.is_distributed:
+        distributed.barrier(dist)
     malformed = sum(v["malformed"] for b in results["benchmarks"].values() for v in b.values())
     return {
         "metrics": "metrics.json",

@@ -2,7 +2,10 @@
 (:func:`moe_adapt.eval.evaluate.evaluate`, which lists the files it writes).
 
 ``eval.models: []`` (the default) evaluates ``model.dense`` and the newest model the pipeline wrote in
-the run directory (:data:`LATEST`): ``stages=[eval]`` after a run scores what the run made."""
+the run directory (:data:`LATEST`): ``stages=[eval]`` after a run scores what the run made.
+
+Under torchrun every rank runs the stage and evaluates its share of the models (rank ``r``: models
+``r, r+W, ...``); rank 0 gathers the results and writes the same files as one process."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from moe_adapt.stages.base import StageContext
 log = logging.getLogger(__name__)
 
 KEYS = ("eval", "model", "seed")
-DISTRIBUTED = False
+DISTRIBUTED = True
 
 LATEST = (("distill", "distill/model"), ("cpt", "cpt/model"), ("moe", "upcycle/model"))
 """The pipeline's models, newest first: the name they get in metrics and their folder in run_dir."""
@@ -57,4 +60,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not ecfg.models:
         ecfg = dataclasses.replace(ecfg, models=default_models(ctx.cfg))
         log.info("eval: eval.models=[] -> %s", ", ".join(f"{m.name}={m.path}" for m in ecfg.models))
-    return evaluate(ecfg, ctx.out, seed=ctx.cfg.seed)
+    return evaluate(ecfg, ctx.out, seed=ctx.cfg.seed, work=ctx.work)

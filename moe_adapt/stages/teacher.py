@@ -5,6 +5,10 @@ stage renders a built-in task (:mod:`moe_adapt.distill.tasks`) in every ``teache
 writes ``prompts/train.jsonl`` and ``prompts/test.jsonl``, builds a small dense model with the
 student's tokenizer (so token-level KD can compare them id by id), trains it on the reference
 solutions as an ``sft`` phase and reports its held-out accuracy.
+
+Under torchrun every rank runs the stage: rank 0 writes the initial model into the scratch folder,
+every rank trains it data-parallel (as the distill stage's phases), rank 0 alone measures the accuracy
+and writes the stage folder.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from typing import Any
 
 import torch
 
+from moe_adapt import distributed
+from moe_adapt.config.schema import Config
 from moe_adapt.demo.config import InitDenseConfig
 from moe_adapt.demo.dense import write_dense_model
 from moe_adapt.distill.accuracy import evaluate_accuracy
 from moe_adapt.distill.config import DistillEvalConfig
-from moe_adapt.distill.prompts import load_prompts
+from moe_adapt.distill.prompts import PromptRecord, load_prompts
 from moe_adapt.distill.tasks import TASKS, write_problem_set
 from moe_adapt.distill.train_phase import reference_examples, run_train_phase
 from moe_adapt.engines import as_auto
@@ -33,7 +39,7 @@ from moe_adapt.train.phase import move_outputs
 log = logging.getLogger(__name__)
 
 KEYS = ("teacher", "engine", "distill.format", "distill.chat_template", "distill.eval", "seed")
-DISTRIBUTED = False
+DISTRIBUTED = True
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -61,7 +67,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         write_problem_set(prompt_dir / f"{split}.jsonl", problems)
 
     tokenizer = AutoTokenizer.from_pretrained(t.tokenizer)
-    init = out / "init"
+    init = work / "init"  # rank 0 writes it; every rank trains from it
     arch = InitDenseConfig(
         family="llama",
         hidden_size=t.hidden_size,
@@ -72,15 +78,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
         max_position_embeddings=max(512, t.train.seq_len),
         vocab_size=len(tokenizer),
     )
-    torch.manual_seed(cfg.seed)
-    write_dense_model(
-        arch,
-        tokenizer,
-        init,
-        bos=tokenizer.bos_token_id,
-        eos=tokenizer.eos_token_id,
-        pad=tokenizer.pad_token_id,
-    )
+
+    def write_init() -> None:
+        shutil.rmtree(init, ignore_errors=True)  # an earlier attempt's: the same weights again
+        torch.manual_seed(cfg.seed)
+        write_dense_model(
+            arch,
+            tokenizer,
+            init,
+            bos=tokenizer.bos_token_id,
+            eos=tokenizer.eos_token_id,
+            pad=tokenizer.pad_token_id,
+        )
+
+    distributed.run_on_main(write_init, ctx.dist)
 
     train = load_prompts(prompt_dir / "train.jsonl", t.langs, key="teacher.task")
     test = load_prompts(prompt_dir / "test.jsonl", t.langs, key="teacher.task")
@@ -100,8 +111,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
         seed=cfg.seed,
         callbacks=ctx.logging_callbacks("teacher"),
     )
+    return distributed.run_on_main(lambda: _finish(cfg, out, work, test, train_summary), ctx.dist)
+
+
+def _finish(
+    cfg: Config, out: Path, work: Path, test: list[PromptRecord], train_summary: dict[str, Any]
+) -> dict[str, Any]:
+    """Rank 0: move the trained model into ``out``, measure its held-out accuracy, write the summary."""
+    t = cfg.teacher
     move_outputs(work, out)
-    shutil.rmtree(init)
+    shutil.rmtree(work / "init")
     eval_cfg = DistillEvalConfig(max_prompts=t.test_per_lang, max_new_tokens=cfg.distill.eval.max_new_tokens)
     accuracy = evaluate_accuracy(
         out / "model", test, eval_cfg, cfg.distill.format, chat_template=cfg.distill.chat_template

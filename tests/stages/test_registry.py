@@ -12,4 +12,9 @@ def test_registry_order_is_the_pipeline_order():
 
 
 def test_only_cpt_runs_on_every_rank():
-    assert [name for name, stage in STAGES.items() if stage.distributed] == ["cpt"]
+    assert [name for name, stage in STAGES.items() if stage.distributed] == [
+        "cpt",
+        "teacher",
+        "distill",
+        "eval",
+    ]
