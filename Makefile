@@ -9,7 +9,7 @@ check:  ## lint, format check, type check
 	$(PY) -m mypy
 
 test:  ## the CPU test suite (GPU tests skip without CUDA)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 demo:  ## the CPU demo
 	$(PY) -m moe_adapt +recipe=tiny
