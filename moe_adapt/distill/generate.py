@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -144,19 +144,33 @@ def _generate_hf(
     model = load_causal_lm(teacher_path, torch.float32, device=device).eval()
     pad_id = pad_id_of(tokenizer)
     eos_id = int(tokenizer.eos_token_id)
+    _write_shards(
+        shards,
+        todo,
+        lambda i: _generate_shard(
+            model, tokenizer, shards[i], i, gcfg, out, seed, chat_template, int(pad_id), eos_id
+        ),
+        f"x {gcfg.samples} samples",
+    )
+
+
+def _write_shards(
+    shards: Sequence[Sequence[PromptRecord]], todo: Sequence[int], write: Callable[[int], None], what: str
+) -> None:
+    """Call ``write(i)`` for every shard index in ``todo``, in order, logging each shard and the time
+    left after it (``what`` follows the shard's prompt count in the log line)."""
     start = time.perf_counter()
     for n, i in enumerate(todo, start=1):
-        _generate_shard(model, tokenizer, shards[i], i, gcfg, out, seed, chat_template, int(pad_id), eos_id)
+        write(i)
         elapsed = time.perf_counter() - start
-        eta = elapsed / n * (len(todo) - n)
         log.info(
-            "generate: shard %d/%d written (%d prompts x %d samples; %.0f s so far, about %.0f s to go)",
+            "generate: shard %d/%d written (%d prompts %s; %.0f s so far, about %.0f s to go)",
             i + 1,
             len(shards),
             len(shards[i]),
-            gcfg.samples,
+            what,
             elapsed,
-            eta,
+            elapsed / n * (len(todo) - n),
         )
 
 
@@ -303,18 +317,12 @@ def _run_server(
         if not todo:
             return _summary(out, len(shards))
         eos_id = int(tokenizer.eos_token_id)
-        start = time.perf_counter()
-        for n, i in enumerate(todo, start=1):
-            _server_shard(server, tokenizer, eos_id, use_ids, shards[i], i, gcfg, out, seed)
-            elapsed = time.perf_counter() - start
-            log.info(
-                "generate: shard %d/%d written from %s (%.0f s so far, about %.0f s to go)",
-                i + 1,
-                len(shards),
-                scfg.model,
-                elapsed,
-                elapsed / n * (len(todo) - n),
-            )
+        _write_shards(
+            shards,
+            todo,
+            lambda i: _server_shard(server, tokenizer, eos_id, use_ids, shards[i], i, gcfg, out, seed),
+            f"x {gcfg.samples} samples from {scfg.model}",
+        )
     return _summary(out, len(shards))
 
 
