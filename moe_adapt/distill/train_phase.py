@@ -191,6 +191,7 @@ def run_train_phase(
         seq_len=pcfg.seq_len,
         world_size=dist.world_size,
         teacher=teacher if kd is not None else None,
+        lora=pcfg.lora,
     )
     announce(training_plan, check=ecfg.check_memory, main=dist.is_main)
     torch.manual_seed(seed)

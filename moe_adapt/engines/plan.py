@@ -29,8 +29,24 @@ parameter of ``engine.dtype``, ``W`` processes):
   and, below fp32, fp32 main parameters and their gradients (8 bytes) per parameter of this rank's
   shard: dense parameters over the ``W / tensor_parallel`` data-parallel ranks, experts over the
   ``W / expert_parallel`` expert-data-parallel ranks;
-- the L2 anchor keeps a copy of this rank's weights; the KL anchor's reference and token KD's online
-  teacher are whole frozen models on every rank, in ``engine.dtype``.
+- the L2 anchor keeps a copy of this rank's trained weights; the KL anchor's reference and token KD's
+  online teacher are whole frozen models on every rank, in ``engine.dtype``;
+- LoRA (``distill.<phase>.lora``, hf engine, one process or ddp): the frozen base ``P b`` has no
+  gradients and no optimizer state; the ``A`` adapter parameters (peft's ``r (in + out)`` per targeted
+  ``nn.Linear``, ``r E (a + b)`` per fused ``E x a x b`` expert weight) are fp32 whatever
+  ``engine.dtype`` (peft keeps adapters in fp32): weights ``P b + 4 A``, gradients ``4 A`` (ddp:
+  ``8 A``), AdamW ``8 A``, the L2 anchor ``4 A``;
+- QLoRA (``lora.quantize=4bit``): bitsandbytes stores every ``nn.Linear`` weight but the output head
+  in NF4 with double quantisation (half a byte per parameter, one uint8 scale per 64 and one fp32
+  scale per 256 of those); every other base weight (embeddings, head, norms, routers and the fused 3-D
+  experts of transformers 5 MoE blocks, which are not ``nn.Linear``) is upcast to fp32 by peft's
+  ``prepare_model_for_kbit_training``: 4 bytes each.
+
+Compute is given as training FLOPs per token: ``6 N`` for ``N`` active parameters (forward ``2 N``,
+backward ``4 N``); with LoRA ``4 N + 6 A_active``, the backward computing activation gradients but
+no weight gradients for the frozen base (``A_active``: the adapters one token passes through, expert
+adapters scaled by ``top_k / num_experts``). An approximation: attention over the sequence, and peft's
+per-step merge of the fused expert adapters, are not counted.
 
 Activations are not counted (they depend on kernels, recomputation and the attention
 implementation); the plan shows the logits alone (one fp32 copy of this rank's rows x seq_len x
@@ -45,10 +61,13 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moe_adapt.engines.base import EngineConfig
-from moe_adapt.errors import MoEAdaptConfigError
+from moe_adapt.errors import MoEAdaptConfigError, invalid
+
+if TYPE_CHECKING:
+    from moe_adapt.engines.lora import LoRAConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +153,68 @@ def count_params(config: Any) -> ParamCount:
     )
 
 
+@dataclass(frozen=True)
+class AdapterCount:
+    """What LoRA trains and QLoRA quantizes in one model, counted from its config the way
+    :func:`moe_adapt.engines.lora.wrap` and bitsandbytes select them."""
+
+    rank: int
+    """The adapters' rank r."""
+
+    trainable: int
+    """Adapter parameters: r (in + out) per targeted nn.Linear, r E (a + b) per fused E x a x b expert
+    weight (peft's shapes)."""
+
+    active: int
+    """Adapter parameters one token passes through (expert adapters scaled by top_k / num_experts)."""
+
+    quantized: int = 0
+    """Base parameters stored in NF4 (QLoRA: every nn.Linear weight but the output head; 0 for LoRA)."""
+
+    quantized_bytes: int = 0
+    """Their bytes: half a byte each plus the double-quantised scales."""
+
+
+def nf4_bytes(n: int) -> int:
+    """Bytes bitsandbytes holds for an ``n``-element weight in NF4 with double quantisation: two values
+    per byte, one uint8 scale per block of 64, one fp32 scale per 256 of those blocks."""
+    blocks = -(-n // 64)
+    return -(-n // 2) + blocks + 4 * -(-blocks // 256)
+
+
+def count_adapters(config: Any, lora: LoRAConfig) -> AdapterCount:
+    """Count ``lora``'s adapters (and, with ``quantize=4bit``, the NF4 base) on the causal LM
+    ``config``, built on the meta device (no memory used)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_adapt.engines.lora import EXPERT_PARAMETERS
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    num_experts, top_k = num_experts_of(config)
+    head = model.get_output_embeddings()
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = set(lora.target_modules)
+    trainable = active = quantized = quantized_bytes = 0
+    for name, m in linear.items():
+        if name.rsplit(".", 1)[-1] in targets:
+            n = lora.rank * (m.in_features + m.out_features)
+            trainable, active = trainable + n, active + n
+        if lora.quantize == "4bit" and m is not head:
+            quantized += m.weight.numel()
+            quantized_bytes += nf4_bytes(m.weight.numel())
+    if lora.experts:
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            if p.dim() == 3 and len(parts) >= 3 and parts[-2] == "experts" and parts[-1] in EXPERT_PARAMETERS:
+                e, a, b = p.shape
+                n = lora.rank * e * (a + b)
+                trainable += n
+                active += n * top_k // num_experts if num_experts else n
+    return AdapterCount(lora.rank, trainable, active, quantized, quantized_bytes)
+
+
 def read_config(folder: str | Path, key: str) -> Any:
     """The transformers config of the checkpoint ``folder`` (config.json only; no weights, no remote
     code). ``key`` names the setting in the error."""
@@ -209,11 +290,19 @@ class Memory:
         return self.weights + self.gradients + self.optimizer + sum(self.extra.values())
 
 
-def memory_per_rank(params: ParamCount, dtype: str, layout: Layout) -> Memory:
-    """Bytes per rank for weights, gradients and optimizer state (see the module docstring)."""
+def memory_per_rank(
+    params: ParamCount, dtype: str, layout: Layout, adapters: AdapterCount | None = None
+) -> Memory:
+    """Bytes per rank for weights, gradients and optimizer state (see the module docstring);
+    ``adapters``: LoRA's (the hf engine, one process or ddp)."""
     b = _DTYPE_BYTES[dtype]
     p, w = params.total, layout.world_size
     extra: dict[str, int] = {}
+    if adapters is not None:
+        a = adapters.trainable * 4  # peft keeps the adapters in fp32
+        # QLoRA: NF4 linear weights, the rest of the base upcast to fp32
+        base = adapters.quantized_bytes + (p - adapters.quantized) * 4 if adapters.quantized else p * b
+        return Memory(base + a, a * (2 if layout.parallel == "ddp" else 1), 2 * a, extra)
     if layout.engine == "hf":
         if layout.parallel == "fsdp2":
             shard = -(-p // w)
@@ -250,6 +339,8 @@ class TrainingPlan:
     seq_len: int
     logits_bytes: int
     """One fp32 copy of this rank's logits: a floor for activations, not in the total."""
+    adapters: AdapterCount | None = None
+    """LoRA's adapters (None: every weight trains)."""
     device: str = ""
     """Where the check looked (e.g. ``cuda:0 total``, ``cpu available``); empty before :meth:`check`."""
     available: int | None = None
@@ -266,6 +357,19 @@ class TrainingPlan:
         return self.tokens_per_step * self.steps
 
     @property
+    def trainable(self) -> int:
+        """Parameters that get gradients and optimizer state."""
+        return self.adapters.trainable if self.adapters is not None else self.params.total
+
+    @property
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, approximately: 6 x active parameters; with LoRA 4 x active
+        (no weight gradients for the frozen base) + 6 x the active adapters."""
+        if self.adapters is None:
+            return 6 * self.params.active
+        return 4 * self.params.active + 6 * self.adapters.active
+
+    @property
     def needed(self) -> int:
         """Bytes the device must hold: one rank's total times the processes sharing it."""
         return self.memory.total * self.processes_here
@@ -279,6 +383,8 @@ class TrainingPlan:
             "params_active": self.params.active,
             "num_experts": self.params.num_experts,
             "top_k": self.params.top_k,
+            "params_trainable": self.trainable,
+            "lora": asdict(self.adapters) if self.adapters is not None else None,
             "dtype": self.dtype,
             "layout": asdict(self.layout),
             "bytes_per_rank": {
@@ -293,6 +399,7 @@ class TrainingPlan:
             "tokens_per_step": self.tokens_per_step,
             "steps": self.steps,
             "total_tokens": self.total_tokens,
+            "train_flops_per_token": self.flops_per_token,
         }
 
     def describe(self) -> str:
@@ -303,6 +410,7 @@ class TrainingPlan:
             f"{self.name}: training plan",
             f"  parameters  {_count(p.total)} total, {_count(p.active)} active per token{moe}",
             f"  layout      {self.layout.describe()}, {self.dtype}",
+            *self._lora_lines(),
             f"  per rank    weights {_gib(m.weights)} + gradients {_gib(m.gradients)} "
             f"+ optimizer {_gib(m.optimizer)}"
             + "".join(f" + {k} {_gib(v)}" for k, v in m.extra.items())
@@ -310,12 +418,30 @@ class TrainingPlan:
             f"  activations not counted (the logits alone: {_gib(self.logits_bytes)} per rank)",
             f"  tokens      {self.batch_size} x {self.seq_len} = {self.tokens_per_step:,} per step, "
             f"{self.steps:,} steps, {_count(self.total_tokens)} tokens",
+            f"  compute     ~{_count(self.flops_per_token)} FLOPs per token "
+            f"({'4 x active + 6 x adapters' if self.adapters else '6 x active'}), "
+            f"{_count(self.flops_per_token * self.total_tokens)} in all",
         ]
         if self.device:
             have = _gib(self.available) if self.available is not None else "unknown"
             shared = f" for {self.processes_here} processes" if self.processes_here > 1 else ""
             lines.append(f"  device      {self.device} {have}; needs {_gib(self.needed)}{shared}")
         return "\n".join(lines)
+
+    def _lora_lines(self) -> list[str]:
+        a = self.adapters
+        if a is None:
+            return []
+        base = (
+            f"{_count(a.quantized)} of its weights in NF4 ({_gib(a.quantized_bytes)}), the rest fp32"
+            if a.quantized
+            else f"in {self.dtype}"
+        )
+        return [
+            f"  lora        r={a.rank}: {_count(a.trainable)} adapter parameters train in fp32 "
+            f"({100 * a.trainable / max(self.params.total, 1):.2f}% of the base); the base is frozen "
+            f"(no gradients, no optimizer state), {base}"
+        ]
 
     def check(self, device: str, enabled: bool = True) -> None:
         """Compare the need with the memory of ``device`` (cuda or cpu); record what was found.
@@ -382,20 +508,35 @@ def plan_training(
     world_size: int = 1,
     teacher: str | Path | None = None,
     key: str = "init_from",
+    lora: LoRAConfig | None = None,
 ) -> TrainingPlan:
     """The plan of training ``checkpoint`` with ``cfg`` for ``steps`` steps of ``batch_size``
     sequences of ``seq_len`` tokens on ``world_size`` processes (``teacher``: token KD's online teacher,
-    held whole on every rank). Reads config.json files only. ``key`` names ``checkpoint`` in errors."""
+    held whole on every rank; ``lora``: the phase's LoRA / QLoRA settings, trained on the hf engine).
+    Reads config.json files only. ``key`` names ``checkpoint`` in errors."""
     from moe_adapt.engines import resolve_engine_name
 
     config = read_config(checkpoint, key)
     params = count_params(config)
-    engine = resolve_engine_name(cfg.name, checkpoint)
+    adapters = None
+    if lora is not None and lora.enabled:
+        from moe_adapt.engines.lora import refuse_megatron
+
+        if cfg.name == "megatron":
+            refuse_megatron(lora)
+        engine = "hf"  # engine=auto: LoRA is the hf engine's
+        adapters = count_adapters(config, lora)
+    else:
+        engine = resolve_engine_name(cfg.name, checkpoint)
     layout = resolve_layout(cfg, engine, world_size)
-    memory = memory_per_rank(params, cfg.dtype, layout)
+    if adapters is not None and layout.parallel == "fsdp2":
+        invalid(
+            "engine.parallel", "fsdp2", "LoRA trains with engine.parallel=ddp or none (its base is frozen)"
+        )
+    memory = memory_per_rank(params, cfg.dtype, layout, adapters)
     b = _DTYPE_BYTES[cfg.dtype]
-    if cfg.l2_anchor_coef > 0:
-        memory.extra["l2 anchor"] = memory.weights
+    if cfg.l2_anchor_coef > 0:  # a copy of what trains (with LoRA: the fp32 adapters)
+        memory.extra["l2 anchor"] = adapters.trainable * 4 if adapters is not None else memory.weights
     frozen = {"kl reference": cfg.reference if cfg.kl_anchor_coef > 0 else None, "kd teacher": teacher}
     for what, path in frozen.items():
         if path and Path(path, "config.json").is_file():  # a hub name or a missing folder: not counted
@@ -403,7 +544,9 @@ def plan_training(
     dp = max(world_size // layout.tensor_parallel, 1) if engine == "megatron" else max(world_size, 1)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     logits = -(-batch_size // dp) * seq_len * vocab * 4
-    return TrainingPlan(name, params, cfg.dtype, layout, memory, steps, batch_size, seq_len, logits)
+    return TrainingPlan(
+        name, params, cfg.dtype, layout, memory, steps, batch_size, seq_len, logits, adapters=adapters
+    )
 
 
 def announce(
@@ -442,7 +585,7 @@ def _gib(n: int | None) -> str:
 
 
 def _count(n: int) -> str:
-    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+    for unit, scale in (("P", 10**15), ("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)

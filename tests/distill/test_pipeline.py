@@ -199,6 +199,9 @@ def test_lora_phases_write_plain_hf_models(lm_factory, prompt_files, tmp_path) -
     assert summary["model"] == "model"
     for phase in ("sft", "seq_kd"):
         assert (out / phase / "adapter" / "adapter_model.safetensors").is_file()
+        plan = summary[phase]["plan"]  # the plan printed before the phase counted its adapters
+        assert plan["lora"]["trainable"] == plan["params_trainable"] < plan["params_total"]
+        assert plan["bytes_per_rank"]["optimizer"] == 8 * plan["params_trainable"]  # fp32 moments
     sft = AutoModelForCausalLM.from_pretrained(out / "sft" / "model").state_dict()
     final = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     student = AutoModelForCausalLM.from_pretrained(lm_factory("qwen3_moe")).state_dict()

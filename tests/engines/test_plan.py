@@ -175,3 +175,112 @@ def test_check_memory_is_not_part_of_a_stage_fingerprint():
 
     on, off = (OmegaConf.create({"engine": {"lr": 0.1, "check_memory": v}}) for v in (True, False))
     assert _stage_settings(on, ("engine",)) == _stage_settings(off, ("engine",)) == {"engine": {"lr": 0.1}}
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture
+def moe_weights(tmp_path: Path) -> Path:
+    """The tiny MoE of moe_config() with random weights (LoRA and QLoRA load them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config()).save_pretrained(tmp_path / "moe_w")
+    return tmp_path / "moe_w"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_lora_plan_counts_the_frozen_base_and_the_fp32_adapters(moe_weights, dtype):
+    """The base's P parameters hold weights only; the A adapters weights, gradients and AdamW's two
+    moments, all in fp32 (peft's adapters), whatever engine.dtype. A counted by hand, then checked
+    against the peft model the engine trains."""
+    pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_adapt.engines.lora import LoRAConfig, wrap
+
+    lora = LoRAConfig(rank=2, target_modules=ATTENTION, experts=True)
+    # attention per layer: q 2x(8+8) + k 2x(8+4) + v 2x(8+4) + o 2x(8+8) = 112; experts per layer:
+    # gate_up 4x8x8 -> 2x4x(8+8) = 128, down 4x8x4 -> 2x4x(8+4) = 96; two layers
+    a, a_experts, p = 2 * 112 + 2 * (128 + 96), 2 * (128 + 96), 2072
+    b = {"float32": 4, "bfloat16": 2}[dtype]
+    cfg = HFConfig(dtype=dtype)
+    full = plan_training("sft", cfg, moe_weights, steps=2, batch_size=2, seq_len=8)
+    plan = plan_training("sft", cfg, moe_weights, steps=2, batch_size=2, seq_len=8, lora=lora)
+    m = plan.memory
+    assert (full.memory.weights, full.memory.gradients, full.memory.optimizer) == (p * b, p * b, 2 * p * b)
+    assert (m.weights, m.gradients, m.optimizer) == (p * b + 4 * a, 4 * a, 8 * a)
+    assert full.memory.total - m.total == (4 * p * b) - (p * b + 16 * a)  # what LoRA saves
+    assert plan.trainable == a and plan.as_dict()["params_trainable"] == a
+    assert plan.adapters is not None and plan.adapters.active == a - a_experts + a_experts * 2 // 4
+    assert plan.flops_per_token == 4 * 1688 + 6 * plan.adapters.active and full.flops_per_token == 6 * 1688
+    # the model the engine trains holds exactly that
+    model = wrap(AutoModelForCausalLM.from_pretrained(moe_weights, dtype=getattr(torch, dtype)), lora)
+    trained = [q for q in model.parameters() if q.requires_grad]
+    assert sum(q.numel() for q in trained) == a and all(q.dtype == torch.float32 for q in trained)
+    assert sum(q.numel() * q.element_size() for q in model.parameters()) == m.weights
+    anchored = plan_training(
+        "seq_kd", HFConfig(l2_anchor_coef=0.1), moe_weights, steps=1, batch_size=1, seq_len=1, lora=lora
+    )
+    assert anchored.memory.extra == {"l2 anchor": 4 * a}  # a copy of the adapters, not of the base
+    ddp = plan_training("sft", cfg, moe_weights, steps=1, batch_size=2, seq_len=1, world_size=2, lora=lora)
+    assert ddp.memory.gradients == 8 * a  # DDP's buckets hold the adapters' gradients only
+    assert "lora        r=2: 672 adapter parameters train in fp32" in plan.describe()
+
+
+def test_a_qlora_plan_holds_what_bitsandbytes_holds(moe_weights):
+    """QLoRA's base: the attention's nn.Linear weights (384 of the 2072 parameters) in NF4 (half a byte
+    each, a uint8 scale per 64 and an fp32 one per 256 blocks: 16 + 1 + 4 bytes for a 32-element
+    weight), the rest upcast to fp32; compared with the bytes the loaded 4-bit model holds."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from moe_adapt.engines.lora import LoRAConfig, load_quantized, wrap
+
+    lora = LoRAConfig(rank=2, target_modules=ATTENTION, experts=True, quantize="4bit")
+    plan = plan_training(
+        "sft", HFConfig(dtype="bfloat16"), moe_weights, steps=1, batch_size=1, seq_len=8, lora=lora
+    )
+    a = 672
+    # per layer: q, o 64 elements -> 32 + 1 + 4 bytes; k, v 32 elements -> 16 + 1 + 4 bytes
+    nf4 = 2 * (2 * 37 + 2 * 21)
+    assert plan.adapters is not None and (plan.adapters.quantized, plan.adapters.quantized_bytes) == (
+        384,
+        nf4,
+    )
+    assert plan.memory.weights == nf4 + (2072 - 384) * 4 + 4 * a
+    assert (plan.memory.gradients, plan.memory.optimizer) == (4 * a, 8 * a)
+    model = wrap(load_quantized(moe_weights, torch.bfloat16, torch.device("cpu")), lora)
+    held = 0
+    for q in model.parameters():
+        held += q.numel() * q.element_size()
+        state = getattr(q, "quant_state", None)
+        if state is not None:  # the scales: uint8 per block, fp32 per 256 blocks
+            held += state.absmax.numel() * state.absmax.element_size()
+            held += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    assert held == plan.memory.weights
+
+
+def test_lora_plan_refuses_fsdp2_and_megatron(moe_weights):
+    from moe_adapt.engines.lora import LoRAConfig
+
+    lora = LoRAConfig(rank=2, target_modules=ATTENTION)
+    with pytest.raises(MoEAdaptConfigError, match=r"engine.parallel='fsdp2' is invalid: LoRA trains"):
+        plan_training(
+            "sft",
+            HFConfig(parallel="fsdp2"),
+            moe_weights,
+            steps=1,
+            batch_size=2,
+            seq_len=1,
+            world_size=2,
+            lora=lora,
+        )
+    with pytest.raises(MoEAdaptConfigError, match=r"lora.rank=2 is invalid with engine=megatron"):
+        plan_training("sft", MegatronConfig(), moe_weights, steps=1, batch_size=1, seq_len=1, lora=lora)
+    off = plan_training("sft", HFConfig(), moe_weights, steps=1, batch_size=1, seq_len=1, lora=LoRAConfig())
+    assert off.adapters is None and off.trainable == 2072  # rank 0: every weight trains
