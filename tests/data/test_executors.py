@@ -170,10 +170,9 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
     bench = {b.name: b.path for b in d.decontam.benchmarks}
     stages = pipeline._executors(d, root, list(d.sources), bench, str(tiny_tokenizer), "<|endoftext|>")
     stages[-1][1].run()
+    assert len(submitted) == 9  # one per executor stage: no datatrove stats-merging jobs
     jobs = {}
     for contents, args in submitted:
-        if "launch_pickled_pipeline" not in contents:
-            continue  # datatrove's job that merges a stage's stats
         name = next(x.split("=", 1)[1] for x in contents.splitlines() if x.startswith("#SBATCH --job-name="))
         jobs[name] = (contents, args)
     expected = {
@@ -209,11 +208,27 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
         previous = job_id
         assert (root / "logs" / stage / "launch_script.slurm").read_text() == contents
     # SLURM lost every job while tasks were unfinished: the wait fails naming the first one's log
+    cancelled: list[list[str]] = []
+    monkeypatch.setattr(pipeline, "_cancel", cancelled.append)
     monkeypatch.setattr(pipeline, "_queued", lambda ids: set())
     with pytest.raises(
         MoEAdaptError, match=r"SLURM ran executor stage 1_filter but task 0 did not finish.*task_00000"
     ):
         pipeline.wait_for_slurm(d, stages, root)
+    # the first stage's job left the queue unfinished while the later ones wait on it: they are
+    # cancelled (SLURM would keep them pending forever, DependencyNeverSatisfied) and the stage fails
+    monkeypatch.setattr(pipeline, "_queued", lambda ids: {i for i in ids if i != "1001"})
+    with pytest.raises(MoEAdaptError, match=r"1_filter but task 0 .*cancelled the later stages' jobs 10"):
+        pipeline.wait_for_slurm(d, stages, root)
+    assert cancelled[-1] == [str(1002 + i) for i in range(8)]
+    # squeue not answering is waited out, then all jobs gone with every task complete: done
+    answers = iter([None, {"1009"}, set()])
+    monkeypatch.setattr(pipeline, "_queued", lambda ids: next(answers))
+    monkeypatch.setattr(pipeline.time, "sleep", lambda s: None)
+    for _, ex in stages:
+        monkeypatch.setattr(ex, "get_incomplete_ranks", lambda: [])
+    pipeline.wait_for_slurm(d, stages, root)
+    assert next(answers, "all asked") == "all asked"
 
 
 @pytest.mark.slow
