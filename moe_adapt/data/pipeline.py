@@ -185,6 +185,15 @@ def _run_executors(dcfg: DataConfig, stages: list[tuple[str, Any]], root: Path) 
         with _quiet_datatrove():
             last.run()
     except Exception as e:  # a task failed: datatrove re-raises its exception
+        if dcfg.executor == "slurm":  # no task ran here: submitting a job failed
+            submitted = [str(ex.job_id) for _, ex in stages if ex.job_id not in (None, -1)]
+            name = next((n for n, ex in stages if ex.job_id is None), stages[-1][0])
+            _cancel(submitted)
+            done = f"cancelled those submitted: {','.join(submitted)}" if submitted else "none submitted"
+            raise MoEAdaptError(
+                f"data: submitting executor stage {name} to SLURM failed ({type(e).__name__}: {e}; sbatch "
+                f"prints why above); {done}"
+            ) from e
         for stage_name, ex in stages:
             logs = root / "logs" / stage_name
             incomplete = ex.get_incomplete_ranks()

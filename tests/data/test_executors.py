@@ -240,3 +240,35 @@ def test_a_ray_local_cluster_gives_the_same_bytes(corpus, tiny_tokenizer, tmp_pa
     finally:
         ray.shutdown()
     assert output_bytes(tmp_path / "data") == one_task
+
+
+def test_sbatch_refusing_a_stage_fails_naming_it_and_cancels_the_jobs_before(
+    corpus, tiny_tokenizer, tmp_path, monkeypatch
+):
+    import datatrove.executor.slurm as slurm
+
+    from moe_adapt.data import pipeline
+    from moe_adapt.data.config import SlurmConfig
+
+    submitted: list[str] = []
+
+    def sbatch(contents, retriever, *args):
+        if len(submitted) == 2:  # the third stage: sbatch exits 1 (e.g. over the partition's limits)
+            raise subprocess.CalledProcessError(1, ["sbatch"])
+        submitted.append(str(1001 + len(submitted)))
+        return submitted[-1]
+
+    cancelled: list[list[str]] = []
+    monkeypatch.setattr(slurm, "launch_slurm_job", sbatch)
+    monkeypatch.setattr(pipeline, "_cancel", cancelled.append)
+    cfg = make_cfg(
+        corpus, tiny_tokenizer, tmp_path, tasks=2, executor="slurm", slurm=SlurmConfig(partition="cpu")
+    )
+    d = cfg.data
+    bench = {b.name: b.path for b in d.decontam.benchmarks}
+    stages = pipeline._executors(d, tmp_path / "dt", list(d.sources), bench, str(tiny_tokenizer), None)
+    with pytest.raises(
+        MoEAdaptError, match=r"submitting executor stage 3_duplicates to SLURM failed .*1001,1002"
+    ):
+        pipeline._run_executors(d, stages, tmp_path / "dt")
+    assert cancelled == [["1001", "1002"]]
