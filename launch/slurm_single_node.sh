@@ -7,7 +7,7 @@
 #   sinfo && srun hostname
 #   python -m moe_adapt 'stages=[data]' data=demo data.executor=slurm data.slurm.partition=debug \
 #       "data.slurm.env_command='source $PWD/.venv/bin/activate'" data.slurm.poll_seconds=5
-#   launch/slurm_single_node.sh stop       # stop slurmd, slurmctld and munged (packages stay)
+#   launch/slurm_single_node.sh stop       # stop slurmd, slurmctld and the munged it started (packages stay)
 #   launch/slurm_single_node.sh status     # which daemons run; sinfo
 #
 # What it sets up: munge (Debian's key from the package), slurmctld and slurmd run directly as
@@ -129,6 +129,8 @@ start() {
         runuser -u munge -- munged
         for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
         munge_ok || { say "munged did not start" >&2; exit 1; }
+        mkdir -p "$dir"
+        touch "$dir/munged.ours"  # stop stops only a munged this script started
         say "started munged"
     fi
     if write_conf; then  # a changed config: restart what runs on the old one
@@ -160,7 +162,10 @@ start() {
 stop() {
     stop_pid "$dir/slurmd.pid" slurmd
     stop_pid "$dir/slurmctld.pid" slurmctld
-    stop_pid /run/munge/munged.pid munged
+    if [[ -f "$dir/munged.ours" ]]; then
+        stop_pid /run/munge/munged.pid munged
+        rm -f "$dir/munged.ours"
+    fi
 }
 
 status() {
