@@ -182,16 +182,19 @@ class SlurmConfig:
     """Quality of service of the jobs."""
 
     env_command: str | None = None
-    """Shell command run before each task (e.g. ``source /path/venv/bin/activate``); null: none."""
+    """Shell command run before each task (e.g. ``source /path/venv/bin/activate``); null: none. Write a
+    shell ``${VAR}`` as ``\\${VAR}``: OmegaConf reads ``${...}`` as an interpolation."""
 
     logs_folder: str | None = None
-    """Folder of SLURM's own stdout/stderr files (null: ``<run_dir>/.work/data/slurm_logs``)."""
+    """Folder of SLURM's own stdout/stderr files (null: ``<run_dir>/.work/data/dt/slurm_logs``, removed
+    with the scratch folder when the stage finishes)."""
 
     job_name: str = "moe_adapt_data"
     """Prefix of the jobs' names (the executor stage's name is appended)."""
 
     poll_seconds: int = 60
-    """How often the stage checks the last job's completion markers while it waits, >= 1."""
+    """How often the stage asks ``squeue`` about its jobs (and reads their completion markers) while it
+    waits, >= 1."""
 
 
 @dataclass

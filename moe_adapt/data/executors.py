@@ -10,8 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from datatrove.executor.slurm import SlurmPipelineExecutor
+
 from moe_adapt.data.config import DataConfig
 from moe_adapt.errors import MoEAdaptConfigError
+
+
+class SlurmExecutor(SlurmPipelineExecutor):  # type: ignore[misc]
+    """datatrove's ``SlurmPipelineExecutor`` submitting one array job per executor stage and nothing else.
+
+    datatrove also queues, after each stage, a job merging that stage's stats into
+    ``logs/<stage>/stats.json``. The data stage sums its own per-task counts (``stats/<step>/<rank>.json``),
+    so those jobs only doubled the jobs; worse, the one after the last stage was still queued when the
+    stage had finished and removed its scratch folder, and failed (seen on a real SLURM:
+    ``JobState=FAILED``, its output folder gone).
+    """
+
+    def launch_merge_stats(self) -> None:
+        return None
 
 
 def make_executor(
@@ -39,10 +55,8 @@ def make_executor(
             start_method="fork",
         )
     if dcfg.executor == "slurm":
-        from datatrove.executor.slurm import SlurmPipelineExecutor
-
         s = dcfg.slurm
-        return SlurmPipelineExecutor(
+        return SlurmExecutor(
             pipeline,
             tasks=tasks,
             time=s.time,

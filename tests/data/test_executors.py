@@ -170,10 +170,9 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
     bench = {b.name: b.path for b in d.decontam.benchmarks}
     stages = pipeline._executors(d, root, list(d.sources), bench, str(tiny_tokenizer), "<|endoftext|>")
     stages[-1][1].run()
+    assert len(submitted) == 9  # one per executor stage: no datatrove stats-merging jobs
     jobs = {}
     for contents, args in submitted:
-        if "launch_pickled_pipeline" not in contents:
-            continue  # datatrove's job that merges a stage's stats
         name = next(x.split("=", 1)[1] for x in contents.splitlines() if x.startswith("#SBATCH --job-name="))
         jobs[name] = (contents, args)
     expected = {
@@ -209,11 +208,27 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
         previous = job_id
         assert (root / "logs" / stage / "launch_script.slurm").read_text() == contents
     # SLURM lost every job while tasks were unfinished: the wait fails naming the first one's log
+    cancelled: list[list[str]] = []
+    monkeypatch.setattr(pipeline, "_cancel", cancelled.append)
     monkeypatch.setattr(pipeline, "_queued", lambda ids: set())
     with pytest.raises(
         MoEAdaptError, match=r"SLURM ran executor stage 1_filter but task 0 did not finish.*task_00000"
     ):
         pipeline.wait_for_slurm(d, stages, root)
+    # the first stage's job left the queue unfinished while the later ones wait on it: they are
+    # cancelled (SLURM would keep them pending forever, DependencyNeverSatisfied) and the stage fails
+    monkeypatch.setattr(pipeline, "_queued", lambda ids: {i for i in ids if i != "1001"})
+    with pytest.raises(MoEAdaptError, match=r"1_filter but task 0 .*cancelled the later stages' jobs 10"):
+        pipeline.wait_for_slurm(d, stages, root)
+    assert cancelled[-1] == [str(1002 + i) for i in range(8)]
+    # squeue not answering is waited out, then all jobs gone with every task complete: done
+    answers = iter([None, {"1009"}, set()])
+    monkeypatch.setattr(pipeline, "_queued", lambda ids: next(answers))
+    monkeypatch.setattr(pipeline.time, "sleep", lambda s: None)
+    for _, ex in stages:
+        monkeypatch.setattr(ex, "get_incomplete_ranks", lambda: [])
+    pipeline.wait_for_slurm(d, stages, root)
+    assert next(answers, "all asked") == "all asked"
 
 
 @pytest.mark.slow
@@ -225,3 +240,35 @@ def test_a_ray_local_cluster_gives_the_same_bytes(corpus, tiny_tokenizer, tmp_pa
     finally:
         ray.shutdown()
     assert output_bytes(tmp_path / "data") == one_task
+
+
+def test_sbatch_refusing_a_stage_fails_naming_it_and_cancels_the_jobs_before(
+    corpus, tiny_tokenizer, tmp_path, monkeypatch
+):
+    import datatrove.executor.slurm as slurm
+
+    from moe_adapt.data import pipeline
+    from moe_adapt.data.config import SlurmConfig
+
+    submitted: list[str] = []
+
+    def sbatch(contents, retriever, *args):
+        if len(submitted) == 2:  # the third stage: sbatch exits 1 (e.g. over the partition's limits)
+            raise subprocess.CalledProcessError(1, ["sbatch"])
+        submitted.append(str(1001 + len(submitted)))
+        return submitted[-1]
+
+    cancelled: list[list[str]] = []
+    monkeypatch.setattr(slurm, "launch_slurm_job", sbatch)
+    monkeypatch.setattr(pipeline, "_cancel", cancelled.append)
+    cfg = make_cfg(
+        corpus, tiny_tokenizer, tmp_path, tasks=2, executor="slurm", slurm=SlurmConfig(partition="cpu")
+    )
+    d = cfg.data
+    bench = {b.name: b.path for b in d.decontam.benchmarks}
+    stages = pipeline._executors(d, tmp_path / "dt", list(d.sources), bench, str(tiny_tokenizer), None)
+    with pytest.raises(
+        MoEAdaptError, match=r"submitting executor stage 3_duplicates to SLURM failed .*1001,1002"
+    ):
+        pipeline._run_executors(d, stages, tmp_path / "dt")
+    assert cancelled == [["1001", "1002"]]
