@@ -24,6 +24,7 @@ What each expert saw, and which needed all tokens, is returned for the report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,8 +76,9 @@ class LayerTargets:
 
     linears: dict[str, torch.nn.Linear] = field(default_factory=dict)
     """Name (inside the layer) -> Linear."""
-    experts: dict[str, torch.nn.Module] = field(default_factory=dict)
-    """Name (inside the layer) -> fused experts module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)."""
+    experts: dict[str, Any] = field(default_factory=dict)
+    """Name (inside the layer) -> fused experts module (``gate_up_proj [E, 2I, H]``,
+    ``down_proj [E, H, I]``)."""
 
 
 def layer_targets(layer: torch.nn.Module) -> LayerTargets:
@@ -87,11 +89,12 @@ def layer_targets(layer: torch.nn.Module) -> LayerTargets:
             if mod.out_features == 1 or name.endswith(".gate") or name == "gate":
                 continue
             t.linears[name] = mod
-        elif isinstance(getattr(mod, "gate_up_proj", None), torch.nn.Parameter) and isinstance(
-            getattr(mod, "down_proj", None), torch.nn.Parameter
+        elif (
+            isinstance(getattr(mod, "gate_up_proj", None), torch.nn.Parameter)
+            and isinstance(getattr(mod, "down_proj", None), torch.nn.Parameter)
+            and mod.gate_up_proj.dim() == 3
         ):
-            if mod.gate_up_proj.dim() == 3:
-                t.experts[name] = mod
+            t.experts[name] = mod
     return t
 
 
@@ -132,7 +135,7 @@ def calibration_batches(
     rows: list[np.ndarray] = []
     tokens: dict[str, int] = {}
     for g in langs:
-        want = int(round(samples * weights[g] / total))
+        want = round(samples * weights[g] / total)
         stream = np.concatenate(held.docs[g]).astype(np.int64)
         have = stream.size // seq_len
         if have == 0:
@@ -155,12 +158,18 @@ class _Stop(Exception):
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise MoEAdaptError(f"export: {type(model).__name__} has no model.layers; gptq/sparsegpt/wanda need one")
+        raise MoEAdaptError(
+            f"export: {type(model).__name__} has no model.layers; gptq/sparsegpt/wanda need one"
+        )
     return layers
 
 
 def _expert_hook(
-    stats: dict[tuple[str, int], InputStats], name: str, mod: torch.nn.Module, counts: torch.Tensor, all_tokens: bool
+    stats: dict[Any, InputStats],
+    name: str,
+    mod: Any,
+    counts: torch.Tensor,
+    all_tokens: bool,
 ) -> Callable[..., None]:
     """Forward pre-hook of a fused experts module: add each expert's inputs to its statistics.
 
@@ -254,10 +263,8 @@ def calibrate_layers(
     try:
         with torch.no_grad():
             for i in range(0, ids.shape[0], batch_size):
-                try:
+                with contextlib.suppress(_Stop):
                     model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
     finally:
         h.remove()
     prefix = {id(m): n for n, m in model.named_modules()}
@@ -276,7 +283,9 @@ def calibrate_layers(
             report["expert_tokens"][str(li)] = {n: c.tolist() for n, c in counts.items()}
         with torch.no_grad():
             for n, lin in targets.linears.items():
-                lin.weight.copy_(compress(f"{lname}.{n}", lin.weight.data.float(), stats[n]).to(lin.weight.dtype))
+                lin.weight.copy_(
+                    compress(f"{lname}.{n}", lin.weight.data.float(), stats[n]).to(lin.weight.dtype)
+                )
             for n, mod in targets.experts.items():
                 for p in ("gate_up_proj", "down_proj"):
                     w = getattr(mod, p)

@@ -38,7 +38,9 @@ IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*shar
 """Linear modules left in float (what vLLM's MoE loaders expect unquantized)."""
 
 _EXTRA_FILES = ("router_bias.json",)
-_EXPERT = re.compile(r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
 
 
 def check_compressed_tensors() -> str:
@@ -57,12 +59,16 @@ def _scheme(scheme: Scheme, group_size: int) -> Any:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     if scheme.grouped:
-        w = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+        w = QuantizationArgs(
+            num_bits=scheme.bits, type="int", symmetric=True, strategy="group", group_size=group_size
+        )
     else:
         w = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=True, strategy="channel")
     act = None
     if scheme.act_bits:
-        act = QuantizationArgs(num_bits=scheme.act_bits, type="int", symmetric=True, strategy="token", dynamic=True)
+        act = QuantizationArgs(
+            num_bits=scheme.act_bits, type="int", symmetric=True, strategy="token", dynamic=True
+        )
     return QuantizationScheme(targets=["Linear"], weights=w, input_activations=act)
 
 
@@ -91,7 +97,7 @@ def _dtype(src: Path) -> torch.dtype:
 
 
 def write_compressed(
-    model: torch.nn.Module,
+    model: Any,
     src: str | Path,
     dst: str | Path,
     *,
@@ -159,7 +165,10 @@ def write_compressed(
             from compressed_tensors.quantization import QuantizationConfig
 
             qc = QuantizationConfig(
-                config_groups={"group_0": ct_scheme}, format=fmt, quantization_status="compressed", ignore=IGNORE
+                config_groups={"group_0": ct_scheme},
+                format=fmt,
+                quantization_status="compressed",
+                ignore=IGNORE,
             ).model_dump(exclude={"quant_method"})
             qcfg |= qc | {"sparsity_config": {}}
         if sparsity is not None:
@@ -176,7 +185,11 @@ def write_compressed(
         cfg["quantization_config"] = qcfg
         cfg["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    return {"format": fmt, "compressed_tensors": compressed_tensors.__version__, "quantized_matrices": n_quant}
+    return {
+        "format": fmt,
+        "compressed_tensors": compressed_tensors.__version__,
+        "quantized_matrices": n_quant,
+    }
 
 
 def dequantized_checkpoint(folder: str | Path, dest: str | Path) -> Path:
@@ -205,10 +218,16 @@ def dequantized_checkpoint(folder: str | Path, dest: str | Path) -> Path:
         for key, t in sd.items():
             if key.endswith(".weight_scale") and scheme is not None:
                 base = key[: -len("weight_scale")]
-                parts = {k[len(base) :]: v for k, v in sd.items() if k.startswith(base) and "." not in k[len(base) :]}
+                parts = {
+                    k[len(base) :]: v
+                    for k, v in sd.items()
+                    if k.startswith(base) and "." not in k[len(base) :]
+                }
                 out[base + "weight"] = comp.decompress(parts, scheme)["weight"].float().contiguous()
             elif not key.endswith((".weight_packed", ".weight_shape")) and not (
-                scheme is not None and key.endswith(".weight") and key[: -len("weight")] + "weight_scale" in sd
+                scheme is not None
+                and key.endswith(".weight")
+                and key[: -len("weight")] + "weight_scale" in sd
             ):
                 out[key] = t
         save_file(out, str(dest / file.name), metadata={"format": "pt"})

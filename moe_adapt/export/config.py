@@ -14,17 +14,17 @@ from moe_adapt.errors import invalid
 __all__ = [
     "GGUF_TYPES",
     "GPTQ_SCHEMES",
-    "SPARSE_PATTERNS",
-    "CalibrationConfig",
-    "GPTQConfig",
-    "SparseConfig",
     "METHODS",
     "ONNX_TYPES",
     "PLANNED",
+    "SPARSE_PATTERNS",
+    "CalibrationConfig",
     "ExpertPruneConfig",
     "ExportConfig",
     "GGUFConfig",
+    "GPTQConfig",
     "ONNXConfig",
+    "SparseConfig",
     "WebConfig",
 ]
 
@@ -142,7 +142,11 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         bad = [s for s in self.schemes if s not in GPTQ_SCHEMES]
         if bad or not self.schemes or len(set(self.schemes)) != len(self.schemes):
-            _fail("export.gptq.schemes", list(self.schemes), f"one or more of {', '.join(GPTQ_SCHEMES)}, once each")
+            _fail(
+                "export.gptq.schemes",
+                list(self.schemes),
+                f"one or more of {', '.join(GPTQ_SCHEMES)}, once each",
+            )
         if self.group_size < 1:
             _fail("export.gptq.group_size", self.group_size, "must be >= 1")
         if not 0 < self.damp < 1:
@@ -168,7 +172,11 @@ class SparseConfig:
     def __post_init__(self) -> None:
         bad = [p for p in self.patterns if p not in SPARSE_PATTERNS]
         if bad or not self.patterns or len(set(self.patterns)) != len(self.patterns):
-            _fail("export.<sparsegpt|wanda>.patterns", list(self.patterns), f"one or more of {', '.join(SPARSE_PATTERNS)}")
+            _fail(
+                "export.<sparsegpt|wanda>.patterns",
+                list(self.patterns),
+                f"one or more of {', '.join(SPARSE_PATTERNS)}",
+            )
         if not 0 < self.damp < 1:
             _fail("export.sparsegpt.damp", self.damp, "must be in (0, 1)")
         if self.block < 4:

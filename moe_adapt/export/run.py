@@ -318,14 +318,18 @@ def _run_calibrated(
         for v in _variants(ecfg, m):
             sub = v.replace(":", "of")
             folder = out / m / sub / "model"
-            log.info("export: %s %s, calibrating on %d windows of %d tokens", m, v, ids.shape[0], ids.shape[1])
+            log.info(
+                "export: %s %s, calibrating on %d windows of %d tokens", m, v, ids.shape[0], ids.shape[1]
+            )
             info = _calibrated(m, v, ecfg, source, folder, ids, device_of(ecfg.device))
             extra.setdefault(m, {})[v] = info
             row = {"name": f"{m}-{sub}", "path": f"{m}/{sub}/model", "bytes": disk_bytes(folder)}
             if (v == "W8A8" or m != "gptq") and _is_moe(source):
                 # transformers 5.23 fuses MoE experts of pack-quantized checkpoints only (int-quantized
                 # and sparse-only ones fail in its conversion): measure the decompressed weights
-                info["measured"] = "weights decompressed by compressed-tensors (W8A8: activations not quantized)"
+                info["measured"] = (
+                    "weights decompressed by compressed-tensors (W8A8: activations not quantized)"
+                )
                 with tempfile.TemporaryDirectory(prefix="ct-measure-") as tmp:
                     row |= quality(dequantized_checkpoint(folder, Path(tmp) / "model"))
             else:
@@ -336,7 +340,13 @@ def _run_calibrated(
 
 
 def _calibrated(
-    method: str, variant: str, ecfg: ExportConfig, source: Path, dst: Path, ids: torch.Tensor, device: torch.device
+    method: str,
+    variant: str,
+    ecfg: ExportConfig,
+    source: Path,
+    dst: Path,
+    ids: torch.Tensor,
+    device: torch.device,
 ) -> dict[str, Any]:
     """One artefact of gptq (``variant`` = scheme), sparsegpt or wanda (``variant`` = pattern): the
     source loaded in float32, compressed layer by layer on ``ids``, written as compressed-tensors."""
@@ -357,7 +367,12 @@ def _calibrated(
             scheme = scheme_of(variant)
             gs = min(gcfg.group_size, w.shape[1])
             q, s = gptq_quantize(
-                w, st.hessian().to(w.device), scheme, group_size=gs, act_order=gcfg.act_order, damp=gcfg.damp,
+                w,
+                st.hessian().to(w.device),
+                scheme,
+                group_size=gs,
+                act_order=gcfg.act_order,
+                damp=gcfg.damp,
                 block=gcfg.block,
             )
             scales[name] = s.cpu()
@@ -390,7 +405,13 @@ def _calibrated(
         del model
         gc.collect()
     for lid, mods in cal["topped_up"].items():
-        log.warning("export: %s %s layer %s: experts %s calibrated on all tokens (too few routed)", method, variant, lid, mods)
+        log.warning(
+            "export: %s %s layer %s: experts %s calibrated on all tokens (too few routed)",
+            method,
+            variant,
+            lid,
+            mods,
+        )
     return info | {"calibration": cal}
 
 
@@ -410,10 +431,16 @@ def _check_calibrated(ecfg: ExportConfig, ckpt: HFCheckpoint) -> None:
         if m in ecfg.methods and "2:4" in pats:
             bad = sorted(w for w in widths if w % 4)
             if bad:
-                raise config_error(f"export.{m}.patterns", list(pats), f"2:4 needs input widths divisible by 4; this model has {bad}")
+                raise config_error(
+                    f"export.{m}.patterns",
+                    list(pats),
+                    f"2:4 needs input widths divisible by 4; this model has {bad}",
+                )
     if "gptq" in ecfg.methods and any(s != "W8A8" for s in ecfg.gptq.schemes):
         bad = sorted(w for w in widths if w % min(ecfg.gptq.group_size, w))
         if bad:
             raise config_error(
-                "export.gptq.group_size", ecfg.gptq.group_size, f"must divide every input width (this model has {bad})"
+                "export.gptq.group_size",
+                ecfg.gptq.group_size,
+                f"must divide every input width (this model has {bad})",
             )

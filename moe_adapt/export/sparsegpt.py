@@ -53,7 +53,7 @@ def sparsegpt_prune(
 ) -> torch.Tensor:
     """SparseGPT of ``weight [out, in]`` with ``hessian [in, in]``: the pruned, reconstructed weight."""
     W = weight.detach().clone().float()
-    rows, cols = W.shape
+    cols = W.shape[1]
     H = hessian.detach().clone().float().to(W.device)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0

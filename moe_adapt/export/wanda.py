@@ -15,7 +15,9 @@ from moe_adapt.export.sparsegpt import _mask_block
 __all__ = ["wanda_prune"]
 
 
-def wanda_prune(weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str, *, sparsity: float = 0.5) -> torch.Tensor:
+def wanda_prune(
+    weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str, *, sparsity: float = 0.5
+) -> torch.Tensor:
     """Wanda of ``weight [out, in]`` with the per-input squared norms ``sq_norms [in]``."""
     W = weight.detach().float()
     score = W.abs() * torch.sqrt(sq_norms.float().clamp_min(0)).to(W.device).unsqueeze(0)

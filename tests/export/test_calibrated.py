@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
-from moe_adapt.export.compressed import dequantized_checkpoint
 from moe_adapt.export.calibrate import InputStats, calibrate_layers, calibration_batches
+from moe_adapt.export.compressed import dequantized_checkpoint
 from moe_adapt.export.config import CalibrationConfig, ExportConfig, GPTQConfig, SparseConfig
 from moe_adapt.export.gptq import SCHEMES, gptq_quantize, quant_dequant
 from moe_adapt.export.run import _calibrated, export
@@ -35,7 +35,9 @@ def _cfg(heldout: Path, **kw: Any) -> ExportConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path], heldout_dir: Path) -> Path:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path], heldout_dir: Path
+) -> Path:
     """The tiny Mixtral trained for 40 steps on the held-out text, so quantization error shows."""
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +75,9 @@ def test_gptq_beats_round_to_nearest_on_its_objective() -> None:
         for act_order in (False, True):
             q, scales = gptq_quantize(w, h, s, group_size=32, act_order=act_order, block=16)
             gs = 32 if s.grouped else 64
-            rtn = quant_dequant(w.reshape(48, -1, gs), (w.reshape(48, -1, gs).abs().amax(-1, keepdim=True) / s.qmax), s.qmax)
+            rtn = quant_dequant(
+                w.reshape(48, -1, gs), (w.reshape(48, -1, gs).abs().amax(-1, keepdim=True) / s.qmax), s.qmax
+            )
             err_q = ((x @ (q - w).T) ** 2).sum()
             err_r = ((x @ (rtn.reshape(48, 64) - w).T) ** 2).sum()
             assert err_q < 0.8 * err_r, (name, act_order)
@@ -95,6 +99,7 @@ def test_pruning_patterns_are_exact() -> None:
         assert ((u == 0).sum(1) == 32).all()
         t = prune("2:4").reshape(16, 16, 4)
         assert ((t == 0).sum(-1) == 2).all()
+
     # on the layer's output: SparseGPT (mask + reconstruction) < Wanda (mask) < magnitude pruning
     def err(q: torch.Tensor) -> float:
         return float(((x @ (q - w).T) ** 2).sum())
@@ -104,7 +109,9 @@ def test_pruning_patterns_are_exact() -> None:
     assert err(sg) < 0.5 * err(wa) and err(wa) < err(mag)
 
 
-def test_every_expert_gets_tokens_and_rare_ones_all_tokens(checkpoints: dict[str, Path], heldout_dir: Path) -> None:
+def test_every_expert_gets_tokens_and_rare_ones_all_tokens(
+    checkpoints: dict[str, Path], heldout_dir: Path
+) -> None:
     from moe_adapt.checkpoint.hf import load_causal_lm
 
     model = load_causal_lm(checkpoints["mixtral"])
@@ -143,12 +150,21 @@ def test_artefacts_load_in_transformers_with_our_logits(
         captured["m"] = real(*a, **k)
         return captured["m"]
 
-    cfg = _cfg(heldout_dir, methods=["gptq", "sparsegpt", "wanda"], gptq=GPTQConfig(schemes=["W4A16", "W8A8"], group_size=32))
+    cfg = _cfg(
+        heldout_dir,
+        methods=["gptq", "sparsegpt", "wanda"],
+        gptq=GPTQConfig(schemes=["W4A16", "W8A8"], group_size=32),
+    )
     ids, _ = calibration_batches(heldout_dir, {}, samples=4, seq_len=32, seed=0)
     x = ids[:2]
     run.load_causal_lm = spy  # type: ignore[assignment]
     try:
-        for method, variant in (("gptq", "W4A16"), ("gptq", "W8A8"), ("sparsegpt", "2:4"), ("wanda", "unstructured")):
+        for method, variant in (
+            ("gptq", "W4A16"),
+            ("gptq", "W8A8"),
+            ("sparsegpt", "2:4"),
+            ("wanda", "unstructured"),
+        ):
             dst = tmp_path / method / variant.replace(":", "of") / "model"
             info = _calibrated(method, variant, cfg, checkpoints[kind], dst, ids, torch.device("cpu"))
             ours = captured["m"]
@@ -220,8 +236,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tokenizer: Any
 
     src = tmp_path / "odd"
     conf = AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=126, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=126,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     AutoModelForCausalLM.from_config(conf).save_pretrained(src)
     out = tmp_path / "export"
