@@ -52,10 +52,10 @@ class InputStats:
     rows: int = 0
     """Input rows (tokens) accumulated."""
     xtx: torch.Tensor | None = None
-    """The sum of ``x x^T`` over rows (float64 on the rows' device), or of ``x^2`` when not full."""
+    """The sum of ``x x^T`` over rows (float32 on the rows' device), or of ``x^2`` when not full."""
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.width).to(torch.float64)
+        x = x.reshape(-1, self.width).float()
         if x.shape[0] == 0:
             return
         part = x.T @ x if self.full else (x * x).sum(0)

@@ -128,7 +128,8 @@ class GPTQConfig:
     W8A8 (per-row int8 weights + per-token dynamic int8 activations at run time)."""
 
     group_size: int = 128
-    """Input columns per scale in W4A16/W8A16 (capped at a matrix's width; the width must divide)."""
+    """Input columns per scale in W4A16/W8A16: must divide every quantized matrix's input width
+    (compressed-tensors and vLLM hold one group size per model)."""
 
     act_order: bool = False
     """Quantize columns in decreasing Hessian diagonal (scales fixed beforehand: plain group layout)."""

@@ -365,12 +365,11 @@ def _calibrated(
     def compress(name: str, w: torch.Tensor, st: InputStats) -> torch.Tensor:
         if method == "gptq":
             scheme = scheme_of(variant)
-            gs = min(gcfg.group_size, w.shape[1])
             q, s = gptq_quantize(
                 w,
                 st.hessian().to(w.device),
                 scheme,
-                group_size=gs,
+                group_size=gcfg.group_size,
                 act_order=gcfg.act_order,
                 damp=gcfg.damp,
                 block=gcfg.block,
@@ -437,7 +436,7 @@ def _check_calibrated(ecfg: ExportConfig, ckpt: HFCheckpoint) -> None:
                     f"2:4 needs input widths divisible by 4; this model has {bad}",
                 )
     if "gptq" in ecfg.methods and any(s != "W8A8" for s in ecfg.gptq.schemes):
-        bad = sorted(w for w in widths if w % min(ecfg.gptq.group_size, w))
+        bad = sorted(w for w in widths if w % ecfg.gptq.group_size)
         if bad:
             raise config_error(
                 "export.gptq.group_size",

@@ -223,6 +223,8 @@ def test_gptq_w8a16_keeps_99pct_of_a_trained_model(tmp_path: Path, trained: Path
         ll0 = src[lang]["mean_loss"]
         assert rows["gptq-W8A16"]["heldout"][lang]["mean_loss"] <= ll0 / 0.99  # >= 99% of the log-likelihood
         assert rows["gptq-W8A16"]["retention_pct"][lang] >= 99.0
+    # the measure is sensitive here: 50% pruning costs this model measurably (92-99% when written)
+    assert min(rows["sparsegpt-unstructured"]["retention_pct"].values()) < 99.5
     assert rows["gptq-W4A16"]["compression"] > rows["gptq-W8A16"]["compression"] > 1.0
     cal = doc["gptq"]["W8A16"]["calibration"]
     assert set(cal["expert_tokens"]) == {"0", "1"}
