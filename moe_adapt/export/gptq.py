@@ -22,9 +22,12 @@ Without it, a group's scale is taken from the error-updated weights when the pas
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-__all__ = ["SCHEMES", "Scheme", "gptq_quantize", "quant_dequant", "scheme_of"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SCHEMES", "Scheme", "gptq_quantize", "quant_dequant", "quantize_activations", "scheme_of"]
 
 
 class Scheme:
@@ -114,3 +117,47 @@ def gptq_quantize(
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     return Q[:, inv].to(weight.dtype), scales
+
+
+def _per_token(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """``x`` rounded to ``bits``-bit symmetric integers with one scale per token (last dim); None =
+    unchanged."""
+    if bits is None:
+        return x
+    qmax = 2 ** (bits - 1) - 1
+    s = x.abs().amax(dim=-1, keepdim=True) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+
+
+def quantize_activations(model: torch.nn.Module, bits: int | None = 8) -> list[Any]:
+    """Round the inputs of every matrix that W8A8 quantizes to ``bits``-bit integers per token, as
+    the W8A8 kernels do at run time: a pre-hook on each decoder Linear (routers and one-output
+    gates left out, as :func:`moe_adapt.export.calibrate.layer_targets` selects), and the fused
+    experts' forward replaced by one that rounds each expert's input and its ``act(gate) * up``.
+    ``bits=None`` rounds nothing (the replacement's own check). Returns the hook handles."""
+    from moe_adapt.export.calibrate import _decoder_layers, layer_targets
+
+    handles: list[Any] = []
+    for layer in _decoder_layers(model):
+        t = layer_targets(layer)
+        for lin in t.linears.values():
+            handles.append(lin.register_forward_pre_hook(lambda _m, a: (_per_token(a[0], bits), *a[1:])))
+        for mod in t.experts.values():
+            mod.forward = _experts_forward(mod, bits)
+    return handles
+
+
+def _experts_forward(mod: Any, bits: int | None) -> Any:
+    def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for e in range(mod.gate_up_proj.shape[0]):
+            tok, pos = torch.where(top_k_index == e)
+            if tok.numel() == 0:
+                continue
+            gate, up = F.linear(_per_token(hidden[tok], bits), mod.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(_per_token(mod.act_fn(gate) * up, bits), mod.down_proj[e])
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+    return forward

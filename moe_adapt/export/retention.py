@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,9 +77,13 @@ def measure(
     stride: int,
     batch_size: int,
     device: str = "cpu",
+    prepare: Callable[[torch.nn.Module], Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``."""
+    """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``;
+    ``prepare(model)`` runs on the loaded model first (W8A8's activation rounding)."""
     model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
+    if prepare is not None:
+        prepare(model)
     try:
         return measure_model(model, heldout, window=window, stride=stride, batch_size=batch_size)
     finally:

@@ -168,11 +168,12 @@ def export(
             )
         benches = load_benchmarks(eval_cfg)
 
-    def quality(folder: Path) -> dict[str, Any]:
-        """Held-out measures and, with export.benchmarks, accuracy of one HF folder."""
+    def quality(folder: Path, prepare: Any = None) -> dict[str, Any]:
+        """Held-out measures and, with export.benchmarks, accuracy of one HF folder (``prepare``:
+        applied to the model before the held-out measure, see :func:`measure`)."""
         row: dict[str, Any] = {}
         if heldout is not None:
-            row["heldout"] = measure(folder, heldout, **settings)
+            row["heldout"] = measure(folder, heldout, prepare=prepare, **settings)
         if benches:
             assert eval_cfg is not None
             row["accuracy"] = accuracy(folder, eval_cfg, benches, seed=seed, device=ecfg.device)
@@ -290,6 +291,7 @@ def _run_calibrated(
     """Every artefact of gptq, sparsegpt and wanda, each measured: their retention rows."""
     from moe_adapt.export.calibrate import calibration_batches
     from moe_adapt.export.compressed import dequantized_checkpoint
+    from moe_adapt.export.gptq import quantize_activations
 
     cal = ecfg.calibration
     data = cal.data or ecfg.heldout
@@ -327,11 +329,15 @@ def _run_calibrated(
             if (v == "W8A8" or m != "gptq") and _is_moe(source):
                 # transformers 5.23 fuses MoE experts of pack-quantized checkpoints only (int-quantized
                 # and sparse-only ones fail in its conversion): measure the decompressed weights
-                info["measured"] = (
-                    "weights decompressed by compressed-tensors (W8A8: activations not quantized)"
+                # and for W8A8 round the activations per token ourselves, as the int8 kernels do
+                info["measured"] = "weights decompressed by compressed-tensors" + (
+                    "; activations rounded to int8 per token by moe_adapt (held-out only)"
+                    if v == "W8A8"
+                    else ""
                 )
+                prep = quantize_activations if v == "W8A8" else None
                 with tempfile.TemporaryDirectory(prefix="ct-measure-") as tmp:
-                    row |= quality(dequantized_checkpoint(folder, Path(tmp) / "model"))
+                    row |= quality(dequantized_checkpoint(folder, Path(tmp) / "model"), prep)
             else:
                 info["measured"] = "loaded by transformers' compressed-tensors integration"
                 row |= quality(folder)

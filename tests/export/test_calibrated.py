@@ -263,3 +263,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tokenizer: Any
         ExportConfig(methods=["wanda"], heldout=None)
     with pytest.raises(MoEAdaptError, match="no manifest.json"):
         calibration_batches(tmp_path, {}, samples=2, seq_len=8, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_w8a8_activation_rounding_is_the_experts_forward(kind: str, checkpoints: dict[str, Path]) -> None:
+    """Our experts forward (used to measure W8A8 where transformers cannot load it) equals
+    transformers' without rounding, and int8 per-token rounding moves the logits a little."""
+    from moe_adapt.checkpoint.hf import load_causal_lm
+    from moe_adapt.export.gptq import quantize_activations
+
+    x = torch.randint(3, 300, (2, 24))
+    with torch.no_grad():
+        ref = load_causal_lm(checkpoints[kind])(x).logits
+        plain = load_causal_lm(checkpoints[kind])
+        quantize_activations(plain, None)
+        same = plain(x).logits
+        q = load_causal_lm(checkpoints[kind])
+        handles = quantize_activations(q, 8)
+        rounded = q(x).logits
+    assert torch.allclose(same, ref, atol=1e-5)
+    assert handles and 0 < (rounded - ref).abs().max() < 0.05 * ref.abs().max()
