@@ -426,6 +426,15 @@ def _check_calibrated(ecfg: ExportConfig, ckpt: HFCheckpoint) -> None:
     from moe_adapt.export.compressed import check_compressed_tensors
 
     check_compressed_tensors()
+    data = ecfg.calibration.data or ecfg.heldout
+    if data is not None and not (Path(data) / "manifest.json").is_file():
+        key = "export.calibration.data" if ecfg.calibration.data else "export.heldout"
+        raise config_error(
+            key,
+            data,
+            "holds no manifest.json: run the data stage or point it at shards (gptq, sparsegpt and "
+            "wanda calibrate on them)",
+        )
     widths: set[int] = set()
     for name, (_f, info) in ckpt.index.items():
         if name.startswith("model.layers.") and name.endswith(".weight"):

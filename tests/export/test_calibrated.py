@@ -257,6 +257,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tokenizer: Any
     with pytest.raises(MoEAdaptConfigError, match="group_size"):
         export(_cfg(heldout_dir, methods=["gptq"], gptq=GPTQConfig(group_size=32)), src, out, seed=0)
     assert list(out.iterdir()) == []
+    missing = ExportConfig(methods=["wanda"], calibration=CalibrationConfig(data=str(tmp_path / "none")))
+    with pytest.raises(MoEAdaptConfigError, match=r"^export.calibration.data=.* holds no manifest.json"):
+        export(missing, src, out, seed=0)
+    assert list(out.iterdir()) == []
     with pytest.raises(MoEAdaptConfigError, match=r"export.gptq.schemes=\['W3A16'\] is invalid"):
         GPTQConfig(schemes=["W3A16"])
     with pytest.raises(MoEAdaptConfigError, match="export.calibration.data"):
