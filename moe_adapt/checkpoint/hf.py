@@ -164,7 +164,15 @@ def load_causal_lm(
         model.to(device)
     if router_bias:
         load_router_bias(model, folder)
-    return model.eval()  # type: ignore[no-any-return]
+    model.eval()
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) == "compressed-tensors":
+        # compressed-tensors decompresses on the model's first forward (a hook on the top module);
+        # callers that run its decoder alone (moe_adapt.eval.lm) would skip it: run it now
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
+    return model  # type: ignore[no-any-return]
 
 
 class HFCheckpoint:

@@ -13,21 +13,35 @@ from moe_adapt.errors import invalid
 
 __all__ = [
     "GGUF_TYPES",
+    "GPTQ_SCHEMES",
     "METHODS",
     "ONNX_TYPES",
     "PLANNED",
+    "SPARSE_PATTERNS",
+    "CalibrationConfig",
     "ExpertPruneConfig",
     "ExportConfig",
     "GGUFConfig",
+    "GPTQConfig",
     "ONNXConfig",
+    "SparseConfig",
     "WebConfig",
 ]
 
-METHODS = ("expert_prune", "gguf", "int8", "nf4", "onnx")
-"""The export methods built so far, each writing its own folder ``<stage>/<method>/``."""
+METHODS = ("expert_prune", "gguf", "gptq", "int8", "nf4", "onnx", "sparsegpt", "wanda")
+"""The export methods, each writing its own folder ``<stage>/<method>/``."""
 
-PLANNED = ("gptq", "sparsegpt", "wanda")
-"""Methods of issue 17 not built yet: named in the error so nobody thinks they were skipped silently."""
+PLANNED: tuple[str, ...] = ()
+"""Methods of issue 17 not built yet (none left): named in the error so nobody thinks they were skipped."""
+
+CALIBRATED = ("gptq", "sparsegpt", "wanda")
+"""Methods that calibrate on ``export.calibration`` and write compressed-tensors checkpoints."""
+
+GPTQ_SCHEMES = ("W4A16", "W8A16", "W8A8")
+"""GPTQ schemes (symmetric int weights; W8A8 adds per-token dynamic int8 activations)."""
+
+SPARSE_PATTERNS = ("unstructured", "2:4")
+"""Sparsity patterns of sparsegpt and wanda: 50% of each row, or 2 of every 4 consecutive inputs."""
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 """GGUF weight types written (one file each); the quantized ones by ``gguf.quants``' numpy reference."""
@@ -63,6 +77,111 @@ class ExpertPruneConfig:
             _fail("export.expert_prune.drop_per_layer", self.drop_per_layer, "must be >= 0")
         if self.routing_max_tokens < 2:
             _fail("export.expert_prune.routing_max_tokens", self.routing_max_tokens, "must be >= 2")
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration text of ``gptq``, ``sparsegpt`` and ``wanda`` (:mod:`moe_adapt.export.calibrate`)."""
+
+    data: str | None = None
+    """Shards + manifest.json to calibrate on (the data stage's training ``data/shards``); null =
+    ``export.heldout`` (then the retention is measured on the text that calibrated: said in the report)."""
+
+    mix: dict[str, float] = field(default_factory=dict)
+    """Share of the calibration windows per language, e.g. {ar: 0.8, en: 0.2} (normalised); empty =
+    every language of the manifest equally."""
+
+    samples: int = 128
+    """Calibration windows (sequences) in all."""
+
+    seq_len: int = 512
+    """Tokens per calibration window (capped at the model's max_position_embeddings)."""
+
+    min_expert_tokens: int = 16
+    """A routed expert that the router sent fewer calibration tokens is calibrated on all the layer's
+    calibration tokens instead (computed beside the forward; the layer's output is unchanged), so no
+    expert is compressed from (almost) no samples. Listed per layer in the report."""
+
+    batch_size: int = 8
+    """Windows per forward pass while calibrating."""
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.mix.items() if not float(v) >= 0}
+        if bad or (self.mix and sum(float(v) for v in self.mix.values()) <= 0):
+            _fail("export.calibration.mix", dict(self.mix), "shares must be >= 0 and sum to more than 0")
+        if self.samples < 1:
+            _fail("export.calibration.samples", self.samples, "must be >= 1")
+        if self.seq_len < 2:
+            _fail("export.calibration.seq_len", self.seq_len, "must be >= 2")
+        if self.min_expert_tokens < 0:
+            _fail("export.calibration.min_expert_tokens", self.min_expert_tokens, "must be >= 0")
+        if self.batch_size < 1:
+            _fail("export.calibration.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class GPTQConfig:
+    """``gptq``: second-order weight quantization (:mod:`moe_adapt.export.gptq`), one artefact per scheme."""
+
+    schemes: list[str] = field(default_factory=lambda: ["W8A16", "W4A16"])
+    """Schemes, one folder ``gptq/<scheme>/model`` each: W4A16, W8A16 (group-wise int4/int8 weights),
+    W8A8 (per-row int8 weights + per-token dynamic int8 activations at run time)."""
+
+    group_size: int = 128
+    """Input columns per scale in W4A16/W8A16: must divide every quantized matrix's input width
+    (compressed-tensors and vLLM hold one group size per model)."""
+
+    act_order: bool = False
+    """Quantize columns in decreasing Hessian diagonal (scales fixed beforehand: plain group layout)."""
+
+    damp: float = 0.01
+    """Dampening added to the Hessian's diagonal, as a share of its mean."""
+
+    block: int = 128
+    """Columns per lazy-update block (speed only)."""
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.schemes if s not in GPTQ_SCHEMES]
+        if bad or not self.schemes or len(set(self.schemes)) != len(self.schemes):
+            _fail(
+                "export.gptq.schemes",
+                list(self.schemes),
+                f"one or more of {', '.join(GPTQ_SCHEMES)}, once each",
+            )
+        if self.group_size < 1:
+            _fail("export.gptq.group_size", self.group_size, "must be >= 1")
+        if not 0 < self.damp < 1:
+            _fail("export.gptq.damp", self.damp, "must be in (0, 1)")
+        if self.block < 1:
+            _fail("export.gptq.block", self.block, "must be >= 1")
+
+
+@dataclass
+class SparseConfig:
+    """``sparsegpt`` / ``wanda``: 50% pruning, one artefact per pattern."""
+
+    patterns: list[str] = field(default_factory=lambda: ["unstructured", "2:4"])
+    """Patterns, one folder ``<method>/<pattern>/model`` each (``2:4`` is written ``2of4``):
+    unstructured (50% of each row), 2:4 (2 of every 4 consecutive inputs; widths must divide by 4)."""
+
+    damp: float = 0.01
+    """sparsegpt: dampening added to the Hessian's diagonal, as a share of its mean (wanda: unused)."""
+
+    block: int = 128
+    """sparsegpt: columns per mask-selection block (wanda: unused)."""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.patterns if p not in SPARSE_PATTERNS]
+        if bad or not self.patterns or len(set(self.patterns)) != len(self.patterns):
+            _fail(
+                "export.<sparsegpt|wanda>.patterns",
+                list(self.patterns),
+                f"one or more of {', '.join(SPARSE_PATTERNS)}",
+            )
+        if not 0 < self.damp < 1:
+            _fail("export.sparsegpt.damp", self.damp, "must be in (0, 1)")
+        if self.block < 4:
+            _fail("export.sparsegpt.block", self.block, "must be >= 4")
 
 
 @dataclass
@@ -148,7 +267,8 @@ class ExportConfig:
     (llama.cpp files), int8 / nf4 (bitsandbytes LLM.int8 / NF4 HF checkpoints: Linear layers only,
     so an MoE's fused experts stay in float; needs bitsandbytes, whose backend is probed on
     ``export.device`` before anything is written), onnx (ONNX graphs for onnxruntime, measured on
-    CPU by onnxruntime)."""
+    CPU by onnxruntime), gptq (W4A16/W8A16/W8A8), sparsegpt and wanda (50% unstructured / 2:4): calibrated
+    on ``export.calibration``, written as compressed-tensors checkpoints (vLLM, transformers)."""
 
     heldout: str | None = None
     """Held-out shards + manifest.json (the data stage's ``data/heldout``) for the retention report and
@@ -186,6 +306,18 @@ class ExportConfig:
     onnx: ONNXConfig = field(default_factory=ONNXConfig)
     """Settings of the onnx method."""
 
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """Calibration text of gptq, sparsegpt and wanda."""
+
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    """Settings of the gptq method."""
+
+    sparsegpt: SparseConfig = field(default_factory=SparseConfig)
+    """Settings of the sparsegpt method."""
+
+    wanda: SparseConfig = field(default_factory=SparseConfig)
+    """Settings of the wanda method."""
+
     serve: bool = False
     """Once the pipeline is done (the stage ran or was complete already), serve the browser page with
     the ``export.web.gguf_type`` file until Ctrl-C (needs ``python -m moe_adapt.export.web install``).
@@ -208,6 +340,13 @@ class ExportConfig:
                     list(self.methods),
                     f"unknown method {m!r}; methods: {', '.join(METHODS)}",
                 )
+        if any(m in CALIBRATED for m in self.methods) and not (self.calibration.data or self.heldout):
+            _fail(
+                "export.calibration.data",
+                None,
+                "gptq, sparsegpt and wanda need calibration text: set it (the data stage's data/shards) or "
+                "export.heldout",
+            )
         if len(set(self.methods)) != len(self.methods):
             _fail("export.methods", list(self.methods), "list each method once")
         if self.gguf.from_pruned and not ("gguf" in self.methods and "expert_prune" in self.methods):

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,9 +77,13 @@ def measure(
     stride: int,
     batch_size: int,
     device: str = "cpu",
+    prepare: Callable[[torch.nn.Module], Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``."""
+    """Per-language held-out loss, perplexity and bits per byte of the HF checkpoint ``model_dir``;
+    ``prepare(model)`` runs on the loaded model first (W8A8's activation rounding)."""
     model = load_causal_lm(model_dir, torch.float32, device=device_of(device))
+    if prepare is not None:
+        prepare(model)
     try:
         return measure_model(model, heldout, window=window, stride=stride, batch_size=batch_size)
     finally:
@@ -312,6 +316,32 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
                 f"{', '.join(map(str, zeros)) or '-'} |"
             )
         lines += ["", "Per-expert counts (per language too): ``retention.json`` → ``expert_tokens``."]
+    cal = extra.get("calibration")
+    if cal:
+        lines += ["", "## Calibration (gptq, sparsegpt, wanda)", ""]
+        lines.append(
+            f"{cal['windows']} windows of {cal['seq_len']} tokens from {cal['data']}; tokens per language: "
+            + ", ".join(f"{g} {n:,}" for g, n in cal["tokens_per_language"].items())
+            + (
+                " (the held-out text itself: retention of these rows is measured on calibration text)"
+                if cal["heldout_is_calibration"]
+                else ""
+            )
+            + f". An expert routed fewer than {cal['min_expert_tokens']} tokens is calibrated on all tokens."
+        )
+        for m in ("gptq", "sparsegpt", "wanda"):
+            for variant, info in (extra.get(m) or {}).items():
+                c = info["calibration"]
+                for lid, mods in c["expert_tokens"].items():
+                    for mod, counts in mods.items():
+                        srt = sorted(counts)
+                        low = c["topped_up"].get(lid, {}).get(mod, [])
+                        lines.append(
+                            f"- {m}-{variant} layer {lid} {mod}: routed tokens per expert min {srt[0]}, "
+                            f"median {srt[len(srt) // 2]}, max {srt[-1]}; calibrated on all tokens: "
+                            f"{', '.join(map(str, low)) or 'none'}"
+                        )
+        lines += ["", "Per-expert counts: ``retention.json`` → ``<method>.<variant>.calibration``."]
     o = (extra.get("onnx") or {}).get("int4")
     if o:
         lines += [

@@ -13,17 +13,20 @@ layout llama.cpp can hold for gguf), so a refusal leaves nothing behind.
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from moe_adapt.checkpoint.hf import HFCheckpoint, load_causal_lm
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError, config_error
 from moe_adapt.eval.config import EvalConfig
 from moe_adapt.eval.heldout import HeldOut, load_heldout
 from moe_adapt.export.bnb import BNB_METHODS, check_backend
-from moe_adapt.export.config import ExportConfig
+from moe_adapt.export.config import CALIBRATED, ExportConfig
 from moe_adapt.export.expert_prune import RoutingCounts, choose_experts, find_eval_routing, moe_layout, prune
 from moe_adapt.export.retention import (
     accuracy,
@@ -61,6 +64,8 @@ def _precheck(ecfg: ExportConfig, source: Path) -> None:
             from moe_adapt.export.gguf import check_expressible
 
             check_expressible(ckpt)
+        if any(m in CALIBRATED for m in ecfg.methods):
+            _check_calibrated(ecfg, ckpt)
     finally:
         ckpt.close()
     for m in ecfg.methods:
@@ -163,11 +168,12 @@ def export(
             )
         benches = load_benchmarks(eval_cfg)
 
-    def quality(folder: Path) -> dict[str, Any]:
-        """Held-out measures and, with export.benchmarks, accuracy of one HF folder."""
+    def quality(folder: Path, prepare: Any = None) -> dict[str, Any]:
+        """Held-out measures and, with export.benchmarks, accuracy of one HF folder (``prepare``:
+        applied to the model before the held-out measure, see :func:`measure`)."""
         row: dict[str, Any] = {}
         if heldout is not None:
-            row["heldout"] = measure(folder, heldout, **settings)
+            row["heldout"] = measure(folder, heldout, prepare=prepare, **settings)
         if benches:
             assert eval_cfg is not None
             row["accuracy"] = accuracy(folder, eval_cfg, benches, seed=seed, device=ecfg.device)
@@ -236,6 +242,8 @@ def export(
                     batch_size=ecfg.batch_size,
                 )
             rows.append(row)
+    if any(m in CALIBRATED for m in ecfg.methods):
+        rows += _run_calibrated(ecfg, source, out, seed, extra, quality)
     if _quantizes(ecfg) and heldout is not None and _is_moe(source):
         # No method here calibrates (gguf, bitsandbytes, MatMulNBits round to nearest), so what each
         # expert saw is the routing of the held-out text: an expert no token reaches is unchecked.
@@ -269,3 +277,184 @@ def export(
             for r in rows
         },
     }
+
+
+def _variants(ecfg: ExportConfig, method: str) -> list[str]:
+    if method == "gptq":
+        return list(ecfg.gptq.schemes)
+    return list((ecfg.sparsegpt if method == "sparsegpt" else ecfg.wanda).patterns)
+
+
+def _run_calibrated(
+    ecfg: ExportConfig, source: Path, out: Path, seed: int, extra: dict[str, Any], quality: Any
+) -> list[dict[str, Any]]:
+    """Every artefact of gptq, sparsegpt and wanda, each measured: their retention rows."""
+    from moe_adapt.export.calibrate import calibration_batches
+    from moe_adapt.export.compressed import dequantized_checkpoint
+    from moe_adapt.export.gptq import quantize_activations
+
+    cal = ecfg.calibration
+    data = cal.data or ecfg.heldout
+    assert data is not None  # ExportConfig refuses calibrated methods without one
+    ckpt = HFCheckpoint(source, "export.model")
+    try:
+        max_pos = int(ckpt.config.get("max_position_embeddings") or cal.seq_len)
+    finally:
+        ckpt.close()
+    ids, tokens = calibration_batches(
+        data, cal.mix, samples=cal.samples, seq_len=min(cal.seq_len, max_pos), seed=seed
+    )
+    same = cal.data is None or (ecfg.heldout is not None and Path(cal.data) == Path(ecfg.heldout))
+    extra["calibration"] = {
+        "data": str(data),
+        "tokens_per_language": tokens,
+        "windows": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "min_expert_tokens": cal.min_expert_tokens,
+        "heldout_is_calibration": same,
+    }
+    rows = []
+    for m in ecfg.methods:
+        if m not in CALIBRATED:
+            continue
+        for v in _variants(ecfg, m):
+            sub = v.replace(":", "of")
+            folder = out / m / sub / "model"
+            log.info(
+                "export: %s %s, calibrating on %d windows of %d tokens", m, v, ids.shape[0], ids.shape[1]
+            )
+            info = _calibrated(m, v, ecfg, source, folder, ids, device_of(ecfg.device))
+            extra.setdefault(m, {})[v] = info
+            row = {"name": f"{m}-{sub}", "path": f"{m}/{sub}/model", "bytes": disk_bytes(folder)}
+            if (v == "W8A8" or m != "gptq") and _is_moe(source):
+                # transformers 5.23 fuses MoE experts of pack-quantized checkpoints only (int-quantized
+                # and sparse-only ones fail in its conversion): measure the decompressed weights
+                # and for W8A8 round the activations per token ourselves, as the int8 kernels do
+                info["measured"] = "weights decompressed by compressed-tensors" + (
+                    "; activations rounded to int8 per token by moe_adapt (held-out only)"
+                    if v == "W8A8"
+                    else ""
+                )
+                prep = quantize_activations if v == "W8A8" else None
+                with tempfile.TemporaryDirectory(prefix="ct-measure-") as tmp:
+                    row |= quality(dequantized_checkpoint(folder, Path(tmp) / "model"), prep)
+            else:
+                info["measured"] = "loaded by transformers' compressed-tensors integration"
+                row |= quality(folder)
+            rows.append(row)
+    return rows
+
+
+def _calibrated(
+    method: str,
+    variant: str,
+    ecfg: ExportConfig,
+    source: Path,
+    dst: Path,
+    ids: torch.Tensor,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One artefact of gptq (``variant`` = scheme), sparsegpt or wanda (``variant`` = pattern): the
+    source loaded in float32, compressed layer by layer on ``ids``, written as compressed-tensors."""
+    from moe_adapt.export.calibrate import InputStats, calibrate_layers
+    from moe_adapt.export.compressed import write_compressed
+    from moe_adapt.export.gptq import gptq_quantize, scheme_of
+    from moe_adapt.export.sparsegpt import sparsegpt_prune
+    from moe_adapt.export.wanda import wanda_prune
+
+    model = load_causal_lm(source, torch.float32, device=device)
+    scales: dict[str, torch.Tensor] = {}
+    zeros = [0, 0]
+    gcfg = ecfg.gptq
+    scfg = ecfg.sparsegpt if method == "sparsegpt" else ecfg.wanda
+
+    def compress(name: str, w: torch.Tensor, st: InputStats) -> torch.Tensor:
+        if method == "gptq":
+            scheme = scheme_of(variant)
+            q, s = gptq_quantize(
+                w,
+                st.hessian().to(w.device),
+                scheme,
+                group_size=gcfg.group_size,
+                act_order=gcfg.act_order,
+                damp=gcfg.damp,
+                block=gcfg.block,
+            )
+            scales[name] = s.cpu()
+            return q
+        if method == "sparsegpt":
+            new = sparsegpt_prune(w, st.hessian().to(w.device), variant, damp=scfg.damp, block=scfg.block)
+        else:
+            new = wanda_prune(w, st.hessian().to(w.device), variant)
+        zeros[0] += int((new == 0).sum())
+        zeros[1] += new.numel()
+        return new
+
+    try:
+        cal = calibrate_layers(
+            model,
+            ids,
+            compress,
+            batch_size=ecfg.calibration.batch_size,
+            min_expert_tokens=ecfg.calibration.min_expert_tokens,
+            full=method != "wanda",
+        )
+        if method == "gptq":
+            info = write_compressed(
+                model.cpu(), source, dst, scheme=scheme_of(variant), group_size=gcfg.group_size, scales=scales
+            )
+        else:
+            sparsity = {"structure": variant, "global_sparsity": zeros[0] / max(zeros[1], 1)}
+            info = write_compressed(model.cpu(), source, dst, sparsity=sparsity) | {"sparsity": sparsity}
+    finally:
+        del model
+        gc.collect()
+    for lid, mods in cal["topped_up"].items():
+        log.warning(
+            "export: %s %s layer %s: experts %s calibrated on all tokens (too few routed)",
+            method,
+            variant,
+            lid,
+            mods,
+        )
+    return info | {"calibration": cal}
+
+
+def _check_calibrated(ecfg: ExportConfig, ckpt: HFCheckpoint) -> None:
+    """Refuse, before anything is written, a GPTQ group size or a 2:4 pattern some weight's width
+    does not divide, and a missing compressed-tensors."""
+    from moe_adapt.export.compressed import check_compressed_tensors
+
+    check_compressed_tensors()
+    data = ecfg.calibration.data or ecfg.heldout
+    if data is not None and not (Path(data) / "manifest.json").is_file():
+        key = "export.calibration.data" if ecfg.calibration.data else "export.heldout"
+        raise config_error(
+            key,
+            data,
+            "holds no manifest.json: run the data stage or point it at shards (gptq, sparsegpt and "
+            "wanda calibrate on them)",
+        )
+    widths: set[int] = set()
+    for name, (_f, info) in ckpt.index.items():
+        if name.startswith("model.layers.") and name.endswith(".weight"):
+            shape = info.shape
+            if len(shape) >= 2 and shape[-2] > 1 and not name.endswith(("gate.weight", "norm.weight")):
+                widths.add(int(shape[-1]))
+    for m, pats in (("sparsegpt", ecfg.sparsegpt.patterns), ("wanda", ecfg.wanda.patterns)):
+        if m in ecfg.methods and "2:4" in pats:
+            bad = sorted(w for w in widths if w % 4)
+            if bad:
+                raise config_error(
+                    f"export.{m}.patterns",
+                    list(pats),
+                    f"2:4 needs input widths divisible by 4; this model has {bad}",
+                )
+    if "gptq" in ecfg.methods and any(s != "W8A8" for s in ecfg.gptq.schemes):
+        bad = sorted(w for w in widths if w % ecfg.gptq.group_size)
+        if bad:
+            raise config_error(
+                "export.gptq.group_size",
+                ecfg.gptq.group_size,
+                f"must divide every input width (this model has {bad})",
+            )

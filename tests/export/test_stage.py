@@ -110,14 +110,17 @@ def test_bad_input_is_one_line_and_writes_nothing(
     ("override", "message"),
     [
         (
-            "export.methods=[gptq]",
-            r"^export.methods=\['gptq'\] is invalid: 'gptq' is not built yet; "
-            r"built: expert_prune, gguf, int8, nf4, onnx$",
-        ),
-        (
             "export.methods=[zip]",
             r"^export.methods=\['zip'\] is invalid: unknown method 'zip'; "
-            r"methods: expert_prune, gguf, int8, nf4, onnx$",
+            r"methods: expert_prune, gguf, gptq, int8, nf4, onnx, sparsegpt, wanda$",
+        ),
+        (
+            "export.gptq.schemes=[W3A16]",
+            r"^export.gptq.schemes=\['W3A16'\] is invalid: one or more of W4A16, W8A16, W8A8, once each$",
+        ),
+        (
+            "export.wanda.patterns=[4:8]",
+            r"^export.<sparsegpt\|wanda>.patterns=\['4:8'\] is invalid: one or more of unstructured, 2:4$",
         ),
         (
             "export.gguf.types=[q2_k]",
