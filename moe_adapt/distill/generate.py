@@ -310,7 +310,8 @@ def _run_server(
             raise MoEAdaptConfigError(
                 f"distill.generate.store_topk={gcfg.store_topk}: the server at {scfg.base_url} returns no "
                 "top log-probabilities with token ids, which token KD needs; set store_topk=0 and train with "
-                "seq_kd (any tokenizer), or serve the teacher with vLLM and set "
+                "seq_kd (any tokenizer), or serve the teacher with llama.cpp's own llama-server (ids by "
+                "default; llama-cpp-python's server gives none) or with vLLM and set "
                 "distill.generate.server.extra_body={return_tokens_as_token_ids: true}"
             )
         shards, todo = _pending(prompts, gcfg, out, f"{scfg.model} -> {student}", seed, None)

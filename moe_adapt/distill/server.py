@@ -9,8 +9,10 @@ other HTTP errors are one-line errors with the server's message.
 
 Per-token log-probabilities (``logprobs`` / ``top_logprobs``) are asked for when ``store_topk > 0``.
 They are usable for token KD only with the teacher's token ids, which OpenAI's format leaves out:
-llama.cpp adds an ``id`` per token and vLLM writes ``token_id:<id>`` as the token with
-``return_tokens_as_token_ids`` (``distill.generate.server.extra_body``). :meth:`TeacherServer.
+llama.cpp's own server (llama-server, or the xllamacpp wheel) adds an ``id`` per token and vLLM writes
+``token_id:<id>`` as the token with ``return_tokens_as_token_ids`` (``distill.generate.server.
+extra_body``); llama-cpp-python's Python server gives text pieces only (tests/distill/
+test_llamacpp_server.py). :meth:`TeacherServer.
 supports_token_logprobs` finds out with a one-token request before any work.
 
 The API key is read from the environment variable ``api_key_env`` names, and only into the request
