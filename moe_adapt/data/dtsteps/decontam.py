@@ -31,9 +31,15 @@ def benchmark_index(cfg: DataConfig, bench_files: dict[str, str]) -> tuple[Any, 
     return _build_index(benchmarks, cfg.decontam.n), {n: len(items) for n, items in benchmarks.items()}
 
 
+MATCHED = "decontam_matched"
+"""Metadata key :class:`DecontamCountStep` leaves on each document for :class:`DecontamMatchStep`:
+``[words, *indexed n-gram hashes found]``, so that pass 2 does not normalise the text again."""
+
+
 class DecontamCountStep(DocStep):
     """Pass 1 of decontamination, per task: in how many documents each benchmark n-gram occurs;
-    written to ``<root>/df/<rank>.json``."""
+    written to ``<root>/df/<rank>.json``. Each document keeps its word count and the indexed
+    n-grams it holds in ``metadata[MATCHED]`` for pass 2."""
 
     def __init__(self, root: str, cfg: DataConfig, bench_files: dict[str, str]):
         super().__init__("decontam_count", root)
@@ -50,7 +56,10 @@ class DecontamCountStep(DocStep):
         from moe_adapt.data.decontam import match_words
 
         self.n_docs += 1
-        self.df.update(self.index.hits(match_words(doc.text)))
+        words = match_words(doc.text)
+        hits = self.index.hits(words)
+        self.df.update(hits)
+        doc.metadata[MATCHED] = [len(words), *hits]  # in the set's order, as pass 2 iterated it
         return doc
 
     def finish(self, rank: int, st: StepStats) -> dict[str, Any]:
@@ -127,10 +136,14 @@ class DecontamMatchStep(DocStep):
         from moe_adapt.data.decontam import match_words
 
         d = self.cfg.decontam
-        words = match_words(doc.text)
-        self.words_total += len(words)
+        found = doc.metadata.pop(MATCHED, None)  # pass 1's words and n-grams, not kept downstream
+        if found is None:  # the step used without DecontamCountStep before it
+            words = match_words(doc.text)
+            found = [len(words), *self.index.hits(words)]
+        n_words = int(found[0])
+        self.words_total += n_words
         hits: Counter[tuple[str, int]] = Counter()
-        for g in self.index.hits(words):
+        for g in found[1:]:
             if g not in self.common:
                 hits.update(self.index.postings[g])
         matched: dict[str, tuple[str, float]] = {}
@@ -148,7 +161,7 @@ class DecontamMatchStep(DocStep):
             entry["docs_matched"] += 1
             if j == 0:  # removed once, credited to its first benchmark by name
                 entry["docs_removed"] += 1
-                entry["words_removed"] += len(words)
+                entry["words_removed"] += n_words
                 entry["tokens_removed"] += len(self.tok.encode(doc.text).ids)
             if len(entry["examples"]) < _MAX_EXAMPLES:
                 entry["examples"].append(
