@@ -219,6 +219,7 @@ class FastWordTokenizer(WordTokenizer):
 
 
 _SHIFT_61 = np.uint64(61)
+_PLUS_1, _MINUS_1 = (1).__add__, (-1).__add__
 _PUNCTUATION_IN_WORDS = tuple(
     c
     for c in PUNCTUATION
@@ -289,10 +290,11 @@ class FastMinhashSignature(MinhashDedupSignature):
         if count <= 0:
             return np.empty((0, 1), dtype=np.uint64)
         joined = " ".join(words)
-        ends = np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)) + 1) - 1
-        starts = (ends[:count] - np.fromiter(map(len, words[:count]), dtype=np.int64, count=count)).tolist()
+        # just past each word's following space; n-gram i is joined[start of word i : end of word i+n-1]
+        ends = list(itertools.accumulate(map(_PLUS_1, map(len, words))))
+        starts, stops = [0, *ends[: count - 1]], map(_MINUS_1, ends[n - 1 :])
         # slice -> substring -> hash, all iterated in C (no Python frame per n-gram)
-        grams = map(joined.__getitem__, map(slice, starts, ends[n - 1 :].tolist()))
+        grams = map(joined.__getitem__, map(slice, starts, stops))
         return np.fromiter(map(self._raw_hash, grams), dtype=np.uint64, count=count).reshape((-1, 1))
 
     def _permuted(self, shingles: np.ndarray) -> np.ndarray:
