@@ -105,8 +105,8 @@ def _executors(
 ) -> list[tuple[str, Any]]:
     """The executor stages, each depending on the one before: ``[(name, executor), ...]``."""
     from moe_adapt.data import dtsteps as S
-    from moe_adapt.data.dedup import FastWordTokenizer
     from moe_adapt.data.executors import make_executor
+    from moe_adapt.data.minhash import FastWordTokenizer
 
     r, n = str(root), dcfg.tasks
     mh = dcfg.dedup.fast_minhash_config()

@@ -217,7 +217,7 @@ def _bench_fast_paths(docs: list[dict[str, Any]], items: dict[str, Any], tmp: Pa
     """(e): per-document work of quality, MinHash signatures and decontamination, fast vs reference."""
     from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
-    from moe_adapt.data.dedup import FastMinhashSignature
+    from moe_adapt.data.minhash import FastMinhashSignature
 
     texts = [(d["text"], quality.thresholds_for(d["lang"]).stop_words) for d in docs]
     mb = _mb(docs)

@@ -25,14 +25,14 @@ from moe_adapt.data.decontam import (
     ngram_hashes,
     ngram_hashes_reference,
 )
-from moe_adapt.data.dedup import (
+from moe_adapt.data.dedup import DedupConfig
+from moe_adapt.data.langid import script_shares, script_shares_regex
+from moe_adapt.data.minhash import (
     _MARKS_AND_TATWEEL,
-    DedupConfig,
     FastMinhashSignature,
     FastWordTokenizer,
     _strip_marks,
 )
-from moe_adapt.data.langid import script_shares, script_shares_regex
 
 # Pieces the random texts are drawn from: words of each script (with harakat, niqqud, tatweel,
 # geresh), digits with separators, datatrove's punctuation, symbols, odd whitespace, astral chars.
@@ -235,7 +235,7 @@ def test_strip_marks_equals_the_regex() -> None:
 
 def test_signatures_of_many_documents_equal_one_by_one(tmp_path: Path) -> None:
     """:meth:`FastMinhashSignature.signatures` (stacked, chunked, ``reduceat``) row by row."""
-    from moe_adapt.data import dedup
+    from moe_adapt.data import minhash
 
     mh = DedupConfig().fast_minhash_config()
     sig = FastMinhashSignature(str(tmp_path / "a"), config=mh, language=FastWordTokenizer(True))
@@ -243,12 +243,12 @@ def test_signatures_of_many_documents_equal_one_by_one(tmp_path: Path) -> None:
     shingles.append(np.arange(3000, dtype=np.uint64).reshape((-1, 1)) * np.uint64(2**52 + 7))  # > a chunk
     expected = np.array([np.concatenate(sig.get_signature(s)) for s in shingles], dtype=np.uint64)
     assert np.array_equal(sig.signatures(shingles), expected)
-    old = dedup._SIGNATURE_CHUNK
+    old = minhash._SIGNATURE_CHUNK
     try:
-        dedup._SIGNATURE_CHUNK = 7  # every document its own chunk, and many chunks
+        minhash._SIGNATURE_CHUNK = 7  # every document its own chunk, and many chunks
         assert np.array_equal(sig.signatures(shingles), expected)
     finally:
-        dedup._SIGNATURE_CHUNK = old
+        minhash._SIGNATURE_CHUNK = old
 
 
 @pytest.mark.parametrize(("maqsura", "marbuta"), [(True, True), (False, False), (True, False)])

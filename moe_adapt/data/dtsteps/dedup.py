@@ -16,8 +16,8 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.binaryio import read_tuples_from_file
 
-from moe_adapt.data.dedup import FastMinhashSignature
 from moe_adapt.data.dtsteps.base import DocStep, rank_file, save_npy, write_stats
+from moe_adapt.data.minhash import FastMinhashSignature
 from moe_adapt.data.steps import StepStats
 from moe_adapt.fs import atomic_write_json
 
