@@ -16,9 +16,9 @@ Two passes, both optional:
 
 Word tokenization: datatrove's default word tokenizer for a language runs spaCy, including its
 sentence splitter, on every document; that is 75-90% of the MinHash time and buys nothing here
-(only words are needed). :class:`FastWordTokenizer` is a regex tokenizer that keeps Arabic and
-Hebrew words whole (letters, combining marks and digits; tatweel dropped; Hebrew geresh/gershayim
-inside a word kept) and is passed to datatrove instead of a language code.
+(only words are needed). :class:`~moe_adapt.data.minhash.FastWordTokenizer` is a regex tokenizer
+that keeps Arabic and Hebrew words whole (letters, combining marks and digits; tatweel dropped;
+Hebrew geresh/gershayim inside a word kept) and is passed to datatrove instead of a language code.
 
 Side effects are confined to ``work_dir``: each call works in a fresh ``minhash-*`` sub-folder
 (logs, signatures, buckets, clusters), deleted on success and kept on failure for inspection.
@@ -36,11 +36,9 @@ import contextlib
 import functools
 import hashlib
 import json
-import re
 import shutil
 import sys
 import tempfile
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import multiprocess
-import numpy as np
-import regex
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.dedup.minhash import (
@@ -57,23 +53,17 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupBuckets,
     MinhashDedupCluster,
     MinhashDedupFilter,
-    MinhashDedupSignature,
 )
-from datatrove.pipeline.dedup.minhash import _mersenne_prime as _MERSENNE_PRIME
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.text import (
-    MONTHS_PATTERN,
-    NUMBERS_PATTERN,
-    PUNCTUATION,
-    WEEKDAYS_PATTERN,
     TextNormConfig,
-    simplify_text,
 )
 from datatrove.utils.word_tokenizers import WordTokenizer
 from loguru import logger
 
 from moe_adapt.data.jsonl import write_documents
+from moe_adapt.data.minhash import FastMinhashSignature, FastWordTokenizer
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 
 _KEY = "data.dedup"
@@ -146,131 +136,6 @@ class DedupConfig:
         mh = self.minhash_config()
         mh.norm_config = TextNormConfig(norm_unicode_diacritics=False)
         return mh
-
-
-# ---------------------------------------------------------------------------------------------
-# Word tokenizer handed to datatrove
-# ---------------------------------------------------------------------------------------------
-
-# A word: letters, combining marks and digits of any script; Hebrew geresh/gershayim (and ASCII
-# quotes, as Hebrew text often uses them instead) may join two runs, as in רמב״ם or צ'יפס.
-_WORD_RE = regex.compile(r"[\p{L}\p{M}\p{N}]+(?:[\u05f3\u05f4'\"][\p{L}\p{M}\p{N}]+)*")
-_SENT_RE = regex.compile(r"[^.!?؟۔\n]+[.!?؟۔]*")
-_TATWEEL = "\u0640"
-_NONSPACING_MARKS = regex.compile(r"\p{Mn}+")
-
-
-class FastWordTokenizer(WordTokenizer):
-    """A regex word tokenizer for datatrove steps: no spaCy, no sentence splitting, any script.
-
-    ``word_tokenize`` drops the Arabic tatweel and returns runs of letters/marks/digits (see
-    ``_WORD_RE``); with ``strip_marks`` it first decomposes the text (NFD) and drops non-spacing
-    marks (Arabic harakat, Hebrew niqqud, Latin accents), exactly as datatrove's
-    ``TextNormConfig.norm_unicode_diacritics`` does but in one regex pass. Sentences (only needed by
-    datatrove steps other than MinHash) end at ``. ! ? ؟ ۔`` or a newline.
-    """
-
-    def __init__(self, strip_marks: bool = False) -> None:
-        super().__init__(language=None)
-        self.strip_marks = strip_marks
-
-    def word_tokenize(self, text: str) -> list[str]:
-        """Return the words of ``text`` in order."""
-        if self.strip_marks:
-            text = _NONSPACING_MARKS.sub("", unicodedata.normalize("NFD", text))
-        return _WORD_RE.findall(text.replace(_TATWEEL, ""))
-
-    def sent_tokenize(self, text: str) -> list[str]:
-        """Return the non-empty sentences of ``text`` (stripped)."""
-        return [s.strip() for s in _SENT_RE.findall(text) if s.strip()]
-
-    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-        """Return ``(start, end)`` character spans of the sentences of ``text``."""
-        return [m.span() for m in _SENT_RE.finditer(text) if m.group().strip()]
-
-    def __repr__(self) -> str:
-        return f"FastWordTokenizer(strip_marks={self.strip_marks})"
-
-
-_SHIFT_61 = np.uint64(61)
-_PUNCTUATION_RE = re.compile("[" + re.escape(PUNCTUATION) + "]")
-"""Each of datatrove's punctuation characters (``simplify_text`` turns each into a space)."""
-
-
-class FastMinhashSignature(MinhashDedupSignature):
-    """datatrove's ``MinhashDedupSignature`` with the same shingles and signatures, computed faster.
-
-    ``get_shingles``: datatrove joins each n-gram tuple (``" ".join``) and calls its hash through a
-    wrapper; here the words are joined once and each n-gram is a slice of that string (the slice
-    from word i's start to word i+n-1's end *is* ``" ".join(words[i:i+n])``), hashed by the bare
-    xxhash function. ``get_signature``: the modulo by the Mersenne prime 2**61-1 as shifts and masks
-    (no 64-bit division), and one reshape instead of ``np.split`` into per-bucket arrays.
-    Both return exactly what datatrove's do (``tests/data/test_dedup.py`` compares them).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        hc = self.config.hash_config
-        if hc.hash_fc == "xxhash":
-            import xxhash
-
-            self._raw_hash = xxhash.xxh32_intdigest if hc.precision == 32 else xxhash.xxh64_intdigest
-        else:
-            self._raw_hash = self._hash_func
-
-    def simplify(self, text: str) -> str:
-        """datatrove's ``simplify_text`` as far as the words of :class:`FastWordTokenizer` can tell.
-
-        Punctuation becomes spaces through one regex (5x faster than datatrove's ``str.translate``,
-        the same string); whitespace runs are not collapsed and the ends not stripped, since that
-        tokenizer's words never contain or touch whitespace. Any other tokenizer, or diacritic
-        removal switched on, gets datatrove's ``simplify_text`` itself.
-        """
-        cfg = self.config.norm_config
-        if not isinstance(self.word_tokenizer, FastWordTokenizer) or cfg.norm_unicode_diacritics:
-            return simplify_text(text, cfg)
-        if cfg.lowercase:
-            text = text.lower()
-        if cfg.norm_numbers:
-            text = NUMBERS_PATTERN.sub("0", text)
-        if cfg.norm_weekdays:
-            text = WEEKDAYS_PATTERN.sub("WEEKDAY", text)
-        if cfg.norm_monthnames:
-            text = MONTHS_PATTERN.sub("MONTH", text)
-        if cfg.remove_punctuation:
-            text = _PUNCTUATION_RE.sub(" ", text)
-        return text
-
-    def get_shingles(self, text: str) -> np.ndarray:
-        """Hashes of the word n-grams of ``text``'s simplified words, shape ``(n_grams, 1)``, uint64."""
-        words = self.word_tokenizer.word_tokenize(self.simplify(text))
-        n, count = self.config.n_grams, len(words) - self.config.n_grams + 1
-        if count <= 0:
-            return np.empty((0, 1), dtype=np.uint64)
-        joined = " ".join(words)
-        ends = np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)) + 1) - 1
-        starts = (ends[:count] - np.fromiter(map(len, words[:count]), dtype=np.int64, count=count)).tolist()
-        h = self._raw_hash
-        return np.fromiter(
-            (h(joined[a:b]) for a, b in zip(starts, ends[n - 1 :].tolist(), strict=True)),
-            dtype=np.uint64,
-            count=count,
-        ).reshape((-1, 1))
-
-    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
-        """Per bucket, the minimum of each permuted hash over the shingles (as datatrove's)."""
-        a, b = self.parameters
-        phv = shingles * a  # wraps mod 2**64, as in datatrove
-        phv += b
-        # phv % (2**61 - 1) without a division: fold the top 3 bits, then subtract p once if needed.
-        high = phv >> _SHIFT_61
-        phv &= _MERSENNE_PRIME
-        phv += high
-        phv[phv >= _MERSENNE_PRIME] -= _MERSENNE_PRIME
-        if self.config.hash_config.precision == 32:
-            phv = np.bitwise_and(phv, self.config.hash_config.max)
-        mins = np.min(phv, axis=0).astype(self.config.hash_config.np_dtype)
-        return mins.reshape(self.config.num_buckets, -1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ lines longer than ``max_line_bytes`` are skipped and counted in a :class:`ReadSt
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,24 +47,6 @@ class ReadStats:
         return asdict(self)
 
 
-def _iter_lines(fh: Any, max_line_bytes: int, stats: ReadStats) -> Iterator[bytes]:
-    """Yield raw lines of at most ``max_line_bytes``; longer lines are drained in chunks and counted."""
-    while True:
-        line = fh.readline(max_line_bytes + 1)
-        if not line:
-            return
-        if len(line) > max_line_bytes and not line.endswith(b"\n"):
-            stats.lines += 1
-            stats.too_long += 1
-            while True:  # drain the rest of the oversized line without holding it in memory
-                rest = fh.readline(_CHUNK)
-                if not rest or rest.endswith(b"\n"):
-                    break
-            continue
-        stats.lines += 1
-        yield line
-
-
 def read_documents(
     path: str | Path,
     *,
@@ -76,18 +59,10 @@ def read_documents(
     Bad lines are skipped and counted in ``stats`` (pass your own :class:`ReadStats` to see them).
     Raises :class:`MoEAdaptError` only when the file itself cannot be opened.
     """
-    stats = stats if stats is not None else ReadStats()
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed in finally; generator
-    except OSError as err:
-        raise MoEAdaptError(f"cannot read documents from {path}: {err.strerror}") from err
-    try:
-        for raw in _iter_lines(fh, max_line_bytes, stats):
-            obj = parse_line(raw, text_key, stats)
-            if obj is not None:
-                yield obj
-    finally:
-        fh.close()
+    for _, obj in read_range(
+        path, 0, sys.maxsize, text_key=text_key, max_line_bytes=max_line_bytes, stats=stats
+    ):
+        yield obj
 
 
 def parse_line(raw: bytes, text_key: str, stats: ReadStats) -> dict[str, Any] | None:

@@ -52,7 +52,7 @@ from typing import Any
 
 from moe_adapt.data.clean import CleanConfig, clean_text
 from moe_adapt.data.config import DataConfig, SourceConfig
-from moe_adapt.data.steps import demo_sources, is_heldout  # noqa: F401 - is_heldout: kept importable here (demo/dense.py)
+from moe_adapt.data.steps import demo_sources, is_heldout, open_dataset  # noqa: F401 - is_heldout: kept importable here (demo/dense.py)
 from moe_adapt.errors import MoEAdaptConfigError, MoEAdaptError
 from moe_adapt.fs import atomic_write_json, atomic_write_text
 from moe_adapt.resume import StepCache
@@ -89,21 +89,7 @@ def _check_sources(sources: list[SourceConfig], bench_files: dict[str, Path]) ->
             if not path.is_file() or not os.access(path, os.R_OK):
                 raise MoEAdaptError(f"{key}.path={src.path!r} is not a readable file")
             continue
-        import datasets
-
-        try:
-            if src.format == "parquet":
-                files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
-                ds = datasets.load_dataset("parquet", data_files=files, split="train")
-            else:
-                ds = datasets.load_from_disk(str(path))
-        except Exception as e:  # datasets raises many types for unreadable input
-            raise MoEAdaptError(f"{key}.path={src.path!r} cannot be read as {src.format}: {e}") from None
-        if src.text_key not in ds.column_names:
-            raise MoEAdaptConfigError(
-                f"{key}.text_key={src.text_key!r} is not a column of {src.path} "
-                f"(columns: {', '.join(ds.column_names)})"
-            )
+        open_dataset(src, key)
     for name, path in bench_files.items():
         if not path.is_file():
             raise MoEAdaptConfigError(f"data.decontam.benchmarks: {name} path={str(path)!r} does not exist")
@@ -119,8 +105,8 @@ def _executors(
 ) -> list[tuple[str, Any]]:
     """The executor stages, each depending on the one before: ``[(name, executor), ...]``."""
     from moe_adapt.data import dtsteps as S
-    from moe_adapt.data.dedup import FastWordTokenizer
     from moe_adapt.data.executors import make_executor
+    from moe_adapt.data.minhash import FastWordTokenizer
 
     r, n = str(root), dcfg.tasks
     mh = dcfg.dedup.fast_minhash_config()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_adapt.data.clean import normalize_arabic, strip_hebrew_marks
+from moe_adapt.data.clean import fold_marks, normalize_arabic, strip_hebrew_marks
 from moe_adapt.data.langid import (
     LANGUAGE_SCRIPT,
     SCRIPTS,
@@ -193,6 +193,11 @@ _WORD_RE = re.compile(r"\w+")
 
 def fold_text(text: str) -> str:
     """Lowercase ``text`` and fold Arabic diacritics/tatweel/alef variants and Hebrew marks (for matching)."""
+    return fold_marks(text.lower(), ta_marbuta=False, alef_maqsura=False)
+
+
+def fold_text_reference(text: str) -> str:
+    """:func:`fold_text` by the regex passes of ``normalize_arabic`` and ``strip_hebrew_marks``."""
     return strip_hebrew_marks(normalize_arabic(text.lower(), ta_marbuta=False, alef_maqsura=False))
 
 

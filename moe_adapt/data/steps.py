@@ -1,7 +1,8 @@
 """What the data stage's steps share: :class:`StepStats` (documents and characters in/out per
 language, drop reasons), the held-out rule :func:`is_heldout`, the demo corpus as sources
-(:func:`demo_sources`) and :func:`read_source`, a whole source as document dicts (the demo's
-pretraining corpus reads it). The steps themselves are datatrove ``PipelineStep``s in
+(:func:`demo_sources`), :func:`open_dataset` (a Parquet or saved-dataset source, one line when it
+cannot be read) and :func:`read_source`, a whole source as document dicts (the demo's pretraining
+corpus reads it). The steps themselves are datatrove ``PipelineStep``s in the package
 :mod:`moe_adapt.data.dtsteps`.
 """
 
@@ -66,6 +67,28 @@ class StepStats:
 
 
 # ------------------------------------------------------------------------------------------- read
+def open_dataset(src: SourceConfig, key: str) -> Any:
+    """The ``datasets.Dataset`` of a Parquet source (a file or a folder of ``*.parquet``) or a
+    ``save_to_disk`` folder; one line naming ``key`` when it cannot be read or lacks ``text_key``."""
+    import datasets
+
+    path = Path(src.path)
+    try:
+        if src.format == "parquet":
+            files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        else:
+            ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises many types for unreadable input
+        raise MoEAdaptError(f"{key}.path={src.path!r} cannot be read as {src.format}: {e}") from None
+    if src.text_key not in ds.column_names:
+        raise MoEAdaptConfigError(
+            f"{key}.text_key={src.text_key!r} is not a column of {src.path} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    return ds
+
+
 def read_source(src: SourceConfig, key: str, read_stats: ReadStats) -> Iterator[Doc]:
     path = Path(src.path)
     if not path.exists():
@@ -73,21 +96,7 @@ def read_source(src: SourceConfig, key: str, read_stats: ReadStats) -> Iterator[
     if src.format == "jsonl":
         rows: Iterable[dict[str, Any]] = read_documents(path, text_key=src.text_key, stats=read_stats)
     else:
-        import datasets
-
-        try:
-            if src.format == "parquet":
-                files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
-                ds = datasets.load_dataset("parquet", data_files=files, split="train")
-            else:
-                ds = datasets.load_from_disk(str(path))
-        except Exception as e:  # datasets raises many types for unreadable input
-            raise MoEAdaptError(f"{key}.path={src.path!r} cannot be read as {src.format}: {e}") from None
-        if src.text_key not in ds.column_names:
-            raise MoEAdaptConfigError(
-                f"{key}.text_key={src.text_key!r} is not a column of {src.path} "
-                f"(columns: {', '.join(ds.column_names)})"
-            )
+        ds = open_dataset(src, key)
         rows = (r for r in ds if isinstance(r.get(src.text_key), str) and r[src.text_key].strip())
     for i, row in enumerate(rows):
         if src.max_docs is not None and i >= src.max_docs:

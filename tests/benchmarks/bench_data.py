@@ -22,7 +22,8 @@ medians over ``--repeats`` runs of:
     ``FastWordTokenizer`` on the first ``--ref-docs`` cleaned documents;
 (e) the word-level steps' per-document work, fast implementation vs its reference (the code before
     the fast paths, kept as ``*_reference`` functions, datatrove's ``MinhashDedupSignature`` or
-    re-stated below), interleaved in the same run, on the cleaned corpus: MB/s per core from CPU
+    re-stated below; MinHash signatures computed many documents at a time, as the stage's
+    ``SignatureStep`` does), interleaved in the same run, on the cleaned corpus: MB/s per core from CPU
     time (``time.process_time``, robust to other processes on the machine) and from wall time;
     ``--only-fast`` runs (e) alone;
 (d) the data stage itself (``pipeline.build_corpus``: its datatrove executor stages) in ``--tasks``
@@ -189,7 +190,7 @@ def _quality_stats_reference(text: str, stop_words: frozenset[str]) -> dict[str,
     from moe_adapt.data.langid import script_shares_regex
 
     n_words = len(text.split())
-    folded = quality.fold_text(text)
+    folded = quality.fold_text_reference(text)
     n_letters = len(re.sub(r"[\W\d_]+", "", folded))
     n_alpha_words = len(quality._ALPHA_WORD_RE.findall(folded))
     non_space = len(text) - sum(text.count(c) for c in " \n\t\r")
@@ -216,7 +217,7 @@ def _bench_fast_paths(docs: list[dict[str, Any]], items: dict[str, Any], tmp: Pa
     """(e): per-document work of quality, MinHash signatures and decontamination, fast vs reference."""
     from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
-    from moe_adapt.data.dedup import FastMinhashSignature
+    from moe_adapt.data.minhash import FastMinhashSignature
 
     texts = [(d["text"], quality.thresholds_for(d["lang"]).stop_words) for d in docs]
     mb = _mb(docs)
@@ -234,15 +235,23 @@ def _bench_fast_paths(docs: list[dict[str, Any]], items: dict[str, Any], tmp: Pa
             out.append(sig.get_signature(sh) if sh.size else None)
         return out
 
+    def signatures_batched(sig: Any) -> list[Any]:
+        """As the stage's ``SignatureStep``: shingles per document, signatures many at a time."""
+        shingles = [sig.get_shingles(text) for text, _ in texts]
+        rows = sig.signatures([sh for sh in shingles if sh.size])
+        it = iter(rows.reshape(len(rows), mh.num_buckets, -1).tolist())
+        return [next(it) if sh.size else None for sh in shingles]
+
     pairs: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
         "quality": (
             lambda: [_quality_stats_reference(t, sw) for t, sw in texts],
             lambda: [quality.quality_stats(t, sw) for t, sw in texts],
         ),
-        "minhash signature": (lambda: signatures(sig_ref), lambda: signatures(sig_fast)),
+        "minhash signature": (lambda: signatures(sig_ref), lambda: signatures_batched(sig_fast)),
         "decontam (1 pass)": (
             lambda: [
-                decontam.ngram_hashes_reference(decontam.match_words(t), index.n) & keys for t, _ in texts
+                decontam.ngram_hashes_reference(decontam.match_words_reference(t), index.n) & keys
+                for t, _ in texts
             ],
             lambda: [index.hits(decontam.match_words(t)) for t, _ in texts],
         ),

@@ -21,11 +21,18 @@ from moe_adapt.data.decontam import (
     BenchmarkItem,
     _build_index,
     match_words,
+    match_words_reference,
     ngram_hashes,
     ngram_hashes_reference,
 )
-from moe_adapt.data.dedup import DedupConfig, FastMinhashSignature, FastWordTokenizer
+from moe_adapt.data.dedup import DedupConfig
 from moe_adapt.data.langid import script_shares, script_shares_regex
+from moe_adapt.data.minhash import (
+    _MARKS_AND_TATWEEL,
+    FastMinhashSignature,
+    FastWordTokenizer,
+    _strip_marks,
+)
 
 # Pieces the random texts are drawn from: words of each script (with harakat, niqqud, tatweel,
 # geresh), digits with separators, datatrove's punctuation, symbols, odd whitespace, astral chars.
@@ -81,6 +88,18 @@ _PIECES = [
     "\n",
     "\r\n",
     "  ",
+    "'",
+    '"',
+    "\uff11",
+    "\u0653",
+    "\ufe70",
+    "\ufb50",
+    "\u0622",
+    "\u0649",
+    "\u0629",
+    "\u05b0",
+    "\u05f3",
+    "\u200e",
     *PUNCTUATION[::7],
 ]
 
@@ -196,3 +215,49 @@ def test_mersenne_fold_equals_modulo_at_the_edges(tmp_path: Path) -> None:
     ]:
         shingles = np.array(values, dtype=np.uint64).reshape((-1, 1))
         assert ours.get_signature(shingles) == theirs.get_signature(shingles)
+
+
+def test_match_words_equal_the_reference() -> None:
+    """The ASCII shortcut and the one-table folding give the words of the regex passes."""
+    texts = [*_texts(19, 400), "", "ascii only, Mixed Case", "\ud800 lone surrogate \u0640\u064e"]
+    for text in texts:
+        assert match_words(text) == match_words_reference(text), text
+
+
+def test_strip_marks_equals_the_regex() -> None:
+    import unicodedata
+
+    every = "".join(chr(c) for c in range(0x250, 0x3000)) + "\U0001d167\U000e0100\ud800"
+    for text in [every, *_texts(23, 200)]:
+        nfd = unicodedata.normalize("NFD", text)
+        assert _strip_marks(nfd) == _MARKS_AND_TATWEEL.sub("", nfd)
+
+
+def test_signatures_of_many_documents_equal_one_by_one(tmp_path: Path) -> None:
+    """:meth:`FastMinhashSignature.signatures` (stacked, chunked, ``reduceat``) row by row."""
+    from moe_adapt.data import minhash
+
+    mh = DedupConfig().fast_minhash_config()
+    sig = FastMinhashSignature(str(tmp_path / "a"), config=mh, language=FastWordTokenizer(True))
+    shingles = [s for s in (sig.get_shingles(t) for t in _texts(29, 300)) if s.size]
+    shingles.append(np.arange(3000, dtype=np.uint64).reshape((-1, 1)) * np.uint64(2**52 + 7))  # > a chunk
+    expected = np.array([np.concatenate(sig.get_signature(s)) for s in shingles], dtype=np.uint64)
+    assert np.array_equal(sig.signatures(shingles), expected)
+    old = minhash._SIGNATURE_CHUNK
+    try:
+        minhash._SIGNATURE_CHUNK = 7  # every document its own chunk, and many chunks
+        assert np.array_equal(sig.signatures(shingles), expected)
+    finally:
+        minhash._SIGNATURE_CHUNK = old
+
+
+@pytest.mark.parametrize(("maqsura", "marbuta"), [(True, True), (False, False), (True, False)])
+def test_fold_marks_equals_the_regex_passes(maqsura: bool, marbuta: bool) -> None:
+    from moe_adapt.data.clean import fold_marks, normalize_arabic, strip_hebrew_marks
+
+    every = "".join(chr(c) for c in range(0x250, 0x3000)) + "\U0001d167\ud800"
+    for text in [every, *_texts(31, 300)]:
+        expected = strip_hebrew_marks(normalize_arabic(text, alef_maqsura=maqsura, ta_marbuta=marbuta))
+        assert fold_marks(text, alef_maqsura=maqsura, ta_marbuta=marbuta) == expected
+    for text in _texts(37, 100):
+        assert quality.fold_text(text) == quality.fold_text_reference(text)
