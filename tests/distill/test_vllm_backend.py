@@ -256,6 +256,21 @@ def test_vllm_settings_refused_in_one_line(
     assert "vllm" in gen.generation_settings(_gcfg()) and "server" not in gen.generation_settings(_gcfg())
 
 
+def test_vllm_stage_inputs_are_the_hf_backends(lm_factory: Callable, tmp_path: Path) -> None:
+    """The stage's checks treat vllm like hf: the teacher folder is required, token KD from the stored
+    top-k needs no server tokenizer."""
+    from moe_adapt.distill.config import DistillConfig
+    from moe_adapt.distill.pipeline import _check_inputs
+
+    model = str(lm_factory("llama"))
+    d = DistillConfig(
+        teacher=model, student=model, prompts="p.jsonl", phases=["generate", "token_kd"], generate=_gcfg()
+    )
+    _check_inputs(d)
+    with pytest.raises(MoEAdaptConfigError, match=r"distill\.teacher=None"):
+        _check_inputs(replace(d, teacher=None))
+
+
 # --- the real vLLM -----------------------------------------------------------------------------------
 
 REAL_PROMPTS = [
