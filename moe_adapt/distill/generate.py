@@ -7,7 +7,7 @@ into place first and the JSONL last, so a shard whose JSONL exists is complete. 
 shard being written; the next run skips finished shards and, because each shard's sampling seed is a
 function of ``(seed, shard)``, produces the same traces it would have produced without the crash.
 
-Two teacher backends write these shards (``distill.generate.backend``, :mod:`moe_adapt.distill.backends`):
+Three teacher backends write these shards (``distill.generate.backend``, :mod:`moe_adapt.distill.backends`):
 ``hf`` runs ``distill.teacher`` with transformers here; ``server`` asks an OpenAI-compatible endpoint
 (:mod:`moe_adapt.distill.server`) one request per (prompt, sample), ``concurrency`` at a time, and writes
 the same records (``response_ids`` in the vocabulary of ``server.tokenizer``, the student's by default)
