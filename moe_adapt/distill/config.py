@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from moe_adapt.distill.backends import BACKENDS, ServerConfig
+from moe_adapt.distill.backends import BACKENDS, ServerConfig, VLLMConfig
 from moe_adapt.distill.format import ResponseFormat
 from moe_adapt.distill.verify import VerifyConfig
 from moe_adapt.engines.lora import LoRAConfig
@@ -66,11 +66,15 @@ class GenerateConfig:
     (0: off; then token KD needs distill.<phase>.teacher=online)."""
 
     backend: str = "hf"
-    """Who runs the teacher: hf (distill.teacher in this process) or server (an OpenAI-compatible
-    endpoint, distill.generate.server); see moe_adapt/distill/backends.py."""
+    """Who runs the teacher: hf (distill.teacher in this process), server (an OpenAI-compatible
+    endpoint, distill.generate.server) or vllm (distill.teacher with vLLM's offline engine in this
+    process, distill.generate.vllm); see moe_adapt/distill/backends.py."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
-    """The server backend's endpoint, client and tokenizer settings (unused with backend=hf)."""
+    """The server backend's endpoint, client and tokenizer settings (unused by the other backends)."""
+
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vllm backend's engine settings (unused by the other backends)."""
 
     def __post_init__(self) -> None:
         key = "distill.generate"
@@ -78,6 +82,8 @@ class GenerateConfig:
             _fail(f"{key}.backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
         if self.backend == "server":
             self.server.validate(f"{key}.server")
+        if self.backend == "vllm":
+            self.vllm.validate(f"{key}.vllm")
         for name in ("samples", "max_new_tokens", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", getattr(self, name), "must be >= 1")

@@ -7,11 +7,15 @@ into place first and the JSONL last, so a shard whose JSONL exists is complete. 
 shard being written; the next run skips finished shards and, because each shard's sampling seed is a
 function of ``(seed, shard)``, produces the same traces it would have produced without the crash.
 
-Two teacher backends write these shards (``distill.generate.backend``, :mod:`moe_adapt.distill.backends`):
+Three teacher backends write these shards (``distill.generate.backend``, :mod:`moe_adapt.distill.backends`):
 ``hf`` runs ``distill.teacher`` with transformers here; ``server`` asks an OpenAI-compatible endpoint
 (:mod:`moe_adapt.distill.server`) one request per (prompt, sample), ``concurrency`` at a time, and writes
 the same records (``response_ids`` in the vocabulary of ``server.tokenizer``, the student's by default)
 and, when the server gives per-token log-probabilities with token ids, the same top-k tensors.
+``vllm`` runs ``distill.teacher`` with vLLM's offline engine here (:mod:`moe_adapt.distill.vllm_backend`:
+the prompts chat-formatted as for ``hf``, ``n`` samples and a seed per prompt, ``logprobs=store_topk``);
+its answers go through the server backend's record writer, so ``response_ids`` are the teacher's token
+ids and the top-k tensors vLLM's log-probabilities. Under torchrun rank 0 alone runs it.
 
 Under torchrun the hf backend splits the shards across the processes: rank ``r`` of ``W`` writes the
 unfinished shards ``r, r+W, ...`` (on its own device), rank 0 alone checks the folder before and sums
@@ -41,7 +45,7 @@ from safetensors.numpy import load_file, save_file
 
 from moe_adapt import distributed
 from moe_adapt.data.jsonl import write_documents
-from moe_adapt.distill.backends import TRANSPORT_KEYS
+from moe_adapt.distill.backends import TRANSPORT_KEYS, VLLM_RESOURCE_KEYS
 from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.decoding import generate_for_prompts, pad_id_of, topk_logprobs
 from moe_adapt.distill.prompts import PromptRecord
@@ -55,11 +59,14 @@ MANIFEST = "manifest.json"
 
 def generation_settings(gcfg: GenerateConfig) -> dict[str, Any]:
     """The generate settings the traces depend on: all but the server's transport settings (URL, key,
-    concurrency, timeouts, retries), which can change without invalidating finished shards."""
+    concurrency, timeouts, retries) and vLLM's resource settings (memory share, GPUs, eager mode), which
+    can change without invalidating finished shards."""
     settings = asdict(gcfg)
     settings["server"] = {k: v for k, v in settings["server"].items() if k not in TRANSPORT_KEYS}
-    if gcfg.backend == "hf":
-        del settings["server"]
+    settings["vllm"] = {k: v for k, v in settings["vllm"].items() if k not in VLLM_RESOURCE_KEYS}
+    for backend in ("server", "vllm"):  # each backend's own block only (hf's fingerprint is unchanged)
+        if gcfg.backend != backend:
+            del settings[backend]
     return settings
 
 
@@ -108,6 +115,10 @@ def run_generate(
     ``distill.generate.server.tokenizer`` is null."""
     if gcfg.backend == "server":
         return _run_server(prompts, gcfg, out, seed=seed, student=student)
+    if gcfg.backend == "vllm":
+        return distributed.run_on_main(
+            lambda: _run_vllm(prompts, teacher_path, gcfg, out, seed=seed, chat_template=chat_template)
+        )
     if not teacher_path:
         raise MoEAdaptConfigError("distill.teacher=None: the hf backend needs the teacher's HF folder")
     dist = distributed.current()
@@ -352,7 +363,83 @@ def _server_shard(
         for j, p in enumerate(prompts)
         for s in range(gcfg.samples)
     ]
-    done = iter(server.complete(requests, k=gcfg.store_topk))
+    done = server.complete(requests, k=gcfg.store_topk)
+    _write_completions(done, tokenizer, eos_id, use_ids, prompts, index, gcfg, out, decode=False)
+
+
+def _run_vllm(
+    prompts: Sequence[PromptRecord],
+    teacher_path: str | None,
+    gcfg: GenerateConfig,
+    out: Path,
+    *,
+    seed: int,
+    chat_template: str | None,
+) -> dict[str, Any]:
+    """The vllm backend: vLLM importable and the teacher a folder before any work; then one engine
+    writes the unfinished shards (none started when every shard is done)."""
+    from transformers import AutoTokenizer
+
+    from moe_adapt.distill.sft_data import chat_prompt_ids
+    from moe_adapt.distill.vllm_backend import VLLMTeacher, check_cpu_sampling, import_vllm
+
+    vllm = import_vllm()
+    check_cpu_sampling(vllm, gcfg.vllm, gcfg.temperature)
+    if not teacher_path or not Path(teacher_path, "config.json").is_file():
+        raise MoEAdaptConfigError(
+            f"distill.teacher={teacher_path!r}: the vllm backend needs the teacher's HF folder"
+        )
+    shards, todo = _pending(prompts, gcfg, out, teacher_path, seed, chat_template)
+    if not todo:
+        return _summary(out, len(shards))
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    eos_id = int(tokenizer.eos_token_id)
+    prompt_ids = {i: [chat_prompt_ids(tokenizer, p.prompt, chat_template) for p in shards[i]] for i in todo}
+    longest = max(len(ids) for per_shard in prompt_ids.values() for ids in per_shard)
+    limit = gcfg.vllm.max_model_len
+    if limit is not None and longest + gcfg.max_new_tokens > limit:
+        raise MoEAdaptConfigError(
+            f"distill.generate.vllm.max_model_len={limit} is shorter than the longest chat-formatted "
+            f"prompt ({longest} tokens) plus max_new_tokens={gcfg.max_new_tokens}: raise it or set null"
+        )
+
+    def shard(i: int) -> None:
+        base = seed * 1_000_003 + i * 1009
+        done = teacher.complete(
+            prompt_ids[i],
+            [(base + j * gcfg.samples) % 2**31 for j in range(len(shards[i]))],  # prompt j's first seed
+            samples=gcfg.samples,
+            temperature=gcfg.temperature,
+            top_p=gcfg.top_p,
+            top_k=gcfg.top_k,
+            max_new_tokens=gcfg.max_new_tokens,
+            k=gcfg.store_topk,
+        )
+        flat = [c for per_prompt in done for c in per_prompt]
+        _write_completions(flat, tokenizer, eos_id, True, shards[i], i, gcfg, out, decode=True)
+
+    with VLLMTeacher(teacher_path, gcfg.vllm, seed=seed, max_logprobs=gcfg.store_topk, vllm=vllm) as teacher:
+        _write_shards(shards, todo, shard, f"x {gcfg.samples} samples with vLLM")
+    return _summary(out, len(shards))
+
+
+def _write_completions(
+    completions: Sequence[Any],
+    tokenizer: Any,
+    eos_id: int,
+    use_ids: bool,
+    prompts: Sequence[PromptRecord],
+    index: int,
+    gcfg: GenerateConfig,
+    out: Path,
+    *,
+    decode: bool,
+) -> None:
+    """Write shard ``index`` from ``completions`` (:class:`~moe_adapt.distill.server.Completion`, sample
+    ``s`` of prompt ``j`` at ``j * samples + s``): the teacher's token ids when ``use_ids`` (else the text
+    encoded with ``tokenizer``), ending with ``eos_id`` when the teacher ended its turn; ``decode``: the
+    record's text decoded from those ids as the hf backend does (else the completion's own text)."""
+    done = iter(completions)
     records: list[dict[str, Any]] = []
     tensors: dict[str, np.ndarray] = {}
     vocab = len(tokenizer)
@@ -363,8 +450,9 @@ def _server_shard(
             if use_ids and c.token_ids is not None:
                 if any(not 0 <= t < vocab for t in c.token_ids):
                     raise MoEAdaptConfigError(
-                        f"the server's token ids reach past the {vocab} tokens of distill.generate.server."
-                        f"tokenizer={tokenizer.name_or_path!r}: set it to the served model's tokenizer"
+                        f"the teacher's token ids reach past the {vocab} tokens of the tokenizer "
+                        f"{tokenizer.name_or_path!r}: with backend=server set distill.generate.server."
+                        "tokenizer to the served model's tokenizer"
                     )
                 ids = list(c.token_ids)
                 if c.finished and (not ids or ids[-1] != eos_id) and c.topk_ids is not None:
@@ -390,7 +478,7 @@ def _server_shard(
                     "answer": p.answer,
                     "answer_type": p.answer_type,
                     "sample": s,
-                    "response": c.text,
+                    "response": tokenizer.decode(ids, skip_special_tokens=True) if decode else c.text,
                     "response_ids": ids,
                     "finished": c.finished,
                 }

@@ -67,7 +67,8 @@ def _checkpoint_dir(path: str | None, key: str) -> str:
 def _check_inputs(d: DistillConfig) -> None:
     phases = set(d.phases)
     online = [p for p in ("token_kd", "select_kd") if p in phases and getattr(d, p).teacher == "online"]
-    hf = d.generate.backend == "hf"  # backend=server: distill.teacher only for online KD and teacher eval
+    # hf and vllm run distill.teacher here; with server it is needed only for online KD and teacher eval
+    hf = d.generate.backend in ("hf", "vllm")
     if ("generate" in phases and hf) or online or (d.eval_prompts and d.eval.teacher and (hf or d.teacher)):
         _checkpoint_dir(d.teacher, "distill.teacher")
     if phases & set(TRAINING_PHASES):

