@@ -184,6 +184,7 @@ def _xllamacpp_speed(file: Path, ids: dict[str, list[int]], scfg: SpeedConfig, n
     p.hostnames = ["127.0.0.1"]
     p.cpuparams.n_threads = scfg.threads
     p.cpuparams_batch.n_threads = scfg.threads
+    p.verbosity = 0  # its per-request timing lines on stderr (default 3) would flood the stage log
     held: dict[str, Any] = {"server": xlc.Server(p)}  # stopped when dropped in `finally`
     request = dict(n_predict=scfg.new_tokens, ignore_eos=True, temperature=0.0, top_k=1, cache_prompt=False)
 
