@@ -25,6 +25,7 @@ __all__ = [
     "GPTQConfig",
     "ONNXConfig",
     "SparseConfig",
+    "SpeedConfig",
     "WebConfig",
 ]
 
@@ -255,6 +256,37 @@ class WebConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """CPU tokens/s per artefact in the retention report (:mod:`moe_adapt.export.speed`)."""
+
+    enabled: bool = True
+    """Measure greedy decoding speed of the source and every artefact in its runtime (transformers,
+    llama.cpp, onnxruntime); false = no tokens/s column and no time spent on it."""
+
+    new_tokens: int = 32
+    """Tokens generated per run (EOS ignored: every run makes exactly this many)."""
+
+    threads: int = 1
+    """CPU threads of every runtime (torch, llama.cpp, onnxruntime), the same for all rows."""
+
+    repeats: int = 3
+    """Timed runs per artefact and language after one warm-up run; the median is reported."""
+
+    prompts: dict[str, str] = field(default_factory=lambda: {"ar": "قال رسول الله", "en": "The Prophet said"})
+    """The fixed prompt per language (the browser page's), tokenized once by the source's tokenizer."""
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 1:
+            _fail("export.speed.new_tokens", self.new_tokens, "must be >= 1")
+        if self.threads < 1:
+            _fail("export.speed.threads", self.threads, "must be >= 1")
+        if self.repeats < 1:
+            _fail("export.speed.repeats", self.repeats, "must be >= 1")
+        if self.enabled and (not self.prompts or not all(str(v).strip() for v in self.prompts.values())):
+            _fail("export.speed.prompts", dict(self.prompts), "one non-empty prompt per language")
+
+
+@dataclass
 class ExportConfig:
     """The ``export`` stage: compressed or converted artefacts of one checkpoint, and what each keeps."""
 
@@ -317,6 +349,9 @@ class ExportConfig:
 
     wanda: SparseConfig = field(default_factory=SparseConfig)
     """Settings of the wanda method."""
+
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """CPU tokens/s of the source and every artefact (the report's tokens/s table)."""
 
     serve: bool = False
     """Once the pipeline is done (the stage ran or was complete already), serve the browser page with

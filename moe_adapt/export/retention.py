@@ -8,8 +8,10 @@ also quantizes activations in its q8_0/q4_0 matrix products, which this does not
 
 **Retention** of a language: ``100 * bpb_source / bpb_artifact`` (bits per byte; nats per token when
 the held-out text cannot be sized): 100 = as good as the source, below 100 = worse.
-Outputs: ``retention.json``, ``report.md`` and ``retention.png`` (size on disk against retention per
-language, one marker per artefact; written when held-out text was measured) in the stage folder.
+Rows measured by :mod:`moe_adapt.export.speed` carry ``speed`` (CPU tokens/s), shown as the
+report's "CPU tokens/s" table. Outputs: ``retention.json``, ``report.md`` and ``retention.png``
+(size on disk against retention per language, one marker per artefact; written when held-out text
+was measured) in the stage folder.
 """
 
 from __future__ import annotations
@@ -260,6 +262,7 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
         lines.append("| " + " | ".join(cells) + " |")
     if plot:
         lines += ["", f"![size on disk vs retention per language]({PLOT})"]
+    lines += _speed_table(rows)
     acc_cols = sorted(
         {f"{b}.{lang}" for r in rows for b, ls in (r.get("accuracy") or {}).items() for lang in ls}
     )
@@ -366,6 +369,37 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
         lines.append("")
         lines.append(f"GGUF {g['file']}: arch {g['arch']}, tensors by type {g['tensors']}")
     return "\n".join(lines) + "\n"
+
+
+def _speed_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The CPU tokens/s section of ``report.md`` (rows carry ``speed`` only when it was measured)."""
+    speeds = [(r["name"], r["speed"]) for r in rows if "speed" in r]
+    if not speeds:
+        return []
+    langs = sorted({lang for _, s in speeds for lang in s.get("tokens_per_s", {})})
+    done = [s for _, s in speeds if s.get("runtime")]
+    lines = ["", "## CPU tokens/s", ""]
+    if done:
+        s0 = done[0]
+        lines.append(
+            f"Greedy decoding of {s0['new_tokens']} new tokens after a fixed prompt per language "
+            f"({', '.join(f'{g} {n} tokens' for g, n in s0['prompt_tokens'].items())}), "
+            f"{s0['threads']} CPU thread(s): new tokens / wall-clock seconds of the call (prompt "
+            f"included), median of {len(next(iter(s0['runs'].values())))} runs after one warm-up. "
+            "Each row in the runtime that serves it here; an empty cell says why it has no number."
+        )
+    lines += [
+        "",
+        "| artefact | runtime | " + " | ".join(f"tokens/s {g}" for g in langs) + " | note |",
+        "|" + "---|" * (len(langs) + 3),
+    ]
+    for name, s in speeds:
+        tps = s.get("tokens_per_s", {})
+        cells = [name, s.get("runtime") or "-"]
+        cells += [f"{tps[g]:.1f}" if g in tps else "-" for g in langs]
+        cells.append((s.get("reason") or s.get("note") or "").replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_retention(rows: list[dict[str, Any]], path: Path) -> Path | None:

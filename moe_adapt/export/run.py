@@ -5,7 +5,8 @@ report. Outputs (paths relative to the stage folder):
 - ``gguf/model-<type>.gguf`` for each of ``export.gguf.types``;
 - ``int8/model/``, ``nf4/model/`` (bitsandbytes checkpoints, :mod:`moe_adapt.export.bnb`);
 - ``onnx/<type>/model.onnx`` for each of ``export.onnx.types`` (:mod:`moe_adapt.export.onnx`);
-- ``retention.json`` and ``report.md`` (:mod:`moe_adapt.export.retention`).
+- ``retention.json`` and ``report.md`` (:mod:`moe_adapt.export.retention`), with CPU tokens/s per
+  artefact when ``export.speed.enabled`` (:mod:`moe_adapt.export.speed`).
 
 Every method is checked against the model before anything is written (an MoE for expert_prune, a
 layout llama.cpp can hold for gguf), so a refusal leaves nothing behind.
@@ -179,8 +180,9 @@ def export(
             row["accuracy"] = accuracy(folder, eval_cfg, benches, seed=seed, device=ecfg.device)
         return row
 
+    speed = _Speed(ecfg, source)
     rows: list[dict[str, Any]] = [{"name": "source", "path": str(source), "bytes": disk_bytes(source)}]
-    rows[0].update(quality(source))
+    rows[0].update(quality(source) | speed.hf("source", source))
     extra: dict[str, Any] = {}
     routing: RoutingCounts | None = None
     if "expert_prune" in ecfg.methods:
@@ -200,7 +202,7 @@ def export(
         for lang, v in mass["per_language"].items():
             log.info("export: expert_prune loses %.2f%% of %s's routed mass", 100 * v, lang)
         row = {"name": "expert_prune", "path": "expert_prune/model", "bytes": disk_bytes(folder / "model")}
-        rows.append(row | quality(folder / "model"))
+        rows.append(row | quality(folder / "model") | speed.hf("expert_prune", folder / "model"))
     if "gguf" in ecfg.methods:
         from moe_adapt.export.gguf import write_gguf
 
@@ -215,7 +217,7 @@ def export(
             if heldout is not None or benches:
                 with tempfile.TemporaryDirectory(prefix="gguf-measure-") as tmp:
                     row |= quality(gguf_as_checkpoint(file, gguf_src, Path(tmp) / "model"))
-            rows.append(row)
+            rows.append(row | speed.gguf(str(row["name"]), file))
     for m in ecfg.methods:
         if m not in BNB_METHODS:
             continue
@@ -223,7 +225,11 @@ def export(
 
         folder = out / m / "model"
         extra[m] = quantize_bnb(source, folder, m, device_of(ecfg.device))
-        rows.append({"name": m, "path": f"{m}/model", "bytes": disk_bytes(folder)} | quality(folder))
+        rows.append(
+            {"name": m, "path": f"{m}/model", "bytes": disk_bytes(folder)}
+            | quality(folder)
+            | speed.hf(m, folder)
+        )
     if "onnx" in ecfg.methods:
         from moe_adapt.export.onnx import OrtCausalLM, export_onnx
 
@@ -241,9 +247,9 @@ def export(
                     stride=ecfg.stride,
                     batch_size=ecfg.batch_size,
                 )
-            rows.append(row)
+            rows.append(row | speed.onnx(str(row["name"]), folder))
     if any(m in CALIBRATED for m in ecfg.methods):
-        rows += _run_calibrated(ecfg, source, out, seed, extra, quality)
+        rows += _run_calibrated(ecfg, source, out, seed, extra, quality, speed)
     if _quantizes(ecfg) and heldout is not None and _is_moe(source):
         # No method here calibrates (gguf, bitsandbytes, MatMulNBits round to nearest), so what each
         # expert saw is the routing of the held-out text: an expert no token reaches is unchecked.
@@ -279,6 +285,54 @@ def export(
     }
 
 
+class _Speed:
+    """The ``speed`` entry of each retention row (:mod:`moe_adapt.export.speed`), or nothing at all
+    when ``export.speed.enabled`` is false (then no prompt is tokenized and no runtime started)."""
+
+    def __init__(self, ecfg: ExportConfig, source: Path) -> None:
+        self.cfg = ecfg.speed
+        self.ids: dict[str, list[int]] = {}
+        self.why_not: str | None = None
+        if not self.cfg.enabled:
+            return
+        from moe_adapt.export.speed import prompt_ids
+
+        try:
+            self.ids = prompt_ids(source, self.cfg.prompts)
+        except (OSError, ValueError) as err:  # no tokenizer in the source: no prompt to time
+            self.why_not = f"the source's tokenizer does not load ({type(err).__name__}: {err})"
+            log.warning("export: no tokens/s: %s", self.why_not)
+
+    def _row(self, name: str, measure: Any) -> dict[str, Any]:
+        from moe_adapt.export.speed import absent, guarded
+
+        if not self.cfg.enabled:
+            return {}
+        if self.why_not is not None:
+            return {"speed": absent(self.why_not)}
+        return {"speed": guarded(name, measure)}
+
+    def hf(self, name: str, folder: Path) -> dict[str, Any]:
+        from moe_adapt.export.speed import hf_speed
+
+        return self._row(name, lambda: hf_speed(folder, self.ids, self.cfg))
+
+    def gguf(self, name: str, file: Path) -> dict[str, Any]:
+        from moe_adapt.export.speed import gguf_speed
+
+        return self._row(name, lambda: gguf_speed(file, self.ids, self.cfg))
+
+    def onnx(self, name: str, folder: Path) -> dict[str, Any]:
+        from moe_adapt.export.speed import onnx_speed
+
+        return self._row(name, lambda: onnx_speed(folder, self.ids, self.cfg))
+
+    def none(self, reason: str) -> dict[str, Any]:
+        from moe_adapt.export.speed import absent
+
+        return {"speed": absent(reason)} if self.cfg.enabled else {}
+
+
 def _variants(ecfg: ExportConfig, method: str) -> list[str]:
     if method == "gptq":
         return list(ecfg.gptq.schemes)
@@ -286,7 +340,13 @@ def _variants(ecfg: ExportConfig, method: str) -> list[str]:
 
 
 def _run_calibrated(
-    ecfg: ExportConfig, source: Path, out: Path, seed: int, extra: dict[str, Any], quality: Any
+    ecfg: ExportConfig,
+    source: Path,
+    out: Path,
+    seed: int,
+    extra: dict[str, Any],
+    quality: Any,
+    speed: _Speed,
 ) -> list[dict[str, Any]]:
     """Every artefact of gptq, sparsegpt and wanda, each measured: their retention rows."""
     from moe_adapt.export.calibrate import calibration_batches
@@ -338,9 +398,14 @@ def _run_calibrated(
                 prep = quantize_activations if v == "W8A8" else None
                 with tempfile.TemporaryDirectory(prefix="ct-measure-") as tmp:
                     row |= quality(dequantized_checkpoint(folder, Path(tmp) / "model"), prep)
+                row |= speed.none(
+                    "transformers cannot run this MoE compressed-tensors checkpoint as written (its "
+                    "quality is measured on decompressed weights, whose speed is not the artefact's); "
+                    "vLLM, its runtime, is not installable here"
+                )
             else:
                 info["measured"] = "loaded by transformers' compressed-tensors integration"
-                row |= quality(folder)
+                row |= quality(folder) | speed.hf(str(row["name"]), folder)
             rows.append(row)
     return rows
 
