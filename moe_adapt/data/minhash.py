@@ -61,6 +61,48 @@ def _strip_marks(text: str) -> str:
     return cps[~marks].tobytes().decode("utf-32-le", "surrogatepass")
 
 
+_WORD_CHAR = regex.compile(r"[\p{L}\p{M}\p{N}]")
+_JOINERS = "\u05f3\u05f4'\""
+_SPACE = np.uint32(ord(" "))
+
+
+@functools.cache
+def _word_table() -> np.ndarray:
+    """Code point -> 1 for a word character of :data:`_WORD_RE` (letter, mark, digit), 2 for a
+    joiner (geresh, gershayim and the ASCII quotes), 0 otherwise; built once per process from the
+    regexes themselves (1.1 MB)."""
+    every = "".join(map(chr, itertools.chain(range(0xD800), range(0xE000, 0x110000))))
+    table = np.zeros(0x110000, dtype=np.uint8)
+    table[[ord(c) for c in _WORD_CHAR.findall(every)]] = 1
+    table[[ord(c) for c in _JOINERS]] = 2
+    return table
+
+
+@functools.cache
+def _word_map() -> np.ndarray:
+    """Code point -> itself for a word character, a space for anything else (4.4 MB)."""
+    return np.where(_word_table() == 1, np.arange(0x110000, dtype=np.uint32), _SPACE)
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _split_words(cps: np.ndarray, joiners: bool) -> list[str]:
+    """``_WORD_RE.findall`` of the text whose code points are ``cps``, by table lookups: every
+    character that is neither a word character nor a joiner with word characters on both sides
+    becomes a space, and ``str.split`` cuts there (a run of word characters joined by single
+    joiners is exactly what the regex matches). ``joiners``: whether the text holds any of
+    :data:`_JOINERS`; without, one lookup does it (2x faster than the regex on 1 kB of Arabic)."""
+    if not joiners:
+        return _word_map()[cps].tobytes().decode("utf-32-le", "surrogatepass").split()
+    cls = _word_table()[cps]
+    keep = cls == 1
+    if len(cps) > 2:
+        keep[1:-1] |= (cls[1:-1] == 2) & keep[:-2] & keep[2:]
+    return np.where(keep, cps, _SPACE).tobytes().decode("utf-32-le", "surrogatepass").split()
+
+
 class FastWordTokenizer(WordTokenizer):
     """A regex word tokenizer for datatrove steps: no spaCy, no sentence splitting, any script.
 
@@ -78,13 +120,14 @@ class FastWordTokenizer(WordTokenizer):
 
     def word_tokenize(self, text: str) -> list[str]:
         """Return the words of ``text`` in order."""
+        joiners = any(j in text for j in _JOINERS)
         if text.isascii():  # no marks, no tatweel, NFD changes nothing: skip both passes
-            return _WORD_RE.findall(text)
+            return _split_words(_code_points(text), joiners)
         if self.strip_marks:
-            text = _strip_marks(unicodedata.normalize("NFD", text))
-        else:
-            text = text.replace(_TATWEEL, "")
-        return _WORD_RE.findall(text)
+            cps = _code_points(unicodedata.normalize("NFD", text))
+            return _split_words(cps[~_marks_table()[cps]], joiners)
+        cps = _code_points(text)
+        return _split_words(cps[cps != ord(_TATWEEL)], joiners)
 
     def sent_tokenize(self, text: str) -> list[str]:
         """Return the non-empty sentences of ``text`` (stripped)."""

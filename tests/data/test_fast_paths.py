@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from moe_adapt.data.dedup import DedupConfig
 from moe_adapt.data.langid import script_shares, script_shares_regex
 from moe_adapt.data.minhash import (
     _MARKS_AND_TATWEEL,
+    _WORD_RE,
     FastMinhashSignature,
     FastWordTokenizer,
     _strip_marks,
@@ -181,6 +183,39 @@ def test_index_hits_equal_hash_intersection() -> None:
     for text in texts:
         words = match_words(text)
         assert index.hits(words) == ngram_hashes_reference(words, 3) & index.postings.keys()
+
+
+@pytest.mark.parametrize("strip_marks", [True, False])
+def test_word_tokenizer_equals_its_regex(strip_marks: bool) -> None:
+    """The table-lookup word splitter returns exactly ``_WORD_RE.findall`` of the normalised text,
+    joiners (geresh, gershayim, quotes) between, beside and around words included."""
+    tok = FastWordTokenizer(strip_marks=strip_marks)
+    edges = [
+        "a'b",
+        "a''b",
+        "'a'",
+        "a'",
+        "'",
+        "''",
+        "a'b'c",
+        "a' 'b",
+        'ab"cd"',
+        "רמב״ם״",
+        "׳א׳ב׳",
+        "a\u05f3",
+        "",
+    ]
+    rng = random.Random(11)
+    glued = [
+        "".join(rng.choice([*_PIECES[:40], "'", '"', "\u05f3", "\u05f4"]) for _ in range(30))
+        for _ in range(200)
+    ]
+    for text in _texts(5, 300) + edges + glued:
+        if strip_marks:
+            norm = _MARKS_AND_TATWEEL.sub("", unicodedata.normalize("NFD", text))
+        else:
+            norm = text.replace("\u0640", "")
+        assert tok.word_tokenize(text) == _WORD_RE.findall(norm), text
 
 
 @pytest.mark.parametrize("fast_config", [True, False])
