@@ -2,16 +2,19 @@
 
 The tokenizer is a local Hugging Face fast tokenizer: a ``tokenizer.json`` file or a folder holding
 one (as written by ``tokenizers`` or ``transformers``' ``save_pretrained``); nothing is downloaded.
-Shards are written with megatron-core's own ``IndexedDatasetBuilder`` (megatron-core 0.16.1), one
-shard per (source, language, bucket), each document one sequence, so megatron's ``IndexedDataset``
-and ``GPTDataset`` read them unchanged. Token ids are stored as uint16 when the vocabulary fits
+Shards are megatron-core's ``IndexedDataset`` format (megatron-core 0.16.1), one shard per (source,
+language, bucket), each document one sequence, so megatron's ``IndexedDataset`` and ``GPTDataset``
+read them unchanged. They are written by :class:`_IndexedWriter`, which writes exactly the bytes
+megatron's ``IndexedDatasetBuilder`` writes (``tests/data/test_shards.py`` compares them) without
+importing megatron-core: that import costs every data task process about 4.5 s of CPU.
+Token ids are stored as uint16 when the vocabulary fits
 (< 65,500), else int32 -- the rule of megatron's ``DType.optimal_dtype``.
 
 Atomicity: each shard is written to ``<prefix>.tmp.{bin,idx}`` and renamed when complete; the
 manifest is written last (temp file + ``os.replace``), so a manifest always describes whole shards.
 
-Importing ``megatron.core`` runs its package ``__init__`` (about 10 s on CPU, with warnings about
-TransformerEngine/Apex); it is imported lazily, only when shards are written or read.
+Importing ``megatron.core`` runs its package ``__init__`` (4.5 s on CPU, with warnings about
+TransformerEngine/Apex); it is imported lazily, only when shards are read.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import warnings
 from collections.abc import Iterable
@@ -86,11 +90,75 @@ def shard_name(source: str, lang: str, bucket: Any) -> str:
     return f"{_SAFE.sub('_', str(source))}__{_SAFE.sub('_', str(lang))}__b{_SAFE.sub('_', str(bucket))}"
 
 
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = 34
+"""Bytes of a megatron-core index header: magic (9), version (8), dtype code (1), sequence count (8),
+document count (8). Then int32 sequence lengths, int64 sequence pointers (bytes into the ``.bin``),
+int64 document indices."""
+_DTYPE_CODES = {
+    "uint8": 1,
+    "int8": 2,
+    "int16": 3,
+    "int32": 4,
+    "int64": 5,
+    "float64": 6,
+    "float32": 7,
+    "uint16": 8,
+}
+"""megatron-core's ``DType`` codes, stored in byte 17 of every ``.idx``."""
+
+
+class _IndexedWriter:
+    """One megatron-core ``IndexedDataset`` (``<prefix>.bin`` + ``.idx``, no multimodal modes) with
+    the bytes its ``IndexedDatasetBuilder`` writes: token ids appended to the ``.bin``; the ``.idx``
+    holds the header (magic, version 1, dtype code, sequence and document counts), int32 sequence
+    lengths, int64 byte pointers and int64 document indices. Sequence pointers by ``np.cumsum``
+    (megatron's loop is Python per sequence)."""
+
+    def __init__(self, bin_path: str, dtype: type[np.number]) -> None:
+        self.dtype = np.dtype(dtype)
+        self.bin = open(bin_path, "wb")  # noqa: SIM115 (closed by finalize)
+        self.lengths: list[int] = []
+        self.documents: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+
+    def add_document(self, ids: np.ndarray) -> None:
+        """Append one document as one sequence."""
+        self.bin.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.lengths.append(len(ids))
+        self.documents.append(np.array([len(self.lengths)], dtype=np.int64))
+
+    def add_index(self, prefix: str) -> None:
+        """Append every sequence and document of the shard ``prefix`` (same dtype), as megatron's
+        ``add_index`` does: its lengths, its document indices shifted by the sequences before."""
+        idx = Path(f"{prefix}.idx").read_bytes()
+        if idx[17] != _DTYPE_CODES[self.dtype.name]:
+            raise MoEAdaptError(f"shard {prefix}.idx: dtype code {idx[17]}, expected {self.dtype.name}")
+        sequences, documents = struct.unpack("<QQ", idx[18:_IDX_HEADER])
+        lengths = np.frombuffer(idx, np.int32, sequences, offset=_IDX_HEADER)
+        docs = np.frombuffer(idx, np.int64, documents, offset=_IDX_HEADER + 12 * sequences)
+        self.documents.append(docs[1:] + len(self.lengths))
+        self.lengths.extend(lengths.tolist())
+        with open(f"{prefix}.bin", "rb") as src:
+            shutil.copyfileobj(src, self.bin, 1 << 20)
+
+    def finalize(self, idx_path: str) -> None:
+        """Close the ``.bin`` and write the ``.idx``."""
+        self.bin.close()
+        lengths = np.asarray(self.lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        documents = np.concatenate(self.documents)
+        with open(idx_path, "wb") as f:
+            f.write(_IDX_MAGIC + struct.pack("<QB", 1, _DTYPE_CODES[self.dtype.name]))
+            f.write(struct.pack("<QQ", len(lengths), len(documents)))
+            f.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())
+
+
 class _Shard:
-    def __init__(self, module: Any, out_dir: Path, name: str, dtype: type[np.number]) -> None:
+    def __init__(self, out_dir: Path, name: str, dtype: type[np.number]) -> None:
         self.final = out_dir / name
         self.tmp = out_dir / f"{name}.tmp"
-        self.builder = module.IndexedDatasetBuilder(str(self.tmp) + ".bin", dtype=dtype)
+        self.builder = _IndexedWriter(str(self.tmp) + ".bin", dtype)
         self.documents = 0
         self.tokens = 0
         # size of the text tokenized, for the tokenizer's fertility: its tokens without EOD,
@@ -99,7 +167,7 @@ class _Shard:
 
     def add(self, ids: list[int], text: str = "", text_tokens: int = 0) -> None:
         arr = np.asarray(ids, dtype=np.int64)
-        self.builder.add_document(arr, [arr.size])
+        self.builder.add_document(arr)
         self.documents += 1
         self.tokens += int(arr.size)
         self.text["text_tokens"] += text_tokens
@@ -132,7 +200,6 @@ class ShardSink:
                     "set it to one of the tokenizer's special tokens or to null"
                 )
         self.dtype: type[np.number] = np.uint16 if self.vocab_size < 65500 else np.int32
-        self.module = _indexed_dataset_module()
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.shards: dict[tuple[str, str, str], _Shard] = {}
@@ -160,7 +227,7 @@ class ShardSink:
                 str(doc.get(self.cfg.bucket_key, 0)),
             )
             if key not in self.shards:
-                self.shards[key] = _Shard(self.module, self.out, shard_name(*key), self.dtype)
+                self.shards[key] = _Shard(self.out, shard_name(*key), self.dtype)
             self.shards[key].add(ids, doc["text"], text_tokens)
 
     def add(self, doc: dict[str, Any]) -> None:
@@ -248,7 +315,6 @@ def merge_shards(parts: list[Path], out_dir: str | Path) -> dict[str, Any] | Non
     if not manifests or not any(m["shards"] for m in manifests):
         return None
     first = manifests[0]
-    module = _indexed_dataset_module()
     dtype = np.dtype(first["dtype"]).type
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +326,7 @@ def merge_shards(parts: list[Path], out_dir: str | Path) -> dict[str, Any] | Non
     for key in sorted(by_key):
         name = shard_name(*key)
         tmp = out / f"{name}.tmp"
-        builder = module.IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
+        builder = _IndexedWriter(str(tmp) + ".bin", dtype)
         entry: dict[str, Any] = {"prefix": name, "source": key[0], "lang": key[1], "bucket": key[2]}
         for k in ("documents", "tokens", "text_tokens", "words", "chars", "bytes"):
             entry[k] = 0
@@ -278,11 +344,6 @@ def merge_shards(parts: list[Path], out_dir: str | Path) -> dict[str, Any] | Non
     return manifest
 
 
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEADER = 34
-"""Bytes of a megatron-core index header: magic (9), version (8), dtype code (1), sequence count (8),
-document count (8). Then int32 sequence lengths, int64 sequence pointers (bytes into the ``.bin``),
-int64 document indices."""
 _RERUN = "rerun the data stage with force=[data]"
 
 
@@ -304,8 +365,8 @@ def check_shard(out_dir: str | Path, prefix: str) -> None:
             f"header; {_RERUN}"
         )
     try:
-        itemsize = np.dtype(_indexed_dataset_module().DType.dtype_from_code(head[17])).itemsize
-    except ValueError:
+        itemsize = np.dtype(next(name for name, code in _DTYPE_CODES.items() if code == head[17])).itemsize
+    except StopIteration:
         raise MoEAdaptError(
             f"shard index {idx} is corrupt: unknown dtype code {head[17]}; {_RERUN}"
         ) from None

@@ -143,3 +143,43 @@ def test_manifest_sizes_the_text_and_stats_give_the_tokenizers_fertility(tmp_pat
     md = render_stats({"steps": {}, "train": table, "heldout": {}, "fertility": fert})
     assert "| language | tokens/word | tokens/char | tokens/byte | bytes/char |" in md
     assert "| ar | 4.500 | 1.800 | 1.000 | 1.800 |" in md
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_our_index_writer_writes_megatrons_bytes(tmp_path: Path, dtype: type[np.number]) -> None:
+    """``_IndexedWriter`` (no megatron-core import in the data tasks) writes, and merges, byte for
+    byte what megatron-core's ``IndexedDatasetBuilder`` writes and merges; megatron reads it back."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from moe_adapt.data.shards import _IndexedWriter
+
+    rng = np.random.default_rng(0)
+    parts = [[rng.integers(0, 60000, rng.integers(1, 50)) for _ in range(n)] for n in (7, 1, 13)]
+    for i, docs in enumerate(parts):
+        ours, theirs = (
+            _IndexedWriter(str(tmp_path / f"o{i}.bin"), dtype),
+            IndexedDatasetBuilder(str(tmp_path / f"m{i}.bin"), dtype=dtype),
+        )
+        for ids in docs:
+            ours.add_document(ids)
+            theirs.add_document(ids, [len(ids)])
+        ours.finalize(str(tmp_path / f"o{i}.idx"))
+        theirs.finalize(str(tmp_path / f"m{i}.idx"))
+        for ext in ("bin", "idx"):
+            assert (tmp_path / f"o{i}.{ext}").read_bytes() == (tmp_path / f"m{i}.{ext}").read_bytes()
+    ours, theirs = (
+        _IndexedWriter(str(tmp_path / "o.bin"), dtype),
+        IndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=dtype),
+    )
+    for i in range(len(parts)):
+        ours.add_index(str(tmp_path / f"o{i}"))
+        theirs.add_index(str(tmp_path / f"m{i}"))
+    ours.finalize(str(tmp_path / "o.idx"))
+    theirs.finalize(str(tmp_path / "m.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"o.{ext}").read_bytes() == (tmp_path / f"m.{ext}").read_bytes()
+    ds = IndexedDataset(str(tmp_path / "o"), mmap=True)
+    flat = [ids for docs in parts for ids in docs]
+    assert len(ds) == len(flat) and all(
+        np.array_equal(ds[i], ids.astype(dtype)) for i, ids in enumerate(flat)
+    )
