@@ -302,7 +302,8 @@ def render_report(rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: bo
     if tok:
         lines += ["", "## Routed tokens per expert (held-out text)", ""]
         lines.append(
-            "No method here calibrates: gguf's types, bitsandbytes and onnx int4 round to nearest. "
+            "gguf's types, bitsandbytes and onnx int4 round to nearest without calibrating (gptq, "
+            "sparsegpt and wanda calibrate: see Calibration). "
             "These are the top-k assignments of the held-out tokens each expert received "
             f"(routing {tok['source']}); an expert with 0 is quantized without any text checking it."
         )

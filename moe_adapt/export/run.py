@@ -251,8 +251,8 @@ def export(
     if any(m in CALIBRATED for m in ecfg.methods):
         rows += _run_calibrated(ecfg, source, out, seed, extra, quality, speed)
     if _quantizes(ecfg) and heldout is not None and _is_moe(source):
-        # No method here calibrates (gguf, bitsandbytes, MatMulNBits round to nearest), so what each
-        # expert saw is the routing of the held-out text: an expert no token reaches is unchecked.
+        # The round-to-nearest methods (gguf, bitsandbytes, MatMulNBits) do not calibrate, so what
+        # each expert saw is the routing of the held-out text: an expert no token reaches is unchecked.
         if routing is None or routing.source != "counted on held-out documents":
             routing = _count_routing(ecfg, source, heldout)
         extra["expert_tokens"] = expert_tokens(routing)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,15 +16,11 @@ from safetensors.torch import load_file
 from moe_adapt import distributed
 from moe_adapt.distill import generate as gen
 from tests.distill.test_generate import GCFG, PROMPTS
-from tests.train.test_distributed import WORLD, _free_port, _spawn
+from tests.train.test_distributed import WORLD, _free_port, _rank_env, _spawn
 
 
 def _worker(rank: int, port: int, teacher: str, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _rank_env(rank, port)
     distributed.init(cuda=False)
     wrote: list[int] = []
     real = gen._generate_shard
@@ -67,11 +62,7 @@ def test_two_ranks_split_shards_and_write_what_one_process_writes(
 def _stage_worker(rank: int, port: int, args: list[str], out: str, stage: str = "distill") -> None:
     from tests.distill.test_pipeline import run
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _rank_env(rank, port)
     summary = run(args)[stage]  # the runner starts and ends the process group
     Path(out, f"stage{rank}.json").write_text(json.dumps(summary))
 

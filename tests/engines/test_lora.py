@@ -172,15 +172,11 @@ def test_a_stopped_lora_run_resumes_from_its_checkpoint(rank: int, moe: Path, tm
 
 
 def _ddp_worker(rank: int, port: int, model: str, out: str) -> None:
-    import os
 
     from moe_adapt import distributed
+    from tests.train.test_distributed import _rank_env
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _rank_env(rank, port)
     distributed.init(cuda=False)
     try:
         torch.manual_seed(0)

@@ -3,23 +3,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moe_adapt import distributed
 from moe_adapt.eval.evaluate import evaluate
-from tests.train.test_distributed import WORLD, _free_port, _spawn
+from tests.train.test_distributed import _free_port, _rank_env, _spawn
 
 
 def _worker(rank: int, port: int, cfg: Any, root: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _rank_env(rank, port)
     distributed.init(cuda=False)
     try:
         out = Path(root, "two" if rank == 0 else f"scratch{rank}")  # as the runner: a scratch folder

@@ -271,12 +271,18 @@ def _runner_checks(ctx: DistContext, out: Path) -> dict[str, Any]:
     return seen
 
 
-def _engine_worker(rank: int, port: int, model: str, out: str, cuda: bool) -> None:
+def _rank_env(rank: int, port: int) -> None:
+    """This process as rank ``rank`` of ``WORLD`` on this machine (what torchrun sets), one torch
+    thread; the worker then calls ``distributed.init`` or lets the runner do it."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _engine_worker(rank: int, port: int, model: str, out: str, cuda: bool) -> None:
+    _rank_env(rank, port)
     ctx = distributed.init(cuda=cuda)  # nccl on cuda:rank, or gloo on the CPU
     try:
         seen = _runner_checks(ctx, Path(out))
