@@ -207,7 +207,7 @@ def test_killed_run_resumes_without_regenerating_finished_shards(
     out = tmp_path / "gen"
     args = {
         "prompts": [vars(p) for p in prompts],
-        "gcfg": {k: v for k, v in vars(gcfg).items() if k != "server"},
+        "gcfg": {k: v for k, v in vars(gcfg).items() if k not in ("server", "vllm")},
         "server": vars(gcfg.server),
         "out": str(out),
         "student": str(smollm2_tokenizer),
