@@ -150,7 +150,7 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
 ):
     import datatrove.executor.slurm as slurm
 
-    from moe_adapt.data import pipeline
+    from moe_adapt.data import executors, pipeline
 
     submitted: list[tuple[str, tuple[str, ...]]] = []
 
@@ -209,25 +209,25 @@ def test_slurm_submits_one_array_job_per_executor_stage_each_after_the_last(
         assert (root / "logs" / stage / "launch_script.slurm").read_text() == contents
     # SLURM lost every job while tasks were unfinished: the wait fails naming the first one's log
     cancelled: list[list[str]] = []
-    monkeypatch.setattr(pipeline, "_cancel", cancelled.append)
-    monkeypatch.setattr(pipeline, "_queued", lambda ids: set())
+    monkeypatch.setattr(executors, "cancel_jobs", cancelled.append)
+    monkeypatch.setattr(executors, "_queued", lambda ids: set())
     with pytest.raises(
         MoEAdaptError, match=r"SLURM ran executor stage 1_filter but task 0 did not finish.*task_00000"
     ):
-        pipeline.wait_for_slurm(d, stages, root)
+        executors.wait_for_slurm(d, stages, root)
     # the first stage's job left the queue unfinished while the later ones wait on it: they are
     # cancelled (SLURM would keep them pending forever, DependencyNeverSatisfied) and the stage fails
-    monkeypatch.setattr(pipeline, "_queued", lambda ids: {i for i in ids if i != "1001"})
+    monkeypatch.setattr(executors, "_queued", lambda ids: {i for i in ids if i != "1001"})
     with pytest.raises(MoEAdaptError, match=r"1_filter but task 0 .*cancelled the later stages' jobs 10"):
-        pipeline.wait_for_slurm(d, stages, root)
+        executors.wait_for_slurm(d, stages, root)
     assert cancelled[-1] == [str(1002 + i) for i in range(8)]
     # squeue not answering is waited out, then all jobs gone with every task complete: done
     answers = iter([None, {"1009"}, set()])
-    monkeypatch.setattr(pipeline, "_queued", lambda ids: next(answers))
-    monkeypatch.setattr(pipeline.time, "sleep", lambda s: None)
+    monkeypatch.setattr(executors, "_queued", lambda ids: next(answers))
+    monkeypatch.setattr(executors.time, "sleep", lambda s: None)
     for _, ex in stages:
         monkeypatch.setattr(ex, "get_incomplete_ranks", lambda: [])
-    pipeline.wait_for_slurm(d, stages, root)
+    executors.wait_for_slurm(d, stages, root)
     assert next(answers, "all asked") == "all asked"
 
 
@@ -247,7 +247,7 @@ def test_sbatch_refusing_a_stage_fails_naming_it_and_cancels_the_jobs_before(
 ):
     import datatrove.executor.slurm as slurm
 
-    from moe_adapt.data import pipeline
+    from moe_adapt.data import executors, pipeline
     from moe_adapt.data.config import SlurmConfig
 
     submitted: list[str] = []
@@ -260,7 +260,7 @@ def test_sbatch_refusing_a_stage_fails_naming_it_and_cancels_the_jobs_before(
 
     cancelled: list[list[str]] = []
     monkeypatch.setattr(slurm, "launch_slurm_job", sbatch)
-    monkeypatch.setattr(pipeline, "_cancel", cancelled.append)
+    monkeypatch.setattr(executors, "cancel_jobs", cancelled.append)
     cfg = make_cfg(
         corpus, tiny_tokenizer, tmp_path, tasks=2, executor="slurm", slurm=SlurmConfig(partition="cpu")
     )

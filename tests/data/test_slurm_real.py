@@ -83,18 +83,18 @@ def test_a_real_slurm_gives_the_same_bytes_as_the_local_executor(partition, corp
 def test_a_task_failing_in_a_slurm_job_fails_the_stage_and_cancels_the_rest(
     partition, corpus, tiny_tokenizer, tmp_path, monkeypatch
 ):
-    from moe_adapt.data import pipeline
+    from moe_adapt.data import executors
 
     tok = tmp_path / "tok"
     shutil.copytree(tiny_tokenizer, tok)
     cfg = make_cfg(corpus, tok, tmp_path / "run", tasks=2, executor="slurm", slurm=_slurm(partition))
-    real_wait = pipeline.wait_for_slurm
+    real_wait = executors.wait_for_slurm
 
     def wait(dcfg, stages, root):  # the jobs are queued: take away the tokenizer 6_score's tasks load
         shutil.rmtree(tok)
         return real_wait(dcfg, stages, root)
 
-    monkeypatch.setattr(pipeline, "wait_for_slurm", wait)
+    monkeypatch.setattr(executors, "wait_for_slurm", wait)
     before = _my_jobs()
     with pytest.raises(MoEAdaptError, match=r"executor stage 6_score .*task_0000\d\.log") as err:
         run(cfg)
