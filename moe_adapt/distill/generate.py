@@ -217,20 +217,8 @@ def _generate_shard(
         for p, ids, samples in zip(batch, prompt_ids, responses, strict=True):
             for s, resp in enumerate(samples):
                 trace_id = f"{p.id}#s{s}"
-                records.append(
-                    {
-                        "id": trace_id,
-                        "prompt_id": p.id,
-                        "lang": p.lang,
-                        "prompt": p.prompt,
-                        "answer": p.answer,
-                        "answer_type": p.answer_type,
-                        "sample": s,
-                        "response": tokenizer.decode(resp, skip_special_tokens=True),
-                        "response_ids": resp,
-                        "finished": bool(resp) and resp[-1] == eos_id,
-                    }
-                )
+                response = tokenizer.decode(resp, skip_special_tokens=True)
+                records.append(_trace(p, s, response, resp, bool(resp) and resp[-1] == eos_id))
                 pairs.append((trace_id, ids, resp))
         if gcfg.store_topk:
             scored = [(t, i, r) for t, i, r in pairs if r]
@@ -239,6 +227,22 @@ def _generate_shard(
                 for (trace_id, _, _), (ids_RK, logp_RK) in zip(scored, top, strict=True):
                     tensors[f"{trace_id}.ids"], tensors[f"{trace_id}.logp"] = ids_RK, logp_RK
     _write_shard(out, index, records, tensors if gcfg.store_topk else None)
+
+
+def _trace(p: PromptRecord, s: int, response: str, ids: list[int], finished: bool) -> dict[str, Any]:
+    """The trace record of sample ``s`` of prompt ``p`` (every backend writes these keys, in this order)."""
+    return {
+        "id": f"{p.id}#s{s}",
+        "prompt_id": p.id,
+        "lang": p.lang,
+        "prompt": p.prompt,
+        "answer": p.answer,
+        "answer_type": p.answer_type,
+        "sample": s,
+        "response": response,
+        "response_ids": ids,
+        "finished": finished,
+    }
 
 
 def _write_shard(
@@ -469,20 +473,8 @@ def _write_completions(
             else:  # text only: encode it in the tokenizer's vocabulary
                 ids = [int(t) for t in tokenizer(c.text, add_special_tokens=False)["input_ids"]]
                 ids += [eos_id] if c.finished else []
-            records.append(
-                {
-                    "id": trace_id,
-                    "prompt_id": p.id,
-                    "lang": p.lang,
-                    "prompt": p.prompt,
-                    "answer": p.answer,
-                    "answer_type": p.answer_type,
-                    "sample": s,
-                    "response": tokenizer.decode(ids, skip_special_tokens=True) if decode else c.text,
-                    "response_ids": ids,
-                    "finished": c.finished,
-                }
-            )
+            response = tokenizer.decode(ids, skip_special_tokens=True) if decode else c.text
+            records.append(_trace(p, s, response, ids, c.finished))
             if gcfg.store_topk and c.topk_ids is not None and c.topk_logp is not None and ids:
                 tensors[f"{trace_id}.ids"], tensors[f"{trace_id}.logp"] = c.topk_ids, c.topk_logp
     _write_shard(out, index, records, tensors if gcfg.store_topk else None)
