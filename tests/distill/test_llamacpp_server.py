@@ -15,10 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -32,7 +28,7 @@ from moe_adapt.distill.config import GenerateConfig
 from moe_adapt.distill.server import parse_choice
 from tests.checkpoint.test_gguf import smollm2_gguf
 from tests.distill.serve import LLAMA_CPP_SERVER_MODULES, LlamaCppServer, XLlamaCppServer
-from tests.distill.test_server_backend import PROMPTS, SCRIPT, _one_line_error, _wait_for
+from tests.distill.test_server_backend import PROMPTS, _one_line_error, _wait_for, kill_generate_after
 
 pytestmark = pytest.mark.slow  # a 135M model on one thread, two servers: about a minute on 2 idle cores
 
@@ -205,24 +201,7 @@ def test_killed_run_resumes_without_regenerating_finished_shards(
     prompts = [replace(p, id=f"k{i}") for i, p in enumerate(PROMPTS + PROMPTS[:3])]  # 10 prompts, 5 shards
     gcfg = replace(_gcfg(llamacpp, concurrency=1), samples=1, shard_size=2)
     out = tmp_path / "gen"
-    args = {
-        "prompts": [vars(p) for p in prompts],
-        "gcfg": {k: v for k, v in vars(gcfg).items() if k not in ("server", "vllm")},
-        "server": vars(gcfg.server),
-        "out": str(out),
-        "student": str(smollm2_tokenizer),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, json.dumps(args)], env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    try:
-        _wait_for(out / "shard-00000.jsonl", lambda: proc.poll() is None)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.jsonl")}
+    finished = kill_generate_after("shard-00000.jsonl", prompts, gcfg, out, str(smollm2_tokenizer))
     assert 1 <= len(finished) < 5, "the kill came after the run had finished"
     summary = gen.run_generate(
         prompts, None, gcfg, out, seed=0, chat_template=None, student=str(smollm2_tokenizer)

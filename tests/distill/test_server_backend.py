@@ -183,28 +183,36 @@ def _wait_for(path: Path, proc_alive: Callable[[], bool], timeout: float = 120) 
         time.sleep(0.01)
 
 
-def test_killed_run_resumes_without_regenerating_finished_shards(server: Server, tmp_path: Path) -> None:
-    prompts = [replace(p, id=f"k{i}") for i, p in enumerate(PROMPTS * 3)]  # 21 prompts, 11 shards of 2
-    gcfg = replace(_gcfg(server, concurrency=1), shard_size=2, max_new_tokens=16)
-    out = tmp_path / "gen"
+def kill_generate_after(
+    shard: str, prompts: list[PromptRecord], gcfg: GenerateConfig, out: Path, student: str
+) -> dict[str, tuple[int, bytes]]:
+    """Run the server backend's generation into ``out`` in a child process, SIGKILL it once ``shard``
+    is written, and return each finished shard's mtime and bytes."""
     args = {
         "prompts": [vars(p) for p in prompts],
         "gcfg": {k: v for k, v in vars(gcfg).items() if k not in ("server", "vllm")},
         "server": vars(gcfg.server),
         "out": str(out),
-        "student": str(server.model),
+        "student": student,
     }
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, json.dumps(args)], env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     try:
-        _wait_for(out / "shard-00001.jsonl", lambda: proc.poll() is None)
+        _wait_for(out / shard, lambda: proc.poll() is None)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.jsonl")}
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.jsonl")}
+
+
+def test_killed_run_resumes_without_regenerating_finished_shards(server: Server, tmp_path: Path) -> None:
+    prompts = [replace(p, id=f"k{i}") for i, p in enumerate(PROMPTS * 3)]  # 21 prompts, 11 shards of 2
+    gcfg = replace(_gcfg(server, concurrency=1), shard_size=2, max_new_tokens=16)
+    out = tmp_path / "gen"
+    finished = kill_generate_after("shard-00001.jsonl", prompts, gcfg, out, str(server.model))
     assert 2 <= len(finished) < 11, "the kill came after the run had finished"
     summary = gen.run_generate(
         prompts, None, gcfg, out, seed=0, chat_template=None, student=str(server.model)
